@@ -1,0 +1,290 @@
+//! `CanalNetwork`: the cluster's pod network. The controller acts on the one
+//! named `default`; `kubectl edit canalnetwork default` is how it is tuned.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Desired state of the cluster's pod network: the address plan, the overlay
+/// backend, NAT, and whether NetworkPolicy is enforced.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "canal.dev",
+    version = "v1alpha1",
+    kind = "CanalNetwork",
+    status = "CanalNetworkStatus",
+    shortname = "cnet",
+    category = "canal",
+    doc = "The cluster's pod network: the pod address plan, the VXLAN overlay and NetworkPolicy enforcement. The controller acts on the one named 'default'.",
+    derive = "PartialEq",
+    printcolumn(
+        name = "ClusterCIDR",
+        type_ = "string",
+        json_path = ".spec.clusterCIDR"
+    ),
+    printcolumn(
+        name = "SubnetLen",
+        type_ = "integer",
+        json_path = ".spec.nodeSubnetLength"
+    ),
+    printcolumn(name = "Backend", type_ = "string", json_path = ".spec.backend.type"),
+    printcolumn(
+        name = "VNI",
+        type_ = "integer",
+        json_path = ".spec.backend.vni",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
+        name = "Allocated",
+        type_ = "integer",
+        json_path = ".status.allocatedSubnets"
+    ),
+    printcolumn(name = "Free", type_ = "integer", json_path = ".status.freeSubnets"),
+    printcolumn(
+        name = "Policy",
+        type_ = "string",
+        json_path = ".status.policyEnforcement"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "!isCIDR(self.clusterCIDR) || self.nodeSubnetLength > cidr(self.clusterCIDR).prefixLength()"
+).message("nodeSubnetLength must be longer than the prefix of clusterCIDR (a /16 cluster needs nodeSubnetLength 17..30)").field_path(".nodeSubnetLength"))]
+pub struct CanalNetworkSpec {
+    /// The IPv4 range every pod address comes from (flannel's `Network`), as a
+    /// network address in CIDR notation, e.g. 10.244.0.0/16. Each node gets one
+    /// subnet of it. Cannot change while subnets are allocated.
+    #[serde(rename = "clusterCIDR")]
+    #[schemars(length(min = 9, max = 18))]
+    #[x_kube(validation = kube::core::Rule::new(
+        "isCIDR(self) && cidr(self).ip().family() == 4 && cidr(self).masked() == cidr(self)"
+    ).message("clusterCIDR must be a valid IPv4 network in CIDR notation with no host bits set, e.g. 10.244.0.0/16"))]
+    pub cluster_cidr: String,
+
+    /// Prefix length of each node's pod subnet (flannel's `SubnetLen`), e.g.
+    /// 24 gives every node 254 pod addresses. Must be longer than the
+    /// clusterCIDR prefix and at most 30. Cannot change while subnets are
+    /// allocated.
+    #[serde(default = "default_node_subnet_length")]
+    #[schemars(range(min = 1, max = 30))]
+    pub node_subnet_length: u8,
+
+    /// How pod traffic crosses between nodes.
+    #[serde(default)]
+    pub backend: Backend,
+
+    /// SNAT pod traffic that leaves clusterCIDR to the node's address.
+    /// Pod-to-pod traffic is never masqueraded.
+    #[serde(default = "default_true")]
+    pub masquerade: bool,
+
+    /// Underlay interface whose address carries the overlay (Canal's
+    /// `canal_iface`). Empty: the interface of the default route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 15))]
+    pub interface: Option<String>,
+
+    /// What happens to traffic from a pod to its own node after the pod's
+    /// egress policy: Accept it, Drop it, or Return it to the node's INPUT
+    /// chain for the node's own rules to decide.
+    #[serde(default)]
+    pub default_endpoint_to_host_action: EndpointToHostAction,
+
+    /// NetworkPolicy enforcement.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+/// The overlay between nodes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Backend {
+    /// `vxlan` encapsulates pod traffic in VXLAN between nodes; `host-gw`
+    /// routes it directly via node addresses (all nodes on one L2 segment).
+    #[serde(rename = "type", default)]
+    pub type_: BackendType,
+
+    /// VXLAN network identifier (1..16777215). The device is `flannel.<vni>`.
+    #[serde(default = "default_vni")]
+    #[schemars(range(min = 1, max = 16_777_215))]
+    pub vni: u32,
+
+    /// UDP port of the VXLAN tunnel (flannel and the Linux kernel default to 8472).
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u32,
+
+    /// With VXLAN, route directly (no encapsulation) to nodes on the same L2
+    /// segment as this node.
+    #[serde(default)]
+    pub direct_routing: bool,
+
+    /// MTU of the overlay device and pod interfaces. 0 derives it from the
+    /// underlay interface (its MTU minus 50 for VXLAN), which is almost always right.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 65535))]
+    #[x_kube(validation = kube::core::Rule::new("self == 0 || self >= 576")
+        .message("backend.mtu must be 0 (derive from the underlay) or at least 576"))]
+    pub mtu: u32,
+}
+
+impl Default for Backend {
+    fn default() -> Self {
+        Backend {
+            type_: BackendType::default(),
+            vni: default_vni(),
+            port: default_port(),
+            direct_routing: false,
+            mtu: 0,
+        }
+    }
+}
+
+/// Overlay backend type.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum BackendType {
+    /// VXLAN encapsulation (flannel's default for Canal).
+    #[default]
+    #[serde(rename = "vxlan")]
+    Vxlan,
+    /// Plain routes via node addresses; needs every node on one L2 segment.
+    #[serde(rename = "host-gw")]
+    HostGw,
+}
+
+impl BackendType {
+    /// The value written to flannel's `backend-type` annotation.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendType::Vxlan => "vxlan",
+            BackendType::HostGw => "host-gw",
+        }
+    }
+}
+
+/// What happens to traffic from a pod to its own node.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum EndpointToHostAction {
+    /// Accept it (Canal's default; kubelet, DNS on the node and node-local services work).
+    #[default]
+    Accept,
+    /// Drop it.
+    Drop,
+    /// Return to the node's INPUT chain so the node's own rules decide.
+    Return,
+}
+
+/// NetworkPolicy enforcement settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyConfig {
+    /// Enforce Kubernetes NetworkPolicy on every node. When false, no filter
+    /// rules are installed and every pod is reachable.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig { enabled: true }
+    }
+}
+
+/// Observed state of the pod network, written by the controller.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CanalNetworkStatus {
+    /// The metadata.generation the controller last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Ready: the spec is applied. Degraded: something stops it, with a
+    /// reason such as InvalidSpec, SubnetExhausted, Conflict or Ignored.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+
+    /// The clusterCIDR in effect. Differs from spec.clusterCIDR while a
+    /// change that cannot be applied live is refused.
+    #[serde(
+        default,
+        rename = "activeClusterCIDR",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub active_cluster_cidr: Option<String>,
+
+    /// The nodeSubnetLength in effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_node_subnet_length: Option<u8>,
+
+    /// Node subnets clusterCIDR holds in total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_subnets: Option<u64>,
+
+    /// Node subnets assigned to Nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_subnets: Option<u64>,
+
+    /// Node subnets still free.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_subnets: Option<u64>,
+
+    /// Nodes waiting for a subnet because clusterCIDR is exhausted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_nodes: Option<u64>,
+
+    /// NetworkPolicy enforcement across nodes, e.g. "3/3 nodes".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_enforcement: Option<String>,
+
+    /// Nodes whose agent has programmed the latest NodePolicySet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_enforced_nodes: Option<u32>,
+
+    /// Nodes that have a NodePolicySet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_nodes: Option<u32>,
+}
+
+fn default_node_subnet_length() -> u8 {
+    24
+}
+fn default_vni() -> u32 {
+    1
+}
+fn default_port() -> u32 {
+    8472
+}
+fn default_true() -> bool {
+    true
+}
+
+impl CanalNetworkSpec {
+    /// A spec with every default and the given cluster CIDR.
+    pub fn with_cluster_cidr(cluster_cidr: &str) -> Self {
+        CanalNetworkSpec {
+            cluster_cidr: cluster_cidr.to_string(),
+            node_subnet_length: default_node_subnet_length(),
+            backend: Backend::default(),
+            masquerade: true,
+            interface: None,
+            default_endpoint_to_host_action: EndpointToHostAction::default(),
+            policy: PolicyConfig::default(),
+        }
+    }
+}

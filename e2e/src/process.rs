@@ -1,0 +1,196 @@
+//! Child processes of the lab and the tests. Two lifetimes:
+//! - *owned*: dies with its owner (a test): killed on drop, and the kernel
+//!   kills it too if the test process dies (`PR_SET_PDEATHSIG`);
+//! - *detached*: outlives `canal-lab up` in its own session, found again
+//!   through a pid file, stopped by `canal-lab down`.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::Error;
+
+/// A process killed when dropped.
+#[derive(Debug)]
+pub struct OwnedChild {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl OwnedChild {
+    /// Starts `cmd` with stdout and stderr going to `log`; the kernel kills it
+    /// when the spawning thread's process dies.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<OwnedChild, Error> {
+        let out =
+            File::create(log).map_err(|e| Error::Io(format!("creating {}", log.display()), e))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| Error::Io(format!("opening {}", log.display()), e))?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| Error::Io(format!("starting {name} ({:?})", cmd.get_program()), e))?;
+        Ok(OwnedChild {
+            name: name.to_string(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Fails with the tail of the log when the process has exited.
+    pub fn check_running(&mut self) -> Result<(), Error> {
+        if let Some(child) = self.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            return Err(Error::Exited {
+                name: self.name.clone(),
+                status: status.to_string(),
+                log_tail: tail(&self.log, 30),
+            });
+        }
+        Ok(())
+    }
+
+    /// The last lines of the process's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log, lines)
+    }
+
+    /// Stops the process: SIGTERM, then SIGKILL after `grace`.
+    pub fn stop(&mut self, grace: Duration) {
+        if let Some(mut child) = self.child.take() {
+            terminate(child.id() as i32, grace, || {
+                matches!(child.try_wait(), Ok(Some(_)))
+            });
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnedChild {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(3));
+    }
+}
+
+/// Starts `cmd` in a session of its own, not tied to the caller's lifetime,
+/// and records its pid in `pid_file`.
+pub fn spawn_detached(
+    name: &str,
+    mut cmd: Command,
+    log: &Path,
+    pid_file: &Path,
+) -> Result<u32, Error> {
+    let out = File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| Error::Io(format!("opening {}", log.display()), e))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| Error::Io(format!("opening {}", log.display()), e))?;
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| Error::Io(format!("starting {name} ({:?})", cmd.get_program()), e))?;
+    let pid = child.id();
+    std::fs::write(pid_file, format!("{pid}\n"))
+        .map_err(|e| Error::Io(format!("writing {}", pid_file.display()), e))?;
+    // The child is reaped by init once we exit; forget the handle on purpose.
+    std::mem::forget(child);
+    Ok(pid)
+}
+
+/// Reads a pid file and returns the pid if that process is alive and its
+/// command line contains `expect` (guards against a recycled pid).
+pub fn live_pid(pid_file: &Path, expect: &str) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    cmdline.contains(expect).then_some(pid)
+}
+
+/// Stops the process behind `pid_file` (if it is still ours) and removes the file.
+pub fn stop_pid_file(pid_file: &Path, expect: &str, grace: Duration) -> bool {
+    let stopped = match live_pid(pid_file, expect) {
+        Some(pid) => {
+            terminate(pid, grace, || {
+                !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid)
+            });
+            true
+        }
+        None => false,
+    };
+    let _ = std::fs::remove_file(pid_file);
+    stopped
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+fn terminate(pid: i32, grace: Duration, mut gone: impl FnMut() -> bool) {
+    // SAFETY: plain syscalls on a pid we own.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if gone() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline && !gone() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The last `lines` lines of a file, for error messages.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
