@@ -216,7 +216,7 @@ pub struct CanalNetworkStatus {
 
     /// Ready: the spec is applied. Degraded: something stops it, with a
     /// reason such as InvalidSpec, SubnetExhausted, Conflict or Ignored.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 
     /// The clusterCIDR in effect. Differs from spec.clusterCIDR while a

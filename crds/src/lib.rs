@@ -8,6 +8,7 @@
 // kube's `printcolumn(...)` attributes repeat keys by design; the lint misreads them.
 #![allow(clippy::duplicated_attributes)]
 
+pub mod annotations;
 pub mod canal_network;
 pub mod condition;
 pub mod crd;

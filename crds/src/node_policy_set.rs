@@ -229,7 +229,7 @@ pub struct NodePolicySetStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// Enforced: the rules of observedGeneration are in the kernel.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Local endpoints programmed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
