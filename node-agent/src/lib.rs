@@ -3,6 +3,8 @@
 
 pub mod cli;
 pub mod cni;
+pub mod netns;
+pub mod overlay;
 
 use std::time::Duration;
 
