@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod cni;
+pub mod masq;
 pub mod netns;
 pub mod overlay;
 
