@@ -12,7 +12,9 @@ use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
+};
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use super::result::{GATEWAY, HOST_MAC, Wired};
@@ -266,6 +268,7 @@ pub async fn add(host: &Handle, pod: &Handle, spec: &PodSpec) -> Result<Wired, D
         .destination_prefix(spec.ip, 32)
         .output_interface(host_index)
         .scope(RouteScope::Link)
+        .protocol(RouteProtocol::Boot)
         .build();
     host.route()
         .add(to_pod)
@@ -323,6 +326,7 @@ pub async fn add(host: &Handle, pod: &Handle, spec: &PodSpec) -> Result<Wired, D
         .destination_prefix(GATEWAY, 32)
         .output_interface(pod_index)
         .scope(RouteScope::Link)
+        .protocol(RouteProtocol::Boot)
         .build();
     pod.route()
         .add(gateway_route)
@@ -333,6 +337,7 @@ pub async fn add(host: &Handle, pod: &Handle, spec: &PodSpec) -> Result<Wired, D
     let default = RouteMessageBuilder::<Ipv4Addr>::new()
         .gateway(GATEWAY)
         .output_interface(pod_index)
+        .protocol(RouteProtocol::Boot)
         .build();
     pod.route()
         .add(default)
