@@ -428,6 +428,10 @@ impl Agent {
         self.report_mismatch(inputs, synced.underlay.ip);
 
         let mut clean = synced.errors.is_empty();
+        if let Err(e) = ensure_ip_forward() {
+            tracing::error!("{e}");
+            clean = false;
+        }
 
         // iptables: read back on every periodic resync and whenever the
         // wanted rules change.
@@ -585,6 +589,18 @@ impl Agent {
             ),
         }
     }
+}
+
+/// Pods are routed through the node: IPv4 forwarding must be on (Kubernetes
+/// requires it; the agent turns it on when something left it off).
+fn ensure_ip_forward() -> Result<(), String> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    let current = std::fs::read_to_string(PATH).map_err(|e| format!("reading {PATH}: {e}"))?;
+    if current.trim() != "1" {
+        std::fs::write(PATH, "1").map_err(|e| format!("enabling IPv4 forwarding ({PATH}): {e}"))?;
+        tracing::warn!("IPv4 forwarding was off; turned it on ({PATH}=1)");
+    }
+    Ok(())
 }
 
 /// Feeds Node watch events into the index and wakes the sync loop when

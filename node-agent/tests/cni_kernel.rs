@@ -29,7 +29,15 @@ impl Node {
         ns.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "ul0"]);
         ns.ip(&["link", "set", "ul0", "up"]);
         ns.ip(&["link", "set", "ul0p", "up"]);
-        ns.ip(&["route", "add", "default", "via", "192.168.88.254", "dev", "ul0"]);
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.168.88.254",
+            "dev",
+            "ul0",
+        ]);
         ns.sh("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
         let node = Node {
             ns,
@@ -179,16 +187,28 @@ fn add_check_del_round_trip_with_a_working_pod() {
     assert!(eth0.contains("inet 10.244.5.2/32"), "{eth0}");
     assert!(eth0.contains("mtu 1400"), "{eth0}");
     let routes = pod.ip(&["route"]);
-    assert!(routes.contains("default via 169.254.1.1 dev eth0"), "{routes}");
-    assert!(routes.contains("169.254.1.1 dev eth0 scope link"), "{routes}");
+    assert!(
+        routes.contains("default via 169.254.1.1 dev eth0"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("169.254.1.1 dev eth0 scope link"),
+        "{routes}"
+    );
     // Host side.
     let host = node.ns.ip(&["-d", "link", "show", &host_if]);
     assert!(host.contains("link/ether ee:ee:ee:ee:ee:ee"), "{host}");
-    assert!(host.contains("mtu 1400") && host.contains("state UP"), "{host}");
+    assert!(
+        host.contains("mtu 1400") && host.contains("state UP"),
+        "{host}"
+    );
     for (path, want) in [
         (format!("/proc/sys/net/ipv4/conf/{host_if}/proxy_arp"), "1"),
         (format!("/proc/sys/net/ipv4/conf/{host_if}/forwarding"), "1"),
-        (format!("/proc/sys/net/ipv4/neigh/{host_if}/proxy_delay"), "0"),
+        (
+            format!("/proc/sys/net/ipv4/neigh/{host_if}/proxy_delay"),
+            "0",
+        ),
     ] {
         assert_eq!(node.ns.sh("cat", &[&path]).trim(), want, "{path}");
     }
@@ -217,7 +237,10 @@ fn add_check_del_round_trip_with_a_working_pod() {
     let (code, doc, _) = check(&node);
     assert_eq!(code, 1);
     assert_eq!(doc["code"], 102, "{doc}");
-    assert!(doc["details"].as_str().unwrap().contains("default route"), "{doc}");
+    assert!(
+        doc["details"].as_str().unwrap().contains("default route"),
+        "{doc}"
+    );
 
     // A repeated ADD returns the same result and repairs the wiring.
     let again = add_ok(&node, &call, &conf);
@@ -282,7 +305,10 @@ fn twenty_concurrent_adds_get_distinct_addresses() {
         assert!(pod.ip(&["addr", "show", "eth0"]).contains(ip));
     }
     // Pods on one node reach each other through the host.
-    let to = results[7]["ips"][0]["address"].as_str().unwrap().trim_end_matches("/32");
+    let to = results[7]["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/32");
     pods[3].sh("ping", &["-c1", "-W2", to]);
 }
 
@@ -340,11 +366,18 @@ fn errors_are_cni_error_documents() {
         assert_eq!(code, 1, "{what}: {doc}");
         assert_eq!(doc["code"], want, "{what}: {doc}");
         assert!(doc["cniVersion"].is_string(), "{what}: {doc}");
-        assert!(!doc["msg"].as_str().unwrap_or("").is_empty(), "{what}: {doc}");
+        assert!(
+            !doc["msg"].as_str().unwrap_or("").is_empty(),
+            "{what}: {doc}"
+        );
         assert!(doc["details"].is_string(), "{what}: {doc}");
     };
 
-    expect(cni(&node, &add, &json!("not a config")), 6, "undecodable config");
+    expect(
+        cni(&node, &add, &json!("not a config")),
+        6,
+        "undecodable config",
+    );
     expect(
         cni(&node, &add, &node.conf(json!({"mtu": 12}))),
         7,
@@ -356,14 +389,7 @@ fn errors_are_cni_error_documents() {
         "incompatible version",
     );
     expect(
-        cni(
-            &node,
-            &Call {
-                ifname: "",
-                ..add
-            },
-            &conf,
-        ),
+        cni(&node, &Call { ifname: "", ..add }, &conf),
         4,
         "missing CNI_IFNAME",
     );
@@ -379,7 +405,10 @@ fn errors_are_cni_error_documents() {
         3,
         "missing netns",
     );
-    assert!(node.allocations().is_empty(), "a failed ADD allocated nothing");
+    assert!(
+        node.allocations().is_empty(),
+        "a failed ADD allocated nothing"
+    );
 
     // /30: exactly one usable address.
     add_ok(&node, &add, &conf);
@@ -392,12 +421,22 @@ fn errors_are_cni_error_documents() {
         ..add
     };
     let exhausted = cni(&node, &second, &conf);
-    assert!(exhausted.1["details"].as_str().unwrap().contains("10.244.8.0/30"));
+    assert!(
+        exhausted.1["details"]
+            .as_str()
+            .unwrap()
+            .contains("10.244.8.0/30")
+    );
     expect(exhausted, 100, "exhausted subnet");
 
     std::fs::remove_file(node.run_dir().join("network.json")).unwrap();
     let not_ready = cni(&node, &second, &conf);
-    assert!(not_ready.1["details"].as_str().unwrap().contains("network.json"));
+    assert!(
+        not_ready.1["details"]
+            .as_str()
+            .unwrap()
+            .contains("network.json")
+    );
     expect(not_ready, 11, "network.json not written yet");
 }
 
@@ -477,7 +516,11 @@ fn installed_plugin_chains_with_portmap() {
         .arg(node.data_dir())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let list: Value =
         serde_json::from_slice(&std::fs::read(net_d.join("10-canal.conflist")).unwrap()).unwrap();
     assert_eq!(list["plugins"][1]["type"], "portmap");
@@ -522,7 +565,12 @@ fn installed_plugin_chains_with_portmap() {
     };
     let (code, _, stderr) = cni_at(portmap, &node, &del, &entry(1, Some(&second)));
     assert_eq!(code, 0, "{stderr}");
-    let (code, _, stderr) = cni_at(&bin.join("canal-cni"), &node, &del, &entry(0, Some(&second)));
+    let (code, _, stderr) = cni_at(
+        &bin.join("canal-cni"),
+        &node,
+        &del,
+        &entry(0, Some(&second)),
+    );
     assert_eq!(code, 0, "{stderr}");
     assert!(node.allocations().is_empty());
 }
