@@ -628,38 +628,53 @@ async fn watch_nodes(
             }
         };
         metrics.watch_events.with_label_values(&["node"]).inc();
-        // Keep only the projection; the Node object is dropped here.
+        // Keep only the projection; the Node object is dropped here, before
+        // the lock is taken.
+        enum Step {
+            Apply(NodeFacts),
+            Delete(String),
+            Init,
+            InitApply(NodeFacts),
+            InitDone,
+        }
+        let step = match event {
+            Event::Apply(node) => Step::Apply(NodeFacts::from_node(&node)),
+            Event::Delete(node) => Step::Delete(node.metadata.name.unwrap_or_default()),
+            Event::Init => Step::Init,
+            Event::InitApply(node) => Step::InitApply(NodeFacts::from_node(&node)),
+            Event::InitDone => Step::InitDone,
+        };
         let mut shared = lock(&shared);
         let Shared { nodes, pending, .. } = &mut *shared;
-        let wake = match event {
-            Event::Apply(node) => {
-                let facts = NodeFacts::from_node(&node);
-                let changed = nodes.apply(facts.clone());
-                if changed.any && !facts.problems.is_empty() {
-                    tracing::warn!(node = %facts.name, "ignoring unreadable fields: {}", facts.problems.join("; "));
+        let wake = match step {
+            Step::Apply(facts) => {
+                let name = facts.name.clone();
+                let problems = facts.problems.clone();
+                let changed = nodes.apply(facts);
+                if changed.any && !problems.is_empty() {
+                    tracing::warn!(node = %name, "ignoring unreadable fields: {}", problems.join("; "));
                 }
-                if changed.peer && facts.name != local {
-                    pending.entry(facts.name).or_insert(now);
+                if changed.peer && name != local {
+                    pending.entry(name).or_insert(now);
                 }
                 changed.any && nodes.listed()
             }
-            Event::Delete(node) => {
-                let name = node.metadata.name.unwrap_or_default();
+            Step::Delete(name) => {
                 let changed = nodes.delete(&name);
                 if changed.peer && name != local {
                     pending.entry(name).or_insert(now);
                 }
                 changed.any && nodes.listed()
             }
-            Event::Init => {
+            Step::Init => {
                 nodes.relist_start();
                 false
             }
-            Event::InitApply(node) => {
-                nodes.relist_apply(NodeFacts::from_node(&node));
+            Step::InitApply(facts) => {
+                nodes.relist_apply(facts);
                 false
             }
-            Event::InitDone => {
+            Step::InitDone => {
                 let (changed, any) = nodes.relist_done();
                 tracing::info!(nodes = nodes.len(), "listed Nodes");
                 for name in changed.into_iter().filter(|n| *n != local) {

@@ -311,6 +311,9 @@ pub(crate) mod sim {
     use super::*;
     use crate::overlay::model::{ObservedNeighbour, VxlanAttrs};
 
+    /// FDB remotes of one MAC: (dst, permanent).
+    type Remotes = Vec<(Option<Ipv4Addr>, bool)>;
+
     /// The overlay's objects in a simulated kernel.
     #[derive(Clone, Debug, Default)]
     pub struct Kernel {
@@ -320,7 +323,7 @@ pub(crate) mod sim {
         /// (dst, priority) -> (route, oif)
         pub routes: BTreeMap<(Ipv4Net, u32), (Route, u32)>,
         pub neighbours: BTreeMap<(u32, Ipv4Addr), (Option<Mac>, bool)>,
-        pub fdb: BTreeMap<(u32, Mac), Vec<(Option<Ipv4Addr>, bool)>>,
+        pub fdb: BTreeMap<(u32, Mac), Remotes>,
         pub underlay_index: u32,
     }
 
@@ -823,13 +826,13 @@ mod tests {
             // In host-gw no device name is wanted; every flannel.N is stale.
             let observe = |k: &Kernel| {
                 let mut o = k.observe(&n1);
-                if after_cfg.backend == BackendType::HostGw {
-                    if let Some(dev) = o.device.take() {
-                        o.stale_devices.push((dev.index, dev.name));
-                        o.routes.retain(|r| r.route.dev != Dev::Overlay);
-                        o.neighbours.clear();
-                        o.fdb.clear();
-                    }
+                if after_cfg.backend == BackendType::HostGw
+                    && let Some(dev) = o.device.take()
+                {
+                    o.stale_devices.push((dev.index, dev.name));
+                    o.routes.retain(|r| r.route.dev != Dev::Overlay);
+                    o.neighbours.clear();
+                    o.fdb.clear();
                 }
                 o
             };
