@@ -13,8 +13,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use canal_crds::{CanalNetwork, NetworkConfig};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::{Notify, watch};
 use tracing::Instrument;
@@ -78,6 +80,7 @@ pub struct Shared {
 #[derive(Debug, Clone)]
 struct Inputs {
     local: LocalNode,
+    uid: Option<String>,
     internal_ip: Option<Ipv4Addr>,
     public_ip: Option<Ipv4Addr>,
     canal_is_up: bool,
@@ -90,6 +93,7 @@ pub struct Agent {
     node_name: String,
     run_dir: RunDir,
     client: kube::Client,
+    recorder: Recorder,
     metrics: Metrics,
     health: canal_runtime::Health,
     netlink: Netlink,
@@ -145,8 +149,15 @@ impl Agent {
     /// Builds the agent.
     pub fn new(parts: AgentParts) -> Agent {
         Agent {
-            node_name: parts.node_name,
+            node_name: parts.node_name.clone(),
             run_dir: parts.run_dir,
+            recorder: Recorder::new(
+                parts.client.clone(),
+                Reporter {
+                    controller: FIELD_MANAGER.into(),
+                    instance: Some(parts.node_name.clone()),
+                },
+            ),
             client: parts.client,
             metrics: parts.metrics,
             health: parts.health,
@@ -254,6 +265,7 @@ impl Agent {
             .map_err(|e| format!("waiting for Node {}: {e}", self.node_name))?;
         let inputs = Inputs {
             local,
+            uid: facts.uid.clone(),
             internal_ip: facts.internal_ip,
             public_ip: facts.public_ip,
             canal_is_up: facts.canal_is_up,
@@ -369,6 +381,22 @@ impl Agent {
                     .inc_by(n as u64);
             }
         }
+        for op in &plan.links {
+            if let crate::overlay::diff::LinkOp::Delete {
+                name,
+                reason: crate::overlay::diff::DeleteReason::Incompatible,
+                ..
+            } = op
+            {
+                self.event(
+                    inputs,
+                    EventType::Warning,
+                    "VxlanDeviceRecreated",
+                    format!("{name} had another VNI, port, local address, underlay or learning setting; recreated it"),
+                )
+                .await;
+            }
+        }
         if !plan.is_empty() {
             let counts: Vec<String> = plan
                 .counts()
@@ -381,6 +409,16 @@ impl Agent {
                     "repaired kernel state changed by someone else: {}",
                     counts.join(" ")
                 );
+                self.event(
+                    inputs,
+                    EventType::Normal,
+                    "DriftRepaired",
+                    format!(
+                        "restored overlay state changed outside canal-agent: {}",
+                        counts.join(" ")
+                    ),
+                )
+                .await;
             } else {
                 tracing::info!(
                     changes = plan.len(),
@@ -420,12 +458,28 @@ impl Agent {
                 .set(n as i64);
         }
         if desired.skipped != self.last_skipped {
-            for s in &desired.skipped {
+            let new: Vec<Skipped> = desired
+                .skipped
+                .iter()
+                .filter(|s| !self.last_skipped.contains(s))
+                .cloned()
+                .collect();
+            for s in &new {
                 tracing::warn!(peer = %s.peer, reason = s.reason.as_str(), "peer gets no route");
+                self.event(
+                    inputs,
+                    EventType::Warning,
+                    "PeerSkipped",
+                    format!("no route to Node {}: {}", s.peer, s.reason.as_str()),
+                )
+                .await;
             }
             self.last_skipped = desired.skipped.clone();
         }
-        self.report_mismatch(inputs, synced.underlay.ip);
+        if let Some(text) = self.report_mismatch(inputs, synced.underlay.ip) {
+            self.event(inputs, EventType::Warning, "UnderlayAddressMismatch", text)
+                .await;
+        }
 
         let mut clean = synced.errors.is_empty();
         if let Err(e) = ensure_ip_forward() {
@@ -523,7 +577,11 @@ impl Agent {
             .inc();
     }
 
-    fn report_mismatch(&mut self, inputs: &Inputs, underlay_ip: Ipv4Addr) {
+    /// Logs and gauges an underlay address that differs from the Node's;
+    /// returns the text when it is new (for an Event).
+    /// Logs and gauges an underlay address that differs from the Node's;
+    /// returns the text when it is new (for an Event).
+    fn report_mismatch(&mut self, inputs: &Inputs, underlay_ip: Ipv4Addr) -> Option<String> {
         let mut problems = Vec::new();
         if let Some(internal) = inputs.internal_ip.filter(|ip| *ip != underlay_ip) {
             problems.push(format!("the Node's InternalIP is {internal}"));
@@ -542,11 +600,34 @@ impl Agent {
         self.metrics
             .underlay_mismatch
             .set(i64::from(text.is_some()));
-        if text != self.mismatch {
-            if let Some(t) = &text {
-                tracing::warn!("{t}");
-            }
-            self.mismatch = text;
+        if text == self.mismatch {
+            return None;
+        }
+        if let Some(t) = &text {
+            tracing::warn!("{t}");
+        }
+        self.mismatch = text.clone();
+        text
+    }
+
+    /// Publishes an Event about this Node (best effort: a failure is logged).
+    async fn event(&self, inputs: &Inputs, type_: EventType, reason: &str, note: String) {
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(self.node_name.clone()),
+            uid: inputs.uid.clone(),
+            ..ObjectReference::default()
+        };
+        let event = KubeEvent {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            tracing::debug!("publishing Event {reason}: {e}");
         }
     }
 

@@ -23,6 +23,8 @@ pub const CANAL_IS_UP: &str = "CanalIsUp";
 pub struct NodeFacts {
     /// Node name.
     pub name: String,
+    /// Node UID (to address Events to it).
+    pub uid: Option<String>,
     /// First IPv4 entry of `spec.podCIDRs`, else `spec.podCIDR`.
     pub pod_cidr: Option<Ipv4Net>,
     /// First `InternalIP` in `status.addresses`.
@@ -44,6 +46,7 @@ impl NodeFacts {
     pub fn from_node(node: &Node) -> NodeFacts {
         let mut facts = NodeFacts {
             name: node.metadata.name.clone().unwrap_or_default(),
+            uid: node.metadata.uid.clone(),
             ..NodeFacts::default()
         };
         if let Some(spec) = &node.spec {

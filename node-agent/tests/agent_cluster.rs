@@ -420,6 +420,22 @@ async fn two_agents_connect_pods_repair_drift_survive_restarts_and_forget_delete
         Some(1.0)
     );
     p1.sh("ping", &["-c1", "-W2", &ip2.to_string()]);
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), "default");
+    let mut found = None;
+    for _ in 0..50 {
+        let list = events.list(&Default::default()).await.unwrap();
+        found = list.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some("DriftRepaired")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("node-a")
+        });
+        if found.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let event = found.expect("a DriftRepaired Event about node-a");
+    assert!(event.note.unwrap_or_default().contains("route=1"));
 
     // Restart: the new agent finds everything right and changes nothing;
     // the established connection carries on.
