@@ -277,14 +277,23 @@ pub async fn network(client: &Client, name: &str) -> CanalNetwork {
         .unwrap_or_else(|e| panic!("reading CanalNetwork {name}: {e}"))
 }
 
-/// (status, reason, message) of a condition of CanalNetwork `name`.
+/// (status, reason, message) of a condition of CanalNetwork `name`, read
+/// untyped so it works for objects whose spec does not parse.
 pub async fn condition(
     client: &Client,
     name: &str,
     type_: &str,
 ) -> Option<(String, String, String)> {
-    let n = network(client, name).await;
-    let conditions = n.status.map(|s| s.conditions).unwrap_or_default();
+    let api: Api<kube::api::DynamicObject> = Api::all_with(
+        client.clone(),
+        &kube::api::ApiResource::erase::<CanalNetwork>(&()),
+    );
+    let obj = api
+        .get(name)
+        .await
+        .unwrap_or_else(|e| panic!("reading CanalNetwork {name}: {e}"));
+    let conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> =
+        serde_json::from_value(obj.data["status"]["conditions"].clone()).unwrap_or_default();
     canal_crds::condition::find(&conditions, type_)
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
