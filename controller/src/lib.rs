@@ -132,7 +132,6 @@ async fn lead(
         tracing::info!(identity = %elector.config().identity, "became the leader");
         m.leader.set(1);
         m.leader_transitions.inc();
-        m.api_writes.with_label_values(&["lease"]).inc();
         let (stop, stopped) = oneshot::channel();
         // Renewals run on their own task so a busy leader never starves them.
         let mut holder = tokio::spawn(async move {

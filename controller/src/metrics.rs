@@ -69,7 +69,7 @@ impl Metrics {
             reconciles: IntCounterVec::new(
                 Opts::new(
                     name("reconciles_total"),
-                    "Reconciles by controller kind (node: one Node looked at; canalnetwork: one status derivation).",
+                    "Reconciles by controller kind (node: one Node looked at; canalnetwork: one status update planned).",
                 ),
                 &["kind"],
             )?,
@@ -98,7 +98,7 @@ impl Metrics {
             api_writes: IntCounterVec::new(
                 Opts::new(
                     name("api_writes_total"),
-                    "Successful writes to the API server by resource (node, canalnetwork_status, lease).",
+                    "Successful writes to the API server by resource (node, canalnetwork_status).",
                 ),
                 &["resource"],
             )?,

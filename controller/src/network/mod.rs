@@ -365,7 +365,7 @@ impl Shell {
                             name: name.clone(),
                             uid: view.uid.clone(),
                         };
-                        self.state.apply_node(view);
+                        self.state.node_written(write.based_on.as_deref(), view);
                         let cluster = self
                             .state
                             .allocator()

@@ -63,6 +63,8 @@ pub struct NodeWrite {
     pub apply: NodeApply,
     /// Why.
     pub kind: WriteKind,
+    /// resourceVersion of the Node as it was planned against.
+    pub based_on: Option<String>,
 }
 
 /// One status apply to a CanalNetwork.
@@ -262,6 +264,20 @@ impl State {
                 entry.object.status = Some(status.clone());
             }
             entry.written = Some(status);
+        }
+    }
+
+    /// A Node write succeeded and the API server answered with `view`. It
+    /// replaces what the watch reported only when the watch has reported
+    /// nothing since the write was planned: a response can overtake the
+    /// watch event of a later change, and must not hide it.
+    pub fn node_written(&mut self, based_on: Option<&str>, view: NodeView) {
+        let unchanged = self
+            .nodes
+            .get(&view.name)
+            .is_some_and(|v| v.resource_version.as_deref() == based_on);
+        if unchanged {
+            self.apply_node(view);
         }
     }
 
@@ -523,7 +539,11 @@ impl State {
                 } else {
                     WriteKind::Update
                 };
-                Some(NodeWrite { apply, kind })
+                Some(NodeWrite {
+                    apply,
+                    kind,
+                    based_on: view.resource_version.clone(),
+                })
             }
             PodCidr::Invalid { .. } => None,
             PodCidr::Unset => match alloc.allocate(name) {
@@ -532,6 +552,7 @@ impl State {
                     Some(NodeWrite {
                         apply: vtep::desired(view, subnet, live),
                         kind: WriteKind::Allocate(subnet),
+                        based_on: view.resource_version.clone(),
                     })
                 }
                 Err(e) => {

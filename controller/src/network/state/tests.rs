@@ -442,3 +442,41 @@ fn deleting_and_recreating_default_keeps_allocations() {
     assert!(subnet(&s, "b").is_some());
     assert_eq!(s.allocator().unwrap().allocated(), 2);
 }
+
+#[test]
+fn a_write_response_never_hides_a_newer_watch_event() {
+    let mut s = State::new();
+    let mut a = node("a", 1);
+    a.resource_version = Some("1".into());
+    s.reset_nodes(vec![a.clone()]);
+    s.reset_networks(vec![network("default", "10.244.0.0/16", 24)]);
+    let w = plan(&mut s).node_writes.remove(0);
+    assert_eq!(w.based_on.as_deref(), Some("1"));
+    let mut response = a.clone();
+    response.resource_version = Some("3".into());
+    response.pod_cidr = Some(w.apply.pod_cidr.clone());
+    response.pod_cidrs = w.apply.pod_cidrs.clone();
+    response.annotations = w.apply.annotations.clone();
+
+    // The watch already reported a later change (new InternalIP): keep it.
+    let mut newer = response.clone();
+    newer.resource_version = Some("4".into());
+    newer.internal_ip = Some("192.168.0.99".parse().unwrap());
+    s.apply_node(newer);
+    s.node_written(w.based_on.as_deref(), response.clone());
+    assert_eq!(s.node("a").unwrap().resource_version.as_deref(), Some("4"));
+    let p = plan(&mut s);
+    assert_eq!(
+        p.node_writes[0].apply.annotations[annotations::PUBLIC_IP],
+        "192.168.0.99"
+    );
+
+    // Nothing reported since the write was planned: the response is the news.
+    let mut s2 = State::new();
+    s2.reset_nodes(vec![a]);
+    s2.reset_networks(vec![network("default", "10.244.0.0/16", 24)]);
+    let w = plan(&mut s2).node_writes.remove(0);
+    s2.node_written(w.based_on.as_deref(), response);
+    assert_eq!(s2.node("a").unwrap().resource_version.as_deref(), Some("3"));
+    assert!(plan(&mut s2).node_writes.is_empty());
+}
