@@ -57,13 +57,13 @@ pub enum Error {
 enum Done {
     Node {
         write: state::NodeWrite,
-        result: Result<Node, kube::Error>,
+        result: Result<Box<Node>, kube::Error>,
         elapsed: Duration,
     },
     Status {
         name: String,
         status: canal_crds::CanalNetworkStatus,
-        result: Result<DeserializeGuard<CanalNetwork>, kube::Error>,
+        result: Result<(), kube::Error>,
         elapsed: Duration,
     },
 }
@@ -496,7 +496,8 @@ fn node_write(ctx: Arc<Context>, write: state::NodeWrite) -> Write {
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&body),
             )
-            .await;
+            .await
+            .map(Box::new);
         Done::Node {
             write,
             result,
@@ -521,7 +522,8 @@ fn status_write(ctx: Arc<Context>, write: state::StatusWrite) -> Write {
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&body),
             )
-            .await;
+            .await
+            .map(|_| ());
         Done::Status {
             name: write.name,
             status: write.status,
