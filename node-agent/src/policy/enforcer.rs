@@ -70,6 +70,8 @@ pub struct SyncStats {
     pub attempts: u32,
     /// What the applied plan changed.
     pub plan: PlanStats,
+    /// Chains the applied plan wrote (created or rewritten).
+    pub written_chains: Vec<String>,
     /// Rules programmed.
     pub rules: usize,
     /// Sets programmed.
@@ -327,6 +329,7 @@ impl PolicyEnforcer {
             return Ok(());
         }
         stats.plan = p.stats;
+        stats.written_chains = p.written_chains.clone();
         stats.applied = true;
         debug!(changes = ?p.stats, "applying policy changes");
         if !p.ipset_pre.is_empty() {

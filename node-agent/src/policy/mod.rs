@@ -29,6 +29,10 @@ pub mod names;
 pub mod plan;
 pub mod render;
 pub mod ruleset;
+#[cfg(test)]
+mod semantics_tests;
+#[cfg(test)]
+mod sim;
 pub mod state;
 pub mod status;
 

@@ -50,6 +50,8 @@ pub struct Plan {
     pub ipset_post: String,
     /// Counts.
     pub stats: PlanStats,
+    /// Names of the chains written (created or rewritten), sorted.
+    pub written_chains: Vec<String>,
 }
 
 impl Plan {
@@ -63,12 +65,14 @@ impl Plan {
 pub fn plan(current: &KernelState, desired: &Ruleset) -> Plan {
     let mut stats = PlanStats::default();
     let (ipset_pre, ipset_post) = plan_sets(current, desired, &mut stats);
-    let iptables = plan_iptables(current, desired, &mut stats);
+    let mut written_chains = Vec::new();
+    let iptables = plan_iptables(current, desired, &mut stats, &mut written_chains);
     Plan {
         ipset_pre,
         iptables,
         ipset_post,
         stats,
+        written_chains,
     }
 }
 
@@ -140,7 +144,12 @@ fn strip_flags(member: &str) -> &str {
     member.split_whitespace().next().unwrap_or(member)
 }
 
-fn plan_iptables(current: &KernelState, desired: &Ruleset, stats: &mut PlanStats) -> String {
+fn plan_iptables(
+    current: &KernelState,
+    desired: &Ruleset,
+    stats: &mut PlanStats,
+    written: &mut Vec<String>,
+) -> String {
     let mut declare = String::new();
     let mut rules = String::new();
     let mut hooks = String::new();
@@ -159,6 +168,7 @@ fn plan_iptables(current: &KernelState, desired: &Ruleset, stats: &mut PlanStats
         }
         stats.chains_written += 1;
         stats.rules_written += chain.rules.len();
+        written.push(name.clone());
         let _ = writeln!(declare, ":{name} - [0:0]");
         for r in &chain.rules {
             let _ = writeln!(rules, "-A {name} {}", r.args());
