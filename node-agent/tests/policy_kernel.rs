@@ -268,7 +268,7 @@ async fn drift_is_detected_and_repaired() {
         .next()
         .unwrap();
     ns.sh(&format!(
-        "iptables -D CANAL-TO-WL 1 && iptables -D FORWARD 1 && ipset del {set} {member} && iptables -I CANAL-INPUT 1 -j ACCEPT"
+        "iptables -D CANAL-TO-WL 1 && iptables -D FORWARD 1 && ipset del {set} {member} && iptables -I CANAL-INPUT 1 -j ACCEPT && iptables -I INPUT 1 -s 192.0.2.1 -j ACCEPT"
     ));
     let repaired = e.check_drift().await.unwrap().unwrap();
     assert!(repaired.applied, "{repaired:?}");
@@ -277,11 +277,17 @@ async fn drift_is_detected_and_repaired() {
         vec!["CANAL-INPUT", "CANAL-TO-WL"],
         "only the damaged chains are rewritten"
     );
-    assert_eq!(repaired.plan.hooks_fixed, 1);
+    // FORWARD's hook was deleted, INPUT's pushed to position 2: both back at 1.
+    assert_eq!(repaired.plan.hooks_fixed, 2);
     assert_eq!(repaired.plan.members_added, 1);
     assert_kernel_matches(&ns, &inputs);
     assert_eq!(m.drift_repairs.with_label_values(&["chain"]).get(), 2);
-    assert_eq!(m.drift_repairs.with_label_values(&["hook"]).get(), 1);
+    assert_eq!(m.drift_repairs.with_label_values(&["hook"]).get(), 2);
+    assert!(
+        ns.sh("iptables-save -t filter")
+            .contains("-A INPUT -s 192.0.2.1/32 -j ACCEPT"),
+        "someone else's rule stays"
+    );
     assert_eq!(m.drift_repairs.with_label_values(&["set"]).get(), 1);
 }
 

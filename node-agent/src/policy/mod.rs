@@ -40,7 +40,9 @@ pub use enforcer::{Error, PolicyEnforcer, Retry, SyncStats, Tools};
 pub use exec::{Exec, ExecError};
 pub use metrics::PolicyMetrics;
 pub use plan::{Plan, PlanStats, plan};
-pub use render::{EnforcementConfig, PolicyInputs, Rendered, Warning, render};
+pub use render::{
+    EnforcementConfig, PolicyInputs, Rendered, Warning, referenced_peer_sets, render,
+};
 pub use ruleset::{Chain, Hook, IpSet, Rule, Ruleset, SetType};
 pub use state::KernelState;
 pub use status::enforced_status;

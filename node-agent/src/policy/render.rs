@@ -164,6 +164,23 @@ pub struct Rendered {
     pub warnings: Vec<Warning>,
 }
 
+/// Names of every PeerSet `spec` references (peers and egress named-port
+/// sets): what the agent must put into [`PolicyInputs::peer_sets`].
+pub fn referenced_peer_sets(spec: &NodePolicySetSpec) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for p in &spec.policies {
+        for rule in p.ingress.iter().chain(&p.egress) {
+            for peer in rule.peers.iter().flatten() {
+                out.extend(peer.peer_set.iter().cloned());
+            }
+            for port in &rule.ports {
+                out.extend(port.named_port_set.iter().cloned());
+            }
+        }
+    }
+    out
+}
+
 /// Renders the desired ruleset. Pure and deterministic: the same inputs
 /// give byte-identical output.
 pub fn render(inputs: &PolicyInputs) -> Rendered {

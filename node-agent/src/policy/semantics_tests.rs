@@ -703,6 +703,12 @@ fn rendering_is_deterministic_and_names_fit() {
     );
     inp.peer_sets.insert("ps-1".into(), ps(&["10.244.1.3"]));
     inp.peer_sets.insert("ps-2".into(), ps(&[]));
+    assert_eq!(
+        super::render::referenced_peer_sets(&inp.spec)
+            .into_iter()
+            .collect::<Vec<_>>(),
+        vec!["ps-1", "ps-2"]
+    );
     let one = render(&inp);
     let two = render(&inp.clone());
     assert_eq!(one, two);
