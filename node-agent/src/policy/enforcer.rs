@@ -13,7 +13,7 @@ use super::exec::{Exec, ExecError};
 use super::handshake::{Handshake, HandshakeError};
 use super::metrics::PolicyMetrics;
 use super::plan::{PlanStats, plan};
-use super::render::{PolicyInputs, Warning, render};
+use super::render::{PolicyInputs, RenderCache, Warning, render_with};
 use super::ruleset::Ruleset;
 use super::state::KernelState;
 
@@ -84,6 +84,8 @@ pub struct SyncStats {
     pub warnings: Vec<Warning>,
     /// Wall time of the sync.
     pub duration: Duration,
+    /// Part of it spent running the restore tools (iptables-restore, ipset).
+    pub restore_time: Duration,
 }
 
 /// Retry behaviour for failed restores.
@@ -150,6 +152,8 @@ pub struct PolicyEnforcer {
     known: Option<KernelState>,
     /// The last desired state, for drift checks.
     last: Option<Desired>,
+    /// PeerSet-derived sets of the last render.
+    cache: RenderCache,
 }
 
 impl PolicyEnforcer {
@@ -164,6 +168,7 @@ impl PolicyEnforcer {
             metrics,
             known: None,
             last: None,
+            cache: RenderCache::default(),
         }
     }
 
@@ -203,7 +208,8 @@ impl PolicyEnforcer {
     /// the NodePolicySet, a referenced PeerSet or the CanalNetwork, only once
     /// their watches have listed (an empty NodePolicySet drops every pod's traffic).
     pub async fn sync(&mut self, inputs: &PolicyInputs) -> Result<SyncStats, Error> {
-        let rendered = render(inputs);
+        let start = Instant::now();
+        let rendered = render_with(inputs, &mut self.cache);
         for w in &rendered.warnings {
             warn!(reason = w.category(), "{w}");
         }
@@ -213,7 +219,7 @@ impl PolicyEnforcer {
             enabled: inputs.config.enabled,
             warnings: rendered.warnings,
         };
-        let result = self.apply_desired(&desired).await;
+        let result = self.apply_desired(&desired, start).await;
         self.last = Some(desired);
         result
     }
@@ -226,7 +232,7 @@ impl PolicyEnforcer {
             return Ok(None);
         };
         self.known = None;
-        let stats = self.apply_desired(&desired).await?;
+        let stats = self.apply_desired(&desired, Instant::now()).await?;
         if stats.applied {
             warn!(changes = ?stats.plan, "repaired policy state changed outside canal-agent");
             self.metrics.record_drift(&stats.plan);
@@ -239,8 +245,12 @@ impl PolicyEnforcer {
         self.known = None;
     }
 
-    async fn apply_desired(&mut self, desired: &Desired) -> Result<SyncStats, Error> {
-        let start = Instant::now();
+    /// Applies `desired`; `start` is when the sync began (before rendering).
+    async fn apply_desired(
+        &mut self,
+        desired: &Desired,
+        start: Instant,
+    ) -> Result<SyncStats, Error> {
         let result = self.apply_inner(desired).await;
         let elapsed = start.elapsed();
         match &result {
@@ -332,6 +342,7 @@ impl PolicyEnforcer {
         stats.written_chains = p.written_chains.clone();
         stats.applied = true;
         debug!(changes = ?p.stats, "applying policy changes");
+        let tools_start = Instant::now();
         if !p.ipset_pre.is_empty() {
             self.ipset_restore(&p.ipset_pre, "create/update").await?;
         }
@@ -356,6 +367,7 @@ impl PolicyEnforcer {
         if !p.ipset_post.is_empty() {
             self.ipset_restore(&p.ipset_post, "destroy").await?;
         }
+        stats.restore_time += tools_start.elapsed();
         self.known = Some(KernelState::from_ruleset(desired));
         Ok(())
     }

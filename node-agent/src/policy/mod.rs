@@ -41,7 +41,8 @@ pub use exec::{Exec, ExecError};
 pub use metrics::PolicyMetrics;
 pub use plan::{Plan, PlanStats, plan};
 pub use render::{
-    EnforcementConfig, PolicyInputs, Rendered, Warning, referenced_peer_sets, render,
+    EnforcementConfig, PolicyInputs, RenderCache, Rendered, Warning, referenced_peer_sets, render,
+    render_with,
 };
 pub use ruleset::{Chain, Hook, IpSet, Rule, Ruleset, SetType};
 pub use state::KernelState;

@@ -86,12 +86,16 @@ fn plan_sets(current: &KernelState, desired: &Ruleset, stats: &mut PlanStats) ->
             None => {
                 stats.sets_created += 1;
                 let _ = writeln!(pre, "create {name} {create_args}");
-                for m in &want.members {
+                for m in want.members.iter() {
                     let _ = writeln!(pre, "add {name} {m}");
                 }
             }
             Some(have) if have.set_type == want.set_type.as_str() => {
                 if have.maxelem == Some(SET_MAXELEM) {
+                    if std::sync::Arc::ptr_eq(&have.members, &want.members) {
+                        // The set applied last time, unchanged: nothing to diff.
+                        continue;
+                    }
                     for m in have.members.difference(&want.members) {
                         stats.members_removed += 1;
                         let _ = writeln!(pre, "del {name} {}", strip_flags(m));
@@ -110,7 +114,7 @@ fn plan_sets(current: &KernelState, desired: &Ruleset, stats: &mut PlanStats) ->
                         temp_destroyed.push(temp.clone());
                     }
                     let _ = writeln!(pre, "create {temp} {create_args}");
-                    for m in &want.members {
+                    for m in want.members.iter() {
                         let _ = writeln!(pre, "add {temp} {m}");
                     }
                     let _ = writeln!(pre, "swap {temp} {name}");
@@ -124,7 +128,7 @@ fn plan_sets(current: &KernelState, desired: &Ruleset, stats: &mut PlanStats) ->
                 stats.sets_created += 1;
                 let _ = writeln!(pre, "destroy {name}");
                 let _ = writeln!(pre, "create {name} {create_args}");
-                for m in &want.members {
+                for m in want.members.iter() {
                     let _ = writeln!(pre, "add {name} {m}");
                 }
             }
@@ -234,7 +238,7 @@ mod tests {
         }
         for (name, members) in sets {
             let mut s = IpSet::new(SetType::HashNet);
-            s.members = members.iter().map(|m| m.to_string()).collect();
+            s.members = std::sync::Arc::new(members.iter().map(|m| m.to_string()).collect());
             r.sets.insert(name.to_string(), s);
         }
         let mut h = Chain::default();

@@ -21,13 +21,14 @@
 //! that has not arrived yet, a policy an endpoint names but the spec lacks)
 //! matches nothing: enforcement fails closed and a [`Warning`] says why.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use canal_crds::{
     CompiledPolicy, Endpoint, EndpointToHostAction, IpBlock, NodePolicySetSpec, Peer, PeerSetSpec,
-    PortMatch, Protocol,
+    PortMatch, PortMember, Protocol,
 };
 use ipnet::{IpNet, Ipv4Net};
 
@@ -184,19 +185,46 @@ pub fn referenced_peer_sets(spec: &NodePolicySetSpec) -> BTreeSet<String> {
 /// Renders the desired ruleset. Pure and deterministic: the same inputs
 /// give byte-identical output.
 pub fn render(inputs: &PolicyInputs) -> Rendered {
+    render_with(inputs, &mut RenderCache::default())
+}
+
+/// Sets built from PeerSets by the previous render, reused when the PeerSet
+/// is unchanged: converting 100,000 members costs more than the rest of a
+/// render, and most syncs change one PeerSet or none. Output is identical to
+/// [`render`]'s.
+#[derive(Debug, Default)]
+pub struct RenderCache {
+    ip_sets: HashMap<String, CachedSet<Vec<String>>>,
+    port_sets: HashMap<String, CachedSet<Vec<PortMember>>>,
+}
+
+#[derive(Debug)]
+struct CachedSet<S> {
+    /// The PeerSet content it was built from (None: the PeerSet was missing).
+    source: Option<S>,
+    members: Arc<BTreeSet<String>>,
+    warnings: Vec<Warning>,
+    used: bool,
+}
+
+/// [`render`] with a cache kept between calls.
+pub fn render_with(inputs: &PolicyInputs, cache: &mut RenderCache) -> Rendered {
     if !inputs.config.enabled {
+        *cache = RenderCache::default();
         return Rendered::default();
     }
     let mut r = Renderer {
         inputs,
         sets: BTreeMap::new(),
         warnings: BTreeSet::new(),
+        cache,
     };
     let ruleset = r.ruleset();
-    Rendered {
-        ruleset,
-        warnings: r.warnings.into_iter().collect(),
-    }
+    let warnings = r.warnings.into_iter().collect();
+    // Keep only what this render used, so the cache never outgrows the inputs.
+    cache.ip_sets.retain(|_, c| std::mem::take(&mut c.used));
+    cache.port_sets.retain(|_, c| std::mem::take(&mut c.used));
+    Rendered { ruleset, warnings }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -245,6 +273,7 @@ struct Renderer<'a> {
     inputs: &'a PolicyInputs,
     sets: BTreeMap<String, IpSet>,
     warnings: BTreeSet<Warning>,
+    cache: &'a mut RenderCache,
 }
 
 impl Renderer<'_> {
@@ -456,33 +485,58 @@ impl Renderer<'_> {
 
     fn peer_ip_set(&mut self, peer_set: &str) -> String {
         let name = names::set_name("peer", SetType::HashNet.as_str(), peer_set);
-        if !self.sets.contains_key(&name) {
-            let mut set = IpSet::new(SetType::HashNet);
-            match self.inputs.peer_sets.get(peer_set) {
-                Some(ps) => {
-                    for ip in &ps.ips {
-                        match parse_net(ip) {
-                            Some(IpNet::V4(n)) => {
-                                set.members.insert(net_member(n));
-                            }
-                            Some(IpNet::V6(_)) => {} // this table filters IPv4 only
-                            None => {
-                                self.warnings.insert(Warning::InvalidAddress {
-                                    context: format!("PeerSet {peer_set}"),
-                                    value: ip.clone(),
-                                });
-                            }
-                        }
+        if self.sets.contains_key(&name) {
+            return name;
+        }
+        let source = self.inputs.peer_sets.get(peer_set).map(|ps| &ps.ips);
+        if let Some(c) = self.cache.ip_sets.get_mut(peer_set)
+            && c.source.as_ref() == source
+        {
+            c.used = true;
+            self.warnings.extend(c.warnings.iter().cloned());
+            let set = IpSet {
+                set_type: SetType::HashNet,
+                members: c.members.clone(),
+            };
+            self.sets.insert(name.clone(), set);
+            return name;
+        }
+        let mut set = IpSet::new(SetType::HashNet);
+        let mut warnings = Vec::new();
+        match source {
+            Some(ips) => {
+                for ip in ips {
+                    // Fast path: a plain dotted quad is already spelled as ipset prints it
+                    // (std's parser refuses leading zeros and whitespace).
+                    if ip.parse::<Ipv4Addr>().is_ok() {
+                        set.insert(ip.clone());
+                        continue;
+                    }
+                    match parse_net(ip) {
+                        Some(IpNet::V4(n)) => set.insert(net_member(n)),
+                        Some(IpNet::V6(_)) => {} // this table filters IPv4 only
+                        None => warnings.push(Warning::InvalidAddress {
+                            context: format!("PeerSet {peer_set}"),
+                            value: ip.clone(),
+                        }),
                     }
                 }
-                None => {
-                    self.warnings.insert(Warning::MissingPeerSet {
-                        peer_set: peer_set.to_string(),
-                    });
-                }
             }
-            self.sets.insert(name.clone(), set);
+            None => warnings.push(Warning::MissingPeerSet {
+                peer_set: peer_set.to_string(),
+            }),
         }
+        self.warnings.extend(warnings.iter().cloned());
+        self.cache.ip_sets.insert(
+            peer_set.to_string(),
+            CachedSet {
+                source: source.cloned(),
+                members: set.members.clone(),
+                warnings,
+                used: true,
+            },
+        );
+        self.sets.insert(name.clone(), set);
         name
     }
 
@@ -552,10 +606,10 @@ impl Renderer<'_> {
         let name = names::set_name("ipblock", SetType::HashNet.as_str(), &id);
         let mut set = IpSet::new(SetType::HashNet);
         for p in positives {
-            set.members.insert(net_member(p));
+            set.insert(net_member(p));
         }
         for e in excepts {
-            set.members.insert(format!("{} nomatch", net_member(e)));
+            set.insert(format!("{} nomatch", net_member(e)));
         }
         self.sets.insert(name.clone(), set);
         Some(format!("-m set --match-set {name} {}", dir.peer_dir()))
@@ -651,7 +705,7 @@ impl Renderer<'_> {
                     for ip in &ep.ips {
                         match ip.parse::<IpAddr>() {
                             Ok(IpAddr::V4(a)) => {
-                                set.members.insert(port_member(a, protocol, np.port));
+                                set.insert(port_member(a, protocol, np.port));
                             }
                             Ok(IpAddr::V6(_)) => {}
                             Err(_) => {
@@ -672,33 +726,54 @@ impl Renderer<'_> {
     /// `hash:ip,port` set of an egress named-port PeerSet.
     fn peer_port_set(&mut self, peer_set: &str) -> String {
         let name = names::set_name("peer-port", SetType::HashIpPort.as_str(), peer_set);
-        if !self.sets.contains_key(&name) {
-            let mut set = IpSet::new(SetType::HashIpPort);
-            match self.inputs.peer_sets.get(peer_set) {
-                Some(ps) => {
-                    for m in &ps.ports {
-                        match m.ip.parse::<IpAddr>() {
-                            Ok(IpAddr::V4(a)) if m.port > 0 => {
-                                set.members.insert(port_member(a, m.protocol, m.port));
-                            }
-                            Ok(_) => {}
-                            Err(_) => {
-                                self.warnings.insert(Warning::InvalidAddress {
-                                    context: format!("PeerSet {peer_set}"),
-                                    value: m.ip.clone(),
-                                });
-                            }
+        if self.sets.contains_key(&name) {
+            return name;
+        }
+        let source = self.inputs.peer_sets.get(peer_set).map(|ps| &ps.ports);
+        if let Some(c) = self.cache.port_sets.get_mut(peer_set)
+            && c.source.as_ref() == source
+        {
+            c.used = true;
+            self.warnings.extend(c.warnings.iter().cloned());
+            let set = IpSet {
+                set_type: SetType::HashIpPort,
+                members: c.members.clone(),
+            };
+            self.sets.insert(name.clone(), set);
+            return name;
+        }
+        let mut set = IpSet::new(SetType::HashIpPort);
+        let mut warnings = Vec::new();
+        match source {
+            Some(ports) => {
+                for m in ports {
+                    match m.ip.parse::<IpAddr>() {
+                        Ok(IpAddr::V4(a)) if m.port > 0 => {
+                            set.insert(port_member(a, m.protocol, m.port));
                         }
+                        Ok(_) => {}
+                        Err(_) => warnings.push(Warning::InvalidAddress {
+                            context: format!("PeerSet {peer_set}"),
+                            value: m.ip.clone(),
+                        }),
                     }
                 }
-                None => {
-                    self.warnings.insert(Warning::MissingPeerSet {
-                        peer_set: peer_set.to_string(),
-                    });
-                }
             }
-            self.sets.insert(name.clone(), set);
+            None => warnings.push(Warning::MissingPeerSet {
+                peer_set: peer_set.to_string(),
+            }),
         }
+        self.warnings.extend(warnings.iter().cloned());
+        self.cache.port_sets.insert(
+            peer_set.to_string(),
+            CachedSet {
+                source: source.cloned(),
+                members: set.members.clone(),
+                warnings,
+                used: true,
+            },
+        );
+        self.sets.insert(name.clone(), set);
         name
     }
 }

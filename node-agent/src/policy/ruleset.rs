@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use canal_crds::names::short_hash;
 
@@ -125,8 +126,9 @@ impl SetType {
 pub struct IpSet {
     /// The set's type.
     pub set_type: SetType,
-    /// The members.
-    pub members: BTreeSet<String>,
+    /// The members (shared: an unchanged PeerSet reuses the previous
+    /// render's set, so diffing it against the applied state is a pointer compare).
+    pub members: Arc<BTreeSet<String>>,
 }
 
 impl IpSet {
@@ -134,8 +136,13 @@ impl IpSet {
     pub fn new(set_type: SetType) -> IpSet {
         IpSet {
             set_type,
-            members: BTreeSet::new(),
+            members: Arc::new(BTreeSet::new()),
         }
+    }
+
+    /// Adds a member.
+    pub fn insert(&mut self, member: String) {
+        Arc::make_mut(&mut self.members).insert(member);
     }
 
     /// The `create` arguments after the name. `hashsize` is sized for the
@@ -197,7 +204,7 @@ impl Ruleset {
         let mut out = String::new();
         for (name, set) in &self.sets {
             let _ = writeln!(out, "create {name} {}", set.create_args());
-            for m in &set.members {
+            for m in set.members.iter() {
                 let _ = writeln!(out, "add {name} {m}");
             }
         }

@@ -712,6 +712,27 @@ fn rendering_is_deterministic_and_names_fit() {
     let one = render(&inp);
     let two = render(&inp.clone());
     assert_eq!(one, two);
+    // A cache kept between renders changes nothing in the output, also after a PeerSet changes.
+    let mut cache = super::render::RenderCache::default();
+    assert_eq!(super::render::render_with(&inp, &mut cache), one);
+    assert_eq!(super::render::render_with(&inp, &mut cache), one);
+    let mut changed = inp.clone();
+    changed
+        .peer_sets
+        .insert("ps-1".into(), ps(&["10.244.1.3", "10.244.9.9", "bogus"]));
+    let fresh = render(&changed);
+    assert_eq!(super::render::render_with(&changed, &mut cache), fresh);
+    assert_eq!(
+        super::render::render_with(&changed, &mut cache),
+        fresh,
+        "cached warnings re-emitted"
+    );
+    assert_eq!(fresh.warnings.len(), 1);
+    changed.peer_sets.remove("ps-1");
+    assert_eq!(
+        super::render::render_with(&changed, &mut cache),
+        render(&changed)
+    );
     for name in one.ruleset.chains.keys() {
         assert!(name.len() <= super::names::MAX_CHAIN_LEN, "{name}");
     }

@@ -220,7 +220,7 @@ fn set_match(set: &IpSet, dir: &str, p: &Packet) -> bool {
             let ip = if dir == "src" { p.src } else { p.dst };
             // ipset semantics: the most specific matching entry decides; nomatch entries exclude.
             let mut best: Option<(u8, bool)> = None;
-            for m in &set.members {
+            for m in set.members.iter() {
                 let (net, nomatch) = match m.strip_suffix(" nomatch") {
                     Some(n) => (n, true),
                     None => (m.as_str(), false),

@@ -5,6 +5,7 @@
 //! just applied (every other sync, so the hot path never reads the kernel).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use super::names::{self, COMMENT_PREFIX};
 use super::ruleset::{Ruleset, SET_MAXELEM};
@@ -31,7 +32,7 @@ pub struct SetState {
     /// Its maxelem, when known.
     pub maxelem: Option<u32>,
     /// Members as `ipset save` prints them.
-    pub members: BTreeSet<String>,
+    pub members: Arc<BTreeSet<String>>,
 }
 
 /// The policy-owned part of the kernel's filter table and ipsets.
@@ -158,7 +159,7 @@ impl KernelState {
                         SetState {
                             set_type: set_type.to_string(),
                             maxelem,
-                            members: BTreeSet::new(),
+                            members: Arc::new(BTreeSet::new()),
                         },
                     );
                 }
@@ -166,7 +167,7 @@ impl KernelState {
                     let Some(name) = words.next() else { continue };
                     if let Some(set) = state.sets.get_mut(name) {
                         let member: Vec<&str> = words.collect();
-                        set.members.insert(member.join(" "));
+                        Arc::make_mut(&mut set.members).insert(member.join(" "));
                     }
                 }
                 _ => {}
