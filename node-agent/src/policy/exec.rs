@@ -140,6 +140,16 @@ impl Exec {
             }
             Ok(Ok(out)) => out,
         };
+        // nsenter reports a program it cannot execute with 127, as a shell does.
+        if self.netns.is_some() && out.status.code() == Some(127) {
+            return Err(ExecError::Spawn {
+                program: program.to_string(),
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                ),
+            });
+        }
         if !out.status.success() {
             let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
             stderr.truncate(2000);
