@@ -355,14 +355,17 @@ async fn main() {
     let mut cur = base.clone();
     e.sync(&cur).await.unwrap();
     let mut noop = Vec::new();
+    let mut noop_render = Vec::new();
     for _ in 0..20 {
         let s = e.sync(&cur).await.unwrap();
         assert!(!s.applied);
         noop.push(s.duration);
+        noop_render.push(s.render_time);
     }
     let mut by_kind: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
     let mut all = Vec::new();
     let mut tools = Vec::new();
+    let mut renders = Vec::new();
     for i in 0..changes {
         let kind = match i % 4 {
             0 => {
@@ -404,6 +407,7 @@ async fn main() {
         by_kind.entry(kind).or_default().push(s.duration);
         all.push(s.duration);
         tools.push(s.restore_time);
+        renders.push(s.render_time);
     }
     let drift_start = Instant::now();
     let d = e.check_drift().await.unwrap().unwrap();
@@ -427,8 +431,19 @@ async fn main() {
         );
     }
     println!(
-        "  no-op resync:   p50 {}  (no restore executed)",
-        ms(pct(&mut noop, 0.5))
+        "  of which rendering:     p50 {}  p99 {}",
+        ms(pct(&mut renders, 0.5)),
+        ms(pct(&mut renders, 0.99))
+    );
+    println!(
+        "  of which restore tools: p50 {}  p99 {}",
+        ms(pct(&mut tools, 0.5)),
+        ms(pct(&mut tools, 0.99))
+    );
+    println!(
+        "  no-op resync:   p50 {}, of which rendering {}  (no restore executed)",
+        ms(pct(&mut noop, 0.5)),
+        ms(pct(&mut noop_render, 0.5))
     );
     println!(
         "  drift check (iptables-save + ipset save + diff, nothing to repair): {}",

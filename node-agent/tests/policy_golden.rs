@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use canal_agent::policy::{EnforcementConfig, PolicyInputs, render};
+use canal_agent::policy::{EnforcementConfig, PolicyInputs, RenderCache, render, render_with};
 use canal_crds::{EndpointToHostAction, NodePolicySetSpec, PeerSetSpec};
 use serde::Deserialize;
 
@@ -31,11 +31,10 @@ fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
 }
 
-fn check(case: &str) {
-    let dir = golden_dir();
-    let input = std::fs::read_to_string(dir.join(format!("{case}.yaml"))).unwrap();
+fn load(case: &str) -> PolicyInputs {
+    let input = std::fs::read_to_string(golden_dir().join(format!("{case}.yaml"))).unwrap();
     let c: Case = serde_yaml::from_str(&input).unwrap();
-    let inputs = PolicyInputs {
+    PolicyInputs {
         config: EnforcementConfig {
             enabled: c.config.enabled,
             endpoint_to_host: c.config.endpoint_to_host,
@@ -43,7 +42,12 @@ fn check(case: &str) {
         generation: c.generation,
         spec: c.spec,
         peer_sets: c.peer_sets,
-    };
+    }
+}
+
+fn check(case: &str) {
+    let dir = golden_dir();
+    let inputs = load(case);
     let out = render(&inputs);
     assert!(
         out.warnings.is_empty(),
@@ -108,4 +112,40 @@ fn golden_host_drop() {
 #[test]
 fn golden_disabled() {
     check("disabled");
+}
+
+/// The agent renders with a cache kept between syncs; whatever changes, the
+/// result must equal a fresh render.
+#[test]
+fn cached_render_equals_fresh_render() {
+    let mut inputs = load("web-mixed");
+    let mut cache = RenderCache::default();
+    let mut step = |inputs: &PolicyInputs, what: &str| {
+        assert_eq!(
+            render_with(inputs, &mut cache),
+            render(inputs),
+            "after: {what}"
+        );
+    };
+    step(&inputs, "cold");
+    step(&inputs, "unchanged");
+    inputs.spec.endpoints[0].named_ports[0].port = 8081;
+    step(&inputs, "a local named port changed");
+    inputs
+        .peer_sets
+        .get_mut("ps-frontend")
+        .unwrap()
+        .ips
+        .push("10.244.9.9".into());
+    step(&inputs, "a PeerSet member added");
+    inputs.spec.policies[0].ingress[0].ports.pop();
+    step(&inputs, "a policy's ports changed");
+    inputs.peer_sets.remove("ps-db-pg");
+    step(&inputs, "a named-port PeerSet went missing");
+    inputs.spec.policies.retain(|p| p.name != "shop/db");
+    step(&inputs, "a policy removed");
+    inputs.config.enabled = false;
+    step(&inputs, "disabled");
+    inputs.config.enabled = true;
+    step(&inputs, "enabled again");
 }

@@ -84,6 +84,8 @@ pub struct SyncStats {
     pub warnings: Vec<Warning>,
     /// Wall time of the sync.
     pub duration: Duration,
+    /// Part of it spent rendering the ruleset.
+    pub render_time: Duration,
     /// Part of it spent running the restore tools (iptables-restore, ipset).
     pub restore_time: Duration,
 }
@@ -210,6 +212,7 @@ impl PolicyEnforcer {
     pub async fn sync(&mut self, inputs: &PolicyInputs) -> Result<SyncStats, Error> {
         let start = Instant::now();
         let rendered = render_with(inputs, &mut self.cache);
+        let render_time = start.elapsed();
         for w in &rendered.warnings {
             warn!(reason = w.category(), "{w}");
         }
@@ -221,7 +224,10 @@ impl PolicyEnforcer {
         };
         let result = self.apply_desired(&desired, start).await;
         self.last = Some(desired);
-        result
+        result.map(|mut s| {
+            s.render_time = render_time;
+            s
+        })
     }
 
     /// Re-reads the kernel and repairs anything changed behind our back (a

@@ -196,6 +196,26 @@ pub fn render(inputs: &PolicyInputs) -> Rendered {
 pub struct RenderCache {
     ip_sets: HashMap<String, CachedSet<Vec<String>>>,
     port_sets: HashMap<String, CachedSet<Vec<PortMember>>>,
+    /// Policy chains by chain name; reused while the compiled policy is equal.
+    chains: HashMap<String, CachedChain>,
+}
+
+#[derive(Debug)]
+struct CachedChain {
+    policy: CompiledPolicy,
+    chain: Chain,
+    /// The sets the chain references, replayed on a hit so they are rendered too.
+    deps: Vec<SetDep>,
+    warnings: Vec<Warning>,
+    used: bool,
+}
+
+#[derive(Clone, Debug)]
+enum SetDep {
+    PeerIp(String),
+    PeerPort(String),
+    LocalNamedPort(Protocol, String),
+    Block(String, IpSet),
 }
 
 #[derive(Debug)]
@@ -218,12 +238,14 @@ pub fn render_with(inputs: &PolicyInputs, cache: &mut RenderCache) -> Rendered {
         sets: BTreeMap::new(),
         warnings: BTreeSet::new(),
         cache,
+        recording: None,
     };
     let ruleset = r.ruleset();
     let warnings = r.warnings.into_iter().collect();
     // Keep only what this render used, so the cache never outgrows the inputs.
     cache.ip_sets.retain(|_, c| std::mem::take(&mut c.used));
     cache.port_sets.retain(|_, c| std::mem::take(&mut c.used));
+    cache.chains.retain(|_, c| std::mem::take(&mut c.used));
     Rendered { ruleset, warnings }
 }
 
@@ -274,6 +296,8 @@ struct Renderer<'a> {
     sets: BTreeMap<String, IpSet>,
     warnings: BTreeSet<Warning>,
     cache: &'a mut RenderCache,
+    /// While rendering a policy chain: the sets and warnings it produces.
+    recording: Option<(Vec<SetDep>, Vec<Warning>)>,
 }
 
 impl Renderer<'_> {
@@ -426,7 +450,69 @@ impl Renderer<'_> {
         chain
     }
 
+    /// A policy chain, from the cache when the compiled policy is unchanged.
     fn policy_chain(
+        &mut self,
+        chain_name: &str,
+        policy: &CompiledPolicy,
+        dir: Direction,
+        endpoints: &BTreeMap<&str, &Endpoint>,
+    ) -> Chain {
+        if let Some(c) = self.cache.chains.get_mut(chain_name)
+            && c.policy == *policy
+        {
+            c.used = true;
+            let chain = c.chain.clone();
+            let deps = c.deps.clone();
+            self.warnings.extend(c.warnings.iter().cloned());
+            for dep in deps {
+                match dep {
+                    SetDep::PeerIp(ps) => {
+                        self.peer_ip_set(&ps);
+                    }
+                    SetDep::PeerPort(ps) => {
+                        self.peer_port_set(&ps);
+                    }
+                    SetDep::LocalNamedPort(proto, name) => {
+                        self.local_named_port_set(proto, &name, endpoints);
+                    }
+                    SetDep::Block(name, set) => {
+                        self.sets.insert(name, set);
+                    }
+                }
+            }
+            return chain;
+        }
+        self.recording = Some((Vec::new(), Vec::new()));
+        let chain = self.render_policy_chain(chain_name, policy, dir, endpoints);
+        let (deps, warnings) = self.recording.take().unwrap_or_default();
+        self.cache.chains.insert(
+            chain_name.to_string(),
+            CachedChain {
+                policy: policy.clone(),
+                chain: chain.clone(),
+                deps,
+                warnings,
+                used: true,
+            },
+        );
+        chain
+    }
+
+    fn warn(&mut self, w: Warning) {
+        if let Some((_, ws)) = &mut self.recording {
+            ws.push(w.clone());
+        }
+        self.warnings.insert(w);
+    }
+
+    fn record(&mut self, dep: SetDep) {
+        if let Some((deps, _)) = &mut self.recording {
+            deps.push(dep);
+        }
+    }
+
+    fn render_policy_chain(
         &mut self,
         chain_name: &str,
         policy: &CompiledPolicy,
@@ -470,12 +556,13 @@ impl Renderer<'_> {
     fn peer_matcher(&mut self, peer: &Peer, dir: Direction, policy: &str) -> Option<String> {
         match (&peer.peer_set, &peer.ip_block) {
             (Some(ps), None) => {
+                self.record(SetDep::PeerIp(ps.clone()));
                 let set = self.peer_ip_set(ps);
                 Some(format!("-m set --match-set {set} {}", dir.peer_dir()))
             }
             (None, Some(block)) => self.ip_block_matcher(block, dir, policy),
             _ => {
-                self.warnings.insert(Warning::InvalidPeer {
+                self.warn(Warning::InvalidPeer {
                     policy: policy.to_string(),
                 });
                 None
@@ -550,7 +637,7 @@ impl Renderer<'_> {
             Some(IpNet::V4(n)) => n.trunc(),
             Some(IpNet::V6(_)) => return None, // cannot match IPv4 traffic
             None => {
-                self.warnings.insert(Warning::InvalidAddress {
+                self.warn(Warning::InvalidAddress {
                     context: format!("policy {policy} ipBlock"),
                     value: block.cidr.clone(),
                 });
@@ -570,7 +657,7 @@ impl Renderer<'_> {
                 Some(IpNet::V6(_)) => {}
                 None => {
                     // Unparseable except: fail closed, the whole block matches nothing.
-                    self.warnings.insert(Warning::InvalidAddress {
+                    self.warn(Warning::InvalidAddress {
                         context: format!("policy {policy} ipBlock.except"),
                         value: e.clone(),
                     });
@@ -611,6 +698,7 @@ impl Renderer<'_> {
         for e in excepts {
             set.insert(format!("{} nomatch", net_member(e)));
         }
+        self.record(SetDep::Block(name.clone(), set.clone()));
         self.sets.insert(name.clone(), set);
         Some(format!("-m set --match-set {name} {}", dir.peer_dir()))
     }
@@ -635,16 +723,18 @@ impl Renderer<'_> {
             if let Some(port_name) = &pm.named_port {
                 match dir {
                     Direction::Ingress => {
+                        self.record(SetDep::LocalNamedPort(pm.protocol, port_name.clone()));
                         let set = self.local_named_port_set(pm.protocol, port_name, endpoints);
                         named.insert(format!("-p {proto} -m set --match-set {set} dst,dst"));
                     }
                     Direction::Egress => match &pm.named_port_set {
                         Some(ps) => {
+                            self.record(SetDep::PeerPort(ps.clone()));
                             let set = self.peer_port_set(ps);
                             named.insert(format!("-p {proto} -m set --match-set {set} dst,dst"));
                         }
                         None => {
-                            self.warnings.insert(Warning::MissingNamedPortSet {
+                            self.warn(Warning::MissingNamedPortSet {
                                 policy: policy.to_string(),
                                 port: port_name.clone(),
                             });
@@ -662,7 +752,7 @@ impl Renderer<'_> {
                     ranges.entry(pm.protocol).or_default().push((p, e))
                 }
                 _ => {
-                    self.warnings.insert(Warning::InvalidPort {
+                    self.warn(Warning::InvalidPort {
                         policy: policy.to_string(),
                     });
                 }
