@@ -161,6 +161,18 @@ fn netns_exec_overhead(ns: &Netns) -> Duration {
     samples[samples.len() / 2]
 }
 
+/// CPU time (user + system) of this process and its waited-for children.
+fn cpu_time() -> Duration {
+    let get = |who| {
+        // SAFETY: getrusage fills the struct we pass.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(who, &mut u) };
+        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        tv(u.ru_utime) + tv(u.ru_stime)
+    };
+    get(libc::RUSAGE_SELF) + get(libc::RUSAGE_CHILDREN)
+}
+
 fn pct(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort();
     let idx = ((samples.len() as f64 - 1.0) * p).round() as usize;
@@ -366,6 +378,7 @@ async fn main() {
     let mut all = Vec::new();
     let mut tools = Vec::new();
     let mut renders = Vec::new();
+    let mut cpus = Vec::new();
     for i in 0..changes {
         let kind = match i % 4 {
             0 => {
@@ -402,7 +415,9 @@ async fn main() {
                 "pod replaced"
             }
         };
+        let cpu0 = cpu_time();
         let s = e.sync(&cur).await.unwrap();
+        cpus.push(cpu_time() - cpu0);
         assert!(s.applied && !s.full, "{s:?}");
         by_kind.entry(kind).or_default().push(s.duration);
         all.push(s.duration);
@@ -430,6 +445,11 @@ async fn main() {
             v.len()
         );
     }
+    println!(
+        "  CPU time (agent + tools, what an idle machine would wait): p50 {}  p99 {}",
+        ms(pct(&mut cpus, 0.5)),
+        ms(pct(&mut cpus, 0.99))
+    );
     println!(
         "  of which rendering:     p50 {}  p99 {}",
         ms(pct(&mut renders, 0.5)),

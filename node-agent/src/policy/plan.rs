@@ -164,7 +164,7 @@ fn plan_iptables(
             have.len() == chain.rules.len()
                 && have
                     .iter()
-                    .zip(&chain.rules)
+                    .zip(chain.rules.iter())
                     .all(|(h, r)| h.as_deref() == Some(r.hash.as_str()))
         });
         if in_sync {
@@ -174,7 +174,7 @@ fn plan_iptables(
         stats.rules_written += chain.rules.len();
         written.push(name.clone());
         let _ = writeln!(declare, ":{name} - [0:0]");
-        for r in &chain.rules {
+        for r in chain.rules.iter() {
             let _ = writeln!(rules, "-A {name} {}", r.args());
         }
     }
@@ -245,7 +245,7 @@ mod tests {
         h.push("FORWARD", "-j CANAL-FORWARD", "");
         r.hooks.push(Hook {
             builtin: "FORWARD",
-            rule: h.rules.remove(0),
+            rule: h.rules[0].clone(),
         });
         r
     }

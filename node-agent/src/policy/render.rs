@@ -212,9 +212,10 @@ struct CachedChain {
 
 #[derive(Clone, Debug)]
 enum SetDep {
-    PeerIp(String),
-    PeerPort(String),
-    LocalNamedPort(Protocol, String),
+    /// (PeerSet, set name)
+    PeerIp(String, String),
+    PeerPort(String, String),
+    LocalNamedPort(Protocol, String, String),
     Block(String, IpSet),
 }
 
@@ -467,14 +468,14 @@ impl Renderer<'_> {
             self.warnings.extend(c.warnings.iter().cloned());
             for dep in deps {
                 match dep {
-                    SetDep::PeerIp(ps) => {
-                        self.peer_ip_set(&ps);
+                    SetDep::PeerIp(ps, set) => {
+                        self.peer_ip_set_named(&ps, set);
                     }
-                    SetDep::PeerPort(ps) => {
-                        self.peer_port_set(&ps);
+                    SetDep::PeerPort(ps, set) => {
+                        self.peer_port_set_named(&ps, set);
                     }
-                    SetDep::LocalNamedPort(proto, name) => {
-                        self.local_named_port_set(proto, &name, endpoints);
+                    SetDep::LocalNamedPort(proto, port, set) => {
+                        self.local_named_port_set_named(proto, &port, set, endpoints);
                     }
                     SetDep::Block(name, set) => {
                         self.sets.insert(name, set);
@@ -556,8 +557,8 @@ impl Renderer<'_> {
     fn peer_matcher(&mut self, peer: &Peer, dir: Direction, policy: &str) -> Option<String> {
         match (&peer.peer_set, &peer.ip_block) {
             (Some(ps), None) => {
-                self.record(SetDep::PeerIp(ps.clone()));
                 let set = self.peer_ip_set(ps);
+                self.record(SetDep::PeerIp(ps.clone(), set.clone()));
                 Some(format!("-m set --match-set {set} {}", dir.peer_dir()))
             }
             (None, Some(block)) => self.ip_block_matcher(block, dir, policy),
@@ -572,6 +573,10 @@ impl Renderer<'_> {
 
     fn peer_ip_set(&mut self, peer_set: &str) -> String {
         let name = names::set_name("peer", SetType::HashNet.as_str(), peer_set);
+        self.peer_ip_set_named(peer_set, name)
+    }
+
+    fn peer_ip_set_named(&mut self, peer_set: &str, name: String) -> String {
         if self.sets.contains_key(&name) {
             return name;
         }
@@ -723,14 +728,18 @@ impl Renderer<'_> {
             if let Some(port_name) = &pm.named_port {
                 match dir {
                     Direction::Ingress => {
-                        self.record(SetDep::LocalNamedPort(pm.protocol, port_name.clone()));
                         let set = self.local_named_port_set(pm.protocol, port_name, endpoints);
+                        self.record(SetDep::LocalNamedPort(
+                            pm.protocol,
+                            port_name.clone(),
+                            set.clone(),
+                        ));
                         named.insert(format!("-p {proto} -m set --match-set {set} dst,dst"));
                     }
                     Direction::Egress => match &pm.named_port_set {
                         Some(ps) => {
-                            self.record(SetDep::PeerPort(ps.clone()));
                             let set = self.peer_port_set(ps);
+                            self.record(SetDep::PeerPort(ps.clone(), set.clone()));
                             named.insert(format!("-p {proto} -m set --match-set {set} dst,dst"));
                         }
                         None => {
@@ -784,6 +793,16 @@ impl Renderer<'_> {
     ) -> String {
         let id = format!("{}/{port_name}", protocol.as_lower());
         let name = names::set_name("local-named-port", SetType::HashIpPort.as_str(), &id);
+        self.local_named_port_set_named(protocol, port_name, name, endpoints)
+    }
+
+    fn local_named_port_set_named(
+        &mut self,
+        protocol: Protocol,
+        port_name: &str,
+        name: String,
+        endpoints: &BTreeMap<&str, &Endpoint>,
+    ) -> String {
         if !self.sets.contains_key(&name) {
             let mut set = IpSet::new(SetType::HashIpPort);
             for ep in endpoints.values() {
@@ -816,6 +835,10 @@ impl Renderer<'_> {
     /// `hash:ip,port` set of an egress named-port PeerSet.
     fn peer_port_set(&mut self, peer_set: &str) -> String {
         let name = names::set_name("peer-port", SetType::HashIpPort.as_str(), peer_set);
+        self.peer_port_set_named(peer_set, name)
+    }
+
+    fn peer_port_set_named(&mut self, peer_set: &str, name: String) -> String {
         if self.sets.contains_key(&name) {
             return name;
         }
@@ -873,7 +896,7 @@ fn hook(builtin: &'static str, target: &str) -> Hook {
     c.push(builtin, format!("-j {target}"), "canal policy");
     Hook {
         builtin,
-        rule: c.rules.remove(0),
+        rule: c.rules[0].clone(),
     }
 }
 

@@ -46,8 +46,8 @@ impl Rule {
 /// A filter chain and its rules, in order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Chain {
-    /// The rules.
-    pub rules: Vec<Rule>,
+    /// The rules (shared: an unchanged policy chain is reused between renders).
+    pub rules: Arc<Vec<Rule>>,
 }
 
 impl Chain {
@@ -57,7 +57,7 @@ impl Chain {
         let note = sanitize_note(note);
         let prev = self.rules.last().map_or("", |r| r.hash.as_str());
         let hash = short_hash(&format!("{chain_name}\n{prev}\n{note}\n{spec}"));
-        self.rules.push(Rule { hash, note, spec });
+        Arc::make_mut(&mut self.rules).push(Rule { hash, note, spec });
     }
 
     /// The rule hashes in order: what the kernel must show for the chain to be in sync.
@@ -188,7 +188,7 @@ impl Ruleset {
             let _ = writeln!(out, ":{name} - [0:0]");
         }
         for (name, chain) in &self.chains {
-            for rule in &chain.rules {
+            for rule in chain.rules.iter() {
                 let _ = writeln!(out, "-A {name} {}", rule.args());
             }
         }

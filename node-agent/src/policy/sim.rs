@@ -63,7 +63,7 @@ fn chain(r: &Ruleset, name: &str, p: &Packet, mark: &mut u32) -> Flow {
     let Some(c) = r.chains.get(name) else {
         panic!("jump to missing chain {name}");
     };
-    for rl in &c.rules {
+    for rl in c.rules.iter() {
         match rule(r, &rl.spec, p, mark) {
             Some(Flow::Return) => return Flow::Return,
             Some(f @ (Flow::Accept | Flow::Drop)) => return f,
