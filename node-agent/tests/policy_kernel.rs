@@ -610,7 +610,7 @@ async fn real_packets_follow_the_rendered_policy() {
     let _client_servers = serve(&client, &[80]);
     let run_dir = tempfile::tempdir().unwrap();
     let (mut e, _) = enforcer(&node, run_dir.path());
-    let (s, c, o, x) = (server.ip, client.ip, other.ip, stranger.ip);
+    let (s, c, x) = (server.ip, client.ip, stranger.ip);
     use Proto::{Tcp, Udp};
 
     // Phase 0: nobody isolated; the stranger's interface is unknown to the agent.
