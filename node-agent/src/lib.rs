@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod cni;
+pub mod policy;
 
 use std::time::Duration;
 
