@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod netns;
 pub mod nodes;
 pub mod overlay;
+pub mod policy;
 pub mod runfiles;
 
 use std::time::Duration;

@@ -1,6 +1,9 @@
 //! Test support: throwaway network namespaces (removed on drop, also when a
-//! test panics), unique names, `ip` helpers and condition waits.
+//! test panics), unique names, `ip` helpers and condition waits. The
+//! policy tests use [`netns`]; the overlay and CNI tests the helpers here.
 #![allow(dead_code)]
+
+pub mod netns;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
