@@ -7,8 +7,9 @@
 //! resync (10 s); an agent restart changes nothing in the kernel and an
 //! established TCP connection survives it; a Node deleted while the agents
 //! run, and one deleted while an agent is down, leave no route, neighbour or
-//! FDB entry behind. Node objects, podCIDRs and flannel annotations are
-//! written by the test, as canal-controller writes them.
+//! FDB entry behind. In the first test the Node objects, podCIDRs and
+//! flannel annotations are written by the test (exactly what canal-controller
+//! writes); the second runs the real canal-controller next to the agent.
 
 mod support;
 
@@ -486,4 +487,106 @@ async fn two_agents_connect_pods_repair_drift_survive_restarts_and_forget_delete
         eprintln!("{}", logs(&agents));
     }
     drop(agents);
+}
+
+/// The real canal-controller assigns subnets and writes the annotations of
+/// bare Nodes (as kubelets register them); the agent programs from that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_programs_what_the_real_controller_assigns() {
+    use clap::Parser;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start().await.expect("control plane");
+    let client = cp.client();
+    install::install_crds(&client).await.unwrap();
+    install::apply_default_network(
+        &client,
+        CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16"),
+    )
+    .await
+    .unwrap();
+    let controller = tokio::spawn(canal_controller::run(
+        canal_controller::cli::Args::parse_from([
+            "canal-controller",
+            "--kubeconfig",
+            cp.kubeconfig().to_str().unwrap(),
+            "--metrics-addr=127.0.0.1:0",
+            "--leader-elect=false",
+        ]),
+    ));
+
+    let ns = Netns::new("cak");
+    ns.ip(&["link", "add", "ul0", "type", "veth", "peer", "name", "ul0p"]);
+    ns.ip(&["addr", "add", "192.168.92.11/24", "dev", "ul0"]);
+    ns.ip(&["link", "set", "ul0", "up"]);
+    ns.ip(&["link", "set", "ul0p", "up"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "192.168.92.1",
+        "dev",
+        "ul0",
+    ]);
+    let api: Api<Node> = Api::all(client.clone());
+    for (name, ip) in [("real-a", "192.168.92.11"), ("real-b", "192.168.92.12")] {
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        api.create(&PostParams::default(), &node).await.unwrap();
+        api.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}]}}),
+            ),
+        )
+        .await
+        .unwrap();
+    }
+    let node = NodeNs {
+        name: "real-a".into(),
+        ip: "192.168.92.11".into(),
+        cidr: String::new(),
+        kubeconfig: kubeconfig_via(&cp, &ns, dir.path()),
+        run_dir: dir.path().join("run"),
+        data_dir: dir.path().join("data"),
+        ns,
+    };
+    let agent = node.start_agent(dir.path(), "1");
+
+    // The controller's allocation for real-b, as the agent must program it.
+    let mut peer = None;
+    for _ in 0..300 {
+        let b = api.get("real-b").await.unwrap();
+        let cidr = b.spec.and_then(|s| s.pod_cidr);
+        let has_annotations = b
+            .metadata
+            .annotations
+            .is_some_and(|a| a.contains_key(annotations::BACKEND_DATA));
+        if let (Some(cidr), true) = (cidr, has_annotations) {
+            peer = Some(cidr);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b_cidr = peer.expect("canal-controller assigned real-b a podCIDR and annotations");
+    let b_mac = annotations::format_mac(annotations::vtep_mac("real-b"));
+    wait_until("real-a programs real-b", Duration::from_secs(60), || {
+        has_peer(&node, (&b_cidr, &b_mac, "192.168.92.12"))
+            .map_err(|e| format!("{e}\n{}", agent.log_tail(30)))
+    });
+    let a = api.get("real-a").await.unwrap();
+    let a_cidr = a.spec.and_then(|s| s.pod_cidr).unwrap();
+    let network: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(node.run_dir.join("network.json")).unwrap()).unwrap();
+    assert_eq!(network["nodeSubnet"], a_cidr.as_str());
+    let link = node.ns.ip(&["-d", "link", "show", "flannel.1"]);
+    assert!(
+        link.contains(&format!(
+            "link/ether {}",
+            annotations::format_mac(annotations::vtep_mac("real-a"))
+        )),
+        "the device carries the MAC the controller published:\n{link}"
+    );
+    wait_until("agent ready", Duration::from_secs(20), || node.ready());
+    controller.abort();
 }
