@@ -175,14 +175,14 @@ async fn add(env: &CniEnv, stdin: &[u8]) -> Result<serde_json::Value, CniError> 
             return Err(dataplane_error(&conf, e));
         }
     };
-    wait_for_policy(&RunDir::new(&conf.run_dir), &host_if, conf.policy_wait());
+    wait_for_policy(&RunDir::new(&conf.run_dir), &host_if, conf.policy_wait()).await;
     Ok(result::add_result(&v, &wired, conf.legacy_result()))
 }
 
 /// The zero-leak handshake: while policy is enforced, wait (bounded) until
 /// the agent has programmed this interface's chains. Traffic of an unknown
 /// interface is dropped, so a timeout only delays the pod's first packet.
-fn wait_for_policy(run: &RunDir, host_if: &str, timeout: Duration) {
+async fn wait_for_policy(run: &RunDir, host_if: &str, timeout: Duration) {
     if !run.policy_enabled_file().exists() {
         return;
     }
@@ -196,7 +196,7 @@ fn wait_for_policy(run: &RunDir, host_if: &str, timeout: Duration) {
             );
             return;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
