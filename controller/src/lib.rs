@@ -3,6 +3,7 @@
 //! and PeerSets).
 
 pub mod cli;
+pub mod policy;
 
 use std::time::Duration;
 
