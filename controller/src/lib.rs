@@ -16,6 +16,9 @@ pub enum Error {
     /// The metrics/health endpoint failed.
     #[error(transparent)]
     Http(#[from] canal_runtime::http::Error),
+    /// The NetworkPolicy controller stopped.
+    #[error(transparent)]
+    Policy(#[from] policy::Error),
 }
 
 /// Runs the controller until SIGTERM/SIGINT.
@@ -26,12 +29,12 @@ pub async fn run(args: cli::Args) -> Result<(), Error> {
     let registry = prometheus::Registry::new();
     let health = canal_runtime::Health::new();
     let (addr, server) =
-        canal_runtime::http::bind(args.metrics_addr, registry, health.clone()).await?;
+        canal_runtime::http::bind(args.metrics_addr, registry.clone(), health.clone()).await?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-    let _ = client;
     health.set_ready(true);
     tokio::select! {
         r = server => r?,
+        r = policy::run(client, &registry, policy::Options::default()) => r?,
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
     }
     Ok(())

@@ -112,8 +112,38 @@ pub struct PolicyDef {
     /// The rules as the agents receive them (rules only for the directions
     /// the policy isolates).
     pub compiled: CompiledPolicy,
-    /// Every distinct PeerSet the rules reference, with its name.
-    pub peer_sets: Vec<(String, PeerKey)>,
+    /// Every distinct PeerSet the rules reference.
+    pub peer_sets: Vec<PeerRef>,
+}
+
+/// A PeerSet a policy references.
+#[derive(Clone, Debug)]
+pub struct PeerRef {
+    /// Object name (a hash of the canonical text).
+    pub name: String,
+    /// What it selects.
+    pub key: PeerKey,
+    /// Fingerprint of the canonical text (identifies `key`).
+    pub key_fp: u128,
+}
+
+/// Where in a policy something is, formatted only when reporting a problem.
+#[derive(Clone, Copy)]
+struct At {
+    section: &'static str,
+    rule: usize,
+    list: &'static str,
+    item: usize,
+}
+
+impl std::fmt::Display for At {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "spec.{}[{}].{}[{}]",
+            self.section, self.rule, self.list, self.item
+        )
+    }
 }
 
 /// Why a policy is skipped: every problem found, for the Event.
@@ -176,22 +206,26 @@ pub fn compile(interner: &mut Interner, np: &NetworkPolicy) -> Result<PolicyDef,
     };
     if ingress {
         for (n, rule) in ingress_rules.iter().enumerate() {
-            let at = format!("spec.ingress[{n}]");
-            if let Some(r) = c.rule(
-                &at,
-                "from",
-                rule.from.as_deref(),
-                rule.ports.as_deref(),
-                false,
-            ) {
+            let at = At {
+                section: "ingress",
+                rule: n,
+                list: "from",
+                item: 0,
+            };
+            if let Some(r) = c.rule(at, rule.from.as_deref(), rule.ports.as_deref(), false) {
                 compiled.ingress.push(r);
             }
         }
     }
     if egress {
         for (n, rule) in egress_rules.iter().enumerate() {
-            let at = format!("spec.egress[{n}]");
-            if let Some(r) = c.rule(&at, "to", rule.to.as_deref(), rule.ports.as_deref(), true) {
+            let at = At {
+                section: "egress",
+                rule: n,
+                list: "to",
+                item: 0,
+            };
+            if let Some(r) = c.rule(at, rule.to.as_deref(), rule.ports.as_deref(), true) {
                 compiled.egress.push(r);
             }
         }
@@ -215,14 +249,13 @@ struct Compiler<'a> {
     interner: &'a mut Interner,
     namespace: Sym,
     problems: Vec<String>,
-    peer_sets: Vec<(String, PeerKey)>,
+    peer_sets: Vec<PeerRef>,
 }
 
 impl Compiler<'_> {
     fn rule(
         &mut self,
-        at: &str,
-        peers_field: &str,
+        at: At,
         peers: Option<&[NetworkPolicyPeer]>,
         ports: Option<&[NetworkPolicyPort]>,
         egress: bool,
@@ -233,13 +266,18 @@ impl Compiler<'_> {
             Some(list) => Some(
                 list.iter()
                     .enumerate()
-                    .filter_map(|(n, p)| self.peer(&format!("{at}.{peers_field}[{n}]"), p))
+                    .filter_map(|(item, p)| self.peer(At { item, ..at }, p))
                     .collect::<Vec<_>>(),
             ),
         };
         let mut matches = Vec::new();
-        for (n, port) in ports.unwrap_or_default().iter().enumerate() {
-            if let Some(m) = self.port(&format!("{at}.ports[{n}]"), port, egress) {
+        for (item, port) in ports.unwrap_or_default().iter().enumerate() {
+            let at = At {
+                list: "ports",
+                item,
+                ..at
+            };
+            if let Some(m) = self.port(at, port, egress) {
                 matches.push(m);
             }
         }
@@ -249,7 +287,7 @@ impl Compiler<'_> {
         })
     }
 
-    fn peer(&mut self, at: &str, peer: &NetworkPolicyPeer) -> Option<Peer> {
+    fn peer(&mut self, at: At, peer: &NetworkPolicyPeer) -> Option<Peer> {
         if let Some(block) = &peer.ip_block {
             if peer.pod_selector.is_some() || peer.namespace_selector.is_some() {
                 self.problems.push(format!(
@@ -264,7 +302,7 @@ impl Compiler<'_> {
             Some(sel) => match Selector::parse(self.interner, sel) {
                 Ok(s) if s.is_everything() => None,
                 Ok(s) => Some(s),
-                Err(e) => return self.selector_problem(&format!("{at}.podSelector"), e),
+                Err(e) => return self.selector_problem(at, "podSelector", e),
             },
         };
         let scope = match &peer.namespace_selector {
@@ -277,7 +315,7 @@ impl Compiler<'_> {
             None => PeerScope::Namespace(self.namespace.clone()),
             Some(sel) => match Selector::parse(self.interner, sel) {
                 Ok(s) => PeerScope::Namespaces(s),
-                Err(e) => return self.selector_problem(&format!("{at}.namespaceSelector"), e),
+                Err(e) => return self.selector_problem(at, "namespaceSelector", e),
             },
         };
         let name = self.reference(PeerKey::Pods { scope, pods });
@@ -287,12 +325,12 @@ impl Compiler<'_> {
         })
     }
 
-    fn selector_problem(&mut self, at: &str, e: SelectorError) -> Option<Peer> {
-        self.problems.push(format!("{at}: {e}"));
+    fn selector_problem(&mut self, at: At, field: &str, e: SelectorError) -> Option<Peer> {
+        self.problems.push(format!("{at}.{field}: {e}"));
         None
     }
 
-    fn ip_block(&mut self, at: &str, cidr: &str, except: &[String]) -> Option<Peer> {
+    fn ip_block(&mut self, at: At, cidr: &str, except: &[String]) -> Option<Peer> {
         let net = match cidr.parse::<IpNet>() {
             Ok(n) => n.trunc(),
             Err(_) => {
@@ -325,7 +363,7 @@ impl Compiler<'_> {
         })
     }
 
-    fn port(&mut self, at: &str, port: &NetworkPolicyPort, egress: bool) -> Option<PortMatch> {
+    fn port(&mut self, at: At, port: &NetworkPolicyPort, egress: bool) -> Option<PortMatch> {
         let protocol = match port.protocol.as_deref() {
             None => Protocol::TCP,
             Some(p) => match Protocol::parse(p) {
@@ -394,11 +432,16 @@ impl Compiler<'_> {
 
     /// Records a PeerSet reference and returns its name.
     fn reference(&mut self, key: PeerKey) -> String {
-        if let Some((name, _)) = self.peer_sets.iter().find(|(_, k)| *k == key) {
-            return name.clone();
+        if let Some(r) = self.peer_sets.iter().find(|r| r.key == key) {
+            return r.name.clone();
         }
-        let name = peer_set_name(&key.canonical_text());
-        self.peer_sets.push((name.clone(), key));
+        let text = key.canonical_text();
+        let name = peer_set_name(&text);
+        self.peer_sets.push(PeerRef {
+            name: name.clone(),
+            key,
+            key_fp: super::fingerprint::of_str(&text),
+        });
         name
     }
 }
@@ -474,7 +517,7 @@ spec:
         let texts: Vec<String> = def
             .peer_sets
             .iter()
-            .map(|(_, k)| k.canonical_text())
+            .map(|r| r.key.canonical_text())
             .collect();
         assert_eq!(
             texts,
@@ -491,7 +534,7 @@ spec:
         assert_eq!(peers.len(), 6);
         assert_eq!(
             peers[0].peer_set.as_deref(),
-            Some(def.peer_sets[0].0.as_str())
+            Some(def.peer_sets[0].name.as_str())
         );
         assert_eq!(
             peers[5].ip_block,
@@ -540,11 +583,11 @@ spec:
             "one shared set per name and protocol"
         );
         assert_eq!(
-            def.peer_sets[0].1.canonical_text(),
+            def.peer_sets[0].key.canonical_text(),
             r#"namedPort;"dns"/udp"#
         );
         assert_eq!(
-            def.peer_sets[0].1.peer_selector().named_port,
+            def.peer_sets[0].key.peer_selector().named_port,
             Some(NamedPortRef {
                 name: "dns".into(),
                 protocol: Protocol::UDP

@@ -90,6 +90,26 @@ impl Fp {
     }
 }
 
+impl std::hash::Hasher for Fp {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    fn finish(&self) -> u64 {
+        // Only the 128-bit `Fp::finish` is used; this satisfies the trait.
+        self.0.digest128() as u64
+    }
+}
+
+/// Fingerprint of any value through its `Hash` impl (every field, by
+/// construction). Stable for one build of the controller; a new build may
+/// fingerprint differently, which costs one rewrite of each object.
+pub fn hashed<T: std::hash::Hash + ?Sized>(kind: &str, value: &T) -> Fingerprint {
+    let mut h = Fp::new(kind);
+    value.hash(&mut h);
+    Fp::finish(&h)
+}
+
 /// Fingerprint of a string on its own (a policy name in a list).
 pub fn of_str(s: &str) -> Fingerprint {
     xxh3_128(s.as_bytes())

@@ -33,7 +33,7 @@ use canal_crds::{CompiledPolicy, Endpoint, NamedPort, NodePolicySetSpec, PeerSet
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use smallvec::SmallVec;
 
-use super::compile::{self, PeerKey, PeerScope, PolicyDef};
+use super::compile::{self, PeerKey, PeerRef, PeerScope, PolicyDef};
 use super::fingerprint::{self, Fingerprint, Fp};
 use super::input::{NamespaceInfo, NodeInfo, PodInfo};
 use super::intern::{Interner, Sym};
@@ -73,7 +73,9 @@ struct Pod {
     named_ports: Box<[(Sym, Protocol, u16)]>,
     host_network: bool,
     finished: bool,
-    iface: [u8; 15],
+    /// Fingerprint of what the pod shows in its endpoint (name, IPs,
+    /// named ports), recomputed only when those change.
+    own_fp: Fingerprint,
     /// Groups selecting this pod, in canonical (selector text) order.
     groups: SmallVec<[GroupId; 4]>,
     /// Pod PeerSets this pod is a member of.
@@ -453,6 +455,7 @@ impl PolicyIndex {
                 p.node = node;
                 p.host_network = info.host_network;
                 p.finished = info.finished;
+                p.own_fp = pod_fp(&info.namespace, &p.name, &p.ips, &p.named_ports);
                 self.link_pod(id);
                 if let Some(n) = old_node {
                     self.maybe_forget_node(n);
@@ -460,7 +463,7 @@ impl PolicyIndex {
             }
             None => {
                 let name: Arc<str> = Arc::from(info.name);
-                let iface = iface_bytes(&info.namespace, &name);
+                let own_fp = pod_fp(&info.namespace, &name, &ips, &named_ports);
                 let id = self.pods.insert(Pod {
                     ns,
                     name: name.clone(),
@@ -470,7 +473,7 @@ impl PolicyIndex {
                     named_ports,
                     host_network: info.host_network,
                     finished: info.finished,
-                    iface,
+                    own_fp,
                     groups: SmallVec::new(),
                     sets: SmallVec::new(),
                 });
@@ -522,6 +525,7 @@ impl PolicyIndex {
         for (ns, name) in gone {
             self.delete_pod(&ns, &name);
         }
+        self.pods.reserve(all.len());
         for p in all {
             self.apply_pod(p);
         }
@@ -757,28 +761,10 @@ impl PolicyIndex {
 
     /// A NetworkPolicy was added or changed.
     pub fn apply_policy(&mut self, np: &NetworkPolicy) {
-        let namespace = np.metadata.namespace.clone().unwrap_or_default();
-        let name = np.metadata.name.clone().unwrap_or_default();
-        let full_name: Arc<str> = Arc::from(format!("{namespace}/{name}"));
+        let namespace = np.metadata.namespace.as_deref().unwrap_or_default();
+        let name = np.metadata.name.as_deref().unwrap_or_default();
         let result = compile::compile(&mut self.interner, np);
-        let id = match self.policy_by_name.get(&full_name) {
-            Some(&id) => id,
-            None => {
-                let ns = self.ns_id(&namespace);
-                self.namespaces[ns].policies += 1;
-                let id = self.policies.insert(Policy {
-                    ns,
-                    namespace,
-                    name,
-                    full_name: full_name.clone(),
-                    uid: None,
-                    active: None,
-                    problem: None,
-                });
-                self.policy_by_name.insert(full_name, id);
-                id
-            }
-        };
+        let id = self.policy_id(namespace, name);
         self.policies[id].uid = np.metadata.uid.clone();
         match result {
             Ok(def) => {
@@ -798,20 +784,43 @@ impl PolicyIndex {
                 let new = self.activate(id, def);
                 self.replace_active(id, Some(new));
             }
-            Err(invalid) => {
-                let message = invalid.to_string();
-                let p = &mut self.policies[id];
-                if p.problem.as_deref() != Some(message.as_str()) {
-                    p.problem = Some(message.clone());
-                    self.reports.push(PolicyReport {
-                        namespace: p.namespace.clone(),
-                        name: p.name.clone(),
-                        uid: p.uid.clone(),
-                        problem: Some(message),
-                        kept_previous: p.active.is_some(),
-                    });
-                }
-            }
+            Err(invalid) => self.record_problem(id, invalid.to_string()),
+        }
+    }
+
+    fn policy_id(&mut self, namespace: &str, name: &str) -> PolicyId {
+        let full_name: Arc<str> = Arc::from(format!("{namespace}/{name}"));
+        if let Some(&id) = self.policy_by_name.get(&full_name) {
+            return id;
+        }
+        let ns = self.ns_id(namespace);
+        self.namespaces[ns].policies += 1;
+        let id = self.policies.insert(Policy {
+            ns,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            full_name: full_name.clone(),
+            uid: None,
+            active: None,
+            problem: None,
+        });
+        self.policy_by_name.insert(full_name, id);
+        id
+    }
+
+    /// Reports a problem once (until it changes); the active version, if
+    /// any, stays in force.
+    fn record_problem(&mut self, id: PolicyId, message: String) {
+        let p = &mut self.policies[id];
+        if p.problem.as_deref() != Some(message.as_str()) {
+            p.problem = Some(message.clone());
+            self.reports.push(PolicyReport {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                uid: p.uid.clone(),
+                problem: Some(message),
+                kept_previous: p.active.is_some(),
+            });
         }
     }
 
@@ -828,9 +837,35 @@ impl PolicyIndex {
         self.maybe_forget_namespace(ns);
     }
 
+    /// A NetworkPolicy that cannot even be read (it does not decode): it is
+    /// reported like an invalid one, and a previous version stays in force.
+    pub fn apply_invalid_policy(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        uid: Option<String>,
+        problem: String,
+    ) {
+        let id = self.policy_id(namespace, name);
+        let p = &mut self.policies[id];
+        p.uid = uid;
+        self.record_problem(id, problem);
+    }
+
     /// The complete list of NetworkPolicies (after a watch (re)start).
     pub fn reset_policies(&mut self, all: Vec<NetworkPolicy>) {
-        let keep: HashSet<(&str, &str)> = all
+        self.reset_policies_keeping(all, Vec::new());
+    }
+
+    /// Like [`PolicyIndex::reset_policies`], also keeping the policies named
+    /// in `undecodable` (listed, but not readable; the caller re-applies them
+    /// with [`PolicyIndex::apply_invalid_policy`]).
+    pub fn reset_policies_keeping(
+        &mut self,
+        all: Vec<NetworkPolicy>,
+        undecodable: Vec<(String, String)>,
+    ) {
+        let mut keep: HashSet<(&str, &str)> = all
             .iter()
             .map(|p| {
                 (
@@ -839,6 +874,7 @@ impl PolicyIndex {
                 )
             })
             .collect();
+        keep.extend(undecodable.iter().map(|(n, m)| (n.as_str(), m.as_str())));
         let gone: Vec<(String, String)> = self
             .policies
             .iter()
@@ -849,6 +885,8 @@ impl PolicyIndex {
         for (ns, name) in gone {
             self.delete_policy(&ns, &name);
         }
+        self.policies.reserve(all.len());
+        self.policy_by_name.reserve(all.len());
         for p in &all {
             self.apply_policy(p);
         }
@@ -882,19 +920,16 @@ impl PolicyIndex {
             self.groups[group].policies.insert(pos, id);
         }
         let mut sets = Vec::with_capacity(def.peer_sets.len());
-        for (name, key) in def.peer_sets {
-            let s = match self.set_by_name.get(name.as_str()) {
+        for r in def.peer_sets {
+            let s = match self.set_by_name.get(r.name.as_str()) {
                 Some(&s) => s,
-                None => self.create_set(Arc::from(name), key),
+                None => self.create_set(r),
             };
             self.sets[s].refs += 1;
             sets.push(s);
         }
         let compiled = Arc::new(def.compiled);
-        let fp = Fp::new("policy")
-            .u64(u64::from(def.ingress) | (u64::from(def.egress) << 1))
-            .fp(fingerprint::content(&*compiled))
-            .finish();
+        let fp = fingerprint::hashed("policy", &(def.ingress, def.egress, &*compiled));
         self.group_changed(group);
         Active {
             group,
@@ -988,8 +1023,11 @@ impl PolicyIndex {
 
     // ----- PeerSets ---------------------------------------------------
 
-    fn create_set(&mut self, name: Arc<str>, key: PeerKey) -> SetId {
-        let selector_fp = fingerprint::content(&key.peer_selector());
+    fn create_set(&mut self, r: PeerRef) -> SetId {
+        let PeerRef { name, key, key_fp } = r;
+        let name: Arc<str> = Arc::from(name);
+        // The rendered selector is a function of the key.
+        let selector_fp = key_fp;
         let id = self.sets.insert(PeerSet {
             name: name.clone(),
             key: key.clone(),
@@ -1293,37 +1331,34 @@ impl PolicyIndex {
         groups
     }
 
+    /// Order-independent (sums over the endpoints and the distinct
+    /// groups), so no sorting by name is needed to compare.
     fn node_fp(&self, id: NodeId) -> Fingerprint {
         let node = &self.nodes[id];
-        let eps = self.sorted_endpoints(id);
-        let mut h = Fp::new("node");
-        h.opt_str(node.uid.as_deref()).u64(eps.len() as u64);
-        for &p in &eps {
-            h.fp(self.endpoint_fp(p));
+        let mut endpoints: Fingerprint = 0;
+        let mut groups: SmallVec<[GroupId; 16]> = SmallVec::new();
+        for &p in &node.pods {
+            endpoints = endpoints.wrapping_add(self.endpoint_fp(p));
+            groups.extend(self.pods[p].groups.iter().copied());
         }
-        let groups = self.node_groups(&eps);
-        h.u64(groups.len() as u64);
-        for g in groups {
-            h.fp(self.group_fp(g));
-        }
-        h.finish()
+        groups.sort_unstable();
+        groups.dedup();
+        let group_sum = groups.iter().fold(0 as Fingerprint, |acc, &g| {
+            acc.wrapping_add(self.group_fp(g))
+        });
+        Fp::new("node")
+            .opt_str(node.uid.as_deref())
+            .u64(node.pods.len() as u64)
+            .fp(endpoints)
+            .u64(groups.len() as u64)
+            .fp(group_sum)
+            .finish()
     }
 
     fn endpoint_fp(&self, id: PodId) -> Fingerprint {
         let p = &self.pods[id];
         let mut h = Fp::new("endpoint");
-        h.str(&self.namespaces[p.ns].name)
-            .str(&p.name)
-            .str(iface_str(&p.iface))
-            .u64(p.ips.len() as u64);
-        for ip in p.ips.iter() {
-            h.display(ip);
-        }
-        h.u64(p.named_ports.len() as u64);
-        for (name, protocol, port) in p.named_ports.iter() {
-            h.str(name).u64(*protocol as u64).u64(u64::from(*port));
-        }
-        h.u64(p.groups.len() as u64);
+        h.fp(p.own_fp).u64(p.groups.len() as u64);
         for &g in &p.groups {
             h.fp(self.group_fp(g));
         }
@@ -1367,7 +1402,7 @@ impl PolicyIndex {
             endpoints.push(Endpoint {
                 namespace: self.namespaces[p.ns].name.to_string(),
                 pod: p.name.to_string(),
-                interface: iface_str(&p.iface).to_string(),
+                interface: canal_crds::names::veth_name(&self.namespaces[p.ns].name, &p.name),
                 ips: p.ips.iter().map(|ip| ip.to_string()).collect(),
                 named_ports: p
                     .named_ports
@@ -1499,18 +1534,24 @@ fn span_remove(span: &mut HashMap<NodeId, u32>, node: NodeId) {
     }
 }
 
-fn iface_bytes(namespace: &str, pod: &str) -> [u8; 15] {
-    let name = canal_crds::names::veth_name(namespace, pod);
-    let mut out = [b'?'; 15];
-    for (o, b) in out.iter_mut().zip(name.bytes()) {
-        *o = b;
+/// Fingerprint of what a pod shows in its endpoint besides its policies
+/// (the interface name is a function of namespace and name).
+fn pod_fp(
+    namespace: &str,
+    name: &str,
+    ips: &[IpAddr],
+    named_ports: &[(Sym, Protocol, u16)],
+) -> Fingerprint {
+    let mut h = Fp::new("pod");
+    h.str(namespace).str(name).u64(ips.len() as u64);
+    for ip in ips {
+        h.display(ip);
     }
-    out
-}
-
-fn iface_str(iface: &[u8; 15]) -> &str {
-    // veth_name is always ASCII ("cali" + hex).
-    std::str::from_utf8(iface).unwrap_or("cali???????????")
+    h.u64(named_ports.len() as u64);
+    for (port_name, protocol, port) in named_ports {
+        h.str(port_name).u64(*protocol as u64).u64(u64::from(*port));
+    }
+    h.finish()
 }
 
 fn change_name(c: &Change) -> &str {

@@ -6,12 +6,17 @@
 //! feeds the index, and writes what changed.
 
 pub mod compile;
+pub mod controller;
 pub mod fingerprint;
 pub mod index;
 pub mod input;
 pub mod intern;
+pub mod metrics;
 pub mod selector;
 pub mod slab;
+pub mod summary;
+
+pub use controller::{Error, Options, run};
 
 #[cfg(test)]
 mod tests;

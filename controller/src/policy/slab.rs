@@ -85,6 +85,11 @@ impl<T> Slab<T> {
         }
     }
 
+    /// Makes room for `n` more values.
+    pub fn reserve(&mut self, n: usize) {
+        self.slots.reserve(n.saturating_sub(self.free.len()));
+    }
+
     /// Removes and returns the value at `id`.
     pub fn remove(&mut self, id: Id<T>) -> Option<T> {
         let v = self.slots.get_mut(id.index())?.take();
