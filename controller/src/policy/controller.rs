@@ -28,13 +28,14 @@ use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
 use prometheus::Registry;
+use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::fingerprint::{self, Fingerprint};
-use super::index::{Change, PolicyIndex, PolicyReport, RenderedNodePolicySet};
+use super::index::{Change, PolicyIndex, PolicyReport, RenderedNodePolicySet, RenderedPeerSet};
 use super::input::{NamespaceInfo, NodeInfo, PodInfo};
 use super::metrics::Metrics;
 use super::summary::{self, NodeStatus, PolicySummary};
@@ -57,6 +58,10 @@ pub struct Options {
     pub retry_backoff: Duration,
     /// Minimum time between two writes of the CanalNetwork summary.
     pub summary_interval: Duration,
+    /// Objects larger than this (serialized) are reported (a warning and
+    /// `canal_policy_errors_total{category="object_too_large"}`) before the
+    /// write is tried; etcd refuses requests over 1.5 MiB by default.
+    pub warn_object_bytes: usize,
 }
 
 impl Default for Options {
@@ -66,6 +71,7 @@ impl Default for Options {
             write_concurrency: 8,
             retry_backoff: Duration::from_millis(500),
             summary_interval: Duration::from_millis(500),
+            warn_object_bytes: 1_572_864,
         }
     }
 }
@@ -695,72 +701,80 @@ impl Controller {
     }
 
     async fn apply_peer_sets(&mut self, names: Vec<Arc<str>>) -> bool {
-        let api: Api<PeerSet> = Api::all(self.client.clone());
-        let pp = PatchParams::apply(FIELD_MANAGER).force();
-        let index = &self.index;
-        let results: Vec<WriteResult> = futures::stream::iter(names)
-            .map(|name| {
-                // Rendered just before its request: at most
-                // `write_concurrency` objects exist at once.
-                let rendered = index.render_peer_set(&name).map(|r| {
-                    let obj = peer_set_object(&name, r.spec, r.fingerprint);
-                    (obj, r.fingerprint)
-                });
-                let (api, pp) = (api.clone(), pp.clone());
-                async move {
-                    let result = match rendered {
-                        Some((obj, fp)) => api
-                            .patch(&name, &pp, &Patch::Apply(&obj))
-                            .await
-                            .map(|_| Some(fp)),
-                        None => Ok(None),
-                    };
-                    (name, result)
-                }
-            })
-            .buffer_unordered(self.options.write_concurrency.max(1))
-            .collect()
-            .await;
-        let mut ok = true;
-        for (name, result) in results {
-            match result {
-                Ok(Some(fp)) => {
-                    self.index.mark_peer_set_written(&name, Some(fp));
-                    self.metrics
-                        .objects_written
-                        .with_label_values(&["PeerSet", "apply"])
-                        .inc();
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    ok = false;
-                    warn!(peer_set = %name, error = %e, "applying PeerSet failed; will retry");
-                    self.metrics.errors.with_label_values(&["apply"]).inc();
-                    self.index.retry_peer_set(&name);
-                }
-            }
-        }
-        ok
+        self.apply_objects::<PeerSet>(
+            names,
+            |index, name| {
+                index
+                    .render_peer_set(name)
+                    .map(|r| encode_peer_set(name, r))
+            },
+            PolicyIndex::mark_peer_set_written,
+            PolicyIndex::retry_peer_set,
+        )
+        .await
     }
 
     async fn apply_node_policy_sets(&mut self, names: Vec<Arc<str>>) -> bool {
-        let api: Api<NodePolicySet> = Api::all(self.client.clone());
+        self.apply_objects::<NodePolicySet>(
+            names,
+            |index, name| {
+                index
+                    .render_node_policy_set(name)
+                    .map(|r| encode_node_policy_set(name, r))
+            },
+            PolicyIndex::mark_node_policy_set_written,
+            PolicyIndex::retry_node_policy_set,
+        )
+        .await
+    }
+
+    /// Server-side applies the named objects, `write_concurrency` at a time.
+    /// Each is rendered and encoded just before its request, so at most that
+    /// many exist at once however large the batch.
+    async fn apply_objects<K>(
+        &mut self,
+        names: Vec<Arc<str>>,
+        render: fn(&PolicyIndex, &str) -> Option<Result<Outgoing, serde_json::Error>>,
+        mark_written: fn(&mut PolicyIndex, &str, Option<Fingerprint>),
+        retry: fn(&mut PolicyIndex, &str),
+    ) -> bool
+    where
+        K: kube::Resource<Scope = kube::core::ClusterResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let kind = K::kind(&K::DynamicType::default()).to_string();
+        let api: Api<K> = Api::all(self.client.clone());
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         let index = &self.index;
+        let (metrics, limit) = (&self.metrics, self.options.warn_object_bytes);
         let results: Vec<WriteResult> = futures::stream::iter(names)
             .map(|name| {
-                let rendered = index.render_node_policy_set(&name).map(|r| {
-                    let fp = r.fingerprint;
-                    (node_policy_set_object(&name, r), fp)
-                });
+                let outgoing = render(index, &name);
+                if let Some(Ok(o)) = &outgoing
+                    && o.body.get().len() > limit
+                {
+                    warn!(
+                        kind = %kind,
+                        name = %name,
+                        bytes = o.body.get().len(),
+                        limit,
+                        "object is larger than etcd accepts by default (1.5 MiB); the write will likely fail"
+                    );
+                    metrics.errors.with_label_values(&["object_too_large"]).inc();
+                }
                 let (api, pp) = (api.clone(), pp.clone());
                 async move {
-                    let result = match rendered {
-                        Some((obj, fp)) => api
-                            .patch(&name, &pp, &Patch::Apply(&obj))
-                            .await
-                            .map(|_| Some(fp)),
+                    let result = match outgoing {
                         None => Ok(None),
+                        Some(Err(e)) => Err(WriteError::Encode(e)),
+                        Some(Ok(o)) => api
+                            .patch(&name, &pp, &Patch::Apply(&*o.body))
+                            .await
+                            .map(|_| Some(o.fingerprint))
+                            .map_err(WriteError::Api),
                     };
                     (name, result)
                 }
@@ -772,18 +786,18 @@ impl Controller {
         for (name, result) in results {
             match result {
                 Ok(Some(fp)) => {
-                    self.index.mark_node_policy_set_written(&name, Some(fp));
+                    mark_written(&mut self.index, &name, Some(fp));
                     self.metrics
                         .objects_written
-                        .with_label_values(&["NodePolicySet", "apply"])
+                        .with_label_values(&[kind.as_str(), "apply"])
                         .inc();
                 }
                 Ok(None) => {}
                 Err(e) => {
                     ok = false;
-                    warn!(node_policy_set = %name, error = %e, "applying NodePolicySet failed; will retry");
+                    warn!(kind = %kind, name = %name, error = %e, "applying failed; will retry");
                     self.metrics.errors.with_label_values(&["apply"]).inc();
-                    self.index.retry_node_policy_set(&name);
+                    retry(&mut self.index, &name);
                 }
             }
         }
@@ -964,36 +978,76 @@ const RESOURCES: [Resource; Resource::COUNT] = [
 
 /// An object name and the outcome of applying it (the fingerprint written,
 /// or None when there was nothing left to write).
-type WriteResult = (Arc<str>, Result<Option<Fingerprint>, kube::Error>);
+type WriteResult = (Arc<str>, Result<Option<Fingerprint>, WriteError>);
 
-fn managed_metadata(name: &str, fingerprint: Fingerprint, content: Fingerprint) -> ObjectMeta {
+/// Why one object could not be written.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    /// Building the request body failed.
+    #[error("encoding the object: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// The API server refused or could not be reached.
+    #[error(transparent)]
+    Api(kube::Error),
+}
+
+/// A server-side apply body, serialized once, and the desired-state
+/// fingerprint it carries.
+struct Outgoing {
+    body: Box<RawValue>,
+    fingerprint: Fingerprint,
+}
+
+/// Serializes the spec once: its hash (for the annotation) and the request
+/// body come from the same bytes.
+fn encode<S: serde::Serialize>(
+    kind: &str,
+    mut metadata: ObjectMeta,
+    spec: &S,
+    fingerprint: Fingerprint,
+) -> Result<Outgoing, serde_json::Error> {
+    let spec_json = serde_json::to_string(spec)?;
+    let content = fingerprint::of_bytes(spec_json.as_bytes());
+    metadata.annotations = Some(BTreeMap::from([(
+        fingerprint::ANNOTATION.to_string(),
+        fingerprint::annotation_value(fingerprint, content),
+    )]));
+    let metadata = serde_json::to_string(&metadata)?;
+    let body = format!(
+        r#"{{"apiVersion":"{}/{}","kind":"{kind}","metadata":{metadata},"spec":{spec_json}}}"#,
+        canal_crds::GROUP,
+        canal_crds::VERSION,
+    );
+    Ok(Outgoing {
+        body: RawValue::from_string(body)?,
+        fingerprint,
+    })
+}
+
+fn managed_metadata(name: &str) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.to_string()),
         labels: Some(BTreeMap::from([(
             MANAGED_BY_LABEL.to_string(),
             MANAGED_BY.to_string(),
         )])),
-        annotations: Some(BTreeMap::from([(
-            fingerprint::ANNOTATION.to_string(),
-            fingerprint::annotation_value(fingerprint, content),
-        )])),
         ..ObjectMeta::default()
     }
 }
 
-/// The PeerSet object to apply.
-pub fn peer_set_object(name: &str, spec: canal_crds::PeerSetSpec, fp: Fingerprint) -> PeerSet {
-    let mut obj = PeerSet::new(name, spec);
-    obj.metadata = managed_metadata(name, fp, fingerprint::content(&obj.spec));
-    obj
+/// The PeerSet to apply.
+fn encode_peer_set(name: &str, r: RenderedPeerSet) -> Result<Outgoing, serde_json::Error> {
+    encode("PeerSet", managed_metadata(name), &r.spec, r.fingerprint)
 }
 
-/// The NodePolicySet object to apply, owned by its Node.
-pub fn node_policy_set_object(name: &str, r: RenderedNodePolicySet) -> NodePolicySet {
-    let mut obj = NodePolicySet::new(name, r.spec);
-    obj.metadata = managed_metadata(name, r.fingerprint, fingerprint::content(&obj.spec));
+/// The NodePolicySet to apply, owned by its Node.
+fn encode_node_policy_set(
+    name: &str,
+    r: RenderedNodePolicySet,
+) -> Result<Outgoing, serde_json::Error> {
+    let mut metadata = managed_metadata(name);
     if let Some(uid) = r.node_uid {
-        obj.metadata.owner_references = Some(vec![OwnerReference {
+        metadata.owner_references = Some(vec![OwnerReference {
             api_version: "v1".into(),
             kind: "Node".into(),
             name: name.to_string(),
@@ -1002,7 +1056,7 @@ pub fn node_policy_set_object(name: &str, r: RenderedNodePolicySet) -> NodePolic
             block_owner_deletion: None,
         }]);
     }
-    obj
+    encode("NodePolicySet", metadata, &r.spec, r.fingerprint)
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -1014,4 +1068,55 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}...", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use canal_crds::{Endpoint, NodePolicySetSpec};
+
+    #[test]
+    fn encoded_objects_read_back_as_what_was_written() {
+        let spec = NodePolicySetSpec {
+            endpoints: vec![Endpoint {
+                namespace: "x".into(),
+                pod: "a".into(),
+                interface: "cali0123456789a".into(),
+                ips: vec!["10.0.0.1".into()],
+                ..Endpoint::default()
+            }],
+            policies: vec![],
+        };
+        let out = encode_node_policy_set(
+            "n1",
+            RenderedNodePolicySet {
+                spec,
+                node_uid: Some("u1".into()),
+                fingerprint: 42,
+            },
+        )
+        .unwrap();
+        let obj: NodePolicySet = serde_json::from_str(out.body.get()).unwrap();
+        assert_eq!(obj.name_any(), "n1");
+        assert_eq!(obj.labels()[MANAGED_BY_LABEL], MANAGED_BY);
+        assert_eq!(obj.owner_references()[0].uid, "u1");
+        let seen = ObservedNps::from_guard(&DeserializeGuard(Ok(obj.clone())));
+        assert_eq!(
+            seen.fingerprint,
+            Some(42),
+            "a watch reads back the fingerprint"
+        );
+        let mut edited = obj;
+        edited.spec.endpoints.clear();
+        let seen = ObservedNps::from_guard(&DeserializeGuard(Ok(edited)));
+        assert_eq!(seen.fingerprint, None, "an edited spec is unknown content");
+    }
+
+    #[test]
+    fn event_notes_are_cut_at_a_character_boundary() {
+        let long = "é".repeat(800);
+        let cut = truncate(&long, 1000);
+        assert!(cut.len() <= 1003 && cut.ends_with("..."));
+        assert_eq!(truncate("short", 1000), "short");
+    }
 }

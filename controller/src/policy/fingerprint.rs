@@ -150,10 +150,15 @@ fn encode_ip(ip: IpAddr, buf: &mut [u8]) -> usize {
 /// Hash of an object's spec exactly as serialized.
 pub fn content<T: Serialize>(spec: &T) -> Fingerprint {
     match serde_json::to_vec(spec) {
-        Ok(bytes) => xxh3_128(&bytes),
+        Ok(bytes) => of_bytes(&bytes),
         // Plain data always serializes; a failure just means "unknown".
         Err(_) => 0,
     }
+}
+
+/// Hash of serialized bytes (what [`content`] hashes).
+pub fn of_bytes(bytes: &[u8]) -> Fingerprint {
+    xxh3_128(bytes)
 }
 
 /// The annotation value: desired-state fingerprint and content hash.

@@ -609,31 +609,22 @@ fn namespace_labels_move_pods_in_and_out_of_namespace_selector_sets() {
 }
 
 #[test]
-fn pods_may_arrive_before_their_namespace_and_node() {
-    let w = upstream();
+fn objects_may_arrive_in_any_order() {
+    let mut w = upstream();
+    w.policies = vec![np(
+        "metadata: {namespace: x, name: p}\nspec: {podSelector: {}, ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}]}]}",
+    )];
+    // Pods and policies before their Namespaces and Nodes exist.
     let mut index = PolicyIndex::new();
     index.reset_pods(w.pods.clone());
-    index.reset_policies(vec![np(
-        "metadata: {namespace: x, name: p}\nspec: {podSelector: {}, ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}]}]}",
-    )]);
+    index.reset_policies(w.policies.clone());
     index.reset_namespaces(w.namespaces.clone());
     index.reset_nodes(w.nodes.clone());
     let mut store = Store::default();
     let changes = index.flush();
     store.apply(&mut index, &changes);
-    let m = mismatches(&w_with(&w, &index_policies()), &store);
+    let m = mismatches(&w, &store);
     assert!(m.is_empty(), "{}", m.join("\n"));
-}
-
-fn index_policies() -> Vec<NetworkPolicy> {
-    vec![np(
-        "metadata: {namespace: x, name: p}\nspec: {podSelector: {}, ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}]}]}",
-    )]
-}
-
-fn w_with(w: &World, policies: &[NetworkPolicy]) -> World {
-    World {
-        policies: policies.to_vec(),
-        ..w.clone()
-    }
+    assert_eq!(store.nps.len(), 2);
+    assert_eq!(store.ps.values().next().unwrap().0.ips.len(), 3, "y's pods");
 }
