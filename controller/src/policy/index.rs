@@ -24,7 +24,7 @@
 //!
 //! Everything is keyed by small slab ids; strings are interned. No I/O.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -146,8 +146,9 @@ struct PeerSet {
     key: PeerKey,
     selector_fp: Fingerprint,
     refs: u32,
-    /// Pod sets: member IPs with the number of pods holding each.
-    ips: HashMap<IpAddr, u32>,
+    /// Pod sets: member IPs with the number of pods holding each. Ordered:
+    /// no rehash pauses on big sets, and rendering needs no sort.
+    ips: BTreeMap<IpAddr, u32>,
     /// Sum of `fingerprint::ip_member` over the distinct IPs.
     sum: Fingerprint,
     dirty: bool,
@@ -157,7 +158,7 @@ struct PeerSet {
 /// declares, so a policy naming it finds its set ready.
 #[derive(Default)]
 struct PortMembers {
-    members: HashMap<(IpAddr, u16), u32>,
+    members: BTreeMap<(IpAddr, u16), u32>,
     sum: Fingerprint,
     set: Option<SetId>,
 }
@@ -1033,7 +1034,7 @@ impl PolicyIndex {
             key: key.clone(),
             selector_fp,
             refs: 0,
-            ips: HashMap::new(),
+            ips: BTreeMap::new(),
             sum: 0,
             dirty: false,
         });
@@ -1477,18 +1478,16 @@ impl PolicyIndex {
         };
         match &set.key {
             PeerKey::Pods { .. } => {
-                let mut ips: Vec<IpAddr> = set.ips.keys().copied().collect();
-                ips.sort_unstable();
+                let ips: Vec<IpAddr> = set.ips.keys().copied().collect();
                 spec.member_count = u32::try_from(ips.len()).unwrap_or(u32::MAX);
                 spec.ips = ips.into_iter().map(|ip| ip.to_string()).collect();
             }
             PeerKey::NamedPort { name, protocol } => {
-                let mut ports: Vec<(IpAddr, u16)> = self
+                let ports: Vec<(IpAddr, u16)> = self
                     .named_ports
                     .get(&(name.clone(), *protocol))
                     .map(|e| e.members.keys().copied().collect())
                     .unwrap_or_default();
-                ports.sort_unstable();
                 spec.member_count = u32::try_from(ports.len()).unwrap_or(u32::MAX);
                 spec.ports = ports
                     .into_iter()
