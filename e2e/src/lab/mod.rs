@@ -229,8 +229,10 @@ async fn up_steps(state: &StateDir, opts: &UpOptions, bin_dir: PathBuf) -> Resul
         let node = nodes::plan_node(state, &ctx.names, &names::default_node_name(i))?;
         create_node(&ctx, &node).await?;
     }
-    if opts.agents {
-        start_forwarder(&ctx)?;
+    // Always: agents run by hand (`ip netns exec`) use it too.
+    start_forwarder(&ctx)?;
+    for node in state.nodes()? {
+        forward::wait_listening(&node.netns, names::NODE_API_PORT, Duration::from_secs(15))?;
     }
     if opts.controller {
         let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
@@ -278,10 +280,8 @@ fn start_forwarder(ctx: &Context) -> Result<(), Error> {
     Ok(())
 }
 
-/// Waits for the forwarder inside the node, installs canal-cni and starts
-/// the agent.
+/// Installs canal-cni on the node and starts its agent.
 fn start_node_agent(ctx: &Context, node: &NodeRecord) -> Result<(), Error> {
-    forward::wait_listening(&node.netns, names::NODE_API_PORT, Duration::from_secs(15))?;
     nodes::install_cni(&ctx.lab, &ctx.state, node)?;
     nodes::start_agent(&ctx.lab, &ctx.state, node)?;
     Ok(())
@@ -445,6 +445,7 @@ async fn add_node_steps(
     let created = Instant::now();
     nodes::register(&ctx.client, node).await?;
     let deadline = created + timeout;
+    forward::wait_listening(&node.netns, names::NODE_API_PORT, Duration::from_secs(15))?;
     let mut routes_everywhere_after = None;
     if ctx.lab.agents {
         start_node_agent(ctx, node)?;
@@ -681,10 +682,14 @@ pub async fn status(ctx: &Context) -> Result<(String, bool), Error> {
             ),
         );
     }
-    if ctx.lab.agents {
-        let alive = process::live_pid(&ctx.state.pid_file("forwarder"), "canal-lab").is_some();
-        line(alive, "API forwarder".into());
-    }
+    let alive = process::live_pid(&ctx.state.pid_file("forwarder"), "canal-lab").is_some();
+    line(
+        alive,
+        format!(
+            "API forwarder (https://127.0.0.1:{} in every node namespace)",
+            names::NODE_API_PORT
+        ),
+    );
     let api: Api<Node> = Api::all(ctx.client.clone());
     for node in ctx.state.nodes()? {
         let cidr = api
