@@ -51,6 +51,11 @@ use crate::binaries::Binaries;
 use crate::control_plane;
 use crate::{Error, install, process};
 
+/// Namespaces of the NetworkPolicy conformance model.
+pub const CONFORMANCE_NAMESPACES: [&str; 3] = ["x", "y", "z"];
+/// Pods in each conformance namespace.
+pub const CONFORMANCE_PODS: [&str; 3] = ["a", "b", "c"];
+
 /// The pod network the lab's CanalNetwork uses.
 pub const LAB_CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// How long `up` and `node add` wait for the network to be programmed.
@@ -851,6 +856,34 @@ impl Lab {
     /// Adds several pods concurrently.
     pub async fn add_pods(&self, all: Vec<PodOptions>) -> Result<Vec<PodRecord>, Error> {
         futures::future::try_join_all(all.into_iter().map(|o| pods::add(&self.ctx, o))).await
+    }
+
+    /// The upstream NetworkPolicy e2e model: namespaces `x`, `y`, `z`
+    /// (label `ns=<name>`), pods `a`, `b`, `c` in each (label `pod=<name>`)
+    /// serving TCP and UDP 80 and 81 with the `serve-*` port names, spread
+    /// round-robin over the nodes (x/a on the first node, x/b on the second,
+    /// ...). Returns the pods sorted by `namespace/name`.
+    pub async fn add_conformance_pods(&self) -> Result<Vec<PodRecord>, Error> {
+        let nodes = self.nodes()?;
+        if nodes.is_empty() {
+            return Err(Error::Lab("the lab has no nodes".into()));
+        }
+        let mut specs = Vec::new();
+        for (i, (ns, pod)) in CONFORMANCE_NAMESPACES
+            .iter()
+            .flat_map(|ns| CONFORMANCE_PODS.iter().map(move |p| (*ns, *p)))
+            .enumerate()
+        {
+            specs.push(
+                PodOptions::new(ns, pod, &nodes[i % nodes.len()].name).label("pod", pod),
+            );
+        }
+        for ns in CONFORMANCE_NAMESPACES {
+            self.namespace(ns, &[("ns", ns)]).await?;
+        }
+        let mut pods = self.add_pods(specs).await?;
+        pods.sort_by_key(PodRecord::key);
+        Ok(pods)
     }
 
     /// Deletes a pod (`namespace/name`).

@@ -107,3 +107,10 @@ pub fn ptp_conflist(subnet: &str, data_dir: &Path) -> String {
     })
     .to_string()
 }
+
+/// Serialises the tests of one binary that each bring a full lab up: the
+/// machine has few cores, and labs in parallel only make each slower.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
