@@ -105,7 +105,11 @@ async fn three_nodes_nine_pods_full_mesh_and_masqueraded_internet() {
                 .probe(&pod.key(), "internet", 80, protocol)
                 .await
                 .unwrap();
-            assert!(outcome.connected, "{} -> internet {protocol}: {outcome:?}", pod.key());
+            assert!(
+                outcome.connected,
+                "{} -> internet {protocol}: {outcome:?}",
+                pod.key()
+            );
             assert_eq!(
                 outcome.seen_source.map(|s| s.ip()),
                 Some(IpAddr::V4(node.address)),
@@ -164,7 +168,11 @@ async fn a_deleted_node_disappears_from_every_other_node() {
                     &mac,
                     gone.address,
                 );
-                if left.is_empty() { Ok(()) } else { Err(left.join("\n")) }
+                if left.is_empty() {
+                    Ok(())
+                } else {
+                    Err(left.join("\n"))
+                }
             },
         )
         .await;
@@ -239,7 +247,11 @@ async fn a_route_deleted_by_hand_is_repaired() {
         "node-1's route to node-2 coming back",
         Duration::from_secs(10),
         || async {
-            match lab.kernel("node-1").map_err(|e| e.to_string())?.route_to(cidr) {
+            match lab
+                .kernel("node-1")
+                .map_err(|e| e.to_string())?
+                .route_to(cidr)
+            {
                 Some(_) => Ok(()),
                 None => Err("no route yet".to_string()),
             }

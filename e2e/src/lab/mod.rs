@@ -874,9 +874,7 @@ impl Lab {
             .flat_map(|ns| CONFORMANCE_PODS.iter().map(move |p| (*ns, *p)))
             .enumerate()
         {
-            specs.push(
-                PodOptions::new(ns, pod, &nodes[i % nodes.len()].name).label("pod", pod),
-            );
+            specs.push(PodOptions::new(ns, pod, &nodes[i % nodes.len()].name).label("pod", pod));
         }
         for ns in CONFORMANCE_NAMESPACES {
             self.namespace(ns, &[("ns", ns)]).await?;
@@ -935,6 +933,24 @@ impl Lab {
             DEFAULT_PROBE_TIMEOUT,
         )
         .await
+    }
+
+    /// Probes `to` from `from` with a timeout of its own.
+    pub async fn probe_with_timeout(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        protocol: Protocol,
+        timeout: Duration,
+    ) -> Result<ProbeOutcome, Error> {
+        let target: Target = to.parse()?;
+        probe(&self.ctx, from, &target, port, protocol, timeout).await
+    }
+
+    /// Probes every pod pair with the given options.
+    pub async fn matrix_with(&self, opts: &MatrixOptions) -> Result<MatrixRun, Error> {
+        run_matrix(&self.ctx, opts).await
     }
 
     /// Probes every pod pair.
@@ -997,6 +1013,25 @@ impl Lab {
     /// Starts a node's agent again.
     pub fn start_agent(&self, node: &str) -> Result<(), Error> {
         nodes::start_agent(&self.ctx.lab, &self.ctx.state, &self.node(node)?).map(|_| ())
+    }
+
+    /// Stops canal-controller (SIGTERM, 5 s grace); false when it was not running.
+    pub fn stop_controller(&self) -> bool {
+        process::stop_pid_file(
+            &self.ctx.state.pid_file("controller"),
+            "canal-controller",
+            Duration::from_secs(5),
+        )
+    }
+
+    /// Starts canal-controller again on its metrics address.
+    pub fn start_controller(&self) -> Result<(), Error> {
+        let metrics = self
+            .ctx
+            .lab
+            .controller_metrics
+            .ok_or_else(|| Error::Lab("this lab runs without the controller".into()))?;
+        nodes::start_controller(&self.ctx.state, &self.ctx.lab.bin_dir, metrics).map(|_| ())
     }
 
     /// The agent's log so far.
