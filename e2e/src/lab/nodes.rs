@@ -222,7 +222,7 @@ pub async fn register(client: &Client, node: &NodeRecord) -> Result<(), Error> {
             "labels": {
                 "kubernetes.io/hostname": node.name,
                 "kubernetes.io/os": "linux",
-                "kubernetes.io/arch": std::env::consts::ARCH,
+                "kubernetes.io/arch": goarch(),
             },
         },
     }))
@@ -256,7 +256,7 @@ pub async fn register(client: &Client, node: &NodeRecord) -> Result<(), Error> {
                 "kubeletVersion": crate::binaries::KUBERNETES_VERSION,
                 "kubeProxyVersion": "",
                 "operatingSystem": "linux",
-                "architecture": std::env::consts::ARCH,
+                "architecture": goarch(),
             },
         }
     });
@@ -264,6 +264,17 @@ pub async fn register(client: &Client, node: &NodeRecord) -> Result<(), Error> {
         .await
         .map_err(|e| Error::Kube(format!("writing the status of Node {}", node.name), e))?;
     Ok(())
+}
+
+/// The architecture as Kubernetes names it (Go's GOARCH).
+fn goarch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
 }
 
 /// Deletes the Node object (a missing one is fine).
