@@ -10,7 +10,16 @@ fn help_lists_the_flags() {
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--kubeconfig", "--metrics-addr", "--log-level"] {
+    for flag in [
+        "--kubeconfig",
+        "--metrics-addr",
+        "--log-level",
+        "--log-format",
+        "--leader-elect",
+        "--lease-namespace",
+        "--lease-name",
+        "--identity",
+    ] {
         assert!(text.contains(flag), "--help lacks {flag}:\n{text}");
     }
 }

@@ -1,0 +1,179 @@
+//! The slice of a Node the controller needs, kept instead of the whole
+//! object: a real Node carries image lists, conditions and managedFields
+//! worth kilobytes, and the controller holds every Node of the cluster.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnet::{IpNet, Ipv4Net};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+
+/// What the controller knows about one Node.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeView {
+    /// metadata.name.
+    pub name: String,
+    /// metadata.uid, for Events.
+    pub uid: Option<String>,
+    /// metadata.resourceVersion.
+    pub resource_version: Option<String>,
+    /// metadata.creationTimestamp: waiting Nodes are served oldest first.
+    pub created: Option<Timestamp>,
+    /// metadata.deletionTimestamp is set.
+    pub deleting: bool,
+    /// spec.podCIDR as stored.
+    pub pod_cidr: Option<String>,
+    /// spec.podCIDRs as stored.
+    pub pod_cidrs: Vec<String>,
+    /// The first IPv4 InternalIP in status.addresses.
+    pub internal_ip: Option<Ipv4Addr>,
+    /// The Node's flannel annotations (`flannel.alpha.coreos.com/*` only).
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// The Node's pod subnet as the controller reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodCidr {
+    /// spec.podCIDR(s) unset: the Node waits for an allocation.
+    Unset,
+    /// The IPv4 pod subnet.
+    V4(Ipv4Net),
+    /// Set, but unusable: the value and why.
+    Invalid { value: String, reason: String },
+}
+
+impl NodeView {
+    /// Extracts the view from a Node.
+    pub fn from_node(node: &Node) -> NodeView {
+        let meta = &node.metadata;
+        let spec = node.spec.as_ref();
+        let annotations = meta
+            .annotations
+            .iter()
+            .flatten()
+            .filter(|(k, _)| k.starts_with(canal_crds::annotations::PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let internal_ip = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .and_then(|addrs| {
+                addrs
+                    .iter()
+                    .filter(|a| a.type_ == "InternalIP")
+                    .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
+            });
+        NodeView {
+            name: meta.name.clone().unwrap_or_default(),
+            uid: meta.uid.clone(),
+            resource_version: meta.resource_version.clone(),
+            created: meta.creation_timestamp.as_ref().map(|t| t.0),
+            deleting: meta.deletion_timestamp.is_some(),
+            pod_cidr: spec
+                .and_then(|s| s.pod_cidr.clone())
+                .filter(|s| !s.is_empty()),
+            pod_cidrs: spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default(),
+            internal_ip,
+            annotations,
+        }
+    }
+
+    /// The pod subnet, as flannel's kube subnet manager reads it: the first
+    /// IPv4 entry of spec.podCIDRs, else spec.podCIDR.
+    pub fn pod_subnet(&self) -> PodCidr {
+        let entries: Vec<&String> = if self.pod_cidrs.is_empty() {
+            self.pod_cidr.iter().collect()
+        } else {
+            self.pod_cidrs.iter().collect()
+        };
+        if entries.is_empty() {
+            return PodCidr::Unset;
+        }
+        let shown = entries
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        for entry in &entries {
+            match entry.parse::<IpNet>() {
+                Ok(IpNet::V4(net)) if net.trunc() == net => return PodCidr::V4(net),
+                Ok(IpNet::V4(net)) => {
+                    return PodCidr::Invalid {
+                        value: shown,
+                        reason: format!("{net} has host bits set (network is {})", net.trunc()),
+                    };
+                }
+                Ok(IpNet::V6(_)) => continue,
+                Err(_) => {
+                    return PodCidr::Invalid {
+                        value: shown,
+                        reason: format!("{entry:?} is not a CIDR"),
+                    };
+                }
+            }
+        }
+        PodCidr::Invalid {
+            value: shown,
+            reason: "no IPv4 entry (canal's overlay is IPv4)".into(),
+        }
+    }
+
+    /// Sort key that serves waiting Nodes oldest first.
+    pub fn age_key(&self) -> (Option<Timestamp>, String) {
+        (self.created, self.name.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(v: serde_json::Value) -> NodeView {
+        NodeView::from_node(&serde_json::from_value(v).unwrap())
+    }
+
+    #[test]
+    fn extracts_what_the_controller_needs() {
+        let v = node(json!({
+            "metadata": {"name": "n1", "uid": "u", "resourceVersion": "7",
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+                "annotations": {"flannel.alpha.coreos.com/public-ip": "1.2.3.4", "other": "x"}},
+            "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]},
+            "status": {"addresses": [
+                {"type": "Hostname", "address": "n1"},
+                {"type": "InternalIP", "address": "fd00::1"},
+                {"type": "InternalIP", "address": "192.168.1.10"}]}
+        }));
+        assert_eq!(v.name, "n1");
+        assert_eq!(v.internal_ip, Some("192.168.1.10".parse().unwrap()));
+        assert_eq!(v.annotations.len(), 1, "only flannel keys are kept");
+        assert_eq!(
+            v.pod_subnet(),
+            PodCidr::V4("10.244.1.0/24".parse().unwrap())
+        );
+        assert!(v.created.is_some());
+    }
+
+    #[test]
+    fn reads_pod_subnets_like_flannel() {
+        let mut v = NodeView::default();
+        assert_eq!(v.pod_subnet(), PodCidr::Unset);
+        v.pod_cidr = Some("10.0.0.0/24".into());
+        assert_eq!(v.pod_subnet(), PodCidr::V4("10.0.0.0/24".parse().unwrap()));
+        v.pod_cidrs = vec!["fd00::/64".into(), "10.0.1.0/24".into()];
+        assert_eq!(v.pod_subnet(), PodCidr::V4("10.0.1.0/24".parse().unwrap()));
+        v.pod_cidrs = vec!["fd00::/64".into()];
+        assert!(
+            matches!(v.pod_subnet(), PodCidr::Invalid { reason, .. } if reason.contains("IPv4"))
+        );
+        v.pod_cidrs = vec!["10.0.1.7/24".into()];
+        assert!(
+            matches!(v.pod_subnet(), PodCidr::Invalid { reason, .. } if reason.contains("host bits"))
+        );
+        v.pod_cidrs = vec!["garbage".into()];
+        assert!(matches!(v.pod_subnet(), PodCidr::Invalid { .. }));
+    }
+}

@@ -1,0 +1,237 @@
+//! What the controller writes on a Node: its pod subnet and flannel's VTEP
+//! annotations, derived from the Node and the network config. Pure.
+//!
+//! The write is a server-side apply under one field manager, so it always
+//! carries every field the controller owns: a field left out of an apply is
+//! a field given up (and deleted when nobody else owns it). spec.podCIDR is
+//! immutable once set, so when the Node already has one the apply repeats it
+//! verbatim (co-owning an equal value never conflicts) and never tries to
+//! change it.
+
+use std::collections::BTreeMap;
+
+use canal_crds::NetworkConfig;
+use canal_crds::annotations::{self, BackendData};
+use ipnet::Ipv4Net;
+use serde_json::json;
+
+use crate::node_view::NodeView;
+
+/// Everything the controller owns on one Node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeApply {
+    /// The Node.
+    pub name: String,
+    /// spec.podCIDR.
+    pub pod_cidr: String,
+    /// spec.podCIDRs.
+    pub pod_cidrs: Vec<String>,
+    /// flannel's annotations.
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// The annotation value flannel publishes as the node's public IP: the
+/// `public-ip-overwrite` annotation when non-empty, else the InternalIP.
+pub fn public_ip(node: &NodeView) -> Option<String> {
+    node.annotations
+        .get(annotations::PUBLIC_IP_OVERWRITE)
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .or_else(|| node.internal_ip.map(|ip| ip.to_string()))
+}
+
+/// flannel's annotations for `node` under `config`. `public-ip` is left out
+/// while the Node reports no InternalIP (agents skip such a peer).
+pub fn desired_annotations(node: &NodeView, config: &NetworkConfig) -> BTreeMap<String, String> {
+    let data = BackendData {
+        vni: config.vni,
+        vtep_mac: annotations::format_mac(annotations::vtep_mac(&node.name)),
+    };
+    let mut out = BTreeMap::new();
+    out.insert(
+        annotations::BACKEND_TYPE.to_string(),
+        config.backend.as_str().to_string(),
+    );
+    // Serializing a struct of a u32 and a String cannot fail.
+    out.insert(
+        annotations::BACKEND_DATA.to_string(),
+        serde_json::to_string(&data).unwrap_or_default(),
+    );
+    out.insert(
+        annotations::KUBE_SUBNET_MANAGER.to_string(),
+        "true".to_string(),
+    );
+    if let Some(ip) = public_ip(node) {
+        out.insert(annotations::PUBLIC_IP.to_string(), ip);
+    }
+    out
+}
+
+/// The complete apply for `node` holding `subnet`.
+pub fn desired(node: &NodeView, subnet: Ipv4Net, config: &NetworkConfig) -> NodeApply {
+    let (pod_cidr, pod_cidrs) = match &node.pod_cidr {
+        // Immutable once set: repeat what is stored.
+        Some(existing) => {
+            let list = if node.pod_cidrs.is_empty() {
+                vec![existing.clone()]
+            } else {
+                node.pod_cidrs.clone()
+            };
+            (existing.clone(), list)
+        }
+        None => (subnet.to_string(), vec![subnet.to_string()]),
+    };
+    NodeApply {
+        name: node.name.clone(),
+        pod_cidr,
+        pod_cidrs,
+        annotations: desired_annotations(node, config),
+    }
+}
+
+/// True when the Node already shows everything in `apply`, so no write is needed.
+pub fn is_current(node: &NodeView, apply: &NodeApply) -> bool {
+    node.pod_cidr.as_deref() == Some(apply.pod_cidr.as_str())
+        && node.pod_cidrs == apply.pod_cidrs
+        && apply
+            .annotations
+            .iter()
+            .all(|(k, v)| node.annotations.get(k) == Some(v))
+}
+
+/// True when the Node has never been published to the overlay by a
+/// kube subnet manager (used to tell an adoption from a routine update).
+pub fn is_unpublished(node: &NodeView) -> bool {
+    node.annotations
+        .get(annotations::KUBE_SUBNET_MANAGER)
+        .is_none_or(|v| v != "true")
+}
+
+/// The server-side apply body for `apply`.
+pub fn apply_body(apply: &NodeApply) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": apply.name, "annotations": apply.annotations},
+        "spec": {"podCIDR": apply.pod_cidr, "podCIDRs": apply.pod_cidrs},
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use canal_crds::{BackendType, CanalNetworkSpec};
+
+    fn config() -> NetworkConfig {
+        CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16")
+            .validate()
+            .unwrap()
+    }
+
+    fn node(name: &str) -> NodeView {
+        NodeView {
+            name: name.into(),
+            internal_ip: Some("192.168.7.3".parse().unwrap()),
+            ..Default::default()
+        }
+    }
+
+    fn subnet() -> Ipv4Net {
+        "10.244.3.0/24".parse().unwrap()
+    }
+
+    #[test]
+    fn derives_flannel_annotations() {
+        let n = node("worker-1");
+        let a = desired(&n, subnet(), &config());
+        let mac = annotations::format_mac(annotations::vtep_mac("worker-1"));
+        assert_eq!(a.pod_cidr, "10.244.3.0/24");
+        assert_eq!(a.pod_cidrs, vec!["10.244.3.0/24"]);
+        assert_eq!(a.annotations[annotations::BACKEND_TYPE], "vxlan");
+        assert_eq!(
+            a.annotations[annotations::BACKEND_DATA],
+            format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#)
+        );
+        assert_eq!(a.annotations[annotations::PUBLIC_IP], "192.168.7.3");
+        assert_eq!(a.annotations[annotations::KUBE_SUBNET_MANAGER], "true");
+        assert_eq!(a.annotations.len(), 4);
+    }
+
+    #[test]
+    fn public_ip_overwrite_wins_when_non_empty() {
+        let mut n = node("n");
+        n.annotations
+            .insert(annotations::PUBLIC_IP_OVERWRITE.into(), " ".into());
+        assert_eq!(public_ip(&n).as_deref(), Some("192.168.7.3"));
+        n.annotations.insert(
+            annotations::PUBLIC_IP_OVERWRITE.into(),
+            "203.0.113.9".into(),
+        );
+        assert_eq!(public_ip(&n).as_deref(), Some("203.0.113.9"));
+        n.internal_ip = None;
+        n.annotations.clear();
+        assert_eq!(public_ip(&n), None);
+        assert!(!desired_annotations(&n, &config()).contains_key(annotations::PUBLIC_IP));
+    }
+
+    #[test]
+    fn config_changes_reach_the_annotations() {
+        let n = node("n");
+        let mut cfg = config();
+        cfg.vni = 42;
+        cfg.backend = BackendType::HostGw;
+        let a = desired_annotations(&n, &cfg);
+        assert!(a[annotations::BACKEND_DATA].starts_with(r#"{"VNI":42,"#));
+        assert_eq!(a[annotations::BACKEND_TYPE], "host-gw");
+        // Fields the agents read from the CanalNetwork itself do not churn Nodes.
+        let mut other = config();
+        other.port = 4789;
+        other.mtu = Some(1400);
+        other.masquerade = false;
+        assert_eq!(
+            desired_annotations(&n, &other),
+            desired_annotations(&n, &config())
+        );
+    }
+
+    #[test]
+    fn an_existing_pod_cidr_is_repeated_verbatim() {
+        let mut n = node("n");
+        n.pod_cidr = Some("10.244.9.0/24".into());
+        n.pod_cidrs = vec!["10.244.9.0/24".into(), "fd00:9::/64".into()];
+        let a = desired(&n, "10.244.9.0/24".parse().unwrap(), &config());
+        assert_eq!(a.pod_cidr, "10.244.9.0/24");
+        assert_eq!(a.pod_cidrs, n.pod_cidrs);
+    }
+
+    #[test]
+    fn writes_only_when_something_differs() {
+        let mut n = node("n");
+        let a = desired(&n, subnet(), &config());
+        assert!(!is_current(&n, &a));
+        assert!(is_unpublished(&n));
+        n.pod_cidr = Some(a.pod_cidr.clone());
+        n.pod_cidrs = a.pod_cidrs.clone();
+        n.annotations = a.annotations.clone();
+        assert!(is_current(&n, &desired(&n, subnet(), &config())));
+        assert!(!is_unpublished(&n));
+        // Unrelated flannel keys on the Node do not matter.
+        n.annotations
+            .insert(annotations::PUBLIC_IP_OVERWRITE.into(), String::new());
+        assert!(is_current(&n, &desired(&n, subnet(), &config())));
+        n.internal_ip = Some("192.168.7.4".parse().unwrap());
+        assert!(!is_current(&n, &desired(&n, subnet(), &config())));
+    }
+
+    #[test]
+    fn apply_body_is_a_node_apply_patch() {
+        let body = apply_body(&desired(&node("n"), subnet(), &config()));
+        assert_eq!(body["kind"], "Node");
+        assert_eq!(body["spec"]["podCIDRs"][0], "10.244.3.0/24");
+        assert_eq!(
+            body["metadata"]["annotations"][annotations::KUBE_SUBNET_MANAGER],
+            "true"
+        );
+    }
+}
