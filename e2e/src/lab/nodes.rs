@@ -384,15 +384,6 @@ pub fn http_get(netns_name: Option<&str>, port: u16, path: &str) -> Result<Strin
     result.map_err(|e| Error::Io(shown, e))
 }
 
-/// Whether canal-controller supports a flag (the lab runs what is built).
-pub fn controller_supports(bin: &Path, flag: &str) -> bool {
-    Command::new(bin)
-        .arg("--help")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
-        .unwrap_or(false)
-}
-
 /// Starts canal-controller in the root namespace with the admin kubeconfig.
 pub fn start_controller(
     state: &StateDir,
@@ -408,9 +399,7 @@ pub fn start_controller(
         .arg("--log-level")
         .arg("info");
     // One replica: no Lease to wait for after a restart.
-    if controller_supports(&bin, "--leader-elect") {
-        cmd.arg("--leader-elect=false");
-    }
+    cmd.arg("--leader-elect=false");
     process::spawn_detached(
         "canal-controller",
         cmd,
