@@ -22,16 +22,19 @@ pub struct Binaries {
     pub kubectl: PathBuf,
 }
 
-/// The cache directory for one Kubernetes version:
-/// `$CANAL_CACHE_DIR`, else `$XDG_CACHE_HOME/canal`, else `~/.cache/canal`,
-/// then `k8s-<version>`.
-pub fn cache_dir() -> PathBuf {
-    let base = std::env::var_os("CANAL_CACHE_DIR")
+/// Where build.sh caches tools: `$CANAL_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/canal`, else `~/.cache/canal`.
+pub fn cache_base() -> PathBuf {
+    std::env::var_os("CANAL_CACHE_DIR")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("canal")))
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/canal")))
-        .unwrap_or_else(|| PathBuf::from("/var/cache/canal"));
-    base.join(format!("k8s-{KUBERNETES_VERSION}"))
+        .unwrap_or_else(|| PathBuf::from("/var/cache/canal"))
+}
+
+/// The cache directory of the control-plane binaries: `<cache>/k8s-<version>`.
+pub fn cache_dir() -> PathBuf {
+    cache_base().join(format!("k8s-{KUBERNETES_VERSION}"))
 }
 
 /// The build script in the source tree.

@@ -6,6 +6,7 @@
 pub mod binaries;
 pub mod certs;
 pub mod control_plane;
+pub mod helm;
 pub mod install;
 pub mod lab;
 pub mod process;

@@ -10,7 +10,14 @@ fn help_lists_the_flags() {
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--node-name", "--kubeconfig", "--metrics-addr", "--run-dir"] {
+    for flag in [
+        "--node-name",
+        "--kubeconfig",
+        "--metrics-addr",
+        "--run-dir",
+        "--resync-interval",
+        "--set-network-unavailable",
+    ] {
         assert!(text.contains(flag), "--help lacks {flag}:\n{text}");
     }
 }

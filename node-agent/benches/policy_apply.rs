@@ -1,0 +1,472 @@
+//! Benchmark of policy enforcement at node scale: render and apply ~20,000
+//! rules and 100,000 set members into a fresh network namespace (cold), then
+//! 100 incremental changes, compared in the same run with a plain
+//! `iptables-restore` (+ `ipset restore`) of the same text and with one
+//! `iptables` exec per rule. Prints its figures; needs root.
+//!
+//! `cargo bench -p canal-agent --bench policy_apply` (env BENCH_RUNS=3,
+//! BENCH_CHANGES=100, BENCH_EXECS=1000 adjust the effort).
+
+#[path = "../tests/support/netns.rs"]
+mod netns;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use canal_agent::policy::{
+    EnforcementConfig, Exec, PolicyEnforcer, PolicyInputs, PolicyMetrics, render,
+};
+use canal_crds::{
+    CompiledPolicy, Endpoint, NodePolicySetSpec, Peer, PeerSelector, PeerSetSpec, PortMatch,
+    Protocol, Rule,
+};
+use netns::Netns;
+
+const ENDPOINTS: usize = 100;
+const POLICIES: usize = 400;
+const PEER_SETS: usize = 200;
+const MEMBERS_PER_SET: usize = 500;
+const PEERS_PER_RULE: usize = 23;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn iface(i: usize) -> String {
+    format!("cali{i:011x}")
+}
+
+fn peer_set(i: usize) -> PeerSetSpec {
+    let ips: Vec<String> = (0..MEMBERS_PER_SET)
+        .map(|j| {
+            let n = i * MEMBERS_PER_SET + j;
+            format!("10.{}.{}.{}", 64 + n / 65536, (n / 256) % 256, n % 256)
+        })
+        .collect();
+    PeerSetSpec {
+        selector: PeerSelector::default(),
+        member_count: ips.len() as u32,
+        ips,
+        ports: vec![],
+    }
+}
+
+fn policy(p: usize, tcp_ports: &[u16]) -> CompiledPolicy {
+    let peers = (0..PEERS_PER_RULE)
+        .map(|k| Peer {
+            peer_set: Some(format!("ps-{}", (p * 7 + k) % PEER_SETS)),
+            ip_block: None,
+        })
+        .collect();
+    let mut ports: Vec<PortMatch> = tcp_ports
+        .iter()
+        .map(|&port| PortMatch {
+            protocol: Protocol::TCP,
+            port: Some(port),
+            end_port: None,
+            named_port: None,
+            named_port_set: None,
+        })
+        .collect();
+    ports.push(PortMatch {
+        protocol: Protocol::UDP,
+        port: Some(5000),
+        end_port: Some(5100),
+        named_port: None,
+        named_port_set: None,
+    });
+    CompiledPolicy {
+        name: format!("ns-{}/policy-{p}", p % 50),
+        ingress: vec![Rule {
+            peers: Some(peers),
+            ports,
+        }],
+        egress: vec![],
+    }
+}
+
+fn endpoint(i: usize) -> Endpoint {
+    Endpoint {
+        namespace: format!("ns-{}", i % 50),
+        pod: format!("pod-{i}"),
+        interface: iface(i),
+        ips: vec![format!("10.244.1.{}", i + 2)],
+        named_ports: vec![],
+        ingress_policies: (0..4)
+            .map(|k| policy_name((i * 4 + k) % POLICIES))
+            .collect(),
+        egress_policies: vec![policy_name(i % POLICIES)],
+    }
+}
+
+fn policy_name(p: usize) -> String {
+    format!("ns-{}/policy-{p}", p % 50)
+}
+
+fn inputs() -> PolicyInputs {
+    PolicyInputs {
+        config: EnforcementConfig::default(),
+        generation: Some(1),
+        spec: NodePolicySetSpec {
+            endpoints: (0..ENDPOINTS).map(endpoint).collect(),
+            policies: (0..POLICIES).map(|p| policy(p, &[80, 443, 8080])).collect(),
+        },
+        peer_sets: (0..PEER_SETS)
+            .map(|i| (format!("ps-{i}"), peer_set(i)))
+            .collect(),
+    }
+}
+
+fn restore(ns: &Netns, program: &str, args: &[&str], text: &str) -> Duration {
+    use std::io::Write;
+    let start = Instant::now();
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", ns.path.display()))
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "{program} failed");
+    start.elapsed()
+}
+
+/// Entering the namespace (`nsenter`, as the enforcer does) costs a little;
+/// measure it to subtract it from the baselines.
+fn netns_exec_overhead(ns: &Netns) -> Duration {
+    let mut samples: Vec<Duration> = (0..10)
+        .map(|_| {
+            let start = Instant::now();
+            let ok = Command::new("nsenter")
+                .arg(format!("--net={}", ns.path.display()))
+                .arg("true")
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+            start.elapsed()
+        })
+        .collect();
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+/// CPU time (user + system) of this process and its waited-for children.
+fn cpu_time() -> Duration {
+    let get = |who| {
+        // SAFETY: getrusage fills the struct we pass.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(who, &mut u) };
+        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        tv(u.ru_utime) + tv(u.ru_stime)
+    };
+    get(libc::RUSAGE_SELF) + get(libc::RUSAGE_CHILDREN)
+}
+
+fn pct(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    let idx = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[idx]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    if !netns::can_run() {
+        eprintln!("policy_apply bench needs root with iptables and ipset; skipped");
+        return;
+    }
+    // `cargo bench` passes --bench; nothing to parse.
+    let runs = env_usize("BENCH_RUNS", 3);
+    let changes = env_usize("BENCH_CHANGES", 100);
+    let execs = env_usize("BENCH_EXECS", 1000);
+
+    let base = inputs();
+    let t = Instant::now();
+    let rendered = render(&base);
+    let render_time = t.elapsed();
+    let r = &rendered.ruleset;
+    let ipt_text = r.iptables_restore_text();
+    let ipset_text = r.ipset_restore_text();
+    println!("policy_apply benchmark");
+    if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
+        println!("  machine load average at start: {}", load.trim());
+    }
+    println!(
+        "  workload: {ENDPOINTS} endpoints, {POLICIES} policies, {PEER_SETS} PeerSets x {MEMBERS_PER_SET} members"
+    );
+    println!(
+        "  rendered: {} rules in {} chains, {} sets, {} members ({} KiB iptables text, {} KiB ipset text), render {}",
+        r.rule_count(),
+        r.chains.len(),
+        r.sets.len(),
+        r.member_count(),
+        ipt_text.len() / 1024,
+        ipset_text.len() / 1024,
+        ms(render_time)
+    );
+
+    // Rust-side costs of one sync at this size (no kernel involved).
+    {
+        let mut times: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
+        for _ in 0..10 {
+            let t = Instant::now();
+            let rr = render(&base).ruleset;
+            times.entry("render").or_default().push(t.elapsed());
+            let t = Instant::now();
+            let k = canal_agent::policy::KernelState::from_ruleset(&rr);
+            times
+                .entry("state from ruleset")
+                .or_default()
+                .push(t.elapsed());
+            let t = Instant::now();
+            let p = canal_agent::policy::plan(&k, &rr);
+            times
+                .entry("diff (no change)")
+                .or_default()
+                .push(t.elapsed());
+            assert!(p.is_empty());
+        }
+        println!("  rust-side, per sync at this size (median of 10):");
+        for (what, mut v) in times {
+            println!("    {what:<20} {}", ms(pct(&mut v, 0.5)));
+        }
+    }
+
+    // Cold: canal's enforcer vs. the plain tools on the same text, interleaved runs.
+    let mut cold = Vec::new();
+    let mut plain_ipt = Vec::new();
+    let mut plain_both = Vec::new();
+    let mut overheads = Vec::new();
+    for _ in 0..runs {
+        let ns = Netns::new("pa-bench");
+        let run_dir = tempfile::tempdir().unwrap();
+        let mut e = PolicyEnforcer::new(run_dir.path(), PolicyMetrics::unregistered().unwrap())
+            .with_exec(Exec::in_netns(&ns.path).unwrap());
+        let start = Instant::now();
+        let s = e.sync(&base).await.unwrap();
+        cold.push(start.elapsed());
+        assert!(s.applied && s.warnings.is_empty());
+        drop(ns);
+
+        let ns = Netns::new("pa-bench");
+        let overhead = netns_exec_overhead(&ns);
+        overheads.push(overhead);
+        let a = restore(&ns, "ipset", &["restore"], &ipset_text).saturating_sub(overhead);
+        let b =
+            restore(&ns, "iptables-restore", &["--noflush"], &ipt_text).saturating_sub(overhead);
+        plain_ipt.push(b);
+        plain_both.push(a + b);
+    }
+    let cold_med = pct(&mut cold, 0.5);
+    let ipt_med = pct(&mut plain_ipt, 0.5);
+    let both_med = pct(&mut plain_both, 0.5);
+    println!("\ncold apply into a fresh netns (median of {runs}):");
+    println!(
+        "  canal enforcer sync (read empty state, render, diff, ipset + iptables restore): {}",
+        ms(cold_med)
+    );
+    println!(
+        "  plain ipset restore + iptables-restore of the same text:                    {}",
+        ms(both_med)
+    );
+    println!(
+        "  plain iptables-restore alone:                                               {}",
+        ms(ipt_med)
+    );
+    println!(
+        "  enforcer vs plain (ipset + iptables): {:+.1}%   (nsenter overhead {} subtracted from the plain runs)",
+        (cold_med.as_secs_f64() / both_med.as_secs_f64() - 1.0) * 100.0,
+        ms(pct(&mut overheads, 0.5))
+    );
+
+    // One exec per rule: a subset, into an empty table and on top of the full one.
+    let ns = Netns::new("pa-bench");
+    restore(&ns, "ipset", &["restore"], &ipset_text);
+    let mut declare = String::from("*filter\n");
+    for name in r.chains.keys() {
+        declare.push_str(&format!(":{name} - [0:0]\n"));
+    }
+    declare.push_str("COMMIT\n");
+    restore(&ns, "iptables-restore", &["--noflush"], &declare);
+    let lines: Vec<Vec<String>> = r
+        .chains
+        .iter()
+        .flat_map(|(n, c)| {
+            c.rules.iter().map(move |rl| {
+                let mut args = vec!["-w".to_string(), "-A".into(), n.clone()];
+                args.extend(["-m", "comment", "--comment"].map(String::from));
+                args.push(rl.comment());
+                args.extend(rl.spec.split_whitespace().map(String::from));
+                args
+            })
+        })
+        .take(execs)
+        .collect();
+    let exec_rules = |ns: &Netns| {
+        let start = Instant::now();
+        for args in &lines {
+            let ok = Command::new("nsenter")
+                .arg(format!("--net={}", ns.path.display()))
+                .arg("iptables")
+                .args(args)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "{args:?}");
+        }
+        start.elapsed()
+    };
+    // Not net of the exec overhead: paying it per rule is the point of this baseline.
+    let empty_execs = exec_rules(&ns);
+    drop(ns);
+    let ns = Netns::new("pa-bench");
+    restore(&ns, "ipset", &["restore"], &ipset_text);
+    restore(&ns, "iptables-restore", &["--noflush"], &ipt_text);
+    let full_execs = exec_rules(&ns);
+    drop(ns);
+    let per_empty = empty_execs / lines.len() as u32;
+    let per_full = full_execs / lines.len() as u32;
+    let total = r.rule_count() as u32;
+    println!(
+        "\none `iptables -A` exec per rule ({} execs timed, extrapolated to {total} rules):",
+        lines.len()
+    );
+    println!(
+        "  first {} rules into an empty table: {} per rule -> ~{:.1} s for all (lower bound)",
+        lines.len(),
+        ms(per_empty),
+        (per_empty * total).as_secs_f64()
+    );
+    println!(
+        "  {} more rules on top of the full table: {} per rule -> ~{:.1} s for all (upper bound)",
+        lines.len(),
+        ms(per_full),
+        (per_full * total).as_secs_f64()
+    );
+
+    // Incremental changes on top of the full ruleset.
+    let ns = Netns::new("pa-bench");
+    let run_dir = tempfile::tempdir().unwrap();
+    let metrics = PolicyMetrics::unregistered().unwrap();
+    let mut e = PolicyEnforcer::new(run_dir.path(), metrics.clone())
+        .with_exec(Exec::in_netns(&ns.path).unwrap());
+    let mut cur = base.clone();
+    e.sync(&cur).await.unwrap();
+    let mut noop = Vec::new();
+    let mut noop_render = Vec::new();
+    for _ in 0..20 {
+        let s = e.sync(&cur).await.unwrap();
+        assert!(!s.applied);
+        noop.push(s.duration);
+        noop_render.push(s.render_time);
+    }
+    let mut by_kind: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
+    let mut all = Vec::new();
+    let mut tools = Vec::new();
+    let mut renders = Vec::new();
+    let mut cpus = Vec::new();
+    for i in 0..changes {
+        let kind = match i % 4 {
+            0 => {
+                // A pod elsewhere comes: one PeerSet member.
+                let ps = cur
+                    .peer_sets
+                    .get_mut(&format!("ps-{}", i % PEER_SETS))
+                    .unwrap();
+                ps.ips.push(format!("10.200.{}.{}", i / 256, i % 256));
+                "peer set member added"
+            }
+            1 => {
+                // That pod goes again.
+                let ps = cur
+                    .peer_sets
+                    .get_mut(&format!("ps-{}", (i - 1) % PEER_SETS))
+                    .unwrap();
+                ps.ips.pop();
+                "peer set member removed"
+            }
+            2 => {
+                // A policy's ports change: one policy chain.
+                let p = i % POLICIES;
+                cur.spec.policies[p] = policy(p, &[80, 443, 8080, 9000 + i as u16]);
+                "policy rule changed"
+            }
+            _ => {
+                // A local pod is replaced: endpoint chains + dispatch.
+                let slot = i % ENDPOINTS;
+                let mut ep = endpoint(slot);
+                ep.interface = format!("cali{:011x}", 0xf000_0000usize + i);
+                ep.pod = format!("pod-new-{i}");
+                cur.spec.endpoints[slot] = ep;
+                "pod replaced"
+            }
+        };
+        let cpu0 = cpu_time();
+        let s = e.sync(&cur).await.unwrap();
+        cpus.push(cpu_time() - cpu0);
+        assert!(s.applied && !s.full, "{s:?}");
+        by_kind.entry(kind).or_default().push(s.duration);
+        all.push(s.duration);
+        tools.push(s.restore_time);
+        renders.push(s.render_time);
+    }
+    let drift_start = Instant::now();
+    let d = e.check_drift().await.unwrap().unwrap();
+    let drift = drift_start.elapsed();
+    assert!(!d.applied);
+    drop(ns);
+
+    println!("\nincremental sync on top of the full ruleset ({changes} changes):");
+    println!(
+        "  all changes:    p50 {}  p99 {}  max {}",
+        ms(pct(&mut all, 0.5)),
+        ms(pct(&mut all, 0.99)),
+        ms(pct(&mut all, 1.0))
+    );
+    for (kind, mut v) in by_kind {
+        println!(
+            "  {kind:<24} p50 {}  p99 {}  (n={})",
+            ms(pct(&mut v, 0.5)),
+            ms(pct(&mut v, 0.99)),
+            v.len()
+        );
+    }
+    println!(
+        "  CPU time (agent + tools, what an idle machine would wait): p50 {}  p99 {}",
+        ms(pct(&mut cpus, 0.5)),
+        ms(pct(&mut cpus, 0.99))
+    );
+    println!(
+        "  of which rendering:     p50 {}  p99 {}",
+        ms(pct(&mut renders, 0.5)),
+        ms(pct(&mut renders, 0.99))
+    );
+    println!(
+        "  of which restore tools: p50 {}  p99 {}",
+        ms(pct(&mut tools, 0.5)),
+        ms(pct(&mut tools, 0.99))
+    );
+    println!(
+        "  no-op resync:   p50 {}, of which rendering {}  (no restore executed)",
+        ms(pct(&mut noop, 0.5)),
+        ms(pct(&mut noop_render, 0.5))
+    );
+    println!(
+        "  drift check (iptables-save + ipset save + diff, nothing to repair): {}",
+        ms(drift)
+    );
+}

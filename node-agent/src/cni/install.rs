@@ -1,0 +1,136 @@
+//! `canal-cni install`: what the chart's init container runs. Copies the
+//! running binary into the CNI bin directory and writes the conflist
+//! (canal-cni, then portmap as canal.yaml chains them), both atomically, so
+//! the container runtime never sees a half-written file.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::runfiles::{RunFileError, write_atomic};
+
+/// The name of the network in the conflist (Calico's, as in canal.yaml).
+pub const NETWORK_NAME: &str = "k8s-pod-network";
+/// The plugin type (= the binary's name in the CNI bin directory).
+pub const PLUGIN_TYPE: &str = "canal-cni";
+
+/// Options of `canal-cni install`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstallOptions {
+    /// Where the runtime looks for plugins (`/opt/cni/bin`).
+    pub cni_bin_dir: PathBuf,
+    /// Where the runtime looks for network configurations (`/etc/cni/net.d`).
+    pub cni_conf_dir: PathBuf,
+    /// canal-agent's run directory.
+    pub run_dir: PathBuf,
+    /// IPAM state directory.
+    pub data_dir: PathBuf,
+    /// File name of the conflist.
+    pub conflist_name: String,
+    /// MTU for pods; 0 = canal-agent's.
+    pub mtu: u32,
+}
+
+/// Installation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The running binary could not be read.
+    #[error("reading the canal-cni binary {path}: {source}")]
+    ReadSelf {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file could not be written.
+    #[error(transparent)]
+    Write(#[from] RunFileError),
+}
+
+/// The conflist document. Pure.
+pub fn conflist(opts: &InstallOptions) -> Value {
+    json!({
+        "name": NETWORK_NAME,
+        "cniVersion": "1.0.0",
+        "plugins": [
+            {
+                "type": PLUGIN_TYPE,
+                "runDir": opts.run_dir,
+                "dataDir": opts.data_dir,
+                "mtu": opts.mtu,
+                "policyWaitSeconds": super::config::DEFAULT_POLICY_WAIT_SECONDS,
+            },
+            {"type": "portmap", "snat": true, "capabilities": {"portMappings": true}},
+        ],
+    })
+}
+
+/// Installs `binary` (normally the running executable) and the conflist.
+/// Returns the two paths written.
+pub fn install(opts: &InstallOptions, binary: &Path) -> Result<(PathBuf, PathBuf), InstallError> {
+    let bytes = std::fs::read(binary).map_err(|source| InstallError::ReadSelf {
+        path: binary.to_path_buf(),
+        source,
+    })?;
+    let bin = opts.cni_bin_dir.join(PLUGIN_TYPE);
+    write_atomic(&bin, &bytes, 0o755)?;
+    let conf = opts.cni_conf_dir.join(&opts.conflist_name);
+    let mut text = serde_json::to_vec_pretty(&conflist(opts)).unwrap_or_default();
+    text.push(b'\n');
+    write_atomic(&conf, &text, 0o600)?;
+    Ok((bin, conf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(root: &Path) -> InstallOptions {
+        InstallOptions {
+            cni_bin_dir: root.join("bin"),
+            cni_conf_dir: root.join("net.d"),
+            run_dir: "/run/canal".into(),
+            data_dir: "/var/lib/cni/canal".into(),
+            conflist_name: "10-canal.conflist".into(),
+            mtu: 0,
+        }
+    }
+
+    #[test]
+    fn conflist_chains_canal_then_portmap() {
+        let doc = conflist(&opts(Path::new("/x")));
+        assert_eq!(
+            doc,
+            json!({
+                "name": "k8s-pod-network",
+                "cniVersion": "1.0.0",
+                "plugins": [
+                    {"type": "canal-cni", "runDir": "/run/canal", "dataDir": "/var/lib/cni/canal", "mtu": 0, "policyWaitSeconds": 10.0},
+                    {"type": "portmap", "snat": true, "capabilities": {"portMappings": true}},
+                ],
+            })
+        );
+        // The canal-cni entry, completed as a runtime does, is a valid config.
+        let mut plugin = doc["plugins"][0].clone();
+        plugin["name"] = doc["name"].clone();
+        plugin["cniVersion"] = doc["cniVersion"].clone();
+        crate::cni::config::NetConf::parse(plugin.to_string().as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn installs_binary_and_conflist() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("canal-cni-build");
+        std::fs::write(&fake, b"#!/bin/true\n").unwrap();
+        let (bin, conf) = install(&opts(dir.path()), &fake).unwrap();
+        assert_eq!(std::fs::read(&bin).unwrap(), b"#!/bin/true\n");
+        assert_eq!(
+            std::fs::metadata(&bin).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        let doc: Value = serde_json::from_slice(&std::fs::read(&conf).unwrap()).unwrap();
+        assert_eq!(doc["plugins"][1]["type"], "portmap");
+        // Idempotent.
+        install(&opts(dir.path()), &fake).unwrap();
+    }
+}

@@ -1,0 +1,713 @@
+//! The overlay's I/O shell: dumps the kernel's links, addresses, routes,
+//! neighbours and FDB into a [`Snapshot`], and applies a [`Plan`] with
+//! rtnetlink. Requests of one phase are pipelined on the one netlink socket
+//! (many in flight), never one process exec per object.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::{StreamExt, TryStreamExt, stream};
+use ipnet::Ipv4Net;
+use netlink_packet_route::AddressFamily;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+
+use super::diff::{Kind, LinkOp, Plan};
+use super::model::{Dev, FdbEntry, Mac, Neighbour, ObservedFdb, ObservedRoute, Route, VxlanAttrs};
+use super::snapshot::{
+    AddrInfo, FdbInfo, LinkInfo, MAIN_TABLE, NeighInfo, ROUTE_PROTOCOL, RouteInfo, Snapshot,
+};
+
+/// How many requests of one phase are in flight at once.
+const PIPELINE: usize = 128;
+const ENOENT: i32 = 2;
+const ESRCH: i32 = 3;
+const EADDRNOTAVAIL: i32 = 99;
+
+/// A netlink request failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{step} {object}: {source}")]
+pub struct NetlinkError {
+    /// What was being done ("dumping routes", "replacing route", ...).
+    pub step: &'static str,
+    /// The object it concerned.
+    pub object: String,
+    /// What kind of object (bounded metric label).
+    pub category: Category,
+    /// The kernel's answer.
+    #[source]
+    pub source: rtnetlink::Error,
+}
+
+/// Bounded error categories for metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Category {
+    /// A dump failed.
+    Dump,
+    /// A change of this kind failed.
+    Change(Kind),
+}
+
+impl Category {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::Dump => "dump",
+            Category::Change(kind) => kind.as_str(),
+        }
+    }
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
+        _ => None,
+    }
+}
+
+/// Deleting something already gone is success.
+fn gone_is_ok(r: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Error> {
+    match r {
+        Err(e) if matches!(errno(&e), Some(ENOENT | ESRCH | EADDRNOTAVAIL)) => Ok(()),
+        other => other,
+    }
+}
+
+/// What applying a plan did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Changes that failed (the rest were applied).
+    pub errors: Vec<NetlinkError>,
+}
+
+/// The overlay's netlink client.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Wraps a connection (see [`crate::netns`]).
+    pub fn new(handle: Handle) -> Netlink {
+        Netlink { handle }
+    }
+
+    /// The underlying handle.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Dumps what the overlay needs to decide: all links, IPv4 addresses,
+    /// main-table IPv4 routes, IPv4 neighbours and bridge FDB entries.
+    pub async fn snapshot(&self) -> Result<Snapshot, NetlinkError> {
+        let dump_err = |step: &'static str| {
+            move |source| NetlinkError {
+                step,
+                object: String::new(),
+                category: Category::Dump,
+                source,
+            }
+        };
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(dump_err("dumping links"))?;
+        let addresses: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(dump_err("dumping addresses"))?;
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(dump_err("dumping routes"))?;
+        let neighbours: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(dump_err("dumping neighbours"))?;
+        let fdb: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(dump_err("dumping the bridge FDB"))?;
+        Ok(Snapshot {
+            links: links.iter().map(parse_link).collect(),
+            addresses: addresses.iter().filter_map(parse_address).collect(),
+            routes: routes.iter().filter_map(parse_route).collect(),
+            neighbours: neighbours.iter().filter_map(parse_neighbour).collect(),
+            fdb: fdb.iter().filter_map(parse_fdb).collect(),
+        })
+    }
+
+    /// ifindex of the link named `name`, if it exists.
+    pub async fn link_index(&self, name: &str) -> Result<Option<u32>, NetlinkError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(link) => Ok(link.map(|l| l.header.index)),
+            Err(e) if matches!(errno(&e), Some(19)) => Ok(None), // ENODEV
+            Err(source) => Err(NetlinkError {
+                step: "looking up link",
+                object: name.to_string(),
+                category: Category::Dump,
+                source,
+            }),
+        }
+    }
+
+    /// Applies `plan`: device changes in order (a failure there stops the
+    /// sync: nothing else can be programmed without the device), then the
+    /// route/neighbour/FDB phases, each pipelined. A failed entry does not
+    /// stop the others; the next sync retries what is still missing.
+    pub async fn apply(
+        &self,
+        plan: &Plan,
+        device: Option<&str>,
+        underlay_index: u32,
+    ) -> Result<Applied, NetlinkError> {
+        let mut device_index = match device {
+            Some(name) => self.link_index(name).await?,
+            None => None,
+        };
+        for op in &plan.links {
+            self.apply_link_op(op, device_index).await?;
+            if matches!(op, LinkOp::Create(_) | LinkOp::Delete { .. }) {
+                device_index = match device {
+                    Some(name) => self.link_index(name).await?,
+                    None => None,
+                };
+            }
+        }
+        let mut applied = Applied::default();
+        let oif = |dev: Dev| match dev {
+            Dev::Overlay => device_index,
+            Dev::Underlay => Some(underlay_index),
+        };
+        let missing_device = |object: String, kind: Kind| NetlinkError {
+            step: "programming",
+            object: format!("{object} (the VXLAN device does not exist)"),
+            category: Category::Change(kind),
+            source: rtnetlink::Error::RequestFailed,
+        };
+
+        // Phase 1: routes out.
+        let results = self
+            .run_all(plan.route_deletes.iter().map(|r| {
+                let this = self.clone();
+                let r = *r;
+                let index = oif(r.route.dev);
+                async move {
+                    let Some(index) = index else {
+                        return Ok(()); // the device and its routes are gone
+                    };
+                    this.delete_route(r, index).await
+                }
+            }))
+            .await;
+        applied.errors.extend(results);
+
+        // Phase 2: neighbours and FDB out.
+        if let Some(index) = device_index {
+            let neighs = plan.neighbour_deletes.iter().map(|ip| {
+                let this = self.clone();
+                let ip = *ip;
+                async move { this.delete_neighbour(index, ip).await }
+            });
+            applied.errors.extend(self.run_all(neighs).await);
+            let fdbs = plan.fdb_deletes.iter().map(|f| {
+                let this = self.clone();
+                let f = *f;
+                async move { this.delete_fdb(index, f).await }
+            });
+            applied.errors.extend(self.run_all(fdbs).await);
+        }
+
+        // Phase 3: neighbours and FDB in (before the routes that use them).
+        match device_index {
+            Some(index) => {
+                let neighs = plan.neighbour_sets.iter().map(|n| {
+                    let this = self.clone();
+                    let n = *n;
+                    async move { this.set_neighbour(index, n).await }
+                });
+                applied.errors.extend(self.run_all(neighs).await);
+                let fdbs = plan.fdb_sets.iter().map(|f| {
+                    let this = self.clone();
+                    let f = *f;
+                    async move { this.set_fdb(index, f).await }
+                });
+                applied.errors.extend(self.run_all(fdbs).await);
+            }
+            None => {
+                for n in &plan.neighbour_sets {
+                    applied.errors.push(missing_device(
+                        format!("neighbour {}", n.ip),
+                        Kind::Neighbour,
+                    ));
+                }
+                for f in &plan.fdb_sets {
+                    applied
+                        .errors
+                        .push(missing_device(format!("fdb {}", f.mac), Kind::Fdb));
+                }
+            }
+        }
+
+        // Phase 4: routes in.
+        let routes = plan.route_sets.iter().map(|r| {
+            let this = self.clone();
+            let r = *r;
+            let index = oif(r.dev);
+            async move {
+                match index {
+                    Some(index) => this.set_route(r, index).await,
+                    None => Err(missing_device(format!("route {}", r.dst), Kind::Route)),
+                }
+            }
+        });
+        applied.errors.extend(self.run_all(routes).await);
+        Ok(applied)
+    }
+
+    async fn run_all<F>(&self, futures: impl Iterator<Item = F>) -> Vec<NetlinkError>
+    where
+        F: Future<Output = Result<(), NetlinkError>>,
+    {
+        stream::iter(futures)
+            .buffer_unordered(PIPELINE)
+            .filter_map(|r| async move { r.err() })
+            .collect()
+            .await
+    }
+
+    async fn apply_link_op(&self, op: &LinkOp, device: Option<u32>) -> Result<(), NetlinkError> {
+        let link_err = |step: &'static str, object: String, kind: Kind| {
+            move |source| NetlinkError {
+                step,
+                object,
+                category: Category::Change(kind),
+                source,
+            }
+        };
+        let need = |what: &str| {
+            device.ok_or_else(|| NetlinkError {
+                step: "changing the VXLAN device",
+                object: format!("{what}: the device does not exist"),
+                category: Category::Change(Kind::Link),
+                source: rtnetlink::Error::RequestFailed,
+            })
+        };
+        match op {
+            LinkOp::Delete { index, name, .. } => gone_is_ok(
+                self.handle.link().del(*index).execute().await,
+            )
+            .map_err(link_err("deleting link", name.clone(), Kind::Link)),
+            LinkOp::Create(d) => {
+                let msg = LinkVxlan::new(&d.name, d.vni)
+                    .dev(d.underlay_index)
+                    .local(d.local)
+                    .port(d.port)
+                    .learning(false)
+                    .mtu(d.mtu)
+                    .address(d.mac.0.to_vec())
+                    .up()
+                    .build();
+                self.handle
+                    .link()
+                    .add(msg)
+                    .execute()
+                    .await
+                    .map_err(link_err(
+                        "creating VXLAN device",
+                        d.name.clone(),
+                        Kind::Link,
+                    ))
+            }
+            LinkOp::SetMac(mac) => {
+                let index = need("set MAC")?;
+                let msg = LinkUnspec::new_with_index(index)
+                    .address(mac.0.to_vec())
+                    .build();
+                self.handle
+                    .link()
+                    .set(msg)
+                    .execute()
+                    .await
+                    .map_err(link_err("setting MAC", mac.to_string(), Kind::Link))
+            }
+            LinkOp::SetMtu(mtu) => {
+                let index = need("set MTU")?;
+                let msg = LinkUnspec::new_with_index(index).mtu(*mtu).build();
+                self.handle
+                    .link()
+                    .set(msg)
+                    .execute()
+                    .await
+                    .map_err(link_err("setting MTU", mtu.to_string(), Kind::Link))
+            }
+            LinkOp::SetUp => {
+                let index = need("set up")?;
+                let msg = LinkUnspec::new_with_index(index).up().build();
+                self.handle
+                    .link()
+                    .set(msg)
+                    .execute()
+                    .await
+                    .map_err(link_err("bringing up", index.to_string(), Kind::Link))
+            }
+            LinkOp::AddAddress(net) => {
+                let index = need("add address")?;
+                let r = self
+                    .handle
+                    .address()
+                    .add(index, IpAddr::V4(net.addr()), net.prefix_len())
+                    .execute()
+                    .await;
+                // EEXIST: a concurrent writer already added it.
+                match r {
+                    Err(e) if errno(&e) == Some(17) => Ok(()),
+                    other => other,
+                }
+                .map_err(link_err(
+                    "adding address",
+                    net.to_string(),
+                    Kind::Address,
+                ))
+            }
+            LinkOp::DeleteAddress(net) => {
+                let index = need("delete address")?;
+                let msg = address_message(index, *net);
+                gone_is_ok(self.handle.address().del(msg).execute().await).map_err(link_err(
+                    "deleting address",
+                    net.to_string(),
+                    Kind::Address,
+                ))
+            }
+        }
+    }
+
+    async fn set_route(&self, r: Route, oif: u32) -> Result<(), NetlinkError> {
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(r.dst.network(), r.dst.prefix_len())
+            .gateway(r.gateway)
+            .output_interface(oif)
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
+        if r.onlink {
+            b = b.onlink();
+        }
+        self.handle
+            .route()
+            .add(b.build())
+            .replace()
+            .execute()
+            .await
+            .map_err(|source| NetlinkError {
+                step: "replacing route",
+                object: format!("{} via {}", r.dst, r.gateway),
+                category: Category::Change(Kind::Route),
+                source,
+            })
+    }
+
+    async fn delete_route(&self, r: ObservedRoute, oif: u32) -> Result<(), NetlinkError> {
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(r.route.dst.network(), r.route.dst.prefix_len())
+            .output_interface(oif)
+            .priority(r.priority);
+        if !r.route.gateway.is_unspecified() {
+            b = b.gateway(r.route.gateway);
+        }
+        let mut msg = b.build();
+        // Match any protocol/scope/type, like `ip route del`.
+        msg.header.protocol = RouteProtocol::Unspec;
+        msg.header.scope = RouteScope::NoWhere;
+        msg.header.kind = RouteType::Unspec;
+        gone_is_ok(self.handle.route().del(msg).execute().await).map_err(|source| NetlinkError {
+            step: "deleting route",
+            object: format!("{} via {}", r.route.dst, r.route.gateway),
+            category: Category::Change(Kind::Route),
+            source,
+        })
+    }
+
+    async fn set_neighbour(&self, index: u32, n: Neighbour) -> Result<(), NetlinkError> {
+        self.handle
+            .neighbours()
+            .add(index, IpAddr::V4(n.ip))
+            .link_layer_address(&n.mac.0)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|source| NetlinkError {
+                step: "replacing neighbour",
+                object: format!("{} lladdr {}", n.ip, n.mac),
+                category: Category::Change(Kind::Neighbour),
+                source,
+            })
+    }
+
+    async fn delete_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), NetlinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = index;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        gone_is_ok(self.handle.neighbours().del(msg).execute().await).map_err(|source| {
+            NetlinkError {
+                step: "deleting neighbour",
+                object: ip.to_string(),
+                category: Category::Change(Kind::Neighbour),
+                source,
+            }
+        })
+    }
+
+    async fn set_fdb(&self, index: u32, f: FdbEntry) -> Result<(), NetlinkError> {
+        self.handle
+            .neighbours()
+            .add_bridge(index, &f.mac.0)
+            .flags(NeighbourFlags::Own)
+            .state(NeighbourState::Permanent)
+            .destination(IpAddr::V4(f.dst))
+            .replace()
+            .execute()
+            .await
+            .map_err(|source| NetlinkError {
+                step: "replacing FDB entry",
+                object: format!("{} dst {}", f.mac, f.dst),
+                category: Category::Change(Kind::Fdb),
+                source,
+            })
+    }
+
+    async fn delete_fdb(&self, index: u32, f: ObservedFdb) -> Result<(), NetlinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = index;
+        msg.header.flags = NeighbourFlags::Own;
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(f.mac.0.to_vec()));
+        if let Some(dst) = f.dst {
+            msg.attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+        }
+        gone_is_ok(self.handle.neighbours().del(msg).execute().await).map_err(|source| {
+            NetlinkError {
+                step: "deleting FDB entry",
+                object: format!(
+                    "{} dst {}",
+                    f.mac,
+                    f.dst.map(|d| d.to_string()).unwrap_or_else(|| "-".into())
+                ),
+                category: Category::Change(Kind::Fdb),
+                source,
+            }
+        })
+    }
+}
+
+fn address_message(index: u32, net: Ipv4Net) -> AddressMessage {
+    let mut msg = AddressMessage::default();
+    msg.header.family = AddressFamily::Inet;
+    msg.header.prefix_len = net.prefix_len();
+    msg.header.index = index;
+    msg.attributes
+        .push(AddressAttribute::Local(IpAddr::V4(net.addr())));
+    msg.attributes
+        .push(AddressAttribute::Address(IpAddr::V4(net.addr())));
+    msg
+}
+
+/// A link message in plain data.
+pub fn parse_link(msg: &LinkMessage) -> LinkInfo {
+    let mut info = LinkInfo {
+        index: msg.header.index,
+        name: String::new(),
+        mac: None,
+        mtu: 0,
+        up: msg.header.flags.contains(LinkFlags::Up),
+        vxlan: None,
+    };
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => info.name = n.clone(),
+            LinkAttribute::Address(a) => info.mac = Mac::from_slice(a),
+            LinkAttribute::Mtu(m) => info.mtu = *m,
+            LinkAttribute::LinkInfo(infos) => {
+                let is_vxlan = infos
+                    .iter()
+                    .any(|i| matches!(i, NlLinkInfo::Kind(InfoKind::Vxlan)));
+                if is_vxlan {
+                    let mut v = VxlanAttrs {
+                        vni: 0,
+                        port: 0,
+                        local: None,
+                        underlay_index: None,
+                        learning: false,
+                    };
+                    for i in infos {
+                        if let NlLinkInfo::Data(InfoData::Vxlan(attrs)) = i {
+                            for a in attrs {
+                                match a {
+                                    InfoVxlan::Id(id) => v.vni = *id,
+                                    InfoVxlan::Port(p) => v.port = *p,
+                                    InfoVxlan::Local(ip) => v.local = Some(*ip),
+                                    InfoVxlan::Link(l) => v.underlay_index = Some(*l),
+                                    InfoVxlan::Learning(l) => v.learning = *l,
+                                    _ => {}
+                                }
+                            }
+                        }
+                    }
+                    info.vxlan = Some(v);
+                }
+            }
+            _ => {}
+        }
+    }
+    info
+}
+
+/// An IPv4 address message in plain data.
+pub fn parse_address(msg: &AddressMessage) -> Option<AddrInfo> {
+    if msg.header.family != AddressFamily::Inet {
+        return None;
+    }
+    // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer on
+    // point-to-point links).
+    let ip = msg
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+            _ => None,
+        })
+        .or_else(|| {
+            msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            })
+        })?;
+    Some(AddrInfo {
+        index: msg.header.index,
+        net: Ipv4Net::new(ip, msg.header.prefix_len).ok()?,
+    })
+}
+
+/// An IPv4 route message in plain data (other families: None).
+pub fn parse_route(msg: &RouteMessage) -> Option<RouteInfo> {
+    if msg.header.address_family != AddressFamily::Inet
+        || msg.header.flags.contains(RouteFlags::Cloned)
+    {
+        return None;
+    }
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut gateway = None;
+    let mut oif = None;
+    let mut priority = 0;
+    let mut table = u32::from(msg.header.table);
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = *ip,
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Priority(p) => priority = *p,
+            RouteAttribute::Table(t) => table = *t,
+            _ => {}
+        }
+    }
+    Some(RouteInfo {
+        dst: Ipv4Net::new(dst, msg.header.destination_prefix_length).ok()?,
+        gateway,
+        oif,
+        priority,
+        table,
+        protocol: u8::from(msg.header.protocol),
+        onlink: msg.header.flags.contains(RouteFlags::Onlink),
+        unicast: msg.header.kind == RouteType::Unicast,
+    })
+    .filter(|r| r.table == MAIN_TABLE)
+}
+
+/// An IPv4 neighbour message in plain data.
+pub fn parse_neighbour(msg: &NeighbourMessage) -> Option<NeighInfo> {
+    if msg.header.family != AddressFamily::Inet {
+        return None;
+    }
+    let mut ip = None;
+    let mut mac = None;
+    for attr in &msg.attributes {
+        match attr {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => ip = Some(*a),
+            NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::from_slice(l),
+            _ => {}
+        }
+    }
+    Some(NeighInfo {
+        index: msg.header.ifindex,
+        ip: ip?,
+        mac,
+        permanent: msg.header.state == NeighbourState::Permanent,
+    })
+}
+
+/// A bridge FDB message in plain data.
+pub fn parse_fdb(msg: &NeighbourMessage) -> Option<FdbInfo> {
+    if msg.header.family != AddressFamily::Bridge {
+        return None;
+    }
+    let mut mac = None;
+    let mut dst = None;
+    for attr in &msg.attributes {
+        match attr {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => dst = Some(*a),
+            // In AF_BRIDGE messages the remote address is not typed by family.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
+                dst = <[u8; 4]>::try_from(bytes.as_slice())
+                    .ok()
+                    .map(Ipv4Addr::from)
+            }
+            NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::from_slice(l),
+            _ => {}
+        }
+    }
+    Some(FdbInfo {
+        index: msg.header.ifindex,
+        mac: mac?,
+        dst,
+        permanent: msg.header.state == NeighbourState::Permanent,
+    })
+}

@@ -1,0 +1,49 @@
+//! NetworkPolicy enforcement on the node: the NodePolicySet and the PeerSets
+//! it references become iptables chains and ipsets (Calico's layout with
+//! canal's names, CONTRACTS.md).
+//!
+//! - [`render`]: pure renderer, inputs -> [`Ruleset`].
+//! - [`state`] / [`plan`]: pure kernel-state parsing and diff -> restore batches.
+//! - [`enforcer`]: [`PolicyEnforcer`], the applier the agent's sync loop owns.
+//! - [`handshake`]: the run-dir files canal-cni waits on.
+//! - [`status`]: the NodePolicySet status after a sync.
+//!
+//! The agent's loop:
+//!
+//! ```no_run
+//! # async fn example(inputs: canal_agent::policy::PolicyInputs) -> Result<(), Box<dyn std::error::Error>> {
+//! use canal_agent::policy::{PolicyEnforcer, PolicyMetrics};
+//! let registry = prometheus::Registry::new();
+//! let mut enforcer = PolicyEnforcer::new("/run/canal".as_ref(), PolicyMetrics::register(&registry)?);
+//! enforcer.adopt_kernel_state().await?;            // once, on start (no flush)
+//! let stats = enforcer.sync(&inputs).await?;       // on every input change
+//! let _repaired = enforcer.check_drift().await?;   // periodically
+//! # let _ = stats; Ok(()) }
+//! ```
+
+pub mod enforcer;
+pub mod exec;
+pub mod handshake;
+pub mod metrics;
+pub mod names;
+pub mod plan;
+pub mod render;
+pub mod ruleset;
+#[cfg(test)]
+mod semantics_tests;
+#[cfg(test)]
+mod sim;
+pub mod state;
+pub mod status;
+
+pub use enforcer::{Error, PolicyEnforcer, Retry, SyncStats, Tools};
+pub use exec::{Exec, ExecError};
+pub use metrics::PolicyMetrics;
+pub use plan::{Plan, PlanStats, plan};
+pub use render::{
+    EnforcementConfig, PolicyInputs, RenderCache, Rendered, Warning, referenced_peer_sets, render,
+    render_with,
+};
+pub use ruleset::{Chain, Hook, IpSet, Rule, Ruleset, SetType};
+pub use state::KernelState;
+pub use status::enforced_status;

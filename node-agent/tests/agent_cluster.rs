@@ -1,0 +1,592 @@
+//! Two real canal-agents, each inside its own node network namespace,
+//! against a real kube-apiserver; pods wired by the real canal-cni. The node
+//! namespaces share an underlay bridge that lives in a third namespace.
+//!
+//! Proves: pods on different nodes ping and talk TCP across VXLAN without
+//! SNAT; a route/neighbour/FDB entry deleted by hand comes back within one
+//! resync (10 s); an agent restart changes nothing in the kernel and an
+//! established TCP connection survives it; a Node deleted while the agents
+//! run, and one deleted while an agent is down, leave no route, neighbour or
+//! FDB entry behind. In the first test the Node objects, podCIDRs and
+//! flannel annotations are written by the test (exactly what canal-controller
+//! writes); the second runs the real canal-controller next to the agent.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use canal_crds::CanalNetworkSpec;
+use canal_crds::annotations;
+use canal_e2e::{ControlPlane, install};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use support::{Child, Netns, forward_into, http_get_in, in_netns, wait_until};
+
+const METRICS_PORT: u16 = 9091;
+
+struct NodeNs {
+    name: String,
+    ip: String,
+    cidr: String,
+    ns: Netns,
+    run_dir: PathBuf,
+    data_dir: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl NodeNs {
+    fn mac(&self) -> String {
+        annotations::format_mac(annotations::vtep_mac(&self.name))
+    }
+
+    fn start_agent(&self, dir: &Path, tag: &str) -> Child {
+        let log = dir.join(format!("agent-{}-{tag}.log", self.name));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = self
+            .ns
+            .exec(env!("CARGO_BIN_EXE_canal-agent"))
+            .arg(format!("--node-name={}", self.name))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .arg(format!("--metrics-addr=127.0.0.1:{METRICS_PORT}"))
+            .arg("--log-level=info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("canal-agent starts");
+        Child { child, log }
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        let r = http_get_in(&self.ns, METRICS_PORT, "/readyz")?;
+        r.starts_with("HTTP/1.1 200").then_some(()).ok_or(r)
+    }
+
+    fn metric(&self, series: &str) -> Option<f64> {
+        let text = http_get_in(&self.ns, METRICS_PORT, "/metrics").ok()?;
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    /// The overlay state as iproute2 shows it.
+    fn overlay(&self) -> String {
+        let show = |program: &str, args: &[&str]| {
+            let out = self.ns.output(program, args);
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        };
+        format!(
+            "routes:\n{}neigh:\n{}fdb:\n{}",
+            show("ip", &["route", "show", "dev", "flannel.1"]),
+            show("ip", &["neigh", "show", "dev", "flannel.1"]),
+            show("bridge", &["fdb", "show", "dev", "flannel.1"])
+        )
+    }
+}
+
+/// What a node should hold for a peer (cidr, MAC, public IP).
+fn peer_lines(cidr: &str, mac: &str, ip: &str) -> [String; 3] {
+    let gw = cidr.trim_end_matches("/24");
+    [
+        format!("{cidr} via {gw} proto 202 onlink"),
+        format!("{gw} lladdr {mac} PERMANENT"),
+        format!("{mac} dst {ip} self permanent"),
+    ]
+}
+
+fn has_peer(node: &NodeNs, peer: (&str, &str, &str)) -> Result<(), String> {
+    let state = node.overlay();
+    let missing: Vec<_> = peer_lines(peer.0, peer.1, peer.2)
+        .into_iter()
+        .filter(|l| !state.contains(l.as_str()))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} lacks {missing:?}; has:\n{state}", node.name))
+    }
+}
+
+fn lacks_peer(node: &NodeNs, cidr: &str, mac: &str) -> Result<(), String> {
+    let state = node.overlay();
+    let gw = cidr.trim_end_matches("/24");
+    if state.contains(cidr) || state.contains(&format!("{gw} ")) || state.contains(mac) {
+        Err(format!("{} still has {cidr}/{mac}:\n{state}", node.name))
+    } else {
+        Ok(())
+    }
+}
+
+async fn create_node(client: &kube::Client, name: &str, cidr: &str, ip: &str) {
+    let api: Api<Node> = Api::all(client.clone());
+    let mac = annotations::format_mac(annotations::vtep_mac(name));
+    let node: Node = serde_json::from_value(json!({
+        "metadata": {
+            "name": name,
+            "annotations": {
+                annotations::KUBE_SUBNET_MANAGER: "true",
+                annotations::BACKEND_TYPE: "vxlan",
+                annotations::BACKEND_DATA: format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#),
+                annotations::PUBLIC_IP: ip,
+            },
+        },
+        "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &node).await.unwrap();
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}]}})),
+    )
+    .await
+    .unwrap();
+}
+
+async fn delete_node(client: &kube::Client, name: &str) {
+    let api: Api<Node> = Api::all(client.clone());
+    api.delete(name, &DeleteParams::default()).await.unwrap();
+}
+
+fn kubeconfig_via(cp: &ControlPlane, ns: &Netns, dir: &Path) -> PathBuf {
+    let admin = std::fs::read_to_string(cp.kubeconfig()).unwrap();
+    let server = admin
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .unwrap()
+        .to_string();
+    let port: u16 = server.rsplit(':').next().unwrap().parse().unwrap();
+    let local = forward_into(ns, port);
+    let path = dir.join(format!("kubeconfig-{}", ns.name));
+    std::fs::write(
+        &path,
+        admin.replace(&server, &format!("https://127.0.0.1:{local}")),
+    )
+    .unwrap();
+    path
+}
+
+/// A TCP server in a pod: answers each connection with the client's
+/// address, then echoes lines.
+fn serve_echo(pod: &Netns, port: u16) {
+    let listener = in_netns(&pod.path(), move || {
+        TcpListener::bind(("0.0.0.0", port)).expect("bind in pod")
+    });
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let peer = conn
+                    .peer_addr()
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default();
+                let _ = writeln!(conn, "from {peer}");
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                    let _ = conn.write_all(line.as_bytes());
+                    line.clear();
+                }
+            });
+        }
+    });
+}
+
+struct Conn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Conn {
+    fn open(from: &Netns, to: Ipv4Addr, port: u16) -> (Conn, String) {
+        let stream = in_netns(&from.path(), move || {
+            TcpStream::connect_timeout(&(to, port).into(), Duration::from_secs(5))
+                .expect("TCP connect across the overlay")
+        });
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut conn = Conn {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        };
+        let mut hello = String::new();
+        conn.reader.read_line(&mut hello).unwrap();
+        (conn, hello.trim().to_string())
+    }
+
+    fn echo(&mut self, text: &str) -> String {
+        writeln!(self.writer, "{text}").unwrap();
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_connect_pods_repair_drift_survive_restarts_and_forget_deleted_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start().await.expect("control plane");
+    let client = cp.client();
+    install::install_crds(&client).await.unwrap();
+    install::apply_default_network(
+        &client,
+        CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16"),
+    )
+    .await
+    .unwrap();
+
+    // Underlay: a bridge in its own namespace, one veth per node.
+    let underlay = Netns::new("cau");
+    underlay.ip(&["link", "add", "br0", "type", "bridge"]);
+    underlay.ip(&["addr", "add", "192.168.90.1/24", "dev", "br0"]);
+    underlay.ip(&["link", "set", "br0", "up"]);
+    let mut nodes = Vec::new();
+    for (i, name) in ["node-a", "node-b"].iter().enumerate() {
+        let ns = Netns::new("can");
+        let peer = support::unique("cav");
+        ns.ip(&["link", "add", "ul0", "type", "veth", "peer", "name", &peer]);
+        ns.ip(&["link", "set", &peer, "netns", &underlay.name]);
+        underlay.ip(&["link", "set", &peer, "master", "br0", "up"]);
+        let ip = format!("192.168.90.{}", 11 + i);
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "ul0"]);
+        ns.ip(&["link", "set", "ul0", "up"]);
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.168.90.1",
+            "dev",
+            "ul0",
+        ]);
+        let kubeconfig = kubeconfig_via(&cp, &ns, dir.path());
+        let cidr = format!("10.244.{}.0/24", i + 1);
+        create_node(&client, name, &cidr, &ip).await;
+        nodes.push(NodeNs {
+            name: name.to_string(),
+            ip,
+            cidr,
+            run_dir: dir.path().join(format!("run-{name}")),
+            data_dir: dir.path().join(format!("data-{name}")),
+            kubeconfig,
+            ns,
+        });
+    }
+    // Two nodes that exist only as API objects.
+    create_node(&client, "node-c", "10.244.3.0/24", "192.168.90.13").await;
+    create_node(&client, "node-d", "10.244.4.0/24", "192.168.90.14").await;
+    let ghost = |name: &str, cidr: &str, ip: &str| {
+        (
+            cidr.to_string(),
+            annotations::format_mac(annotations::vtep_mac(name)),
+            ip.to_string(),
+        )
+    };
+    let node_c = ghost("node-c", "10.244.3.0/24", "192.168.90.13");
+    let node_d = ghost("node-d", "10.244.4.0/24", "192.168.90.14");
+
+    let mut agents: Vec<Child> = nodes
+        .iter()
+        .map(|n| n.start_agent(dir.path(), "1"))
+        .collect();
+    let logs = |agents: &[Child]| {
+        agents
+            .iter()
+            .map(|a| format!("--- {}\n{}", a.log.display(), a.log_tail(30)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+
+    // Programmed: every node has every other node.
+    let (a, b) = (&nodes[0], &nodes[1]);
+    for (node, other) in [(a, b), (b, a)] {
+        wait_until(
+            &format!("{} to program {}", node.name, other.name),
+            Duration::from_secs(60),
+            || {
+                has_peer(node, (&other.cidr, &other.mac(), &other.ip))
+                    .and_then(|_| has_peer(node, (&node_c.0, &node_c.1, &node_c.2)))
+                    .and_then(|_| has_peer(node, (&node_d.0, &node_d.1, &node_d.2)))
+                    .map_err(|e| format!("{e}\n{}", logs(&agents)))
+            },
+        );
+        wait_until(
+            &format!("{} ready", node.name),
+            Duration::from_secs(20),
+            || node.ready(),
+        );
+        let network: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(node.run_dir.join("network.json")).unwrap())
+                .unwrap();
+        assert_eq!(network["nodeSubnet"], node.cidr.as_str());
+        assert_eq!(network["clusterCIDR"], "10.244.0.0/16");
+        assert_eq!(network["mtu"], 1450);
+        assert!(
+            node.ns
+                .sh("iptables-save", &["-t", "nat"])
+                .contains("-j CANAL-MASQ")
+        );
+    }
+    let api: Api<Node> = Api::all(client.clone());
+    for node in [a, b] {
+        let n = api.get(&node.name).await.unwrap();
+        let cond = n
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.type_ == "NetworkUnavailable")
+            .expect("NetworkUnavailable condition set");
+        assert_eq!(
+            (cond.status.as_str(), cond.reason.as_deref()),
+            ("False", Some("CanalIsUp"))
+        );
+    }
+
+    // Pods, wired by canal-cni on each node.
+    let pods: Vec<(Netns, Ipv4Addr)> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let pod = Netns::new("cap");
+            let conf = json!({
+                "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "canal-cni",
+                "runDir": node.run_dir, "dataDir": node.data_dir,
+            });
+            let (code, result, stderr) = support::cni(
+                &node.ns,
+                "ADD",
+                &format!("ctr-{i}"),
+                &pod.path(),
+                ("default", &format!("pod-{i}")),
+                &conf,
+            );
+            assert_eq!(code, 0, "{result} {stderr}");
+            let ip: Ipv4Addr = result["ips"][0]["address"]
+                .as_str()
+                .unwrap()
+                .trim_end_matches("/32")
+                .parse()
+                .unwrap();
+            assert!(node.cidr.starts_with(&ip.to_string()[..9]));
+            (pod, ip)
+        })
+        .collect();
+    let ((p1, ip1), (p2, ip2)) = (&pods[0], &pods[1]);
+    p1.sh("ping", &["-c2", "-W2", &ip2.to_string()]);
+    p2.sh("ping", &["-c2", "-W2", &ip1.to_string()]);
+    serve_echo(p2, 7000);
+    let (mut conn, hello) = Conn::open(p1, *ip2, 7000);
+    assert_eq!(
+        hello,
+        format!("from {ip1}"),
+        "pod-to-pod traffic keeps its source"
+    );
+    assert_eq!(conn.echo("one"), "one");
+
+    // Drift: entries deleted by hand are back within one resync (10 s).
+    a.ns.ip(&["route", "del", &b.cidr]);
+    a.ns.ip(&[
+        "neigh",
+        "del",
+        b.cidr.trim_end_matches("/24"),
+        "dev",
+        "flannel.1",
+    ]);
+    a.ns.sh(
+        "bridge",
+        &["fdb", "del", &b.mac(), "dev", "flannel.1", "dst", &b.ip],
+    );
+    wait_until("drift repaired", Duration::from_secs(12), || {
+        has_peer(a, (&b.cidr, &b.mac(), &b.ip))
+    });
+    assert_eq!(
+        a.metric("canal_drift_repairs_total{kind=\"route\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        a.metric("canal_drift_repairs_total{kind=\"fdb\"}"),
+        Some(1.0)
+    );
+    p1.sh("ping", &["-c1", "-W2", &ip2.to_string()]);
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), "default");
+    let mut found = None;
+    for _ in 0..50 {
+        let list = events.list(&Default::default()).await.unwrap();
+        found = list.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some("DriftRepaired")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("node-a")
+        });
+        if found.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let event = found.expect("a DriftRepaired Event about node-a");
+    assert!(event.note.unwrap_or_default().contains("route=1"));
+
+    // Restart: the new agent finds everything right and changes nothing;
+    // the established connection carries on.
+    let before = a.overlay();
+    agents[0].kill();
+    agents[0] = a.start_agent(dir.path(), "2");
+    wait_until("restarted agent ready", Duration::from_secs(30), || {
+        a.ready().map_err(|e| format!("{e}\n{}", logs(&agents)))
+    });
+    for kind in ["link", "address", "route", "neighbour", "fdb", "iptables"] {
+        assert_eq!(
+            a.metric(&format!("canal_kernel_changes_total{{kind=\"{kind}\"}}")),
+            Some(0.0),
+            "restart changed {kind}:\n{}",
+            logs(&agents)
+        );
+    }
+    assert_eq!(a.overlay(), before);
+    assert_eq!(conn.echo("after restart"), "after restart");
+    assert!(a.metric("canal_agent_remote_nodes{route=\"vxlan\"}") == Some(3.0));
+
+    // A Node deleted while the agents run disappears everywhere.
+    delete_node(&client, "node-c").await;
+    for node in [a, b] {
+        wait_until(
+            &format!("node-c gone from {}", node.name),
+            Duration::from_secs(20),
+            || lacks_peer(node, &node_c.0, &node_c.1),
+        );
+    }
+
+    // A Node deleted while an agent is down is gone after it starts.
+    agents[0].kill();
+    delete_node(&client, "node-d").await;
+    agents[0] = a.start_agent(dir.path(), "3");
+    wait_until(
+        "agent ready after node-d deletion",
+        Duration::from_secs(30),
+        || a.ready(),
+    );
+    lacks_peer(a, &node_d.0, &node_d.1).unwrap();
+    has_peer(a, (&b.cidr, &b.mac(), &b.ip)).unwrap();
+    wait_until("node-d gone from node-b", Duration::from_secs(20), || {
+        lacks_peer(b, &node_d.0, &node_d.1)
+    });
+    assert_eq!(conn.echo("still here"), "still here");
+    if std::env::var_os("CANAL_TEST_SHOW_LOGS").is_some() {
+        eprintln!("{}", logs(&agents));
+    }
+    drop(agents);
+}
+
+/// The real canal-controller assigns subnets and writes the annotations of
+/// bare Nodes (as kubelets register them); the agent programs from that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_programs_what_the_real_controller_assigns() {
+    use clap::Parser;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start().await.expect("control plane");
+    let client = cp.client();
+    install::install_crds(&client).await.unwrap();
+    install::apply_default_network(
+        &client,
+        CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16"),
+    )
+    .await
+    .unwrap();
+    let controller = tokio::spawn(canal_controller::run(
+        canal_controller::cli::Args::parse_from([
+            "canal-controller",
+            "--kubeconfig",
+            cp.kubeconfig().to_str().unwrap(),
+            "--metrics-addr=127.0.0.1:0",
+            "--leader-elect=false",
+        ]),
+    ));
+
+    let ns = Netns::new("cak");
+    ns.ip(&["link", "add", "ul0", "type", "veth", "peer", "name", "ul0p"]);
+    ns.ip(&["addr", "add", "192.168.92.11/24", "dev", "ul0"]);
+    ns.ip(&["link", "set", "ul0", "up"]);
+    ns.ip(&["link", "set", "ul0p", "up"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "192.168.92.1",
+        "dev",
+        "ul0",
+    ]);
+    let api: Api<Node> = Api::all(client.clone());
+    for (name, ip) in [("real-a", "192.168.92.11"), ("real-b", "192.168.92.12")] {
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        api.create(&PostParams::default(), &node).await.unwrap();
+        api.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}]}}),
+            ),
+        )
+        .await
+        .unwrap();
+    }
+    let node = NodeNs {
+        name: "real-a".into(),
+        ip: "192.168.92.11".into(),
+        cidr: String::new(),
+        kubeconfig: kubeconfig_via(&cp, &ns, dir.path()),
+        run_dir: dir.path().join("run"),
+        data_dir: dir.path().join("data"),
+        ns,
+    };
+    let agent = node.start_agent(dir.path(), "1");
+
+    // The controller's allocation for real-b, as the agent must program it.
+    let mut peer = None;
+    for _ in 0..300 {
+        let b = api.get("real-b").await.unwrap();
+        let cidr = b.spec.and_then(|s| s.pod_cidr);
+        let has_annotations = b
+            .metadata
+            .annotations
+            .is_some_and(|a| a.contains_key(annotations::BACKEND_DATA));
+        if let (Some(cidr), true) = (cidr, has_annotations) {
+            peer = Some(cidr);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b_cidr = peer.expect("canal-controller assigned real-b a podCIDR and annotations");
+    let b_mac = annotations::format_mac(annotations::vtep_mac("real-b"));
+    wait_until("real-a programs real-b", Duration::from_secs(60), || {
+        has_peer(&node, (&b_cidr, &b_mac, "192.168.92.12"))
+            .map_err(|e| format!("{e}\n{}", agent.log_tail(30)))
+    });
+    let a = api.get("real-a").await.unwrap();
+    let a_cidr = a.spec.and_then(|s| s.pod_cidr).unwrap();
+    let network: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(node.run_dir.join("network.json")).unwrap()).unwrap();
+    assert_eq!(network["nodeSubnet"], a_cidr.as_str());
+    let link = node.ns.ip(&["-d", "link", "show", "flannel.1"]);
+    assert!(
+        link.contains(&format!(
+            "link/ether {}",
+            annotations::format_mac(annotations::vtep_mac("real-a"))
+        )),
+        "the device carries the MAC the controller published:\n{link}"
+    );
+    wait_until("agent ready", Duration::from_secs(20), || node.ready());
+    controller.abort();
+}
