@@ -77,21 +77,27 @@ async fn up_builds_the_network_and_down_leaves_nothing_behind() {
         assert!(names.underlay().contains(&record.address));
     }
 
-    // A node reaches the internet host through its default route.
+    // A node reaches the internet host through its default route, and the
+    // host answers from the address that was asked (TCP and UDP).
     let node1 = state.load_node("node-1").unwrap();
-    let outcome = probe::probe_in(
-        &node1.netns,
-        (INTERNET_HOST, 80).into(),
-        Protocol::Tcp,
-        Duration::from_secs(2),
-    )
-    .unwrap();
-    assert!(outcome.connected, "node-1 -> internet: {outcome:?}");
-    assert_eq!(
-        outcome.seen_source.unwrap().ip(),
-        node1.address,
-        "the internet host sees the node's underlay address"
-    );
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let outcome = probe::probe_in(
+            &node1.netns,
+            (INTERNET_HOST, 80).into(),
+            protocol,
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        assert!(
+            outcome.connected,
+            "node-1 -> internet {protocol}: {outcome:?}"
+        );
+        assert_eq!(
+            outcome.seen_source.unwrap().ip(),
+            node1.address,
+            "the internet host sees the node's underlay address"
+        );
+    }
 
     // The API server answers inside a node namespace through the forwarder,
     // with the node's own kubeconfig (what the agent uses).

@@ -111,6 +111,9 @@ enum Command {
         /// Created once every port is bound.
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// Address to bind.
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: std::net::Ipv4Addr,
     },
 }
 
@@ -412,7 +415,11 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
             lab::forward::run(state.clone(), upstream, port).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Echo { listen, ready_file } => {
+        Command::Echo {
+            listen,
+            ready_file,
+            bind,
+        } => {
             let ports = listen
                 .iter()
                 .map(|l| {
@@ -421,7 +428,7 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
                         .map_err(Error::Lab)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            lab::echo::serve(&ports, ready_file).await?;
+            lab::echo::serve(bind, &ports, ready_file).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

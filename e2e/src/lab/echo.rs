@@ -17,12 +17,21 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 512;
 
-/// Binds every port, then creates `ready_file` (so the lab knows the pod
-/// serves), then serves until killed.
-pub async fn serve(ports: &[(u16, Protocol)], ready_file: Option<PathBuf>) -> Result<(), Error> {
+/// Binds every port on `bind`, then creates `ready_file` (so the lab knows
+/// the pod serves), then serves until killed.
+///
+/// A host with several addresses must bind the one clients use: a UDP
+/// socket bound to 0.0.0.0 answers from the address of the outgoing route,
+/// which a client's connected socket (and a masquerading node's conntrack
+/// entry) does not accept as the reply.
+pub async fn serve(
+    bind: Ipv4Addr,
+    ports: &[(u16, Protocol)],
+    ready_file: Option<PathBuf>,
+) -> Result<(), Error> {
     let mut tasks = tokio::task::JoinSet::new();
     for &(port, protocol) in ports {
-        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let addr = SocketAddr::from((bind, port));
         match protocol {
             Protocol::Tcp => {
                 let listener = TcpListener::bind(addr)

@@ -78,12 +78,14 @@ pub async fn start_internet_echo(ctx: &Context) -> Result<(), Error> {
     let paths = ctx.state.internet();
     std::fs::create_dir_all(&paths.dir)
         .map_err(|e| Error::Io(format!("creating {}", paths.dir.display()), e))?;
-    let cmd = echo_command(
+    let mut cmd = echo_command(
         ctx,
         &ctx.names.internet_netns(),
         &["80/TCP".into(), "80/UDP".into()],
         &paths.ready(),
     );
+    // The namespace also holds the underlay gateway address.
+    cmd.arg("--bind").arg(names::INTERNET_HOST.to_string());
     process::spawn_detached("internet echo server", cmd, &paths.log(), &paths.pid())?;
     wait_file(
         &paths.ready(),
