@@ -188,13 +188,18 @@ pub fn parse_fdb(json: &str) -> Result<Vec<FdbEntry>, String> {
         .collect())
 }
 
+/// Reads a namespace's IPv4 routes (main table).
+pub fn routes(netns_name: &str) -> Result<Vec<Route>, Error> {
+    parse_routes(&netns::ip(&[
+        "-n", netns_name, "-j", "-4", "route", "show",
+    ])?)
+    .map_err(|e| Error::Lab(format!("parsing routes of {netns_name}: {e}")))
+}
+
 /// Reads a namespace's routes, neighbours and FDB.
 pub fn snapshot(netns_name: &str) -> Result<Snapshot, Error> {
     let bad = |what: &str, e: String| Error::Lab(format!("parsing {what} of {netns_name}: {e}"));
-    let routes = parse_routes(&netns::ip(&[
-        "-n", netns_name, "-j", "-4", "route", "show",
-    ])?)
-    .map_err(|e| bad("routes", e))?;
+    let routes = routes(netns_name)?;
     let neighbours = parse_neighbours(&netns::ip(&[
         "-n", netns_name, "-j", "-4", "neigh", "show",
     ])?)

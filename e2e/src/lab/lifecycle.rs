@@ -245,7 +245,7 @@ async fn not_ready(ctx: &Context) -> Result<Vec<String>, Error> {
                 )),
                 Err(e) => problems.push(format!("{}: agent /readyz: {e}", node.name)),
             }
-            routes.insert(node.name.clone(), kernel::snapshot(&node.netns)?.routes);
+            routes.insert(node.name.clone(), kernel::routes(&node.netns)?);
         }
         let mut missing = kernel::missing_routes(&views, &routes);
         if ctx.lab.controller {
@@ -289,6 +289,9 @@ pub fn down(state: &StateDir) -> Removed {
 pub struct NodeAdded {
     /// The node.
     pub node: NodeRecord,
+    /// From the Node object's creation until the controller had given it a
+    /// podCIDR and its VTEP annotations (None without agents).
+    pub annotated_after: Option<Duration>,
     /// From the Node object's creation until every other node had a route
     /// to its subnet (None without agents).
     pub routes_everywhere_after: Option<Duration>,
@@ -325,47 +328,80 @@ async fn add_node_steps(
     nodes::register(&ctx.client, node).await?;
     let deadline = created + timeout;
     forward::wait_listening(&node.netns, names::NODE_API_PORT, Duration::from_secs(15))?;
-    let mut routes_everywhere_after = None;
+    let (mut annotated_after, mut routes_everywhere_after) = (None, None);
     if ctx.lab.agents {
-        start_node_agent(ctx, node)?;
-        routes_everywhere_after = Some(wait_routes_to(ctx, node, deadline).await? - created);
+        // Watch the other nodes while this one's agent is set up (copying a
+        // debug canal-cni takes a while), so the figures are the
+        // controller's and the agents', not the lab's.
+        let setup = {
+            let (ctx, node) = (ctx.clone(), node.clone());
+            tokio::task::spawn_blocking(move || start_node_agent(&ctx, &node))
+        };
+        let (setup, programmed) = tokio::join!(setup, wait_routes_to(ctx, node, deadline));
+        setup.map_err(|e| Error::Lab(format!("setting up {}'s agent: {e}", node.name)))??;
+        let programmed = programmed?;
+        annotated_after = Some(programmed.annotated - created);
+        routes_everywhere_after = Some(programmed.routed - created);
     }
     wait_programmed(ctx, deadline.saturating_duration_since(Instant::now())).await?;
     Ok(NodeAdded {
         node: node.clone(),
+        annotated_after,
         routes_everywhere_after,
         programmed_after: created.elapsed(),
     })
 }
 
-/// Waits until every other node has a route to `node`'s subnet; returns when.
+/// When the controller had annotated a new node, and when every other node
+/// had a route to it.
+struct Programmed {
+    annotated: Instant,
+    routed: Instant,
+}
+
+/// Waits until every other node has a route to `node`'s subnet.
 async fn wait_routes_to(
     ctx: &Context,
     node: &NodeRecord,
     deadline: Instant,
-) -> Result<Instant, Error> {
+) -> Result<Programmed, Error> {
     let api: Api<Node> = Api::all(ctx.client.clone());
+    let mut annotated = None;
     loop {
-        let cidr: Option<Ipv4Net> = api
+        let object = api
             .get_opt(&node.name)
             .await
-            .map_err(|e| Error::Kube(format!("reading Node {}", node.name), e))?
+            .map_err(|e| Error::Kube(format!("reading Node {}", node.name), e))?;
+        let has_vtep = object.as_ref().is_some_and(|n| {
+            n.metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(canal_crds::annotations::BACKEND_DATA))
+        });
+        let cidr: Option<Ipv4Net> = object
             .and_then(|n| n.spec)
             .and_then(|s| s.pod_cidr)
             .and_then(|c| c.parse().ok());
         let mut waiting = vec![];
         match cidr {
-            None => waiting.push(format!("{} has no podCIDR yet", node.name)),
-            Some(cidr) => {
+            Some(cidr) if has_vtep => {
+                let at = *annotated.get_or_insert_with(Instant::now);
                 for other in ctx.state.nodes()?.iter().filter(|o| o.name != node.name) {
-                    if kernel::snapshot(&other.netns)?.route_to(cidr).is_none() {
+                    if !kernel::routes(&other.netns)?.iter().any(|r| r.dst == cidr) {
                         waiting.push(format!("{} has no route to {cidr}", other.name));
                     }
                 }
+                if waiting.is_empty() {
+                    return Ok(Programmed {
+                        annotated: at,
+                        routed: Instant::now(),
+                    });
+                }
             }
-        }
-        if waiting.is_empty() {
-            return Ok(Instant::now());
+            _ => waiting.push(format!(
+                "{} has no podCIDR and VTEP annotation yet",
+                node.name
+            )),
         }
         if Instant::now() > deadline {
             return Err(Error::Timeout(format!(
@@ -374,7 +410,7 @@ async fn wait_routes_to(
                 waiting.join("\n  - ")
             )));
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -212,10 +212,40 @@ pub fn remove_node_network(names: &LabNames, node: &NodeRecord) -> Result<(), Er
     netns::delete(&node.netns)
 }
 
-/// Registers the Node object as a kubelet would: labels, then status with
-/// the InternalIP and a Ready condition.
+/// Registers the Node object as a kubelet would: labels, the InternalIP and
+/// a Ready condition, in one create (the API server keeps a Node's status
+/// on create, and the kubelet relies on it: a controller never sees the
+/// Node without its address).
 pub async fn register(client: &Client, node: &NodeRecord) -> Result<(), Error> {
     let api: Api<Node> = Api::all(client.clone());
+    let now = super::now();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let status = json!({
+        "addresses": [
+            {"type": "InternalIP", "address": node.address.to_string()},
+            {"type": "Hostname", "address": node.name},
+        ],
+        "conditions": [{
+            "type": "Ready",
+            "status": "True",
+            "reason": "KubeletReady",
+            "message": "canal-lab kubelet stand-in is posting ready status",
+            "lastHeartbeatTime": now,
+            "lastTransitionTime": now,
+        }],
+        "nodeInfo": {
+            "machineID": "",
+            "systemUUID": "",
+            "bootID": "",
+            "kernelVersion": kernel.trim(),
+            "osImage": "canal-lab",
+            "containerRuntimeVersion": "canal-lab://0",
+            "kubeletVersion": crate::binaries::KUBERNETES_VERSION,
+            "kubeProxyVersion": "",
+            "operatingSystem": "linux",
+            "architecture": goarch(),
+        },
+    });
     let obj: Node = serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Node",
@@ -227,44 +257,26 @@ pub async fn register(client: &Client, node: &NodeRecord) -> Result<(), Error> {
                 "kubernetes.io/arch": goarch(),
             },
         },
+        "status": status,
     }))
     .map_err(|e| Error::Lab(format!("building Node {}: {e}", node.name)))?;
-    api.create(&PostParams::default(), &obj)
+    let created = api
+        .create(&PostParams::default(), &obj)
         .await
         .map_err(|e| Error::Kube(format!("creating Node {}", node.name), e))?;
-    let now = super::now();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let status = json!({
-        "status": {
-            "addresses": [
-                {"type": "InternalIP", "address": node.address.to_string()},
-                {"type": "Hostname", "address": node.name},
-            ],
-            "conditions": [{
-                "type": "Ready",
-                "status": "True",
-                "reason": "KubeletReady",
-                "message": "canal-lab kubelet stand-in is posting ready status",
-                "lastHeartbeatTime": now,
-                "lastTransitionTime": now,
-            }],
-            "nodeInfo": {
-                "machineID": "",
-                "systemUUID": "",
-                "bootID": "",
-                "kernelVersion": kernel.trim(),
-                "osImage": "canal-lab",
-                "containerRuntimeVersion": "canal-lab://0",
-                "kubeletVersion": crate::binaries::KUBERNETES_VERSION,
-                "kubeProxyVersion": "",
-                "operatingSystem": "linux",
-                "architecture": goarch(),
-            },
-        }
-    });
-    api.patch_status(&node.name, &PatchParams::default(), &Patch::Merge(&status))
+    let kept = created
+        .status
+        .and_then(|s| s.addresses)
+        .is_some_and(|a| !a.is_empty());
+    if !kept {
+        api.patch_status(
+            &node.name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "status": status })),
+        )
         .await
         .map_err(|e| Error::Kube(format!("writing the status of Node {}", node.name), e))?;
+    }
     Ok(())
 }
 
