@@ -71,14 +71,14 @@ impl PolicyMetrics {
         let m = PolicyMetrics {
             sync_full_duration: Histogram::with_opts(
                 HistogramOpts::new(
-                    "canal_sync_full_duration_seconds",
+                    "canal_policy_sync_full_duration_seconds",
                     "Duration of policy syncs that read the kernel state first (agent start, drift check, after a failure), including the restores they ran.",
                 )
                 .buckets(duration_buckets()),
             )?,
             sync_partial_duration: Histogram::with_opts(
                 HistogramOpts::new(
-                    "canal_sync_partial_duration_seconds",
+                    "canal_policy_sync_partial_duration_seconds",
                     "Duration of policy syncs that diffed against the last applied state and restored only what changed.",
                 )
                 .buckets(duration_buckets()),
