@@ -21,9 +21,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM debian:bookworm-slim AS runtime
 # iptables (nft backend), ipset and conntrack: the agent's batch writers
-# (iptables-restore, ipset restore) and conntrack cleanup.
+# (iptables-restore, ipset restore) and conntrack cleanup; portmap (from
+# containernetworking-plugins) for the conflist's chained plugin.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iptables ipset conntrack ca-certificates \
+ && apt-get install -y --no-install-recommends iptables ipset conntrack containernetworking-plugins ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/ /usr/local/bin/
 # The controller runs as this user (the chart sets runAsNonRoot); the agent

@@ -24,6 +24,9 @@ pub struct Settings {
 pub struct Context {
     /// API client.
     pub client: Client,
+    /// The registry `/metrics` serves; leader tasks register into it for the
+    /// term they run.
+    pub registry: prometheus::Registry,
     /// Publishes Events as `canal-controller` / this replica.
     pub recorder: Recorder,
     /// All metrics.
@@ -39,6 +42,7 @@ impl Context {
     /// Builds the context; `identity` names this replica in Events.
     pub fn new(
         client: Client,
+        registry: prometheus::Registry,
         metrics: Metrics,
         health: Health,
         settings: Settings,
@@ -54,6 +58,7 @@ impl Context {
         let (network, _) = watch::channel(None);
         Context {
             client,
+            registry,
             recorder,
             metrics,
             health,

@@ -6,6 +6,7 @@
 //! (what is written on a Node), [`status`] (CanalNetwork status),
 //! [`network::state`] (the controller's decisions), [`node_view`].
 //! I/O shells: [`network`] (watches and writes), [`leader`] (the Lease).
+//! [`policy`]: the NetworkPolicy compiler (pure core) and its controller.
 
 pub mod cli;
 pub mod context;
@@ -14,6 +15,7 @@ pub mod leader;
 pub mod metrics;
 pub mod network;
 pub mod node_view;
+pub mod policy;
 pub mod status;
 pub mod vtep;
 
@@ -48,17 +50,27 @@ pub enum Error {
     /// The task renewing the Lease died.
     #[error("the Lease renewal task failed: {0}")]
     Election(String),
+    /// The NetworkPolicy controller stopped.
+    #[error("NetworkPolicy controller: {0}")]
+    Policy(#[from] policy::Error),
 }
 
 /// A task that runs only on the leader, forever.
 pub type LeaderTask = BoxFuture<'static, Result<(), Error>>;
 
-/// Every leader-only task. Another one is one more line here (the
-/// NetworkPolicy compiler: `policy::run(ctx.clone()).err_into().boxed()`).
-/// They start when this replica becomes the leader and are all dropped, with
-/// every write they have in flight, the moment it stops being one.
+/// Every leader-only task: the network controller (CanalNetwork, Node
+/// subnets and annotations) and the NetworkPolicy controller. They start when
+/// this replica becomes the leader and are all dropped, with every write they
+/// have in flight, the moment it stops being one.
 fn leader_tasks(ctx: &Arc<Context>) -> Vec<LeaderTask> {
-    vec![network::run(ctx.clone()).err_into().boxed()]
+    let client = ctx.client.clone();
+    let registry = ctx.registry.clone();
+    vec![
+        network::run(ctx.clone()).err_into().boxed(),
+        async move { policy::run(client, &registry, policy::Options::default()).await }
+            .err_into()
+            .boxed(),
+    ]
 }
 
 /// Runs the leader tasks until the first one ends (they run forever).
@@ -80,10 +92,11 @@ pub async fn run(args: cli::Args) -> Result<(), Error> {
     let metrics = metrics::Metrics::register(&registry)?;
     let health = canal_runtime::Health::new();
     let (addr, server) =
-        canal_runtime::http::bind(args.metrics_addr, registry, health.clone()).await?;
+        canal_runtime::http::bind(args.metrics_addr, registry.clone(), health.clone()).await?;
     tracing::info!(%addr, identity = %lease.identity, leader_elect = args.leader_elect, "serving /metrics, /healthz and /readyz");
     let ctx = Arc::new(Context::new(
         client,
+        registry,
         metrics,
         health.clone(),
         Settings {

@@ -1,6 +1,7 @@
 //! canal's local lab and the support its integration and end-to-end tests
 //! share: a real etcd + kube-apiserver (built from Go modules, cached per
-//! version), installation of the CRDs, and the multi-node network lab.
+//! version), installation of the CRDs, and the multi-node network lab
+//! ([`lab`], driven by the `canal-lab` binary and by [`lab::Lab`] in tests).
 
 pub mod binaries;
 pub mod certs;
@@ -13,6 +14,7 @@ pub mod process;
 use std::path::PathBuf;
 
 pub use control_plane::ControlPlane;
+pub use lab::Lab;
 
 /// Everything that can go wrong while running the lab or a test cluster.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +47,37 @@ pub enum Error {
     /// Something about the lab's state is wrong.
     #[error("{0}")]
     Lab(String),
+    /// An external command (ip, bridge, canal-cni install) failed.
+    #[error("{command} failed: {detail}")]
+    Command { command: String, detail: String },
+    /// Entering a network namespace failed.
+    #[error("entering network namespace {netns}: {source}")]
+    Netns {
+        netns: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A CNI plugin returned an error (the CNI error format).
+    #[error("{0}")]
+    Cni(Box<CniFailure>),
+}
+
+/// A CNI plugin's failure: which plugin, for which pod, and its CNI error.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("CNI {command} of {pod}: plugin {plugin} failed with code {code}: {msg}{}", if details.is_empty() { String::new() } else { format!(" ({details})") })]
+pub struct CniFailure {
+    /// `namespace/name`.
+    pub pod: String,
+    /// The plugin's type.
+    pub plugin: String,
+    /// ADD, DEL or CHECK.
+    pub command: String,
+    /// The CNI error code (0 when the plugin gave none).
+    pub code: u64,
+    /// The error message.
+    pub msg: String,
+    /// Details.
+    pub details: String,
 }
 
 impl Error {

@@ -136,9 +136,20 @@ pub fn live_pid(pid_file: &Path, expect: &str) -> Option<i32> {
         .trim()
         .parse()
         .ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let cmdline = String::from_utf8_lossy(&cmdline);
-    cmdline.contains(expect).then_some(pid)
+    // A process in the middle of execve (e.g. `ip netns exec` becoming its
+    // target) briefly shows an empty command line: look again.
+    for _ in 0..50 {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        if !cmdline.is_empty() {
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            return (cmdline.contains(expect) && !is_zombie(pid)).then_some(pid);
+        }
+        if is_zombie(pid) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
 }
 
 /// Stops the process behind `pid_file` (if it is still ours) and removes the file.

@@ -1,9 +1,14 @@
 //! canal-lab: the local lab (see DESIGN.md for the command contract).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-use canal_e2e::lab::{self, StateDir, UpOptions};
+use canal_e2e::Error;
+use canal_e2e::lab::{
+    self, Context, MatrixOptions, PodOptions, PodPort, Protocol, StateDir, Target, UpOptions,
+};
 use clap::{Parser, Subcommand};
 
 /// canal's local lab: a real etcd + kube-apiserver, node network namespaces,
@@ -20,15 +25,25 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Start the lab; returns when it is ready.
+    /// Start the lab; returns when every node is programmed.
     Up {
-        /// Number of nodes.
+        /// Number of nodes (node-1 ... node-N).
         #[arg(long, default_value_t = 3)]
         nodes: u32,
+        /// Nodes without canal-agent and canal-cni (Node objects and
+        /// namespaces only, e.g. to work on the controller).
+        #[arg(long)]
+        no_agents: bool,
+        /// Do not run canal-controller (allocate podCIDRs yourself).
+        #[arg(long)]
+        no_controller: bool,
+        /// Seconds to wait for the network to be programmed.
+        #[arg(long, default_value_t = lab::DEFAULT_READY_TIMEOUT.as_secs())]
+        timeout: u64,
     },
-    /// Stop everything and remove what `up` made.
+    /// Stop everything and remove what `up` made (also after a crash).
     Down,
-    /// Show what is running.
+    /// Show what runs and whether it is healthy.
     Status,
     /// Run kubectl with the lab's kubeconfig: `canal-lab kubectl -- get nodes`.
     Kubectl {
@@ -36,14 +51,137 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Pods (the kubelet stand-in).
+    #[command(subcommand)]
+    Pod(PodCommand),
+    /// Nodes of a running lab.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Probe from a pod: prints "connected" (exit 0) or "blocked" (exit 1).
+    Probe {
+        /// Source pod, NAMESPACE/NAME.
+        from: String,
+        /// Destination: a pod NAMESPACE/NAME, `internet` (the host outside
+        /// the cluster), or an IP address.
+        to: String,
+        /// Destination port.
+        #[arg(long)]
+        port: u16,
+        /// TCP or UDP.
+        #[arg(long, default_value = "TCP")]
+        protocol: Protocol,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = lab::DEFAULT_PROBE_TIMEOUT.as_millis() as u64)]
+        timeout_ms: u64,
+        /// Also print the source address the server saw, or why it failed (stderr).
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// Probe every pod pair in parallel and print the truth table.
+    Matrix {
+        /// Destination port.
+        #[arg(long, default_value_t = 80)]
+        port: u16,
+        /// TCP or UDP.
+        #[arg(long, default_value = "TCP")]
+        protocol: Protocol,
+        /// Print `{"ns/from": {"ns/to": true|false}}`.
+        #[arg(long)]
+        json: bool,
+        /// Per-probe timeout in milliseconds.
+        #[arg(long, default_value_t = lab::DEFAULT_PROBE_TIMEOUT.as_millis() as u64)]
+        timeout_ms: u64,
+    },
+    /// (internal) The API forwarder into the node namespaces.
+    #[command(name = "__forward", hide = true)]
+    Forward {
+        /// The API server address.
+        #[arg(long)]
+        upstream: SocketAddr,
+        /// Port to listen on inside each node namespace.
+        #[arg(long)]
+        port: u16,
+    },
+    /// (internal) The echo server of a pod or of the internet host.
+    #[command(name = "__echo", hide = true)]
+    Echo {
+        /// PORT/PROTOCOL to serve, repeated.
+        #[arg(long)]
+        listen: Vec<String>,
+        /// Created once every port is bound.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+        /// Address to bind.
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: std::net::Ipv4Addr,
+    },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+#[derive(Subcommand, Debug)]
+enum PodCommand {
+    /// Create a pod on a node: Pod object, network namespace wired by the
+    /// node's CNI chain, status, and an echo server on its ports.
+    Add {
+        /// NAMESPACE/NAME (the namespace is created when missing).
+        pod: String,
+        /// The node to run on.
+        #[arg(long)]
+        node: String,
+        /// A label K=V, repeated.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// A port PORT/PROTOCOL:NAME, repeated (default: TCP and UDP 80 and
+        /// 81 named serve-<port>-<tcp|udp>).
+        #[arg(long = "port")]
+        ports: Vec<String>,
+    },
+    /// Delete a pod (CNI DEL, then the namespace and the Pod object).
+    Del {
+        /// NAMESPACE/NAME.
+        pod: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// Add a node to the running lab and wait until it is programmed.
+    Add {
+        /// Node name (a DNS label).
+        name: String,
+    },
+    /// Remove a node (its pods first).
+    Del {
+        /// Node name.
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    canal_runtime_logging();
+    init_logging(matches!(
+        cli.command,
+        Command::Forward { .. } | Command::Echo { .. }
+    ));
     let state = StateDir::new(&cli.state_dir);
-    match run(cli.command, &state).await {
+    // The helpers run for as long as the lab: one thread is plenty.
+    let runtime = match cli.command {
+        Command::Forward { .. } | Command::Echo { .. } => {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        }
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("canal-lab: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, &state)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("canal-lab: {e}");
@@ -52,52 +190,88 @@ async fn main() -> ExitCode {
     }
 }
 
-fn canal_runtime_logging() {
+fn init_logging(helper: bool) {
+    let default = if helper {
+        "info"
+    } else {
+        "warn,kube_client=off"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,kube_client=off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
 }
 
-async fn run(command: Command, state: &StateDir) -> Result<ExitCode, canal_e2e::Error> {
+fn parse_labels(labels: &[String]) -> Result<Vec<(String, String)>, Error> {
+    labels
+        .iter()
+        .map(|l| match l.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(Error::Lab(format!("label {l:?}: expected KEY=VALUE"))),
+        })
+        .collect()
+}
+
+async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
     match command {
-        Command::Up { nodes } => {
-            let started = std::time::Instant::now();
-            let lab = lab::up(state, &UpOptions { nodes }).await?;
+        Command::Up {
+            nodes,
+            no_agents,
+            no_controller,
+            timeout,
+        } => {
+            let started = Instant::now();
+            let opts = UpOptions {
+                nodes,
+                agents: !no_agents,
+                controller: !no_controller,
+                ready_timeout: Duration::from_secs(timeout),
+                ..UpOptions::default()
+            };
+            let ctx = lab::up(state, &opts).await?;
             println!(
-                "lab up in {:.1}s: API server {}\nkubeconfig: {}\ntry: canal-lab --state-dir {} kubectl -- get crd",
+                "lab up in {:.1}s: {} node(s), API server {}, underlay {}\nkubeconfig: {}\ntry: canal-lab --state-dir {} kubectl -- get nodes -o wide",
                 started.elapsed().as_secs_f64(),
-                lab.server,
+                nodes,
+                ctx.lab.server,
+                ctx.lab.underlay,
                 state.kubeconfig().display(),
                 state.dir.display()
             );
             Ok(ExitCode::SUCCESS)
         }
         Command::Down => {
-            let stopped = lab::down(state);
-            if stopped.is_empty() {
-                println!("nothing was running; {} removed", state.dir.display());
+            let removed = lab::down(state);
+            if removed.is_empty() {
+                println!("nothing to remove in {}", state.dir.display());
             } else {
                 println!(
-                    "stopped {}; {} removed",
-                    stopped.join(", "),
-                    state.dir.display()
+                    "stopped {} process(es), removed {} namespace(s){}",
+                    removed.processes.len(),
+                    removed.namespaces.len(),
+                    if removed.state_dir {
+                        format!(" and {}", state.dir.display())
+                    } else {
+                        String::new()
+                    }
                 );
             }
-            Ok(ExitCode::SUCCESS)
+            if removed.failures.is_empty() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                for f in &removed.failures {
+                    eprintln!("could not remove {f}");
+                }
+                Ok(ExitCode::FAILURE)
+            }
         }
         Command::Status => {
-            let lab = state.load()?;
-            let running = lab::control_plane_running(state);
-            println!(
-                "API server {} ({})\nkubeconfig: {}",
-                lab.server,
-                if running { "running" } else { "NOT running" },
-                state.kubeconfig().display()
-            );
-            Ok(if running {
+            let ctx = Context::open(state).await?;
+            let (text, healthy) = lab::status(&ctx).await?;
+            print!("{text}");
+            Ok(if healthy {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -108,8 +282,157 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, canal_e2e::
             let status = lab::kubectl(state)?
                 .args(&args)
                 .status()
-                .map_err(|e| canal_e2e::Error::Io("running kubectl".into(), e))?;
+                .map_err(|e| Error::Io("running kubectl".into(), e))?;
             Ok(ExitCode::from(status.code().unwrap_or(1) as u8))
+        }
+        Command::Pod(PodCommand::Add {
+            pod,
+            node,
+            labels,
+            ports,
+        }) => {
+            let ctx = Context::open(state).await?;
+            let (ns, name) = lab::pods::parse_key(&pod)?;
+            let mut opts = PodOptions::new(&ns, &name, &node);
+            for (k, v) in parse_labels(&labels)? {
+                opts = opts.label(&k, &v);
+            }
+            if !ports.is_empty() {
+                let ports = ports
+                    .iter()
+                    .map(|p| PodPort::parse(p).map_err(Error::Lab))
+                    .collect::<Result<Vec<_>, _>>()?;
+                opts = opts.ports(ports);
+            }
+            let record = lab::pods::add(&ctx, opts).await?;
+            let ips: Vec<String> = record.ips.iter().map(ToString::to_string).collect();
+            println!("pod {} on {}: {}", record.key(), record.node, ips.join(","));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pod(PodCommand::Del { pod }) => {
+            let ctx = Context::open(state).await?;
+            let (ns, name) = lab::pods::parse_key(&pod)?;
+            lab::pods::del(&ctx, &ns, &name).await?;
+            println!("pod {pod} deleted");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Node(NodeCommand::Add { name }) => {
+            let ctx = Context::open(state).await?;
+            let added = lab::add_node(&ctx, &name, lab::DEFAULT_READY_TIMEOUT).await?;
+            print!(
+                "node {} added ({}, netns {})",
+                added.node.name, added.node.address, added.node.netns
+            );
+            if let (Some(annotated), Some(routes)) =
+                (added.annotated_after, added.routes_everywhere_after)
+            {
+                print!(
+                    "; after its Node object was created: podCIDR and VTEP annotations in {} ms, routes to it on every other node in {} ms",
+                    annotated.as_millis(),
+                    routes.as_millis()
+                );
+            }
+            println!(
+                "; lab programmed after {} ms",
+                added.programmed_after.as_millis()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Node(NodeCommand::Del { name }) => {
+            let ctx = Context::open(state).await?;
+            lab::del_node(&ctx, &name).await?;
+            println!("node {name} removed");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Probe {
+            from,
+            to,
+            port,
+            protocol,
+            timeout_ms,
+            verbose,
+        } => {
+            let ctx = Context::open(state).await?;
+            let target: Target = to.parse()?;
+            let outcome = lab::probe(
+                &ctx,
+                &from,
+                &target,
+                port,
+                protocol,
+                Duration::from_millis(timeout_ms),
+            )
+            .await?;
+            if verbose {
+                match outcome.seen_source {
+                    Some(src) => eprintln!(
+                        "{from} -> {to}:{port}/{protocol}: server saw {src} after {} ms",
+                        outcome.elapsed.as_millis()
+                    ),
+                    None => eprintln!(
+                        "{from} -> {to}:{port}/{protocol}: {} after {} ms",
+                        outcome.detail,
+                        outcome.elapsed.as_millis()
+                    ),
+                }
+            }
+            if outcome.connected {
+                println!("connected");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("blocked");
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::Matrix {
+            port,
+            protocol,
+            json,
+            timeout_ms,
+        } => {
+            let ctx = Context::open(state).await?;
+            let run = lab::run_matrix(
+                &ctx,
+                &MatrixOptions {
+                    port,
+                    protocol,
+                    timeout: Duration::from_millis(timeout_ms),
+                    ..MatrixOptions::default()
+                },
+            )
+            .await?;
+            if json {
+                println!("{}", run.matrix.to_json());
+            } else {
+                println!("{port}/{protocol} ('.' connected, 'X' blocked; rows: from, columns: to)");
+                print!("{}", run.matrix.render());
+                println!(
+                    "{}/{} pairs connected",
+                    run.matrix.connected(),
+                    run.matrix.len()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Forward { upstream, port } => {
+            lab::forward::run(state.clone(), upstream, port).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Echo {
+            listen,
+            ready_file,
+            bind,
+        } => {
+            let ports = listen
+                .iter()
+                .map(|l| {
+                    PodPort::parse(l)
+                        .map(|p| (p.port, p.protocol))
+                        .map_err(Error::Lab)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            lab::echo::serve(bind, &ports, ready_file).await?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

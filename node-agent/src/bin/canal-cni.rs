@@ -33,6 +33,10 @@ enum Cli {
         /// Pod MTU; 0 uses canal-agent's.
         #[arg(long, env = "CNI_MTU", default_value_t = 0)]
         mtu: u32,
+        /// Another plugin binary the conflist chains (portmap), copied into
+        /// the bin directory when the host has none of that name. Repeatable.
+        #[arg(long = "extra-plugin", value_name = "PATH")]
+        extra_plugins: Vec<PathBuf>,
     },
 }
 
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
         data_dir,
         conflist_name,
         mtu,
+        extra_plugins,
     } = Cli::parse();
     let opts = InstallOptions {
         cni_bin_dir,
@@ -61,6 +66,7 @@ fn main() -> ExitCode {
         data_dir,
         conflist_name,
         mtu,
+        extra_plugins,
     };
     let me = match std::env::current_exe() {
         Ok(p) => p,

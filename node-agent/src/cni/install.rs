@@ -29,13 +29,17 @@ pub struct InstallOptions {
     pub conflist_name: String,
     /// MTU for pods; 0 = canal-agent's.
     pub mtu: u32,
+    /// Other plugin binaries the conflist chains (portmap), copied into the
+    /// bin directory only when it has none of that name yet: a host's own
+    /// plugins, managed by its distribution, are left alone.
+    pub extra_plugins: Vec<PathBuf>,
 }
 
 /// Installation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
-    /// The running binary could not be read.
-    #[error("reading the canal-cni binary {path}: {source}")]
+    /// A plugin binary to install could not be read.
+    #[error("reading the plugin binary {path}: {source}")]
     ReadSelf {
         path: PathBuf,
         #[source]
@@ -73,6 +77,20 @@ pub fn install(opts: &InstallOptions, binary: &Path) -> Result<(PathBuf, PathBuf
     })?;
     let bin = opts.cni_bin_dir.join(PLUGIN_TYPE);
     write_atomic(&bin, &bytes, 0o755)?;
+    for plugin in &opts.extra_plugins {
+        let Some(name) = plugin.file_name() else {
+            continue;
+        };
+        let target = opts.cni_bin_dir.join(name);
+        if target.exists() {
+            continue;
+        }
+        let bytes = std::fs::read(plugin).map_err(|source| InstallError::ReadSelf {
+            path: plugin.clone(),
+            source,
+        })?;
+        write_atomic(&target, &bytes, 0o755)?;
+    }
     let conf = opts.cni_conf_dir.join(&opts.conflist_name);
     let mut text = serde_json::to_vec_pretty(&conflist(opts)).unwrap_or_default();
     text.push(b'\n');
@@ -92,6 +110,7 @@ mod tests {
             data_dir: "/var/lib/cni/canal".into(),
             conflist_name: "10-canal.conflist".into(),
             mtu: 0,
+            extra_plugins: vec![],
         }
     }
 
@@ -132,5 +151,33 @@ mod tests {
         assert_eq!(doc["plugins"][1]["type"], "portmap");
         // Idempotent.
         install(&opts(dir.path()), &fake).unwrap();
+    }
+
+    #[test]
+    fn extra_plugins_are_copied_only_when_the_host_has_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("canal-cni-build");
+        std::fs::write(&fake, b"canal").unwrap();
+        let portmap = dir.path().join("portmap");
+        std::fs::write(&portmap, b"ours").unwrap();
+        let mut o = opts(dir.path());
+        o.extra_plugins = vec![portmap.clone()];
+        install(&o, &fake).unwrap();
+        assert_eq!(
+            std::fs::read(o.cni_bin_dir.join("portmap")).unwrap(),
+            b"ours"
+        );
+        // The host's own portmap is left alone.
+        std::fs::write(o.cni_bin_dir.join("portmap"), b"host").unwrap();
+        install(&o, &fake).unwrap();
+        assert_eq!(
+            std::fs::read(o.cni_bin_dir.join("portmap")).unwrap(),
+            b"host"
+        );
+        // A missing source is an error naming it.
+        o.extra_plugins = vec![dir.path().join("nope")];
+        std::fs::remove_file(o.cni_bin_dir.join("portmap")).unwrap();
+        let err = install(&o, &fake).unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
     }
 }

@@ -1,0 +1,644 @@
+//! The policy controller against a real kube-apiserver: Nodes, Namespaces,
+//! Pods (nodeName and status.podIP set by the test: there is no kubelet or
+//! scheduler) and NetworkPolicies in; NodePolicySets, PeerSets, Events and
+//! the CanalNetwork summary out. Every wait has a deadline and prints what
+//! it last saw.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use canal_crds::{CanalNetwork, CanalNetworkSpec, NodePolicySet, PeerSet};
+use canal_e2e::ControlPlane;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use prometheus::Registry;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Polls `f` until it returns Some, or panics after `WAIT` with the last
+/// observation.
+async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(seen) if Instant::now() > deadline => {
+                panic!("timed out waiting for {what}; last observed: {seen}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// A running policy controller with its own metrics registry.
+struct Running {
+    task: tokio::task::JoinHandle<Result<(), canal_controller::policy::Error>>,
+    registry: std::sync::Arc<Registry>,
+}
+
+impl Running {
+    fn start(client: &Client) -> Running {
+        let registry = std::sync::Arc::new(Registry::new());
+        let (c, r) = (client.clone(), registry.clone());
+        let task = tokio::spawn(async move {
+            canal_controller::policy::run(c, &r, canal_controller::policy::Options::default()).await
+        });
+        Running { task, registry }
+    }
+
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut total = 0.0;
+        for family in self.registry.gather() {
+            if family.name() != name {
+                continue;
+            }
+            for m in family.get_metric() {
+                let ok = labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == *k && l.value() == *v)
+                });
+                if ok {
+                    total += m.get_counter().get_value() + m.get_gauge().get_value();
+                }
+            }
+        }
+        total
+    }
+
+    fn syncs(&self) -> f64 {
+        self.metric("canal_policy_syncs_total", &[])
+    }
+
+    /// Waits until the controller has completed `n` more sync passes.
+    async fn wait_syncs_after(&self, before: f64, n: f64) {
+        wait_for("more policy sync passes", || async {
+            let now = self.syncs();
+            if now >= before + n {
+                Ok(())
+            } else {
+                Err(format!("syncs {now}, waiting for {}", before + n))
+            }
+        })
+        .await;
+    }
+
+    async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+struct Cluster {
+    cp: ControlPlane,
+    client: Client,
+}
+
+async fn cluster() -> Cluster {
+    let cp = ControlPlane::start().await.expect("control plane");
+    let client = cp.client();
+    canal_e2e::install::install_crds(&client)
+        .await
+        .expect("CRDs");
+    canal_e2e::install::apply_default_network(
+        &client,
+        CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16"),
+    )
+    .await
+    .expect("CanalNetwork");
+    let nodes: Api<Node> = Api::all(client.clone());
+    for n in ["n1", "n2"] {
+        nodes
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": n}})).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let nss: Api<Namespace> = Api::all(client.clone());
+    for n in ["x", "y"] {
+        nss.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": n, "labels": {"ns": n}}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    for (ns, pod, node, ip) in [
+        ("x", "a", "n1", "10.244.1.2"),
+        ("x", "b", "n1", "10.244.1.3"),
+        ("y", "a", "n2", "10.244.2.2"),
+        ("y", "b", "n2", "10.244.2.3"),
+    ] {
+        create_pod(&client, ns, pod, node, ip).await;
+    }
+    Cluster { cp, client }
+}
+
+async fn create_pod(client: &Client, ns: &str, name: &str, node: &str, ip: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"pod": name}},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "registry.invalid/echo",
+            "ports": [{"name": "serve-80-tcp", "containerPort": 80}]}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    set_pod_ip(client, ns, name, ip).await;
+}
+
+async fn set_pod_ip(client: &Client, ns: &str, name: &str, ip: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    pods.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})),
+    )
+    .await
+    .unwrap();
+}
+
+async fn apply_policy(client: &Client, yaml: &str) {
+    let np: NetworkPolicy = serde_yaml::from_str(yaml).unwrap();
+    let api: Api<NetworkPolicy> =
+        Api::namespaced(client.clone(), np.metadata.namespace.as_deref().unwrap());
+    api.patch(
+        &np.name_any(),
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&np),
+    )
+    .await
+    .unwrap();
+}
+
+const ISOLATE_X_A: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-b, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {pod: b}}}]
+    ports: [{port: serve-80-tcp}]
+"#;
+
+const Y_FROM_X: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: from-x, namespace: y}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {ns: x}}}]
+  egress:
+  - ports: [{port: serve-80-tcp}]
+"#;
+
+async fn nps(client: &Client, name: &str) -> Result<NodePolicySet, String> {
+    Api::<NodePolicySet>::all(client.clone())
+        .get(name)
+        .await
+        .map_err(|e| format!("NodePolicySet {name}: {e}"))
+}
+
+async fn peer_sets(client: &Client) -> Vec<PeerSet> {
+    Api::<PeerSet>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+}
+
+/// name -> resourceVersion of every NodePolicySet and PeerSet.
+async fn versions(client: &Client) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for n in Api::<NodePolicySet>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+    {
+        out.insert(
+            format!("NodePolicySet/{}", n.name_any()),
+            n.resource_version().unwrap(),
+        );
+    }
+    for p in peer_sets(client).await {
+        out.insert(
+            format!("PeerSet/{}", p.name_any()),
+            p.resource_version().unwrap(),
+        );
+    }
+    out
+}
+
+/// Waits for the compiled state of the two policies above.
+async fn wait_compiled(client: &Client) {
+    wait_for("NodePolicySets and PeerSets of the policies", || async {
+        let n1 = nps(client, "n1").await?;
+        let n2 = nps(client, "n2").await?;
+        let xa = n1
+            .spec
+            .endpoints
+            .iter()
+            .find(|e| e.namespace == "x" && e.pod == "a")
+            .ok_or(format!("n1 endpoints {:?}", n1.spec.endpoints))?;
+        if xa.ingress_policies != ["x/allow-b"] || xa.ips != ["10.244.1.2"] {
+            return Err(format!("x/a endpoint {xa:?}"));
+        }
+        if n2
+            .spec
+            .policies
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            != ["y/from-x"]
+        {
+            return Err(format!("n2 policies {:?}", n2.spec.policies));
+        }
+        let sets = peer_sets(client).await;
+        let b = sets
+            .iter()
+            .find(|s| s.spec.selector.namespace.as_deref() == Some("x"))
+            .ok_or(format!("PeerSets {sets:?}"))?;
+        if b.spec.ips != ["10.244.1.3"] {
+            return Err(format!("x pod=b set {:?}", b.spec));
+        }
+        let named = sets
+            .iter()
+            .find(|s| s.spec.selector.named_port.is_some())
+            .ok_or("no named-port set")?;
+        if named.spec.member_count != 4 {
+            return Err(format!("named-port set {:?}", named.spec));
+        }
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiles_a_cluster_rewrites_minimally_and_a_restart_writes_nothing() {
+    let c = cluster().await;
+    apply_policy(&c.client, ISOLATE_X_A).await;
+    apply_policy(&c.client, Y_FROM_X).await;
+    let ctl = Running::start(&c.client);
+    wait_compiled(&c.client).await;
+
+    // Owned by the Node, labelled, annotated with the fingerprints.
+    let n1 = nps(&c.client, "n1").await.unwrap();
+    let owner = &n1.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("Node", "n1"));
+    assert!(n1.annotations().contains_key("canal.dev/fingerprint"));
+    assert!(
+        n1.managed_fields()
+            .iter()
+            .any(|m| m.manager.as_deref() == Some("canal-controller-policy"))
+    );
+
+    // A pod IP change rewrites the sets holding the pod and its node's
+    // NodePolicySet, nothing else.
+    let before = versions(&c.client).await;
+    let synced = ctl.syncs();
+    set_pod_ip(&c.client, "x", "b", "10.244.1.9").await;
+    wait_for("x/b's new IP in its PeerSet and on n1", || async {
+        let sets = peer_sets(&c.client).await;
+        let b = sets
+            .iter()
+            .find(|s| s.spec.selector.namespace.as_deref() == Some("x"))
+            .ok_or("x set missing")?;
+        let n1 = nps(&c.client, "n1").await?;
+        let ep = n1
+            .spec
+            .endpoints
+            .iter()
+            .find(|e| e.pod == "b" && e.namespace == "x");
+        if b.spec.ips == ["10.244.1.9"] && ep.is_some_and(|e| e.ips == ["10.244.1.9"]) {
+            Ok(())
+        } else {
+            Err(format!("set {:?}, endpoint {ep:?}", b.spec.ips))
+        }
+    })
+    .await;
+    ctl.wait_syncs_after(synced, 2.0).await;
+    let after = versions(&c.client).await;
+    let changed: Vec<&String> = before
+        .keys()
+        .filter(|k| after.get(*k) != before.get(*k))
+        .collect();
+    let sets = peer_sets(&c.client).await;
+    let mut expected: Vec<String> = sets
+        .iter()
+        .filter(|s| {
+            s.spec.ips.contains(&"10.244.1.9".to_string())
+                || s.spec.ports.iter().any(|p| p.ip == "10.244.1.9")
+        })
+        .map(|s| format!("PeerSet/{}", s.name_any()))
+        .collect();
+    expected.push("NodePolicySet/n1".into());
+    expected.sort();
+    assert_eq!(
+        changed.into_iter().cloned().collect::<Vec<_>>(),
+        expected,
+        "objects rewritten by one pod IP change"
+    );
+    assert_eq!(
+        expected.len(),
+        4,
+        "x pod=b set, namespace x set of y/from-x, named-port set, n1"
+    );
+
+    // A restarted controller writes nothing.
+    ctl.stop().await;
+    let before = versions(&c.client).await;
+    let ctl = Running::start(&c.client);
+    ctl.wait_syncs_after(0.0, 1.0).await;
+    let writes = ctl.metric("canal_policy_objects_written_total", &[]);
+    assert_eq!(writes, 0.0, "a restart with nothing changed wrote objects");
+    assert_eq!(versions(&c.client).await, before);
+
+    // Deleting a Node deletes its NodePolicySet; deleting the policies
+    // garbage-collects every PeerSet.
+    Api::<Node>::all(c.client.clone())
+        .delete("n2", &DeleteParams::default())
+        .await
+        .unwrap();
+    for (ns, name) in [("x", "allow-b"), ("y", "from-x")] {
+        Api::<NetworkPolicy>::namespaced(c.client.clone(), ns)
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    wait_for("n2's NodePolicySet and every PeerSet to go", || async {
+        let v = versions(&c.client).await;
+        if v.keys().collect::<Vec<_>>() == ["NodePolicySet/n1"] {
+            Ok(())
+        } else {
+            Err(format!("{:?}", v.keys()))
+        }
+    })
+    .await;
+    ctl.stop().await;
+    drop(c.cp);
+}
+
+/// The etcd client URL of a control plane, read from its etcd process.
+fn etcd_url(cp: &ControlPlane) -> String {
+    let data_dir = format!("--data-dir={}", cp.layout.etcd_data().display());
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == &data_dir)
+            && let Some(url) = args
+                .iter()
+                .find_map(|a| a.strip_prefix("--listen-client-urls="))
+        {
+            return url.to_string();
+        }
+    }
+    panic!("no etcd process with {data_dir}");
+}
+
+/// Stores a NetworkPolicy straight into etcd, bypassing API validation, as
+/// an object stored before validation tightened would be. The API server
+/// decodes JSON from etcd and serves it like any other.
+async fn put_unvalidated_policy(cp: &ControlPlane, ns: &str, name: &str, spec: serde_json::Value) {
+    let object = json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": ns,
+            "uid": "0b5e6f1c-1111-4222-8333-944455556666",
+            "creationTimestamp": "2025-01-01T00:00:00Z"},
+        "spec": spec
+    });
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let body = json!({
+        "key": b64.encode(format!("/registry/networkpolicies/{ns}/{name}")),
+        "value": b64.encode(object.to_string()),
+    })
+    .to_string();
+    let url = etcd_url(cp);
+    let addr = url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /v3/kv/put HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "etcd put: {response}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_policy_gets_an_event_and_does_not_stop_the_others() {
+    let c = cluster().await;
+    let ctl = Running::start(&c.client);
+    // The API server rejects all of these today; etcd still may hold them.
+    put_unvalidated_policy(
+        &c.cp,
+        "x",
+        "broken",
+        json!({
+            "podSelector": {"matchExpressions": [{"key": "pod", "operator": "Foo", "values": ["a"]}]},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.1/33"}}],
+                         "ports": [{"port": "serve-80-tcp", "endPort": 90}]}]
+        }),
+    )
+    .await;
+    wait_for(
+        "the broken policy to be visible through the API",
+        || async {
+            Api::<NetworkPolicy>::namespaced(c.client.clone(), "x")
+                .get("broken")
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
+    apply_policy(&c.client, ISOLATE_X_A).await;
+    apply_policy(&c.client, Y_FROM_X).await;
+    wait_compiled(&c.client).await;
+
+    let event = wait_for("an InvalidNetworkPolicy Event on x/broken", || async {
+        let events = Api::<Event>::namespaced(c.client.clone(), "x")
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        events
+            .items
+            .into_iter()
+            .find(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("broken")
+                    && e.reason.as_deref() == Some("InvalidNetworkPolicy")
+            })
+            .ok_or("no such Event yet".to_string())
+    })
+    .await;
+    let note = event.note.unwrap_or_default();
+    for needle in [
+        "operator \"Foo\"",
+        "\"10.0.0.1/33\"",
+        "endPort: not allowed with the named port",
+    ] {
+        assert!(note.contains(needle), "Event note lacks {needle:?}: {note}");
+    }
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    let regarding = event.regarding.unwrap();
+    assert_eq!(regarding.kind.as_deref(), Some("NetworkPolicy"));
+    assert_eq!(
+        regarding.uid.as_deref(),
+        Some("0b5e6f1c-1111-4222-8333-944455556666")
+    );
+    // Skipped: no endpoint names it.
+    let n1 = nps(&c.client, "n1").await.unwrap();
+    assert!(
+        n1.spec
+            .endpoints
+            .iter()
+            .all(|e| !e.ingress_policies.contains(&"x/broken".to_string())),
+        "{:?}",
+        n1.spec.endpoints
+    );
+    ctl.stop().await;
+}
+
+/// Writes a NodePolicySet status as the node's agent would.
+async fn agent_reports(client: &Client, node: &str, enforced: bool) {
+    let api: Api<NodePolicySet> = Api::all(client.clone());
+    let current = api.get(node).await.unwrap();
+    let generation = current.metadata.generation.unwrap();
+    let body = json!({
+        "apiVersion": "canal.dev/v1alpha1", "kind": "NodePolicySet",
+        "metadata": {"name": node},
+        "status": {
+            "observedGeneration": generation,
+            "conditions": [{"type": "Enforced", "status": if enforced {"True"} else {"False"},
+                "reason": "Programmed", "message": "", "observedGeneration": generation,
+                "lastTransitionTime": "2025-01-01T00:00:00Z"}]
+        }
+    });
+    api.patch_status(
+        node,
+        &PatchParams::apply("canal-agent").force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canal_network_summary_follows_agent_statuses_and_leaves_conditions_alone() {
+    let c = cluster().await;
+    // The network controller's condition, which the policy controller must not touch.
+    let networks: Api<CanalNetwork> = Api::all(c.client.clone());
+    networks
+        .patch_status(
+            "default",
+            &PatchParams::apply("canal-controller").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "canal.dev/v1alpha1", "kind": "CanalNetwork",
+                "metadata": {"name": "default"},
+                "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "Applied",
+                    "message": "", "lastTransitionTime": "2025-01-01T00:00:00Z"}],
+                    "allocatedSubnets": 2}
+            })),
+        )
+        .await
+        .unwrap();
+    let ctl = Running::start(&c.client);
+    let summary = |want: (&'static str, u32, u32)| {
+        let networks = networks.clone();
+        async move {
+            wait_for(&format!("CanalNetwork summary {want:?}"), || async {
+                let s = networks
+                    .get("default")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .status
+                    .unwrap_or_default();
+                let got = (
+                    s.policy_enforcement.clone().unwrap_or_default(),
+                    s.policy_enforced_nodes.unwrap_or(99),
+                    s.policy_nodes.unwrap_or(99),
+                );
+                if got == (want.0.to_string(), want.1, want.2) {
+                    Ok(s)
+                } else {
+                    Err(format!("{got:?}"))
+                }
+            })
+            .await
+        }
+    };
+    summary(("0/2 nodes", 0, 2)).await;
+    wait_for("both NodePolicySets", || async {
+        nps(&c.client, "n1").await?;
+        nps(&c.client, "n2").await.map(|_| ())
+    })
+    .await;
+    agent_reports(&c.client, "n1", true).await;
+    summary(("1/2 nodes", 1, 2)).await;
+    agent_reports(&c.client, "n2", false).await;
+    agent_reports(&c.client, "n2", true).await;
+    let s = summary(("2/2 nodes", 2, 2)).await;
+    assert_eq!(
+        s.conditions.len(),
+        1,
+        "conditions untouched: {:?}",
+        s.conditions
+    );
+    assert_eq!(s.allocated_subnets, Some(2));
+
+    // A policy change bumps n1's generation: not enforced until the agent catches up.
+    apply_policy(&c.client, ISOLATE_X_A).await;
+    summary(("1/2 nodes", 1, 2)).await;
+    agent_reports(&c.client, "n1", true).await;
+    summary(("2/2 nodes", 2, 2)).await;
+
+    // Field ownership: only the three policy fields are the policy controller's.
+    let cn = networks.get("default").await.unwrap();
+    let ours = cn
+        .managed_fields()
+        .iter()
+        .find(|m| m.manager.as_deref() == Some("canal-controller-policy"))
+        .expect("a managedFields entry of the policy controller");
+    let fields = serde_json::to_string(&ours.fields_v1).unwrap();
+    for f in ["policyEnforcement", "policyEnforcedNodes", "policyNodes"] {
+        assert!(fields.contains(f), "{fields}");
+    }
+    assert!(!fields.contains("conditions"), "{fields}");
+
+    // Disabled policy: the summary says so.
+    networks
+        .patch(
+            "default",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "canal.dev/v1alpha1", "kind": "CanalNetwork",
+                "metadata": {"name": "default"},
+                "spec": {"clusterCIDR": "10.244.0.0/16", "policy": {"enabled": false}}
+            })),
+        )
+        .await
+        .unwrap();
+    summary(("disabled", 2, 2)).await;
+    ctl.stop().await;
+}

@@ -1,0 +1,430 @@
+//! `up`, `down`, readiness, and nodes joining and leaving a running lab.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use canal_crds::{CanalNetwork, CanalNetworkSpec};
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, ListParams};
+
+use crate::binaries::Binaries;
+use crate::control_plane;
+use crate::lab::{
+    Context, LAB_CLUSTER_CIDR, LabRecord, NodeRecord, Removed, StateDir, UpOptions, cleanup,
+    default_bin_dir, forward, kernel, names, nodes, pods, state,
+};
+use crate::{Error, install, process};
+
+fn free_port() -> Result<u16, Error> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| Error::Io("finding a free port".into(), e))
+}
+
+fn check_binaries(dir: &Path, opts: &UpOptions) -> Result<(), Error> {
+    let mut wanted = vec!["canal-lab"];
+    if opts.controller {
+        wanted.push("canal-controller");
+    }
+    if opts.agents {
+        wanted.extend(["canal-agent", "canal-cni"]);
+    }
+    let missing: Vec<&str> = wanted
+        .into_iter()
+        .filter(|b| !dir.join(b).is_file())
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Lab(format!(
+            "{} not found in {} (run `cargo build --workspace --bins`, or set CANAL_BIN_DIR)",
+            missing.join(", "),
+            dir.display()
+        )))
+    }
+}
+
+/// Brings a lab up in `state`; on any failure removes what it made.
+pub async fn up(state: &StateDir, opts: &UpOptions) -> Result<Context, Error> {
+    if state.lab_file().exists() && !opts.replace {
+        return Err(Error::Lab(format!(
+            "a lab is already up in {} (run `canal-lab down --state-dir {}` first)",
+            state.dir.display(),
+            state.dir.display()
+        )));
+    }
+    // Leftovers of a lab that crashed (processes, namespaces, files).
+    cleanup::down(state);
+    let bin_dir = opts.bin_dir.clone().unwrap_or_else(default_bin_dir);
+    check_binaries(&bin_dir, opts)?;
+    Binaries::ensure()?;
+    std::fs::create_dir_all(&state.dir)
+        .map_err(|e| Error::Io(format!("creating {}", state.dir.display()), e))?;
+    match up_steps(state, opts, bin_dir).await {
+        Ok(ctx) => Ok(ctx),
+        Err(e) => {
+            cleanup::down(state);
+            Err(e)
+        }
+    }
+}
+
+async fn up_steps(state: &StateDir, opts: &UpOptions, bin_dir: PathBuf) -> Result<Context, Error> {
+    let (cp, client) = control_plane::start_detached(&state.control_plane()).await?;
+    std::fs::copy(cp.layout.kubeconfig(), state.kubeconfig())
+        .map_err(|e| Error::Io(format!("writing {}", state.kubeconfig().display()), e))?;
+    install::install_crds(&client).await?;
+    install::apply_default_network(
+        &client,
+        CanalNetworkSpec::with_cluster_cidr(LAB_CLUSTER_CIDR),
+    )
+    .await?;
+
+    let names = state.names();
+    let mut ctx = Context {
+        state: state.clone(),
+        lab: LabRecord {
+            prefix: names.prefix.clone(),
+            server: cp.server.clone(),
+            underlay: names.underlay(),
+            agents: opts.agents,
+            controller: opts.controller,
+            bin_dir,
+            controller_metrics: None,
+            started_at: 0,
+        },
+        names,
+        client,
+    };
+    state::write_json(&state.lab_file(), &ctx.lab)?;
+
+    nodes::build_underlay(&ctx.names)?;
+    nodes::start_internet_echo(&ctx).await?;
+    for i in 1..=opts.nodes {
+        let node = nodes::plan_node(state, &ctx.names, &names::default_node_name(i))?;
+        create_node(&ctx, &node).await?;
+    }
+    // Always: agents run by hand (`ip netns exec`) use it too.
+    start_forwarder(&ctx)?;
+    for node in state.nodes()? {
+        forward::wait_listening(&node.netns, names::NODE_API_PORT, Duration::from_secs(15))?;
+    }
+    if opts.controller {
+        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        nodes::start_controller(state, &ctx.lab.bin_dir, metrics)?;
+        ctx.lab.controller_metrics = Some(metrics);
+        state::write_json(&state.lab_file(), &ctx.lab)?;
+    }
+    if opts.agents {
+        for node in state.nodes()? {
+            start_node_agent(&ctx, &node)?;
+        }
+    }
+    wait_programmed(&ctx, opts.ready_timeout).await?;
+    ctx.lab.started_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    state::write_json(&state.lab_file(), &ctx.lab)?;
+    Ok(ctx)
+}
+
+/// Builds a node's namespace, records it and registers its Node object.
+async fn create_node(ctx: &Context, node: &NodeRecord) -> Result<(), Error> {
+    nodes::build_node(&ctx.names, node)?;
+    nodes::write_kubeconfig(&ctx.state, node)?;
+    state::write_json(&ctx.state.node(&node.name).record(), node)?;
+    nodes::register(&ctx.client, node).await
+}
+
+fn start_forwarder(ctx: &Context) -> Result<(), Error> {
+    let mut cmd = std::process::Command::new(ctx.lab.bin_dir.join("canal-lab"));
+    cmd.arg("--state-dir")
+        .arg(&ctx.state.dir)
+        .arg("__forward")
+        .arg("--upstream")
+        .arg(format!("127.0.0.1:{}", ctx.lab.api_port()?))
+        .arg("--port")
+        .arg(names::NODE_API_PORT.to_string());
+    process::spawn_detached(
+        "API forwarder",
+        cmd,
+        &ctx.state.log("forwarder"),
+        &ctx.state.pid_file("forwarder"),
+    )?;
+    Ok(())
+}
+
+/// Installs canal-cni on the node and starts its agent.
+fn start_node_agent(ctx: &Context, node: &NodeRecord) -> Result<(), Error> {
+    nodes::install_cni(&ctx.lab, &ctx.state, node)?;
+    nodes::start_agent(&ctx.lab, &ctx.state, node)?;
+    Ok(())
+}
+
+/// What is not ready yet; an error when something died.
+async fn not_ready(ctx: &Context) -> Result<Vec<String>, Error> {
+    let mut problems = Vec::new();
+    let records = ctx.state.nodes()?;
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let objects = api
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| Error::Kube("listing Nodes".into(), e))?;
+    let cidrs: BTreeMap<String, Option<Ipv4Net>> = objects
+        .items
+        .iter()
+        .map(|n| {
+            let cidr = n
+                .spec
+                .as_ref()
+                .and_then(|s| s.pod_cidr.as_deref())
+                .and_then(|c| c.parse().ok());
+            (n.metadata.name.clone().unwrap_or_default(), cidr)
+        })
+        .collect();
+    let views: Vec<kernel::NodeView> = records
+        .iter()
+        .map(|r| kernel::NodeView {
+            name: r.name.clone(),
+            pod_cidr: cidrs.get(&r.name).copied().flatten(),
+        })
+        .collect();
+
+    if ctx.lab.controller {
+        if let Some(metrics) = ctx.lab.controller_metrics
+            && process::live_pid(&ctx.state.pid_file("controller"), "canal-controller").is_none()
+        {
+            return Err(Error::Exited {
+                name: format!("canal-controller (metrics {metrics})"),
+                status: "exited".into(),
+                log_tail: process::tail(&ctx.state.log("controller"), 30),
+            });
+        }
+        let networks: Api<CanalNetwork> = Api::all(ctx.client.clone());
+        let net = networks
+            .get(canal_crds::DEFAULT_NETWORK_NAME)
+            .await
+            .map_err(|e| Error::Kube("reading CanalNetwork default".into(), e))?;
+        let ready = net.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        });
+        if !ready {
+            problems.push("CanalNetwork default is not Ready".to_string());
+        }
+        problems.extend(
+            views
+                .iter()
+                .filter(|v| v.pod_cidr.is_none())
+                .map(|v| format!("{} has no podCIDR yet", v.name)),
+        );
+    }
+    if ctx.lab.agents {
+        let mut routes = BTreeMap::new();
+        for node in &records {
+            let agent = ctx.state.node(&node.name).agent();
+            if !nodes::agent_running(&ctx.state, &node.name) {
+                return Err(Error::Exited {
+                    name: format!("canal-agent on {}", node.name),
+                    status: "exited".into(),
+                    log_tail: process::tail(&agent.log(), 30),
+                });
+            }
+            match nodes::http_get(Some(&node.netns), names::AGENT_METRICS_PORT, "/readyz") {
+                Ok(resp) if kernel::http_ok(&resp) => {}
+                Ok(resp) => problems.push(format!(
+                    "{}: agent /readyz says {:?}",
+                    node.name,
+                    resp.lines().next().unwrap_or_default()
+                )),
+                Err(e) => problems.push(format!("{}: agent /readyz: {e}", node.name)),
+            }
+            routes.insert(node.name.clone(), kernel::routes(&node.netns)?);
+        }
+        let mut missing = kernel::missing_routes(&views, &routes);
+        if ctx.lab.controller {
+            // Already reported above.
+            missing.retain(|m| !m.ends_with("has no podCIDR yet"));
+        }
+        problems.extend(missing);
+    }
+    Ok(problems)
+}
+
+/// Waits until the lab is programmed: with the controller, every Node has a
+/// podCIDR and the CanalNetwork is Ready; with agents, every agent answers
+/// /readyz (from inside its namespace) and every node has a route to every
+/// other node's subnet. On timeout the error lists what is not ready.
+pub async fn wait_programmed(ctx: &Context, timeout: Duration) -> Result<(), Error> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let problems = not_ready(ctx).await?;
+        if problems.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Timeout(format!(
+                "the lab to be programmed after {}s; not ready:\n  - {}",
+                timeout.as_secs(),
+                problems.join("\n  - ")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Stops and removes everything the lab in `state` made.
+pub fn down(state: &StateDir) -> Removed {
+    cleanup::down(state)
+}
+
+/// A node added to a running lab.
+#[derive(Debug, Clone)]
+pub struct NodeAdded {
+    /// The node.
+    pub node: NodeRecord,
+    /// From the Node object's creation until the controller had given it a
+    /// podCIDR and its VTEP annotations (None without agents).
+    pub annotated_after: Option<Duration>,
+    /// From the Node object's creation until every other node had a route
+    /// to its subnet (None without agents).
+    pub routes_everywhere_after: Option<Duration>,
+    /// From the Node object's creation until the whole lab was programmed.
+    pub programmed_after: Duration,
+}
+
+/// Adds a node to a running lab and waits until it is programmed.
+pub async fn add_node(ctx: &Context, name: &str, timeout: Duration) -> Result<NodeAdded, Error> {
+    let node = {
+        let _lock = ctx.state.lock()?;
+        let node = nodes::plan_node(&ctx.state, &ctx.names, name)?;
+        // Record first so a failure below is undone by `del_node`/`down`.
+        state::write_json(&ctx.state.node(&node.name).record(), &node)?;
+        node
+    };
+    match add_node_steps(ctx, &node, timeout).await {
+        Ok(added) => Ok(added),
+        Err(e) => {
+            let _ = del_node(ctx, &node.name).await;
+            Err(e)
+        }
+    }
+}
+
+async fn add_node_steps(
+    ctx: &Context,
+    node: &NodeRecord,
+    timeout: Duration,
+) -> Result<NodeAdded, Error> {
+    nodes::build_node(&ctx.names, node)?;
+    nodes::write_kubeconfig(&ctx.state, node)?;
+    let created = Instant::now();
+    nodes::register(&ctx.client, node).await?;
+    let deadline = created + timeout;
+    forward::wait_listening(&node.netns, names::NODE_API_PORT, Duration::from_secs(15))?;
+    let (mut annotated_after, mut routes_everywhere_after) = (None, None);
+    if ctx.lab.agents {
+        // Watch the other nodes while this one's agent is set up (copying a
+        // debug canal-cni takes a while), so the figures are the
+        // controller's and the agents', not the lab's.
+        let setup = {
+            let (ctx, node) = (ctx.clone(), node.clone());
+            tokio::task::spawn_blocking(move || start_node_agent(&ctx, &node))
+        };
+        let (setup, programmed) = tokio::join!(setup, wait_routes_to(ctx, node, deadline));
+        setup.map_err(|e| Error::Lab(format!("setting up {}'s agent: {e}", node.name)))??;
+        let programmed = programmed?;
+        annotated_after = Some(programmed.annotated - created);
+        routes_everywhere_after = Some(programmed.routed - created);
+    }
+    wait_programmed(ctx, deadline.saturating_duration_since(Instant::now())).await?;
+    Ok(NodeAdded {
+        node: node.clone(),
+        annotated_after,
+        routes_everywhere_after,
+        programmed_after: created.elapsed(),
+    })
+}
+
+/// When the controller had annotated a new node, and when every other node
+/// had a route to it.
+struct Programmed {
+    annotated: Instant,
+    routed: Instant,
+}
+
+/// Waits until every other node has a route to `node`'s subnet.
+async fn wait_routes_to(
+    ctx: &Context,
+    node: &NodeRecord,
+    deadline: Instant,
+) -> Result<Programmed, Error> {
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let mut annotated = None;
+    loop {
+        let object = api
+            .get_opt(&node.name)
+            .await
+            .map_err(|e| Error::Kube(format!("reading Node {}", node.name), e))?;
+        let has_vtep = object.as_ref().is_some_and(|n| {
+            n.metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(canal_crds::annotations::BACKEND_DATA))
+        });
+        let cidr: Option<Ipv4Net> = object
+            .and_then(|n| n.spec)
+            .and_then(|s| s.pod_cidr)
+            .and_then(|c| c.parse().ok());
+        let mut waiting = vec![];
+        match cidr {
+            Some(cidr) if has_vtep => {
+                let at = *annotated.get_or_insert_with(Instant::now);
+                for other in ctx.state.nodes()?.iter().filter(|o| o.name != node.name) {
+                    if !kernel::routes(&other.netns)?.iter().any(|r| r.dst == cidr) {
+                        waiting.push(format!("{} has no route to {cidr}", other.name));
+                    }
+                }
+                if waiting.is_empty() {
+                    return Ok(Programmed {
+                        annotated: at,
+                        routed: Instant::now(),
+                    });
+                }
+            }
+            _ => waiting.push(format!(
+                "{} has no podCIDR and VTEP annotation yet",
+                node.name
+            )),
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Timeout(format!(
+                "routes to the new node {}:\n  - {}",
+                node.name,
+                waiting.join("\n  - ")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Removes a node: its pods (CNI DEL), its agent, its Node object, its
+/// namespace and files.
+pub async fn del_node(ctx: &Context, name: &str) -> Result<(), Error> {
+    let node = ctx.state.load_node(name)?;
+    pods::del_on_node(ctx, name).await?;
+    nodes::stop_agent(&ctx.state, name, Duration::from_secs(5));
+    let _lock = ctx.state.lock()?;
+    // The forwarder drops its listener once the record is gone.
+    let _ = std::fs::remove_file(ctx.state.node(name).record());
+    nodes::unregister(&ctx.client, name).await?;
+    nodes::remove_node_network(&ctx.names, &node)?;
+    let _ = std::fs::remove_dir_all(&ctx.state.node(name).dir);
+    Ok(())
+}

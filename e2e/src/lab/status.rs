@@ -1,0 +1,107 @@
+//! `canal-lab status`.
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::Api;
+
+use crate::control_plane;
+use crate::lab::{Context, kernel, names, netns, nodes};
+use crate::{Error, process};
+
+/// A readable summary of the lab.
+pub async fn status(ctx: &Context) -> Result<(String, bool), Error> {
+    let mut out = String::new();
+    let mut healthy = true;
+    let mut line = |ok: bool, text: String| {
+        healthy &= ok;
+        out.push_str(&format!("{} {text}\n", if ok { " ok " } else { "FAIL" }));
+    };
+    let cp_up = process::live_pid(
+        &control_plane::Layout {
+            dir: ctx.state.control_plane(),
+        }
+        .pid_file("kube-apiserver"),
+        "kube-apiserver",
+    )
+    .is_some();
+    line(cp_up, format!("kube-apiserver {}", ctx.lab.server));
+    line(
+        true,
+        format!(
+            "prefix {}, underlay {} (gateway {}), internet host {}",
+            ctx.lab.prefix,
+            ctx.lab.underlay,
+            ctx.names.gateway(),
+            names::INTERNET_HOST
+        ),
+    );
+    if ctx.lab.controller {
+        let alive =
+            process::live_pid(&ctx.state.pid_file("controller"), "canal-controller").is_some();
+        line(
+            alive,
+            format!(
+                "canal-controller (metrics {})",
+                ctx.lab
+                    .controller_metrics
+                    .map(|m| m.to_string())
+                    .unwrap_or_default()
+            ),
+        );
+    }
+    let alive = process::live_pid(&ctx.state.pid_file("forwarder"), "canal-lab").is_some();
+    line(
+        alive,
+        format!(
+            "API forwarder (https://127.0.0.1:{} in every node namespace)",
+            names::NODE_API_PORT
+        ),
+    );
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    for node in ctx.state.nodes()? {
+        let cidr = api
+            .get_opt(&node.name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|n| n.spec)
+            .and_then(|s| s.pod_cidr)
+            .unwrap_or_else(|| "no podCIDR".into());
+        let mut ok = netns::exists(&node.netns);
+        let mut text = format!(
+            "node {} {} {} netns {}",
+            node.name, node.address, cidr, node.netns
+        );
+        if ctx.lab.agents {
+            let ready = nodes::http_get(Some(&node.netns), names::AGENT_METRICS_PORT, "/readyz")
+                .map(|r| kernel::http_ok(&r))
+                .unwrap_or(false);
+            ok &= ready;
+            text.push_str(if ready {
+                ", agent ready"
+            } else {
+                ", agent NOT ready"
+            });
+        }
+        line(ok, text);
+    }
+    for pod in ctx.state.pods()? {
+        let alive = process::live_pid(
+            &ctx.state.pod(&pod.namespace, &pod.name).echo().pid(),
+            "canal-lab",
+        )
+        .is_some();
+        let ips: Vec<String> = pod.ips.iter().map(ToString::to_string).collect();
+        let ports: Vec<String> = pod.ports.iter().map(ToString::to_string).collect();
+        line(
+            alive,
+            format!(
+                "pod {} on {} ip {} ports {}",
+                pod.key(),
+                pod.node,
+                ips.join(","),
+                ports.join(" ")
+            ),
+        );
+    }
+    Ok((out, healthy))
+}
