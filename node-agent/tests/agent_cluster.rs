@@ -364,7 +364,8 @@ async fn two_agents_connect_pods_repair_drift_survive_restarts_and_forget_delete
 }
 
 /// The real canal-controller assigns subnets and writes the annotations of
-/// bare Nodes (as kubelets register them); the agent programs from that.
+/// bare Nodes (as kubelets register them) and their NodePolicySets; the
+/// agent programs from that and reports its NodePolicySet enforced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_programs_what_the_real_controller_assigns() {
     use clap::Parser;
@@ -372,9 +373,12 @@ async fn agent_programs_what_the_real_controller_assigns() {
     let cp = ControlPlane::start().await.expect("control plane");
     let client = cp.client();
     install::install_crds(&client).await.unwrap();
-    let mut spec = CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16");
-    spec.policy.enabled = false;
-    install::apply_default_network(&client, spec).await.unwrap();
+    install::apply_default_network(
+        &client,
+        CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16"),
+    )
+    .await
+    .unwrap();
     let controller = tokio::spawn(canal_controller::run(
         canal_controller::cli::Args::parse_from([
             "canal-controller",
@@ -461,6 +465,18 @@ async fn agent_programs_what_the_real_controller_assigns() {
         )),
         "the device carries the MAC the controller published:\n{link}"
     );
+    // Ready needs the first policy sync, of the NodePolicySet the real
+    // controller writes for real-a; the agent reports it enforced.
     wait_until("agent ready", Duration::from_secs(20), || node.ready());
+    let nps = Api::<canal_crds::NodePolicySet>::all(client.clone())
+        .get("real-a")
+        .await
+        .unwrap();
+    let status = nps.status.unwrap_or_default();
+    assert_eq!(status.observed_generation, nps.metadata.generation);
+    assert!(canal_crds::condition::is_true(
+        &status.conditions,
+        canal_crds::condition::ENFORCED
+    ));
     controller.abort();
 }

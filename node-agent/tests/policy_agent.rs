@@ -316,7 +316,7 @@ async fn agent_programs_its_node_policy_set_reports_status_adopts_on_restart_and
             .map_err(|e| format!("{e}\n{}", agent.log_tail(20)))
     });
     assert_eq!(
-        node.metric("canal_policy_syncs_total{result=\"success\",trigger=\"change\"}"),
+        node.metric("canal_policy_agent_syncs_total{result=\"success\",trigger=\"change\"}"),
         Some(1.0)
     );
     for tool in ["iptables", "ipset"] {

@@ -462,16 +462,6 @@ impl Owner {
                     }
                 }
                 self.log_sync(trigger, stats).await;
-                if !self.synced_once {
-                    self.synced_once = true;
-                    self.readiness.set(true);
-                    info!(
-                        rules = stats.rules,
-                        endpoints = stats.endpoints,
-                        restored = stats.applied,
-                        "first policy sync done"
-                    );
-                }
             }
             Err(e) => error!(
                 trigger = trigger.as_str(),
@@ -480,6 +470,17 @@ impl Owner {
             ),
         }
         self.write_status(result.as_ref()).await;
+        if let (Ok(stats), false) = (&result, self.synced_once) {
+            // Ready once the first sync is in the kernel and reported.
+            self.synced_once = true;
+            self.readiness.set(true);
+            info!(
+                rules = stats.rules,
+                endpoints = stats.endpoints,
+                restored = stats.applied,
+                "first policy sync done"
+            );
+        }
         ok
     }
 

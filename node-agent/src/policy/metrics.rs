@@ -176,7 +176,7 @@ impl PolicyMetrics {
             )?,
             syncs: IntCounterVec::new(
                 Opts::new(
-                    "canal_policy_syncs_total",
+                    "canal_policy_agent_syncs_total",
                     "Policy syncs run by the agent, by trigger (change, retry after a failure, periodic drift check) and result.",
                 ),
                 &["trigger", "result"],
@@ -190,14 +190,14 @@ impl PolicyMetrics {
             )?,
             watch_events: IntCounterVec::new(
                 Opts::new(
-                    "canal_policy_watch_events_total",
+                    "canal_policy_agent_watch_events_total",
                     "Watch events received by policy enforcement, by resource.",
                 ),
                 &["resource"],
             )?,
             watch_errors: IntCounterVec::new(
                 Opts::new(
-                    "canal_policy_watch_errors_total",
+                    "canal_policy_agent_watch_errors_total",
                     "Watch failures of policy enforcement (retried with backoff), by resource.",
                 ),
                 &["resource"],
