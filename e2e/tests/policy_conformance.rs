@@ -7,16 +7,25 @@
 //! controller has compiled the cluster and every agent reports its
 //! NodePolicySet enforced (no sleeps). One lab serves every scenario;
 //! policies are removed between scenarios.
+//!
+//! The second test, on a lab of its own, probes continuously while things
+//! change: a policy created under traffic blocks new connections within
+//! 1 s (established ones carry on) and its deletion restores them; an agent
+//! restart leaks nothing and rewrites nothing; a new pod selected by an
+//! isolating policy is isolated before its first packet (blast probes from
+//! the start of `pod add`); `kubectl apply` shows in `canal-lab matrix`;
+//! CanalNetwork `default` says "enforced on N of M nodes".
 
 mod support;
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use canal_e2e::Lab;
-use canal_e2e::lab::{PodOptions, Protocol, UpOptions};
+use canal_e2e::lab::{Matrix, PodOptions, Protocol, UpOptions};
 use support::policy::{
-    Outcome, apply_policies, check, check_host_sources, delete_all_policies, host_address,
-    label_namespace, label_pod, wait_enforced,
+    Attempt, Outcome, Prober, apply_policies, check, check_host_sources, delete_all_policies,
+    host_address, label_namespace, label_pod, policy_summary, wait_enforced, wait_probers,
 };
 use support::serial;
 
@@ -401,4 +410,411 @@ async fn network_policy_truth_tables() {
 
     delete_all_policies(&client).await;
     s.finish(started);
+}
+
+/// The address of pod `key` on `port`.
+fn addr(lab: &Lab, key: &str, port: u16) -> SocketAddr {
+    SocketAddr::from((lab.pod(key).unwrap().ipv4().unwrap(), port))
+}
+
+fn prober(lab: &Lab, from: &str, to: &str, port: u16, protocol: Protocol) -> Prober {
+    Prober::start(
+        &format!("{from} -> {to} {port}/{protocol}"),
+        &lab.pod(from).unwrap().netns,
+        addr(lab, to, port),
+        protocol,
+        Duration::from_millis(200),
+        Duration::from_millis(10),
+    )
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+/// A restarted agent's policy restores (0 when it adopted the kernel state).
+fn agent_restores(lab: &Lab, node: &str) -> Result<f64, String> {
+    let netns = lab.node(node).map_err(|e| e.to_string())?.netns;
+    let text = canal_e2e::lab::nodes::http_get(Some(&netns), 9091, "/metrics")
+        .map_err(|e| e.to_string())?;
+    let mut total = 0.0;
+    let mut seen = 0;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("canal_policy_restores_total{") {
+            total += rest
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            seen += 1;
+        }
+    }
+    if seen == 2 {
+        Ok(total)
+    } else {
+        Err(format!("no canal_policy_restores_total in:\n{text}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn policy_under_traffic_agent_restarts_new_pods_kubectl_and_summary() {
+    let _serial = serial().await;
+    let lab = Lab::up(
+        Lab::test_state_dir("policy-dataplane"),
+        UpOptions {
+            nodes: 3,
+            ..UpOptions::default()
+        },
+    )
+    .await
+    .expect("a 3-node lab");
+    lab.add_conformance_pods().await.expect("conformance pods");
+    let client = lab.client();
+    wait_enforced(&lab, Duration::from_secs(30)).await;
+
+    // A policy created while traffic flows blocks new connections within
+    // 1 s; established ones carry on (conntrack); deleting it restores them.
+    let stream = lab.open_stream("y/a", "x/c", 80).await.unwrap();
+    let mut conn = stream.stream;
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let probers = [
+        prober(&lab, "y/a", "x/c", 80, Protocol::Tcp),
+        prober(&lab, "y/b", "x/c", 80, Protocol::Udp),
+    ];
+    let refs: Vec<&Prober> = probers.iter().collect();
+    wait_probers(
+        "probes connect before the policy",
+        &refs,
+        Duration::from_secs(10),
+        |p| p.attempts().iter().filter(|a| a.connected).count() >= 3,
+    )
+    .await;
+    let t0 = Instant::now();
+    apply_policies(
+        &client,
+        "metadata: {namespace: x, name: deny-c}\nspec: {podSelector: {matchLabels: {pod: c}}}",
+    )
+    .await;
+    wait_enforced(&lab, Duration::from_secs(10)).await;
+    let enforced = Instant::now();
+    wait_probers("probes blocked", &refs, Duration::from_secs(10), |p| {
+        let after = p.since(enforced);
+        after.len() >= 3 && after.iter().all(|a| !a.connected)
+    })
+    .await;
+    use std::io::{BufRead, BufReader, Write};
+    conn.write_all(b"still here\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(conn.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "still here\n", "an established connection carries on");
+    let t1 = Instant::now();
+    delete_all_policies(&client).await;
+    wait_probers(
+        "probes connect again",
+        &refs,
+        Duration::from_secs(10),
+        |p| p.since(t1).iter().filter(|a| a.connected).count() >= 3,
+    )
+    .await;
+    for p in probers {
+        let label = p.label.clone();
+        let all = p.stop();
+        let during: Vec<&Attempt> = all.iter().filter(|a| a.at >= t0 && a.at < t1).collect();
+        let last_open = during
+            .iter()
+            .filter(|a| a.connected)
+            .map(|a| a.at - t0)
+            .max()
+            .unwrap_or_default();
+        let first_again = all
+            .iter()
+            .filter(|a| a.at >= t1 && a.connected)
+            .map(|a| a.at - t1)
+            .min()
+            .unwrap_or_default();
+        eprintln!(
+            "{label}: last new connection {} ms after the create (enforced everywhere after {} ms); first again {} ms after the delete",
+            ms(last_open),
+            ms(enforced - t0),
+            ms(first_again)
+        );
+        assert!(
+            last_open < Duration::from_secs(1),
+            "{label}: a new connection opened {} ms after the policy was created",
+            ms(last_open)
+        );
+        assert!(
+            first_again < Duration::from_secs(1),
+            "{label}: connections came back only {} ms after the delete",
+            ms(first_again)
+        );
+    }
+    wait_enforced(&lab, Duration::from_secs(10)).await;
+
+    // An agent restart keeps enforcement with no open window: denied
+    // probes never connect, allowed ones never fail, nothing is rewritten.
+    apply_policies(
+        &client,
+        "metadata: {namespace: x, name: b-from-a}\nspec:\n  podSelector: {matchLabels: {pod: b}}\n  ingress: [{from: [{podSelector: {matchLabels: {pod: a}}}]}]",
+    )
+    .await;
+    wait_enforced(&lab, Duration::from_secs(10)).await;
+    let denied = [
+        prober(&lab, "y/a", "x/b", 80, Protocol::Tcp),
+        prober(&lab, "z/c", "x/b", 80, Protocol::Udp),
+        prober(&lab, "y/b", "x/b", 81, Protocol::Tcp),
+    ];
+    let allowed = [
+        Prober::start(
+            "x/a -> x/b 80/TCP",
+            &lab.pod("x/a").unwrap().netns,
+            addr(&lab, "x/b", 80),
+            Protocol::Tcp,
+            Duration::from_secs(1),
+            Duration::from_millis(10),
+        ),
+        Prober::start(
+            "x/a -> x/b 81/UDP",
+            &lab.pod("x/a").unwrap().netns,
+            addr(&lab, "x/b", 81),
+            Protocol::Udp,
+            Duration::from_secs(1),
+            Duration::from_millis(10),
+        ),
+    ];
+    let all: Vec<&Prober> = denied.iter().chain(&allowed).collect();
+    wait_probers("probes running", &all, Duration::from_secs(10), |p| {
+        p.attempts().len() >= 3
+    })
+    .await;
+    let stop = Instant::now();
+    assert!(lab.stop_agent("node-2"), "node-2's agent was running");
+    let stopped = Instant::now();
+    // Traffic keeps coming while no agent runs on the node.
+    wait_probers(
+        "probes while the agent is down",
+        &all,
+        Duration::from_secs(10),
+        |p| p.since(stopped).len() >= 5,
+    )
+    .await;
+    let down_for = stop.elapsed();
+    lab.start_agent("node-2").unwrap();
+    lab.wait_programmed(Duration::from_secs(60)).await.unwrap();
+    let ready = Instant::now();
+    wait_probers(
+        "probes after the restart",
+        &all,
+        Duration::from_secs(10),
+        |p| p.since(ready).len() >= 5,
+    )
+    .await;
+    let restores = agent_restores(&lab, "node-2").unwrap();
+    let mut leaks = Vec::new();
+    let mut failures = Vec::new();
+    let mut attempts = 0;
+    for p in denied {
+        let label = p.label.clone();
+        let a = p.stop();
+        attempts += a.len();
+        leaks.extend(
+            a.iter()
+                .filter(|a| a.connected || a.refused)
+                .map(|a| format!("{label} at {} ms", ms(a.at.saturating_duration_since(stop)))),
+        );
+    }
+    for p in allowed {
+        let label = p.label.clone();
+        let a = p.stop();
+        attempts += a.len();
+        failures.extend(
+            a.iter()
+                .filter(|a| !a.connected)
+                .map(|a| format!("{label} at {} ms", ms(a.at.saturating_duration_since(stop)))),
+        );
+    }
+    eprintln!(
+        "agent restart on node-2: down for {} ms, ready again {} ms after the stop began; {attempts} probes during it: {} leaked, {} allowed ones failed; restores by the new agent: {restores}",
+        ms(down_for),
+        ms(ready - stop),
+        leaks.len(),
+        failures.len()
+    );
+    assert!(leaks.is_empty(), "denied probes got through: {leaks:?}");
+    assert!(failures.is_empty(), "allowed probes failed: {failures:?}");
+    assert_eq!(restores, 0.0, "the restarted agent rewrote the kernel");
+
+    // A new pod selected by an isolating policy is isolated before its
+    // first packet: probes blast every free address of node-2's subnet
+    // from the moment `pod add` starts; only x/a may reach pod=new, and a
+    // refusal (RST / port unreachable) counts as a leak: it means a packet
+    // reached the pod.
+    delete_all_policies(&client).await;
+    apply_policies(
+        &client,
+        "metadata: {namespace: x, name: new-from-a}\nspec:\n  podSelector: {matchLabels: {pod: new}}\n  ingress: [{from: [{podSelector: {matchLabels: {pod: a}}}]}]",
+    )
+    .await;
+    wait_enforced(&lab, Duration::from_secs(10)).await;
+    let subnet = host_address(&client, "node-2").await;
+    let used: Vec<std::net::Ipv4Addr> = lab
+        .pods()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p.ipv4())
+        .collect();
+    let candidates: Vec<std::net::Ipv4Addr> = (2..=24u8)
+        .map(|i| {
+            let o = subnet.octets();
+            std::net::Ipv4Addr::new(o[0], o[1], o[2], i)
+        })
+        .filter(|ip| !used.contains(ip))
+        .collect();
+    let mut blast = Vec::new();
+    for ip in &candidates {
+        for (from, protocol) in [
+            ("y/a", Protocol::Tcp),
+            ("z/c", Protocol::Udp),
+            ("x/a", Protocol::Tcp),
+        ] {
+            blast.push((
+                from,
+                *ip,
+                Prober::start(
+                    &format!("{from} -> {ip} 80/{protocol}"),
+                    &lab.pod(from).unwrap().netns,
+                    SocketAddr::from((*ip, 80)),
+                    protocol,
+                    Duration::from_millis(100),
+                    Duration::from_millis(5),
+                ),
+            ));
+        }
+    }
+    let t_add = Instant::now();
+    let pod = lab
+        .add_pod(PodOptions::new("x", "new", "node-2").label("pod", "new"))
+        .await
+        .unwrap();
+    let added = t_add.elapsed();
+    let new_ip = pod.ipv4().unwrap();
+    assert!(
+        candidates.contains(&new_ip),
+        "the new pod's address {new_ip} is among the blasted ones"
+    );
+    {
+        let allowed: Vec<&Prober> = blast
+            .iter()
+            .filter(|(from, ip, _)| *from == "x/a" && *ip == new_ip)
+            .map(|(_, _, p)| p)
+            .collect();
+        wait_probers(
+            "x/a reaching the new pod",
+            &allowed,
+            Duration::from_secs(10),
+            |p| p.attempts().iter().filter(|a| a.connected).count() >= 5,
+        )
+        .await;
+    }
+    let mut leaks = Vec::new();
+    let (mut probes, mut first_allowed) = (0, None::<Duration>);
+    for (from, ip, p) in blast {
+        let label = p.label.clone();
+        let a = p.stop();
+        probes += a.len();
+        if ip != new_ip {
+            continue;
+        }
+        for attempt in &a {
+            let reached = attempt.connected || attempt.refused;
+            if from == "x/a" {
+                if attempt.connected && first_allowed.is_none() {
+                    first_allowed = Some(attempt.at - t_add);
+                }
+            } else if reached {
+                leaks.push(format!("{label} at {} ms", ms(attempt.at - t_add)));
+            }
+        }
+    }
+    eprintln!(
+        "new pod x/new ({new_ip}) on node-2: pod add took {} ms; {probes} blast probes at {} addresses; first allowed connection {} ms after pod add began; {} leaked",
+        ms(added),
+        candidates.len(),
+        first_allowed.map(ms).unwrap_or_default(),
+        leaks.len()
+    );
+    assert!(
+        leaks.is_empty(),
+        "packets reached the isolated pod: {leaks:?}"
+    );
+
+    // A NetworkPolicy applied with kubectl shows in `canal-lab matrix`.
+    let file = lab.state().dir.join("z-from-y.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {namespace: z, name: from-y}\nspec:\n  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: \"y\"}}}]}]\n",
+    )
+    .unwrap();
+    delete_all_policies(&client).await;
+    let state = lab.state().dir.clone();
+    support::canal_lab_ok(
+        &state,
+        &["kubectl", "--", "apply", "-f", file.to_str().unwrap()],
+    );
+    let model = wait_enforced(&lab, Duration::from_secs(10)).await;
+    let json = support::canal_lab_ok(&state, &["matrix", "--port", "80", "--json"]);
+    let observed = Matrix::from_json(&serde_json::from_str(&json).expect("matrix JSON")).unwrap();
+    let expected = model.expected(observed.pods(), 80, Protocol::Tcp);
+    assert!(
+        observed.mismatches(&expected).is_empty(),
+        "canal-lab matrix after kubectl apply:\n{}",
+        Matrix::report(&expected, &observed)
+    );
+    let text = support::canal_lab_ok(&state, &["matrix", "--port", "80", "--protocol", "UDP"]);
+    eprintln!(
+        "canal-lab matrix --port 80 --protocol UDP after `kubectl apply` of z/from-y:\n{text}"
+    );
+
+    // The controller summarises enforcement on CanalNetwork default.
+    support::eventually("summary 3/3", Duration::from_secs(10), || async {
+        let s = policy_summary(&client).await;
+        (s == (Some("3/3 nodes".into()), Some(3), Some(3)))
+            .then_some(())
+            .ok_or(format!("{s:?}"))
+    })
+    .await;
+    assert!(lab.stop_agent("node-3"));
+    apply_policies(
+        &client,
+        "metadata: {namespace: y, name: deny-y}\nspec: {podSelector: {}}",
+    )
+    .await;
+    support::eventually(
+        "summary 2/3 while node-3's agent is down",
+        Duration::from_secs(10),
+        || async {
+            let s = policy_summary(&client).await;
+            (s == (Some("2/3 nodes".into()), Some(2), Some(3)))
+                .then_some(())
+                .ok_or(format!("{s:?}"))
+        },
+    )
+    .await;
+    let table = support::canal_lab_ok(&state, &["kubectl", "--", "get", "canalnetwork"]);
+    assert!(
+        table.contains("2/3 nodes"),
+        "kubectl get canalnetwork:\n{table}"
+    );
+    eprintln!("{table}");
+    lab.start_agent("node-3").unwrap();
+    support::eventually("summary 3/3 again", Duration::from_secs(30), || async {
+        let s = policy_summary(&client).await;
+        (s == (Some("3/3 nodes".into()), Some(3), Some(3)))
+            .then_some(())
+            .ok_or(format!("{s:?}"))
+    })
+    .await;
+    wait_enforced(&lab, Duration::from_secs(10)).await;
 }
