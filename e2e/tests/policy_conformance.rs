@@ -22,10 +22,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use canal_e2e::Lab;
+use canal_e2e::lab::prober::{Attempt, Prober};
 use canal_e2e::lab::{Matrix, PodOptions, Protocol, UpOptions};
 use support::policy::{
-    Attempt, Outcome, Prober, apply_policies, check, check_host_sources, delete_all_policies,
-    host_address, label_namespace, label_pod, policy_summary, wait_enforced, wait_probers,
+    Outcome, apply_policies, check, check_host_sources, delete_all_policies, host_address,
+    label_namespace, label_pod, policy_summary, wait_enforced, wait_probers,
 };
 use support::serial;
 

@@ -13,6 +13,7 @@ use canal_crds::condition::{ENFORCED, is_true};
 use canal_crds::{NodePolicySet, PeerSet};
 use canal_e2e::Lab;
 use canal_e2e::lab::matrix::{ProbeJob, run_probes};
+use canal_e2e::lab::prober::Prober;
 use canal_e2e::lab::{Matrix, PodRecord, Protocol};
 use canal_e2e::policy_model::{Cluster, Source};
 use k8s_openapi::api::core::v1::Node;
@@ -477,96 +478,6 @@ pub async fn check_host_sources(
         })
         .collect();
     (!bad.is_empty()).then(|| bad.join("\n"))
-}
-
-/// One probe of a [`Prober`].
-#[derive(Clone, Debug)]
-pub struct Attempt {
-    /// When it started.
-    pub at: Instant,
-    /// The echo server answered.
-    pub connected: bool,
-    /// The destination's stack answered with a refusal (TCP RST or ICMP
-    /// port unreachable): a packet reached the pod, nothing listened.
-    pub refused: bool,
-}
-
-/// Probes one destination from one pod's namespace in a loop, recording
-/// every attempt, until stopped.
-pub struct Prober {
-    /// What it probes, for messages.
-    pub label: String,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    attempts: std::sync::Arc<std::sync::Mutex<Vec<Attempt>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Prober {
-    /// Starts probing `dst` from namespace `netns` every `gap` (after the
-    /// previous probe ended), each probe giving up after `timeout`.
-    pub fn start(
-        label: &str,
-        netns: &str,
-        dst: SocketAddr,
-        protocol: Protocol,
-        timeout: Duration,
-        gap: Duration,
-    ) -> Prober {
-        use std::sync::atomic::Ordering;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let attempts = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let thread = {
-            let (stop, attempts, netns) = (stop.clone(), attempts.clone(), netns.to_string());
-            std::thread::spawn(move || {
-                canal_e2e::lab::netns::enter(&netns).expect("entering the source namespace");
-                while !stop.load(Ordering::Relaxed) {
-                    let at = Instant::now();
-                    let outcome = canal_e2e::lab::probe::probe_here(dst, protocol, timeout);
-                    let (connected, refused) = match &outcome {
-                        Ok(o) => (o.connected, o.detail.contains("refused")),
-                        Err(_) => (false, false),
-                    };
-                    attempts.lock().expect("attempts").push(Attempt {
-                        at,
-                        connected,
-                        refused,
-                    });
-                    std::thread::sleep(gap);
-                }
-            })
-        };
-        Prober {
-            label: label.to_string(),
-            stop,
-            attempts,
-            thread: Some(thread),
-        }
-    }
-
-    /// Every attempt so far.
-    pub fn attempts(&self) -> Vec<Attempt> {
-        self.attempts.lock().expect("attempts").clone()
-    }
-
-    /// Attempts started at or after `t`.
-    pub fn since(&self, t: Instant) -> Vec<Attempt> {
-        self.attempts().into_iter().filter(|a| a.at >= t).collect()
-    }
-
-    /// Stops and returns every attempt.
-    pub fn stop(mut self) -> Vec<Attempt> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.attempts()
-    }
-}
-
-impl Drop for Prober {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
 }
 
 /// Waits until `f` holds for every prober.
