@@ -108,6 +108,9 @@ pub async fn label_namespace(client: &kube::Client, ns: &str, label: &str, value
         .unwrap_or_else(|e| panic!("labelling Namespace {ns}: {e}"));
 }
 
+/// An endpoint as compared: (IPs, ingress policies, egress policies).
+type EndpointView = (Vec<String>, Vec<String>, Vec<String>);
+
 /// What differs between the compiled objects and the model, or between
 /// the agents' statuses and the NodePolicySets; empty when converged.
 async fn convergence_gaps(client: &kube::Client, model: &Cluster) -> Vec<String> {
@@ -144,7 +147,7 @@ async fn convergence_gaps(client: &kube::Client, model: &Cluster) -> Vec<String>
             continue;
         };
         // The controller: endpoints as the model has them.
-        let mut want: BTreeMap<String, (Vec<String>, Vec<String>, Vec<String>)> = BTreeMap::new();
+        let mut want: BTreeMap<String, EndpointView> = BTreeMap::new();
         for pod in model
             .pods
             .iter()
@@ -154,7 +157,7 @@ async fn convergence_gaps(client: &kube::Client, model: &Cluster) -> Vec<String>
             let ips = pod.ip.iter().map(Ipv4Addr::to_string).collect();
             want.insert(pod.key(), (ips, ingress, egress));
         }
-        let have: BTreeMap<String, (Vec<String>, Vec<String>, Vec<String>)> = nps
+        let have: BTreeMap<String, EndpointView> = nps
             .spec
             .endpoints
             .iter()
