@@ -273,7 +273,6 @@ fn nodes(n: usize) -> Vec<NodeInfo> {
     (0..n)
         .map(|i| NodeInfo {
             name: format!("node-{i}"),
-            uid: Some(format!("uid-{i}")),
         })
         .collect()
 }

@@ -244,6 +244,49 @@ async fn versions(client: &Client) -> BTreeMap<String, String> {
     out
 }
 
+async fn network_uid(client: &Client) -> String {
+    Api::<CanalNetwork>::all(client.clone())
+        .get("default")
+        .await
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap()
+}
+
+/// Kind/name -> "kind/name/uid" of the ownerReferences of every
+/// NodePolicySet and PeerSet.
+async fn owners(client: &Client) -> BTreeMap<String, Vec<String>> {
+    let refs = |meta: &kube::api::ObjectMeta| {
+        meta.owner_references
+            .iter()
+            .flatten()
+            .map(|o| format!("{}/{}/{}", o.kind, o.name, o.uid))
+            .collect::<Vec<_>>()
+    };
+    let mut out = BTreeMap::new();
+    for n in Api::<NodePolicySet>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+    {
+        out.insert(format!("NodePolicySet/{}", n.name_any()), refs(&n.metadata));
+    }
+    for p in peer_sets(client).await {
+        out.insert(format!("PeerSet/{}", p.name_any()), refs(&p.metadata));
+    }
+    out
+}
+
+/// What [`owners`] shows when the CanalNetwork `uid` owns every object.
+async fn owned_by_all(client: &Client, uid: &str) -> BTreeMap<String, Vec<String>> {
+    owners(client)
+        .await
+        .into_keys()
+        .map(|k| (k, vec![format!("CanalNetwork/default/{uid}")]))
+        .collect()
+}
+
 /// Waits for the compiled state of the two policies above.
 async fn wait_compiled(client: &Client) {
     wait_for("NodePolicySets and PeerSets of the policies", || async {
@@ -296,10 +339,14 @@ async fn compiles_a_cluster_rewrites_minimally_and_a_restart_writes_nothing() {
     let ctl = Running::start(&c.client);
     wait_compiled(&c.client).await;
 
-    // Owned by the Node, labelled, annotated with the fingerprints.
+    // Owned by the CanalNetwork (so deleting it garbage-collects every
+    // generated object), labelled, annotated with the fingerprints.
+    let first_uid = network_uid(&c.client).await;
+    assert_eq!(
+        owners(&c.client).await,
+        owned_by_all(&c.client, &first_uid).await
+    );
     let n1 = nps(&c.client, "n1").await.unwrap();
-    let owner = &n1.metadata.owner_references.as_ref().unwrap()[0];
-    assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("Node", "n1"));
     assert!(n1.annotations().contains_key("canal.dev/fingerprint"));
     assert!(
         n1.managed_fields()
@@ -367,6 +414,98 @@ async fn compiles_a_cluster_rewrites_minimally_and_a_restart_writes_nothing() {
     let writes = ctl.metric("canal_policy_objects_written_total", &[]);
     assert_eq!(writes, 0.0, "a restart with nothing changed wrote objects");
     assert_eq!(versions(&c.client).await, before);
+
+    // An object owned by something else (an older release owned each
+    // NodePolicySet by its Node) is taken over, and only it is rewritten.
+    ctl.stop().await;
+    // Written the way that release wrote it: server-side apply by the same
+    // field manager, so the takeover's apply drops the Node reference.
+    let mut old = nps(&c.client, "n1").await.unwrap();
+    old.metadata = kube::api::ObjectMeta {
+        name: old.metadata.name.clone(),
+        labels: old.metadata.labels.clone(),
+        annotations: old.metadata.annotations.clone(),
+        owner_references: Some(vec![
+            serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Node", "name": "n1",
+                "uid": "0b5e6f1c-0000-4222-8333-944455556666",
+            }))
+            .unwrap(),
+        ]),
+        ..Default::default()
+    };
+    old.status = None;
+    Api::<NodePolicySet>::all(c.client.clone())
+        .patch(
+            "n1",
+            &PatchParams::apply("canal-controller-policy").force(),
+            &Patch::Apply(&old),
+        )
+        .await
+        .unwrap();
+    let ctl = Running::start(&c.client);
+    let want = owned_by_all(&c.client, &first_uid).await;
+    wait_for("n1 owned by the CanalNetwork again", || async {
+        let now = owners(&c.client).await;
+        (now == want).then_some(()).ok_or(format!("{now:?}"))
+    })
+    .await;
+    ctl.wait_syncs_after(0.0, 1.0).await;
+    assert_eq!(
+        ctl.metric("canal_policy_objects_written_total", &[]),
+        1.0,
+        "only the taken-over object is written"
+    );
+
+    // No CanalNetwork: nothing is written (after `helm uninstall` the
+    // garbage collector removes what it owned; this control plane has no
+    // garbage collector, so the objects stay). A new CanalNetwork takes
+    // every object over.
+    let networks: Api<CanalNetwork> = Api::all(c.client.clone());
+    networks
+        .delete("default", &DeleteParams::default())
+        .await
+        .unwrap();
+    let pod_events = || ctl.metric("canal_policy_watch_events_total", &[("resource", "pods")]);
+    let (events_before, before) = (pod_events(), versions(&c.client).await);
+    set_pod_ip(&c.client, "x", "b", "10.244.1.10").await;
+    wait_for("the pod change to reach the controller", || async {
+        (pod_events() > events_before)
+            .then_some(())
+            .ok_or("no pod event yet".to_string())
+    })
+    .await;
+    // Absence cannot be waited for: watch a window in which a write
+    // (normally ~20 ms after the event) would have shown.
+    let until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < until {
+        assert_eq!(
+            versions(&c.client).await,
+            before,
+            "written without an owner"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    canal_e2e::install::apply_default_network(
+        &c.client,
+        CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16"),
+    )
+    .await
+    .unwrap();
+    let new_uid = network_uid(&c.client).await;
+    assert_ne!(new_uid, first_uid);
+    let want = owned_by_all(&c.client, &new_uid).await;
+    wait_for("every object owned by the new CanalNetwork", || async {
+        let now = owners(&c.client).await;
+        (now == want).then_some(()).ok_or(format!("{now:?}"))
+    })
+    .await;
+    let n1 = nps(&c.client, "n1").await.unwrap();
+    assert!(
+        n1.spec.endpoints.iter().any(|e| e.ips == ["10.244.1.10"]),
+        "the change made while writes waited is in: {:?}",
+        n1.spec.endpoints
+    );
 
     // Deleting a Node deletes its NodePolicySet; deleting the policies
     // garbage-collects every PeerSet.

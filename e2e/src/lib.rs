@@ -9,6 +9,7 @@ pub mod control_plane;
 pub mod helm;
 pub mod install;
 pub mod lab;
+pub mod policy_model;
 pub mod process;
 
 use std::path::PathBuf;

@@ -107,9 +107,10 @@ async fn main() {
     let cp = ControlPlane::start().await.expect("control plane");
     let client = cp.client();
     install::install_crds(&client).await.unwrap();
-    install::apply_default_network(&client, CanalNetworkSpec::with_cluster_cidr("10.0.0.0/8"))
-        .await
-        .unwrap();
+    // The overlay alone (policy readiness would wait for a NodePolicySet).
+    let mut spec = CanalNetworkSpec::with_cluster_cidr("10.0.0.0/8");
+    spec.policy.enabled = false;
+    install::apply_default_network(&client, spec).await.unwrap();
 
     let ns = Netns::new("cbs");
     ns.ip(&["link", "add", "ul0", "type", "veth", "peer", "name", "ul0p"]);

@@ -112,6 +112,8 @@ pub struct Agent {
     config_note: Option<String>,
     mismatch: Option<String>,
     condition_patched: Option<Instant>,
+    /// The first full sync is done (the overlay's part of readiness).
+    ready: bool,
 }
 
 /// Everything the agent is built from.
@@ -176,6 +178,7 @@ impl Agent {
             config_note: None,
             mismatch: None,
             condition_patched: None,
+            ready: false,
         }
     }
 
@@ -310,11 +313,12 @@ impl Agent {
                     .map(|d| d.as_secs_f64())
                     .unwrap_or_default(),
             );
-            if !self.health.is_ready() {
+            if !self.ready {
+                self.ready = true;
                 tracing::info!(
                     peers = inputs.peers.len(),
                     elapsed_ms = started.elapsed().as_millis() as u64,
-                    "first full sync done; ready"
+                    "first full overlay sync done"
                 );
                 self.health.set_ready(true);
             }

@@ -46,6 +46,12 @@ pub struct Args {
     /// CanalIsUp) once the overlay is programmed, as flannel does.
     #[arg(long, env = "CANAL_SET_NETWORK_UNAVAILABLE", default_value_t = true, action = clap::ArgAction::Set)]
     pub set_network_unavailable: bool,
+
+    /// Period of the NetworkPolicy drift check: re-read the canal chains and
+    /// ipsets from the kernel and repair what someone else changed (policy
+    /// changes themselves apply at once, not on this timer).
+    #[arg(long, env = "CANAL_POLICY_RESYNC_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub policy_resync_interval: Duration,
 }
 
 /// Parses `10s`, `500ms`, `2m` or a plain number of seconds.

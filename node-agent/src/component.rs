@@ -4,10 +4,8 @@
 //! registry and run directory, runs as its own task, and never reaches into
 //! the overlay's internals (nor the overlay into it).
 //!
-//! ```ignore
-//! // node-agent/src/bin/canal-agent.rs, once policy enforcement exists:
-//! canal_agent::run_with(args, vec![Box::new(canal_agent::policy::Enforcer::new())]).await
-//! ```
+//! [`crate::run`] runs the agent with NetworkPolicy enforcement
+//! ([`crate::policy::component::PolicyComponent`]); `run_with` takes any set.
 
 use std::future::Future;
 use std::net::Ipv4Addr;
@@ -54,6 +52,9 @@ pub struct ComponentContext {
     pub registry: prometheus::Registry,
     /// The node's network facts: None until the first successful sync.
     pub network: watch::Receiver<Option<Arc<NodeNetwork>>>,
+    /// The component's part of the agent's `/readyz`: closed until the
+    /// component opens it (after its first full sync).
+    pub readiness: canal_runtime::health::ReadinessGate,
 }
 
 /// A component's failure; it stops the agent (the DaemonSet restarts it).

@@ -46,9 +46,14 @@ pub enum Error {
     },
 }
 
-/// Runs the agent (connectivity only) until SIGTERM/SIGINT.
+/// Runs the agent (connectivity and NetworkPolicy enforcement) until
+/// SIGTERM/SIGINT.
 pub async fn run(args: cli::Args) -> Result<(), Error> {
-    run_with(args, Vec::new()).await
+    let policy = policy::component::PolicyComponent::new(policy::component::Options {
+        drift_interval: args.policy_resync_interval,
+        ..policy::component::Options::default()
+    });
+    run_with(args, vec![Box::new(policy)]).await
 }
 
 /// Runs the agent with extra node-side components (see [`component`]).
@@ -72,7 +77,7 @@ pub async fn run_with(
         run_dir: runfiles::RunDir::new(&args.run_dir),
         client: client.clone(),
         metrics,
-        health,
+        health: health.clone(),
         netlink: overlay::netlink::Netlink::new(netns::handle_here()?),
         masq: masq::Masquerade::new(masq::Iptables::new()),
         resync: args.resync_interval,
@@ -89,6 +94,7 @@ pub async fn run_with(
             run_dir: args.run_dir.clone(),
             registry: registry.clone(),
             network: network_rx.clone(),
+            readiness: health.gate(name),
         };
         tracing::info!(component = name, "starting");
         tasks.spawn(async move { (name, component.run(ctx).await) });

@@ -15,84 +15,33 @@ mod support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use canal_crds::CanalNetworkSpec;
 use canal_crds::annotations;
 use canal_e2e::{ControlPlane, install};
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
-use support::{Child, Netns, forward_into, http_get_in, in_netns, wait_until};
+use support::cluster::{NodeNs, create_node, delete_node, kubeconfig_via, node_ns};
+use support::{Child, Netns, in_netns, wait_until};
 
-const METRICS_PORT: u16 = 9091;
-
-struct NodeNs {
-    name: String,
-    ip: String,
-    cidr: String,
-    ns: Netns,
-    run_dir: PathBuf,
-    data_dir: PathBuf,
-    kubeconfig: PathBuf,
-}
-
-impl NodeNs {
-    fn mac(&self) -> String {
-        annotations::format_mac(annotations::vtep_mac(&self.name))
-    }
-
-    fn start_agent(&self, dir: &Path, tag: &str) -> Child {
-        let log = dir.join(format!("agent-{}-{tag}.log", self.name));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = self
-            .ns
-            .exec(env!("CARGO_BIN_EXE_canal-agent"))
-            .arg(format!("--node-name={}", self.name))
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--run-dir")
-            .arg(&self.run_dir)
-            .arg(format!("--metrics-addr=127.0.0.1:{METRICS_PORT}"))
-            .arg("--log-level=info")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("canal-agent starts");
-        Child { child, log }
-    }
-
-    fn ready(&self) -> Result<(), String> {
-        let r = http_get_in(&self.ns, METRICS_PORT, "/readyz")?;
-        r.starts_with("HTTP/1.1 200").then_some(()).ok_or(r)
-    }
-
-    fn metric(&self, series: &str) -> Option<f64> {
-        let text = http_get_in(&self.ns, METRICS_PORT, "/metrics").ok()?;
-        text.lines()
-            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-    }
-
-    /// The overlay state as iproute2 shows it.
-    fn overlay(&self) -> String {
-        let show = |program: &str, args: &[&str]| {
-            let out = self.ns.output(program, args);
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        };
+/// The overlay state as iproute2 shows it.
+fn overlay(node: &NodeNs) -> String {
+    let show = |program: &str, args: &[&str]| {
+        let out = node.ns.output(program, args);
         format!(
-            "routes:\n{}neigh:\n{}fdb:\n{}",
-            show("ip", &["route", "show", "dev", "flannel.1"]),
-            show("ip", &["neigh", "show", "dev", "flannel.1"]),
-            show("bridge", &["fdb", "show", "dev", "flannel.1"])
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         )
-    }
+    };
+    format!(
+        "routes:\n{}neigh:\n{}fdb:\n{}",
+        show("ip", &["route", "show", "dev", "flannel.1"]),
+        show("ip", &["neigh", "show", "dev", "flannel.1"]),
+        show("bridge", &["fdb", "show", "dev", "flannel.1"])
+    )
 }
 
 /// What a node should hold for a peer (cidr, MAC, public IP).
@@ -106,7 +55,7 @@ fn peer_lines(cidr: &str, mac: &str, ip: &str) -> [String; 3] {
 }
 
 fn has_peer(node: &NodeNs, peer: (&str, &str, &str)) -> Result<(), String> {
-    let state = node.overlay();
+    let state = overlay(node);
     let missing: Vec<_> = peer_lines(peer.0, peer.1, peer.2)
         .into_iter()
         .filter(|l| !state.contains(l.as_str()))
@@ -119,62 +68,13 @@ fn has_peer(node: &NodeNs, peer: (&str, &str, &str)) -> Result<(), String> {
 }
 
 fn lacks_peer(node: &NodeNs, cidr: &str, mac: &str) -> Result<(), String> {
-    let state = node.overlay();
+    let state = overlay(node);
     let gw = cidr.trim_end_matches("/24");
     if state.contains(cidr) || state.contains(&format!("{gw} ")) || state.contains(mac) {
         Err(format!("{} still has {cidr}/{mac}:\n{state}", node.name))
     } else {
         Ok(())
     }
-}
-
-async fn create_node(client: &kube::Client, name: &str, cidr: &str, ip: &str) {
-    let api: Api<Node> = Api::all(client.clone());
-    let mac = annotations::format_mac(annotations::vtep_mac(name));
-    let node: Node = serde_json::from_value(json!({
-        "metadata": {
-            "name": name,
-            "annotations": {
-                annotations::KUBE_SUBNET_MANAGER: "true",
-                annotations::BACKEND_TYPE: "vxlan",
-                annotations::BACKEND_DATA: format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#),
-                annotations::PUBLIC_IP: ip,
-            },
-        },
-        "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
-    }))
-    .unwrap();
-    api.create(&PostParams::default(), &node).await.unwrap();
-    api.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}]}})),
-    )
-    .await
-    .unwrap();
-}
-
-async fn delete_node(client: &kube::Client, name: &str) {
-    let api: Api<Node> = Api::all(client.clone());
-    api.delete(name, &DeleteParams::default()).await.unwrap();
-}
-
-fn kubeconfig_via(cp: &ControlPlane, ns: &Netns, dir: &Path) -> PathBuf {
-    let admin = std::fs::read_to_string(cp.kubeconfig()).unwrap();
-    let server = admin
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("server: "))
-        .unwrap()
-        .to_string();
-    let port: u16 = server.rsplit(':').next().unwrap().parse().unwrap();
-    let local = forward_into(ns, port);
-    let path = dir.join(format!("kubeconfig-{}", ns.name));
-    std::fs::write(
-        &path,
-        admin.replace(&server, &format!("https://127.0.0.1:{local}")),
-    )
-    .unwrap();
-    path
 }
 
 /// A TCP server in a pod: answers each connection with the client's
@@ -240,12 +140,11 @@ async fn two_agents_connect_pods_repair_drift_survive_restarts_and_forget_delete
     let cp = ControlPlane::start().await.expect("control plane");
     let client = cp.client();
     install::install_crds(&client).await.unwrap();
-    install::apply_default_network(
-        &client,
-        CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16"),
-    )
-    .await
-    .unwrap();
+    // The overlay alone: policy enforcement (and its readiness, which
+    // needs a NodePolicySet from canal-controller) is policy_agent.rs's.
+    let mut spec = CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16");
+    spec.policy.enabled = false;
+    install::apply_default_network(&client, spec).await.unwrap();
 
     // Underlay: a bridge in its own namespace, one veth per node.
     let underlay = Netns::new("cau");
@@ -254,35 +153,10 @@ async fn two_agents_connect_pods_repair_drift_survive_restarts_and_forget_delete
     underlay.ip(&["link", "set", "br0", "up"]);
     let mut nodes = Vec::new();
     for (i, name) in ["node-a", "node-b"].iter().enumerate() {
-        let ns = Netns::new("can");
-        let peer = support::unique("cav");
-        ns.ip(&["link", "add", "ul0", "type", "veth", "peer", "name", &peer]);
-        ns.ip(&["link", "set", &peer, "netns", &underlay.name]);
-        underlay.ip(&["link", "set", &peer, "master", "br0", "up"]);
         let ip = format!("192.168.90.{}", 11 + i);
-        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "ul0"]);
-        ns.ip(&["link", "set", "ul0", "up"]);
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            "192.168.90.1",
-            "dev",
-            "ul0",
-        ]);
-        let kubeconfig = kubeconfig_via(&cp, &ns, dir.path());
         let cidr = format!("10.244.{}.0/24", i + 1);
         create_node(&client, name, &cidr, &ip).await;
-        nodes.push(NodeNs {
-            name: name.to_string(),
-            ip,
-            cidr,
-            run_dir: dir.path().join(format!("run-{name}")),
-            data_dir: dir.path().join(format!("data-{name}")),
-            kubeconfig,
-            ns,
-        });
+        nodes.push(node_ns(&cp, dir.path(), name, &ip, &cidr, Some(&underlay)));
     }
     // Two nodes that exist only as API objects.
     create_node(&client, "node-c", "10.244.3.0/24", "192.168.90.13").await;
@@ -440,7 +314,7 @@ async fn two_agents_connect_pods_repair_drift_survive_restarts_and_forget_delete
 
     // Restart: the new agent finds everything right and changes nothing;
     // the established connection carries on.
-    let before = a.overlay();
+    let before = overlay(a);
     agents[0].kill();
     agents[0] = a.start_agent(dir.path(), "2");
     wait_until("restarted agent ready", Duration::from_secs(30), || {
@@ -454,7 +328,7 @@ async fn two_agents_connect_pods_repair_drift_survive_restarts_and_forget_delete
             logs(&agents)
         );
     }
-    assert_eq!(a.overlay(), before);
+    assert_eq!(overlay(a), before);
     assert_eq!(conn.echo("after restart"), "after restart");
     assert!(a.metric("canal_agent_remote_nodes{route=\"vxlan\"}") == Some(3.0));
 
@@ -490,7 +364,8 @@ async fn two_agents_connect_pods_repair_drift_survive_restarts_and_forget_delete
 }
 
 /// The real canal-controller assigns subnets and writes the annotations of
-/// bare Nodes (as kubelets register them); the agent programs from that.
+/// bare Nodes (as kubelets register them) and their NodePolicySets; the
+/// agent programs from that and reports its NodePolicySet enforced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_programs_what_the_real_controller_assigns() {
     use clap::Parser;
@@ -576,8 +451,11 @@ async fn agent_programs_what_the_real_controller_assigns() {
     });
     let a = api.get("real-a").await.unwrap();
     let a_cidr = a.spec.and_then(|s| s.pod_cidr).unwrap();
-    let network: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(node.run_dir.join("network.json")).unwrap()).unwrap();
+    // Written at the end of the sync that programmed the routes.
+    let network = wait_until("network.json", Duration::from_secs(10), || {
+        std::fs::read(node.run_dir.join("network.json")).map_err(|e| e.to_string())
+    });
+    let network: serde_json::Value = serde_json::from_slice(&network).unwrap();
     assert_eq!(network["nodeSubnet"], a_cidr.as_str());
     let link = node.ns.ip(&["-d", "link", "show", "flannel.1"]);
     assert!(
@@ -587,6 +465,18 @@ async fn agent_programs_what_the_real_controller_assigns() {
         )),
         "the device carries the MAC the controller published:\n{link}"
     );
+    // Ready needs the first policy sync, of the NodePolicySet the real
+    // controller writes for real-a; the agent reports it enforced.
     wait_until("agent ready", Duration::from_secs(20), || node.ready());
+    let nps = Api::<canal_crds::NodePolicySet>::all(client.clone())
+        .get("real-a")
+        .await
+        .unwrap();
+    let status = nps.status.unwrap_or_default();
+    assert_eq!(status.observed_generation, nps.metadata.generation);
+    assert!(canal_crds::condition::is_true(
+        &status.conditions,
+        canal_crds::condition::ENFORCED
+    ));
     controller.abort();
 }

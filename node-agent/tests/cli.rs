@@ -17,6 +17,7 @@ fn help_lists_the_flags() {
         "--run-dir",
         "--resync-interval",
         "--set-network-unavailable",
+        "--policy-resync-interval",
     ] {
         assert!(text.contains(flag), "--help lacks {flag}:\n{text}");
     }

@@ -1,11 +1,16 @@
 //! Liveness and readiness flags shared between a component's tasks and its
 //! HTTP endpoint.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Liveness (`/healthz`) and readiness (`/readyz`) of a component. Cheap to
 /// clone; every clone sees the same flags.
+///
+/// Readiness is the main flag ([`set_ready`](Health::set_ready)) AND every
+/// [`ReadinessGate`] handed out by [`gate`](Health::gate), so a process made
+/// of several parts (canal-agent: the overlay and policy enforcement) is
+/// ready only once each part has done its first full sync.
 #[derive(Clone, Debug)]
 pub struct Health {
     inner: Arc<Flags>,
@@ -15,6 +20,31 @@ pub struct Health {
 struct Flags {
     live: AtomicBool,
     ready: AtomicBool,
+    gates: Mutex<Vec<ReadinessGate>>,
+}
+
+/// One part's readiness; closed until that part opens it.
+#[derive(Clone, Debug)]
+pub struct ReadinessGate {
+    name: &'static str,
+    open: Arc<AtomicBool>,
+}
+
+impl ReadinessGate {
+    /// Opens (ready) or closes (not ready) the gate.
+    pub fn set(&self, open: bool) {
+        self.open.store(open, Ordering::Release);
+    }
+
+    /// Is it open?
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// The part it stands for.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
 }
 
 impl Default for Health {
@@ -30,6 +60,7 @@ impl Health {
             inner: Arc::new(Flags {
                 live: AtomicBool::new(true),
                 ready: AtomicBool::new(false),
+                gates: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -44,13 +75,60 @@ impl Health {
         self.inner.live.store(live, Ordering::Release);
     }
 
-    /// Ready?
+    /// A new, closed gate that readiness also waits for.
+    pub fn gate(&self, name: &'static str) -> ReadinessGate {
+        let gate = ReadinessGate {
+            name,
+            open: Arc::new(AtomicBool::new(false)),
+        };
+        self.gates().push(gate.clone());
+        gate
+    }
+
+    fn gates(&self) -> std::sync::MutexGuard<'_, Vec<ReadinessGate>> {
+        // The list is only pushed to; a panic elsewhere cannot corrupt it.
+        self.inner.gates.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What readiness still waits for: "main" for the main flag, then the
+    /// names of closed gates. Empty when ready.
+    pub fn waiting_for(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if !self.inner.ready.load(Ordering::Acquire) {
+            out.push("main");
+        }
+        out.extend(self.gates().iter().filter(|g| !g.is_open()).map(|g| g.name));
+        out
+    }
+
+    /// Ready (the main flag and every gate)?
     pub fn is_ready(&self) -> bool {
-        self.inner.ready.load(Ordering::Acquire)
+        self.inner.ready.load(Ordering::Acquire) && self.gates().iter().all(|g| g.is_open())
     }
 
     /// Live?
     pub fn is_live(&self) -> bool {
         self.inner.live.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_needs_the_main_flag_and_every_gate() {
+        let h = Health::new();
+        let policy = h.gate("policy");
+        assert!(!h.is_ready());
+        assert_eq!(h.waiting_for(), ["main", "policy"]);
+        h.set_ready(true);
+        assert!(!h.is_ready());
+        assert_eq!(h.waiting_for(), ["policy"]);
+        policy.set(true);
+        assert!(h.is_ready());
+        assert!(h.waiting_for().is_empty());
+        policy.set(false);
+        assert!(!h.is_ready());
     }
 }

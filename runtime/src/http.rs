@@ -87,10 +87,14 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    if state.health.is_ready() {
-        (StatusCode::OK, "ok")
+    let waiting = state.health.waiting_for();
+    if waiting.is_empty() {
+        (StatusCode::OK, "ok".to_string())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: waiting for {}", waiting.join(", ")),
+        )
     }
 }
 
@@ -127,6 +131,12 @@ mod tests {
         assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
         health.set_ready(true);
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+        let gate = health.gate("policy");
+        let body = get("/readyz").await;
+        assert!(body.starts_with("HTTP/1.1 503"), "{body}");
+        assert!(body.ends_with("not ready: waiting for policy"), "{body}");
+        gate.set(true);
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
     }
 }

@@ -11,6 +11,14 @@
 //! are rendered one at a time as the writes go out. Nothing is written
 //! until every watch has listed once, so a restart never publishes a
 //! NodePolicySet built from half the policies.
+//!
+//! Every NodePolicySet and PeerSet is owned by the CanalNetwork `default`
+//! (an ownerReference), so deleting it (`helm uninstall`) lets Kubernetes
+//! garbage-collect every generated object, PeerSets included, which no Node
+//! could own. Nothing is written while that CanalNetwork does not exist, and
+//! an object whose owner is not the current CanalNetwork (written by an older
+//! release, or for a CanalNetwork since re-created) is rewritten. A Node's
+//! NodePolicySet is deleted by the controller when the Node goes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -176,6 +184,9 @@ pub async fn run(client: Client, registry: &Registry, options: Options) -> Resul
         retry_delay: Duration::ZERO,
         busy: Duration::ZERO,
         last_sizes: None,
+        nps_owners: HashMap::new(),
+        ps_owners: HashMap::new(),
+        waiting_for_network: false,
     };
     // `tasks` lives until `run` returns or is dropped; dropping it aborts
     // the watches.
@@ -266,6 +277,17 @@ struct ObservedNps {
     name: String,
     fingerprint: Option<Fingerprint>,
     status: NodeStatus,
+    /// UID of its CanalNetwork ownerReference.
+    owner: Option<String>,
+}
+
+/// The UID the object's CanalNetwork ownerReference names, if any.
+fn canal_network_owner(meta: &ObjectMeta) -> Option<String> {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.kind == "CanalNetwork" && o.name == canal_crds::DEFAULT_NETWORK_NAME)
+        .map(|o| o.uid.clone())
 }
 
 impl ObservedNps {
@@ -280,11 +302,13 @@ impl ObservedNps {
                     fingerprint::content(&nps.spec),
                 ),
                 status: NodeStatus::from_object(nps),
+                owner: canal_network_owner(&nps.metadata),
             },
             Err(bad) => ObservedNps {
                 name: bad.metadata.name.clone().unwrap_or_default(),
                 fingerprint: None,
                 status: NodeStatus::default(),
+                owner: None,
             },
         }
     }
@@ -294,6 +318,8 @@ impl ObservedNps {
 struct ObservedPs {
     name: String,
     fingerprint: Option<Fingerprint>,
+    /// UID of its CanalNetwork ownerReference.
+    owner: Option<String>,
 }
 
 impl ObservedPs {
@@ -307,10 +333,12 @@ impl ObservedPs {
                         .map(String::as_str),
                     fingerprint::content(&ps.spec),
                 ),
+                owner: canal_network_owner(&ps.metadata),
             },
             Err(bad) => ObservedPs {
                 name: bad.metadata.name.clone().unwrap_or_default(),
                 fingerprint: None,
+                owner: None,
             },
         }
     }
@@ -319,6 +347,8 @@ impl ObservedPs {
 /// What the controller needs of the CanalNetwork `default`.
 #[derive(Clone, Debug)]
 struct NetworkView {
+    /// Owner of every generated object.
+    uid: Option<String>,
     policy_enabled: bool,
     summary: Option<PolicySummary>,
 }
@@ -327,11 +357,13 @@ impl NetworkView {
     fn from_guard(g: &DeserializeGuard<CanalNetwork>) -> NetworkView {
         match &g.0 {
             Ok(cn) => NetworkView {
+                uid: cn.metadata.uid.clone(),
                 policy_enabled: cn.spec.policy.enabled,
                 summary: cn.status.as_ref().and_then(PolicySummary::from_status),
             },
             // Unreadable spec: keep summarizing (as if enabled).
-            Err(_) => NetworkView {
+            Err(bad) => NetworkView {
+                uid: bad.metadata.uid.clone(),
                 policy_enabled: true,
                 summary: None,
             },
@@ -447,6 +479,12 @@ struct Controller {
     /// Time spent applying events of the current batch.
     busy: Duration,
     last_sizes: Option<Instant>,
+    /// CanalNetwork ownerReference UID of every NodePolicySet / PeerSet
+    /// the cluster holds, so a new CanalNetwork UID finds the objects to rewrite.
+    nps_owners: HashMap<String, Option<String>>,
+    ps_owners: HashMap<String, Option<String>>,
+    /// "Waiting for the CanalNetwork" was logged.
+    waiting_for_network: bool,
 }
 
 impl Controller {
@@ -542,41 +580,109 @@ impl Controller {
             },
             Input::NodePolicySet(u) => match u {
                 Update::Apply(o) => {
-                    self.index.observe_node_policy_set(&o.name, o.fingerprint);
-                    self.node_status.insert(o.name, o.status);
+                    let fp = self.if_owned(o.owner.as_deref(), o.fingerprint);
+                    self.index.observe_node_policy_set(&o.name, fp);
+                    self.node_status.insert(o.name.clone(), o.status);
+                    self.nps_owners.insert(o.name, o.owner);
                 }
                 Update::Delete(o) => {
                     self.index.observe_node_policy_set_deleted(&o.name);
                     self.node_status.remove(&o.name);
+                    self.nps_owners.remove(&o.name);
                 }
                 Update::Reset(all) => {
                     self.node_status = all.iter().map(|o| (o.name.clone(), o.status)).collect();
-                    self.index.reset_observed_node_policy_sets(
-                        all.into_iter().map(|o| (o.name, o.fingerprint)).collect(),
-                    );
+                    let observed = all
+                        .iter()
+                        .map(|o| {
+                            let fp = self.if_owned(o.owner.as_deref(), o.fingerprint);
+                            (o.name.clone(), fp)
+                        })
+                        .collect();
+                    self.index.reset_observed_node_policy_sets(observed);
+                    self.nps_owners = all.into_iter().map(|o| (o.name, o.owner)).collect();
                     self.mark_synced(Resource::NodePolicySets);
                 }
             },
             Input::PeerSet(u) => match u {
-                Update::Apply(o) => self.index.observe_peer_set(&o.name, o.fingerprint),
-                Update::Delete(o) => self.index.observe_peer_set_deleted(&o.name),
+                Update::Apply(o) => {
+                    let fp = self.if_owned(o.owner.as_deref(), o.fingerprint);
+                    self.index.observe_peer_set(&o.name, fp);
+                    self.ps_owners.insert(o.name, o.owner);
+                }
+                Update::Delete(o) => {
+                    self.index.observe_peer_set_deleted(&o.name);
+                    self.ps_owners.remove(&o.name);
+                }
                 Update::Reset(all) => {
-                    self.index.reset_observed_peer_sets(
-                        all.into_iter().map(|o| (o.name, o.fingerprint)).collect(),
-                    );
+                    let observed = all
+                        .iter()
+                        .map(|o| {
+                            let fp = self.if_owned(o.owner.as_deref(), o.fingerprint);
+                            (o.name.clone(), fp)
+                        })
+                        .collect();
+                    self.index.reset_observed_peer_sets(observed);
+                    self.ps_owners = all.into_iter().map(|o| (o.name, o.owner)).collect();
                     self.mark_synced(Resource::PeerSets);
                 }
             },
             Input::Network(u) => {
+                let before = self.owner_uid().map(str::to_string);
                 match u {
                     Update::Apply(n) => self.network = Some(n),
                     Update::Delete(_) => self.network = None,
                     Update::Reset(mut all) => self.network = all.pop(),
                 }
+                if self.owner_uid().is_some() && self.owner_uid() != before.as_deref() {
+                    self.adopt_all();
+                }
                 self.mark_synced(Resource::CanalNetwork);
             }
         }
         self.busy += started.elapsed();
+    }
+
+    /// The UID of the CanalNetwork that owns every generated object.
+    fn owner_uid(&self) -> Option<&str> {
+        self.network.as_ref().and_then(|n| n.uid.as_deref())
+    }
+
+    /// What the index should believe an observed object holds: its
+    /// fingerprint when its owner is the current CanalNetwork (or that is
+    /// not known yet), else unknown content, so it is rewritten.
+    fn if_owned(&self, owner: Option<&str>, fp: Option<Fingerprint>) -> Option<Fingerprint> {
+        match self.owner_uid() {
+            Some(uid) if owner != Some(uid) => None,
+            _ => fp,
+        }
+    }
+
+    /// A (new) CanalNetwork UID: objects owned by anything else are rewritten.
+    fn adopt_all(&mut self) {
+        let uid = self.owner_uid().map(str::to_string);
+        let stale = |owners: &HashMap<String, Option<String>>| -> Vec<String> {
+            owners
+                .iter()
+                .filter(|(_, o)| **o != uid)
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        let (nps, ps) = (stale(&self.nps_owners), stale(&self.ps_owners));
+        if !nps.is_empty() || !ps.is_empty() {
+            info!(
+                node_policy_sets = nps.len(),
+                peer_sets = ps.len(),
+                "taking over objects not owned by CanalNetwork {}",
+                canal_crds::DEFAULT_NETWORK_NAME
+            );
+        }
+        for name in nps {
+            self.index.observe_node_policy_set(&name, None);
+        }
+        for name in ps {
+            self.index.observe_peer_set(&name, None);
+        }
     }
 
     fn apply_policy(&mut self, p: PolicyInput) {
@@ -606,6 +712,20 @@ impl Controller {
 
     /// Flushes the index and writes everything that changed.
     async fn sync(&mut self) {
+        // Generated objects are owned by the CanalNetwork: without it there
+        // is nothing to own them (and, after `helm uninstall`, nothing to
+        // recreate while the garbage collector removes them).
+        if self.owner_uid().is_none() {
+            if !self.waiting_for_network {
+                info!(
+                    "waiting for CanalNetwork {} (it owns every NodePolicySet and PeerSet)",
+                    canal_crds::DEFAULT_NETWORK_NAME
+                );
+                self.waiting_for_network = true;
+            }
+            return;
+        }
+        self.waiting_for_network = false;
         let started = std::time::Instant::now();
         let changes = self.index.flush();
         let compile = self.busy + started.elapsed();
@@ -703,10 +823,10 @@ impl Controller {
     async fn apply_peer_sets(&mut self, names: Vec<Arc<str>>) -> bool {
         self.apply_objects::<PeerSet>(
             names,
-            |index, name| {
+            |index, name, owner| {
                 index
                     .render_peer_set(name)
-                    .map(|r| encode_peer_set(name, r))
+                    .map(|r| encode_peer_set(name, r, owner))
             },
             PolicyIndex::mark_peer_set_written,
             PolicyIndex::retry_peer_set,
@@ -717,10 +837,10 @@ impl Controller {
     async fn apply_node_policy_sets(&mut self, names: Vec<Arc<str>>) -> bool {
         self.apply_objects::<NodePolicySet>(
             names,
-            |index, name| {
+            |index, name, owner| {
                 index
                     .render_node_policy_set(name)
-                    .map(|r| encode_node_policy_set(name, r))
+                    .map(|r| encode_node_policy_set(name, r, owner))
             },
             PolicyIndex::mark_node_policy_set_written,
             PolicyIndex::retry_node_policy_set,
@@ -734,7 +854,11 @@ impl Controller {
     async fn apply_objects<K>(
         &mut self,
         names: Vec<Arc<str>>,
-        render: fn(&PolicyIndex, &str) -> Option<Result<Outgoing, serde_json::Error>>,
+        render: fn(
+            &PolicyIndex,
+            &str,
+            &OwnerReference,
+        ) -> Option<Result<Outgoing, serde_json::Error>>,
         mark_written: fn(&mut PolicyIndex, &str, Option<Fingerprint>),
         retry: fn(&mut PolicyIndex, &str),
     ) -> bool
@@ -746,13 +870,21 @@ impl Controller {
         K::DynamicType: Default,
     {
         let kind = K::kind(&K::DynamicType::default()).to_string();
+        let Some(uid) = self.owner_uid().map(str::to_string) else {
+            // `sync` checked; a batch without an owner waits for the next.
+            for name in &names {
+                retry(&mut self.index, name);
+            }
+            return false;
+        };
+        let owner = owner_reference(&uid);
         let api: Api<K> = Api::all(self.client.clone());
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         let index = &self.index;
         let (metrics, limit) = (&self.metrics, self.options.warn_object_bytes);
         let results: Vec<WriteResult> = futures::stream::iter(names)
             .map(|name| {
-                let outgoing = render(index, &name);
+                let outgoing = render(index, &name, &owner);
                 if let Some(Ok(o)) = &outgoing
                     && o.body.get().len() > limit
                 {
@@ -787,6 +919,12 @@ impl Controller {
             match result {
                 Ok(Some(fp)) => {
                     mark_written(&mut self.index, &name, Some(fp));
+                    let owners = if kind == "NodePolicySet" {
+                        &mut self.nps_owners
+                    } else {
+                        &mut self.ps_owners
+                    };
+                    owners.insert(name.to_string(), Some(uid.clone()));
                     self.metrics
                         .objects_written
                         .with_label_values(&[kind.as_str(), "apply"])
@@ -1035,28 +1173,52 @@ fn managed_metadata(name: &str) -> ObjectMeta {
     }
 }
 
-/// The PeerSet to apply.
-fn encode_peer_set(name: &str, r: RenderedPeerSet) -> Result<Outgoing, serde_json::Error> {
-    encode("PeerSet", managed_metadata(name), &r.spec, r.fingerprint)
+/// The ownerReference every generated object carries: the CanalNetwork
+/// `default` (no blockOwnerDeletion, which would need update rights on it).
+fn owner_reference(uid: &str) -> OwnerReference {
+    OwnerReference {
+        api_version: format!("{}/{}", canal_crds::GROUP, canal_crds::VERSION),
+        kind: "CanalNetwork".into(),
+        name: canal_crds::DEFAULT_NETWORK_NAME.into(),
+        uid: uid.to_string(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }
 }
 
-/// The NodePolicySet to apply, owned by its Node.
+fn owned_metadata(name: &str, owner: &OwnerReference) -> ObjectMeta {
+    ObjectMeta {
+        owner_references: Some(vec![owner.clone()]),
+        ..managed_metadata(name)
+    }
+}
+
+/// The PeerSet to apply.
+fn encode_peer_set(
+    name: &str,
+    r: RenderedPeerSet,
+    owner: &OwnerReference,
+) -> Result<Outgoing, serde_json::Error> {
+    encode(
+        "PeerSet",
+        owned_metadata(name, owner),
+        &r.spec,
+        r.fingerprint,
+    )
+}
+
+/// The NodePolicySet to apply.
 fn encode_node_policy_set(
     name: &str,
     r: RenderedNodePolicySet,
+    owner: &OwnerReference,
 ) -> Result<Outgoing, serde_json::Error> {
-    let mut metadata = managed_metadata(name);
-    if let Some(uid) = r.node_uid {
-        metadata.owner_references = Some(vec![OwnerReference {
-            api_version: "v1".into(),
-            kind: "Node".into(),
-            name: name.to_string(),
-            uid,
-            controller: None,
-            block_owner_deletion: None,
-        }]);
-    }
-    encode("NodePolicySet", metadata, &r.spec, r.fingerprint)
+    encode(
+        "NodePolicySet",
+        owned_metadata(name, owner),
+        &r.spec,
+        r.fingerprint,
+    )
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -1091,15 +1253,17 @@ mod tests {
             "n1",
             RenderedNodePolicySet {
                 spec,
-                node_uid: Some("u1".into()),
                 fingerprint: 42,
             },
+            &owner_reference("u1"),
         )
         .unwrap();
         let obj: NodePolicySet = serde_json::from_str(out.body.get()).unwrap();
         assert_eq!(obj.name_any(), "n1");
         assert_eq!(obj.labels()[MANAGED_BY_LABEL], MANAGED_BY);
         assert_eq!(obj.owner_references()[0].uid, "u1");
+        assert_eq!(obj.owner_references()[0].kind, "CanalNetwork");
+        assert_eq!(canal_network_owner(&obj.metadata).as_deref(), Some("u1"));
         let seen = ObservedNps::from_guard(&DeserializeGuard(Ok(obj.clone())));
         assert_eq!(
             seen.fingerprint,

@@ -96,7 +96,6 @@ impl Pod {
 
 struct Node {
     name: Arc<str>,
-    uid: Option<String>,
     exists: bool,
     /// Endpoint pods on this node.
     pods: Vec<PodId>,
@@ -212,8 +211,6 @@ impl Changes {
 pub struct RenderedNodePolicySet {
     /// The spec.
     pub spec: NodePolicySetSpec,
-    /// UID of the Node, for the ownerReference.
-    pub node_uid: Option<String>,
     /// Desired-state fingerprint (for the annotation and `mark_written`).
     pub fingerprint: Fingerprint,
 }
@@ -679,9 +676,8 @@ impl PolicyIndex {
     pub fn apply_node(&mut self, info: NodeInfo) {
         let id = self.node_id(&info.name);
         let node = &mut self.nodes[id];
-        if !node.exists || node.uid != info.uid {
+        if !node.exists {
             node.exists = true;
-            node.uid = info.uid;
             self.dirty_node(id);
         }
     }
@@ -694,7 +690,6 @@ impl PolicyIndex {
         let node = &mut self.nodes[id];
         if node.exists {
             node.exists = false;
-            node.uid = None;
             self.dirty_node(id);
         }
         self.maybe_forget_node(id);
@@ -738,7 +733,6 @@ impl PolicyIndex {
         let name: Arc<str> = Arc::from(name);
         let id = self.nodes.insert(Node {
             name: name.clone(),
-            uid: None,
             exists: false,
             pods: Vec::new(),
             refs: 0,
@@ -1348,7 +1342,6 @@ impl PolicyIndex {
             acc.wrapping_add(self.group_fp(g))
         });
         Fp::new("node")
-            .opt_str(node.uid.as_deref())
             .u64(node.pods.len() as u64)
             .fp(endpoints)
             .u64(groups.len() as u64)
@@ -1433,7 +1426,6 @@ impl PolicyIndex {
                 endpoints,
                 policies,
             },
-            node_uid: node.uid.clone(),
             fingerprint: self.node_fp(id),
         })
     }

@@ -116,21 +116,20 @@ impl NamespaceInfo {
     }
 }
 
-/// A Node: its NodePolicySet is named after it and owned by it.
+/// A Node: its NodePolicySet is named after it (and owned, like every
+/// generated object, by the CanalNetwork, not by the Node: the controller
+/// deletes it when the Node goes).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeInfo {
     /// Name.
     pub name: String,
-    /// UID, for the NodePolicySet's ownerReference.
-    pub uid: Option<String>,
 }
 
 impl NodeInfo {
-    /// Extracts name and UID.
+    /// Extracts the name.
     pub fn from_node(node: &Node) -> NodeInfo {
         NodeInfo {
             name: node.metadata.name.clone().unwrap_or_default(),
-            uid: node.metadata.uid.clone(),
         }
     }
 }

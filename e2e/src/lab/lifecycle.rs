@@ -218,6 +218,31 @@ async fn not_ready(ctx: &Context) -> Result<Vec<String>, Error> {
         if !ready {
             problems.push("CanalNetwork default is not Ready".to_string());
         }
+        if ctx.lab.agents {
+            // NetworkPolicy: every node's agent reports its NodePolicySet
+            // enforced (the controller's summary), or policy is disabled.
+            let summary = net.status.as_ref().map(|s| {
+                (
+                    s.policy_enforcement.clone(),
+                    s.policy_enforced_nodes,
+                    s.policy_nodes,
+                )
+            });
+            let want = records.len() as u32;
+            let enforced = match &summary {
+                Some((Some(text), _, _)) if text == "disabled" => true,
+                Some((_, Some(enforced), Some(nodes))) => *enforced == want && *nodes == want,
+                _ => false,
+            };
+            if !enforced {
+                problems.push(format!(
+                    "NetworkPolicy not enforced on every node yet (CanalNetwork default says {:?})",
+                    summary
+                        .and_then(|s| s.0)
+                        .unwrap_or_else(|| "nothing".into())
+                ));
+            }
+        }
         problems.extend(
             views
                 .iter()
@@ -260,7 +285,8 @@ async fn not_ready(ctx: &Context) -> Result<Vec<String>, Error> {
 /// Waits until the lab is programmed: with the controller, every Node has a
 /// podCIDR and the CanalNetwork is Ready; with agents, every agent answers
 /// /readyz (from inside its namespace) and every node has a route to every
-/// other node's subnet. On timeout the error lists what is not ready.
+/// other node's subnet; with both, the CanalNetwork reports NetworkPolicy
+/// enforced on every node. On timeout the error lists what is not ready.
 pub async fn wait_programmed(ctx: &Context, timeout: Duration) -> Result<(), Error> {
     let deadline = Instant::now() + timeout;
     loop {

@@ -27,6 +27,7 @@ pub mod netns;
 pub mod nodes;
 pub mod pods;
 pub mod probe;
+pub mod prober;
 pub mod protocol;
 pub mod state;
 mod status;

@@ -56,6 +56,29 @@ pub async fn status(ctx: &Context) -> Result<(String, bool), Error> {
             names::NODE_API_PORT
         ),
     );
+    if ctx.lab.controller && ctx.lab.agents {
+        // What canal-controller summarises from the agents' NodePolicySet statuses.
+        let network = Api::<canal_crds::CanalNetwork>::all(ctx.client.clone())
+            .get_opt(canal_crds::DEFAULT_NETWORK_NAME)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|n| n.status);
+        let (summary, ok) = match network.as_ref().and_then(|s| {
+            Some((
+                s.policy_enforcement.clone()?,
+                s.policy_enforced_nodes?,
+                s.policy_nodes?,
+            ))
+        }) {
+            Some((text, enforced, nodes)) => {
+                let ok = enforced == nodes || text == "disabled";
+                (text, ok)
+            }
+            None => ("not reported yet".to_string(), false),
+        };
+        line(ok, format!("NetworkPolicy enforced: {summary}"));
+    }
     let api: Api<Node> = Api::all(ctx.client.clone());
     for node in ctx.state.nodes()? {
         let cidr = api

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use canal_e2e::lab::{StateDir, cleanup, netns};
 
+pub mod policy;
+
 /// Runs `canal-lab --state-dir STATE ARGS...`.
 pub fn canal_lab(state: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_canal-lab"))

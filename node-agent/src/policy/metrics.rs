@@ -1,7 +1,9 @@
 //! Every Prometheus metric of policy enforcement, registered on the agent's
 //! one registry. Label values are bounded enums, never object names or error text.
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use super::plan::PlanStats;
 use super::render::Warning;
@@ -11,6 +13,20 @@ use super::render::Warning;
 fn duration_buckets() -> Vec<f64> {
     prometheus::exponential_buckets(0.001, 2.0, 15).unwrap_or_default()
 }
+
+/// Buckets of the realization latency (watch event to rules in the kernel).
+const PROGRAMMING_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// What a realized change came from (`object` label values).
+pub const OBJECTS: [&str; 3] = ["node_policy_set", "peer_set", "canal_network"];
+/// Why a sync ran (`trigger` label values).
+pub const TRIGGERS: [&str; 3] = ["change", "retry", "drift_check"];
+/// Watched resources (`resource` label values).
+pub const RESOURCES: [&str; 2] = ["nodepolicyset", "peerset"];
+/// Outcomes of a PeerSet GET (`result` label values).
+pub const FETCH_RESULTS: [&str; 3] = ["found", "not_found", "error"];
 
 /// Bounded error categories, also used as label values.
 pub const ERROR_CATEGORIES: [&str; 5] = [
@@ -46,6 +62,19 @@ pub struct PolicyMetrics {
     pub drift_repairs: IntCounterVec,
     /// Input parts skipped by the renderer in the last sync, by category.
     pub render_warnings: IntGaugeVec,
+    /// From a NodePolicySet / PeerSet / CanalNetwork change being observed
+    /// to its rules being in the kernel, by object.
+    pub programming_duration: HistogramVec,
+    /// Syncs run by the agent's loop, by trigger and result.
+    pub syncs: IntCounterVec,
+    /// NodePolicySet status writes, by result.
+    pub status_writes: IntCounterVec,
+    /// Watch events received, by resource.
+    pub watch_events: IntCounterVec,
+    /// Watch failures (retried with backoff), by resource.
+    pub watch_errors: IntCounterVec,
+    /// GETs of PeerSets that became referenced, by result.
+    pub peer_set_fetches: IntCounterVec,
 }
 
 impl PolicyMetrics {
@@ -63,6 +92,12 @@ impl PolicyMetrics {
         registry.register(Box::new(m.endpoints.clone()))?;
         registry.register(Box::new(m.drift_repairs.clone()))?;
         registry.register(Box::new(m.render_warnings.clone()))?;
+        registry.register(Box::new(m.programming_duration.clone()))?;
+        registry.register(Box::new(m.syncs.clone()))?;
+        registry.register(Box::new(m.status_writes.clone()))?;
+        registry.register(Box::new(m.watch_events.clone()))?;
+        registry.register(Box::new(m.watch_errors.clone()))?;
+        registry.register(Box::new(m.peer_set_fetches.clone()))?;
         Ok(m)
     }
 
@@ -131,7 +166,68 @@ impl PolicyMetrics {
                 ),
                 &["reason"],
             )?,
+            programming_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "canal_policy_programming_duration_seconds",
+                    "From a change of this node's NodePolicySet, a PeerSet it references or the CanalNetwork being observed to the resulting rules being in the kernel, by object.",
+                )
+                .buckets(PROGRAMMING_BUCKETS.to_vec()),
+                &["object"],
+            )?,
+            syncs: IntCounterVec::new(
+                Opts::new(
+                    "canal_policy_agent_syncs_total",
+                    "Policy syncs run by the agent, by trigger (change, retry after a failure, periodic drift check) and result.",
+                ),
+                &["trigger", "result"],
+            )?,
+            status_writes: IntCounterVec::new(
+                Opts::new(
+                    "canal_policy_status_writes_total",
+                    "NodePolicySet status writes (only when the status changed), by result.",
+                ),
+                &["result"],
+            )?,
+            watch_events: IntCounterVec::new(
+                Opts::new(
+                    "canal_policy_agent_watch_events_total",
+                    "Watch events received by policy enforcement, by resource.",
+                ),
+                &["resource"],
+            )?,
+            watch_errors: IntCounterVec::new(
+                Opts::new(
+                    "canal_policy_agent_watch_errors_total",
+                    "Watch failures of policy enforcement (retried with backoff), by resource.",
+                ),
+                &["resource"],
+            )?,
+            peer_set_fetches: IntCounterVec::new(
+                Opts::new(
+                    "canal_policy_peer_set_fetches_total",
+                    "GETs of PeerSets that became referenced by this node's NodePolicySet (unreferenced PeerSets are not kept), by result.",
+                ),
+                &["result"],
+            )?,
         };
+        for o in OBJECTS {
+            m.programming_duration.with_label_values(&[o]);
+        }
+        for t in TRIGGERS {
+            for r in ["success", "error"] {
+                m.syncs.with_label_values(&[t, r]);
+            }
+        }
+        for r in ["success", "error"] {
+            m.status_writes.with_label_values(&[r]);
+        }
+        for r in RESOURCES {
+            m.watch_events.with_label_values(&[r]);
+            m.watch_errors.with_label_values(&[r]);
+        }
+        for r in FETCH_RESULTS {
+            m.peer_set_fetches.with_label_values(&[r]);
+        }
         for tool in ["iptables", "ipset"] {
             m.restore_failures.with_label_values(&[tool]);
             m.restores.with_label_values(&[tool]);

@@ -7,6 +7,9 @@
 //! - [`enforcer`]: [`PolicyEnforcer`], the applier the agent's sync loop owns.
 //! - [`handshake`]: the run-dir files canal-cni waits on.
 //! - [`status`]: the NodePolicySet status after a sync.
+//! - [`store`]: pure state of the watched NodePolicySet and PeerSets -> [`PolicyInputs`].
+//! - [`component`]: the agent's policy task (watches, level-triggered sync,
+//!   drift checks, status writes), plugged in as a `NodeComponent`.
 //!
 //! The agent's loop:
 //!
@@ -21,6 +24,7 @@
 //! # let _ = stats; Ok(()) }
 //! ```
 
+pub mod component;
 pub mod enforcer;
 pub mod exec;
 pub mod handshake;
@@ -35,6 +39,7 @@ mod semantics_tests;
 mod sim;
 pub mod state;
 pub mod status;
+pub mod store;
 
 pub use enforcer::{Error, PolicyEnforcer, Retry, SyncStats, Tools};
 pub use exec::{Exec, ExecError};
@@ -46,4 +51,4 @@ pub use render::{
 };
 pub use ruleset::{Chain, Hook, IpSet, Rule, Ruleset, SetType};
 pub use state::KernelState;
-pub use status::enforced_status;
+pub use status::{disabled_status, enforced_status};

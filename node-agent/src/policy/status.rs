@@ -64,6 +64,37 @@ pub fn enforced_status(
     (status, changed)
 }
 
+/// The status while `policy.enabled` is false: the agent has removed every
+/// policy chain and set, so the NodePolicySet (of `generation`) is observed
+/// but not enforced. Returns the status and whether it differs from `previous`.
+pub fn disabled_status(
+    previous: Option<&NodePolicySetStatus>,
+    generation: Option<i64>,
+    now: Time,
+) -> (NodePolicySetStatus, bool) {
+    let mut status = previous.cloned().unwrap_or_default();
+    status.observed_generation = generation;
+    status.endpoints = Some(0);
+    status.rules = Some(0);
+    status.sets = Some(0);
+    let cond = condition(
+        ENFORCED,
+        false,
+        "PolicyDisabled",
+        "CanalNetwork policy.enabled is false: no NetworkPolicy is enforced on this node",
+        generation,
+        now,
+    );
+    let mut changed = set_condition(&mut status.conditions, cond);
+    changed |= previous.is_none_or(|p| {
+        p.observed_generation != status.observed_generation
+            || p.endpoints != status.endpoints
+            || p.rules != status.rules
+            || p.sets != status.sets
+    });
+    (status, changed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +131,23 @@ mod tests {
         assert_eq!(s3.conditions[0].status, "False");
         assert_eq!(s3.conditions[0].reason, "IptablesRestoreFailed");
         assert_eq!(s3.conditions[0].last_transition_time, at(30));
+    }
+
+    #[test]
+    fn disabled_is_observed_but_not_enforced() {
+        let stats = SyncStats {
+            endpoints: 2,
+            rules: 30,
+            ..SyncStats::default()
+        };
+        let (s1, _) = enforced_status(None, Some(4), Ok(&stats), at(10));
+        let (s2, changed) = disabled_status(Some(&s1), Some(4), at(20));
+        assert!(changed);
+        assert_eq!(s2.observed_generation, Some(4));
+        assert_eq!(s2.rules, Some(0));
+        assert_eq!(s2.conditions[0].status, "False");
+        assert_eq!(s2.conditions[0].reason, "PolicyDisabled");
+        let (_, changed) = disabled_status(Some(&s2), Some(4), at(30));
+        assert!(!changed, "same outcome must not cause a write");
     }
 }

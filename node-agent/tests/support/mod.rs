@@ -3,6 +3,7 @@
 //! policy tests use [`netns`]; the overlay and CNI tests the helpers here.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod netns;
 
 use std::path::PathBuf;

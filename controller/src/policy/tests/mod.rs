@@ -173,10 +173,7 @@ pub fn ns(name: &str, extra: &[(&str, &str)]) -> NamespaceInfo {
 }
 
 pub fn node(name: &str) -> NodeInfo {
-    NodeInfo {
-        name: name.into(),
-        uid: Some(format!("uid-{name}")),
-    }
+    NodeInfo { name: name.into() }
 }
 
 pub fn pod(namespace: &str, name: &str, node: &str, ip: &str, l: &[(&str, &str)]) -> PodInfo {

@@ -561,20 +561,10 @@ fn node_lifecycle() {
     assert_eq!(h.sync(), ["delete NodePolicySet n2"]);
     h.index.apply_node(node("n2"));
     assert_eq!(h.sync(), ["apply NodePolicySet n2"]);
-    // A new UID (the Node was recreated): the ownerReference must follow.
-    h.index.apply_node(NodeInfo {
-        name: "n2".into(),
-        uid: Some("other".into()),
-    });
-    assert_eq!(h.sync(), ["apply NodePolicySet n2"]);
-    assert_eq!(
-        h.index
-            .render_node_policy_set("n2")
-            .unwrap()
-            .node_uid
-            .as_deref(),
-        Some("other")
-    );
+    // The same Node seen again (or recreated under its name) writes nothing:
+    // the NodePolicySet is owned by the CanalNetwork, not by the Node.
+    h.index.apply_node(node("n2"));
+    assert!(h.sync().is_empty());
     // A Node with no pods still gets an (empty) NodePolicySet.
     h.index.apply_node(node("empty"));
     assert_eq!(h.sync(), ["apply NodePolicySet empty"]);

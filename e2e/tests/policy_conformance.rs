@@ -1,0 +1,821 @@
+//! NetworkPolicy conformance with real packets (issue 5), the upstream
+//! Kubernetes e2e model: namespaces x, y, z (label `ns=<name>`), pods a, b,
+//! c in each (label `pod=<name>`) spread over three nodes, each serving TCP
+//! and UDP 80 and 81 (`serve-80-tcp` ... `serve-81-udp`). Every scenario is
+//! checked as four 9x9 truth tables (two ports x two protocols) against the
+//! reference model in `canal_e2e::policy_model`, after waiting until the
+//! controller has compiled the cluster and every agent reports its
+//! NodePolicySet enforced (no sleeps). One lab serves every scenario;
+//! policies are removed between scenarios.
+//!
+//! The second test, on a lab of its own, probes continuously while things
+//! change: a policy created under traffic blocks new connections within
+//! 1 s (established ones carry on) and its deletion restores them; an agent
+//! restart leaks nothing and rewrites nothing; a new pod selected by an
+//! isolating policy is isolated before its first packet (blast probes from
+//! the start of `pod add`); `kubectl apply` shows in `canal-lab matrix`;
+//! CanalNetwork `default` says "enforced on N of M nodes".
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use canal_e2e::Lab;
+use canal_e2e::lab::prober::{Attempt, Prober};
+use canal_e2e::lab::{Matrix, PodOptions, Protocol, UpOptions};
+use support::policy::{
+    Outcome, apply_policies, check, check_host_sources, delete_all_policies, host_address,
+    label_namespace, label_pod, policy_summary, wait_enforced, wait_probers,
+};
+use support::serial;
+
+/// Runs scenarios in order on one lab and reports them together.
+struct Suite<'a> {
+    lab: &'a Lab,
+    outcomes: Vec<Outcome>,
+    current: Option<(String, Instant)>,
+}
+
+impl<'a> Suite<'a> {
+    fn new(lab: &'a Lab) -> Suite<'a> {
+        Suite {
+            lab,
+            outcomes: Vec::new(),
+            current: None,
+        }
+    }
+
+    /// Starts a scenario: every policy of the last one is removed (the next
+    /// check waits until that and the new state are enforced).
+    async fn begin(&mut self, name: &str) {
+        assert!(self.current.is_none(), "scenario not checked");
+        delete_all_policies(&self.lab.client()).await;
+        self.current = Some((name.to_string(), Instant::now()));
+    }
+
+    /// Checks the running scenario.
+    async fn check(&mut self) -> &mut Outcome {
+        let (name, started) = self.current.take().expect("begin first");
+        let outcome = check(self.lab, &name, started).await;
+        eprintln!(
+            "{:>3}. {:<72} {} (enforced after {} ms, {} probes, {:.1} s)",
+            self.outcomes.len() + 1,
+            name,
+            if outcome.failure.is_some() {
+                "FAILED"
+            } else {
+                "ok"
+            },
+            outcome.enforced_after.as_millis(),
+            outcome.probes,
+            outcome.duration.as_secs_f64()
+        );
+        self.outcomes.push(outcome);
+        self.outcomes.last_mut().expect("just pushed")
+    }
+
+    /// A scenario made of policies only.
+    async fn policies(&mut self, name: &str, yaml: &str) {
+        self.begin(name).await;
+        apply_policies(&self.lab.client(), yaml).await;
+        self.check().await;
+    }
+
+    fn finish(self, started: Instant) {
+        let failed: Vec<&Outcome> = self
+            .outcomes
+            .iter()
+            .filter(|o| o.failure.is_some())
+            .collect();
+        let probes: usize = self.outcomes.iter().map(|o| o.probes).sum();
+        let mut enforced: Vec<u128> = self
+            .outcomes
+            .iter()
+            .map(|o| o.enforced_after.as_millis())
+            .collect();
+        enforced.sort_unstable();
+        eprintln!(
+            "{} scenarios, {probes} probes, {:.1} s in all (lab up included); apply -> enforced everywhere: median {} ms, max {} ms",
+            self.outcomes.len(),
+            started.elapsed().as_secs_f64(),
+            enforced[enforced.len() / 2],
+            enforced.last().copied().unwrap_or_default()
+        );
+        if !failed.is_empty() {
+            let mut text = String::new();
+            for o in &failed {
+                text.push_str(&format!(
+                    "\n=== {} ===\n{}\n",
+                    o.name,
+                    o.failure.as_deref().unwrap_or_default()
+                ));
+            }
+            panic!(
+                "{} of {} scenarios failed:{text}",
+                failed.len(),
+                self.outcomes.len()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn network_policy_truth_tables() {
+    let _serial = serial().await;
+    let started = Instant::now();
+    let lab = Lab::up(
+        Lab::test_state_dir("policy-conformance"),
+        UpOptions {
+            nodes: 3,
+            ..UpOptions::default()
+        },
+    )
+    .await
+    .expect("a 3-node lab");
+    lab.add_conformance_pods().await.expect("conformance pods");
+    let ip = |key: &str| lab.pod(key).unwrap().ipv4().unwrap();
+    let client = lab.client();
+    let mut s = Suite::new(&lab);
+
+    s.policies("no policies: every pod reaches every pod", "")
+        .await;
+
+    // Isolation and defaulting.
+    s.policies(
+        "deny all ingress in x (policyTypes defaulted to Ingress)",
+        "metadata: {namespace: x, name: deny-ingress}\nspec: {podSelector: {}}",
+    )
+    .await;
+    s.policies(
+        "deny all ingress in x (policyTypes [Ingress], empty rules)",
+        "metadata: {namespace: x, name: deny-ingress}\nspec: {podSelector: {}, policyTypes: [Ingress], ingress: []}",
+    )
+    .await;
+    s.policies(
+        "deny all egress in x",
+        "metadata: {namespace: x, name: deny-egress}\nspec: {podSelector: {}, policyTypes: [Egress]}",
+    )
+    .await;
+    s.policies(
+        "deny all ingress and egress in x",
+        "metadata: {namespace: x, name: deny-all}\nspec: {podSelector: {}, policyTypes: [Ingress, Egress]}",
+    )
+    .await;
+    s.policies(
+        "deny all plus allow all ingress in x: allows are a union",
+        "metadata: {namespace: x, name: deny}\nspec: {podSelector: {}}\n---\nmetadata: {namespace: x, name: allow-all}\nspec: {podSelector: {}, ingress: [{}]}",
+    )
+    .await;
+    s.policies(
+        "egress rules without policyTypes isolate both directions",
+        "metadata: {namespace: x, name: egress-defaulted}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  egress: [{to: [{podSelector: {}}]}]",
+    )
+    .await;
+    s.policies(
+        "egress only: z may reach namespace y",
+        "metadata: {namespace: z, name: to-y}\nspec:\n  podSelector: {}\n  policyTypes: [Egress]\n  egress: [{to: [{namespaceSelector: {matchLabels: {ns: y}}}]}]",
+    )
+    .await;
+    s.policies(
+        "deny all egress in x, allow ingress to x/a from y",
+        "metadata: {namespace: x, name: deny-egress}\nspec: {podSelector: {}, policyTypes: [Egress]}\n---\nmetadata: {namespace: x, name: a-from-y}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}]}]",
+    )
+    .await;
+
+    // Peers.
+    s.policies(
+        "x/a from pods of x labelled pod=b",
+        "metadata: {namespace: x, name: a-from-b}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]",
+    )
+    .await;
+    s.policies(
+        "x/a from namespaces labelled ns=y",
+        "metadata: {namespace: x, name: a-from-y}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}]}]",
+    )
+    .await;
+    s.policies(
+        "x/a from every namespace (namespaceSelector {})",
+        "metadata: {namespace: x, name: a-from-all}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {}}]}]",
+    )
+    .await;
+    s.policies(
+        "namespace and pod selector in one peer: only y/c",
+        "metadata: {namespace: x, name: a-from-yc}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}, podSelector: {matchLabels: {pod: c}}}]}]",
+    )
+    .await;
+    s.policies(
+        "namespace and pod selector as two peers: y/* or x/c",
+        "metadata: {namespace: x, name: a-from-y-or-c}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}, {podSelector: {matchLabels: {pod: c}}}]}]",
+    )
+    .await;
+    s.policies(
+        "matchExpressions In: z/c from pods a and b of every namespace",
+        "metadata: {namespace: z, name: c-from-ab}\nspec:\n  podSelector: {matchLabels: {pod: c}}\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchExpressions: [{key: pod, operator: In, values: [a, b]}]}}]}]",
+    )
+    .await;
+    s.policies(
+        "matchExpressions NotIn: z from namespaces other than x",
+        "metadata: {namespace: z, name: not-from-x}\nspec:\n  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {matchExpressions: [{key: ns, operator: NotIn, values: [x]}]}}]}]",
+    )
+    .await;
+    s.policies(
+        "matchExpressions Exists (x/a from all) and DoesNotExist (x/b from none)",
+        "metadata: {namespace: x, name: a-exists}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {matchExpressions: [{key: ns, operator: Exists}]}, podSelector: {matchExpressions: [{key: pod, operator: Exists}]}}]}]\n---\nmetadata: {namespace: x, name: b-not-exists}\nspec:\n  podSelector: {matchLabels: {pod: b}}\n  ingress: [{from: [{namespaceSelector: {matchExpressions: [{key: ns, operator: DoesNotExist}]}}]}]",
+    )
+    .await;
+    s.policies(
+        "two policies on x/a: the union of their rules",
+        "metadata: {namespace: x, name: a-from-b}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]\n---\nmetadata: {namespace: x, name: a-from-z}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: z}}}]}]",
+    )
+    .await;
+    s.policies(
+        "empty podSelector selects its own namespace only: y only from y",
+        "metadata: {namespace: y, name: only-y}\nspec:\n  podSelector: {}\n  ingress: [{from: [{podSelector: {}}]}]",
+    )
+    .await;
+    s.policies(
+        "a policy in namespace z selecting pod=a does not touch x/a or y/a",
+        "metadata: {namespace: z, name: deny-a}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Ingress, Egress]",
+    )
+    .await;
+    s.policies(
+        "ingress and egress on one pod: x/a from y, to z",
+        "metadata: {namespace: x, name: a-both}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Ingress, Egress]\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}]}]\n  egress: [{to: [{namespaceSelector: {matchLabels: {ns: z}}}]}]",
+    )
+    .await;
+
+    // ipBlock.
+    s.policies(
+        "ipBlock with except: x/a from the cluster except y/b",
+        &format!(
+            "metadata: {{namespace: x, name: a-block}}\nspec:\n  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress: [{{from: [{{ipBlock: {{cidr: 10.244.0.0/16, except: [{}/32]}}}}]}}]",
+            ip("y/b")
+        ),
+    )
+    .await;
+    let node3 = host_address(&client, "node-3").await;
+    s.policies(
+        "ipBlock egress: x/b only to node-3's pod subnet",
+        &format!(
+            "metadata: {{namespace: x, name: b-to-node3}}\nspec:\n  podSelector: {{matchLabels: {{pod: b}}}}\n  policyTypes: [Egress]\n  egress: [{{to: [{{ipBlock: {{cidr: {node3}/24}}}}]}}]"
+        ),
+    )
+    .await;
+    s.policies(
+        "ipBlock of two pod IPs (and a peer list mixing ipBlock and selectors)",
+        &format!(
+            "metadata: {{namespace: y, name: b-from-ips}}\nspec:\n  podSelector: {{matchLabels: {{pod: b}}}}\n  ingress: [{{from: [{{ipBlock: {{cidr: {}/32}}}}, {{ipBlock: {{cidr: {}/32}}}}, {{podSelector: {{matchLabels: {{pod: c}}}}}}]}}]",
+            ip("x/a"),
+            ip("z/b")
+        ),
+    )
+    .await;
+
+    // Ports and protocols.
+    s.policies(
+        "numeric port: x/a on TCP 80 only",
+        "metadata: {namespace: x, name: a-tcp80}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{ports: [{port: 80, protocol: TCP}]}]",
+    )
+    .await;
+    s.policies(
+        "endPort range: x/a on TCP 80-81",
+        "metadata: {namespace: x, name: a-range}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{ports: [{port: 80, endPort: 81, protocol: TCP}]}]",
+    )
+    .await;
+    s.policies(
+        "endPort range 79-80 on UDP leaves 81 out",
+        "metadata: {namespace: y, name: udp-range}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{port: 79, endPort: 80, protocol: UDP}]}]",
+    )
+    .await;
+    s.policies(
+        "UDP only: y on UDP 81 from x",
+        "metadata: {namespace: y, name: udp81}\nspec:\n  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: x}}}], ports: [{port: 81, protocol: UDP}]}]",
+    )
+    .await;
+    s.policies(
+        "a port without protocol means TCP",
+        "metadata: {namespace: z, name: port81}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{port: 81}]}]",
+    )
+    .await;
+    s.policies(
+        "named port ingress: x on serve-81-tcp",
+        "metadata: {namespace: x, name: named-in}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{port: serve-81-tcp}]}]",
+    )
+    .await;
+    s.policies(
+        "named port egress: x to serve-80-udp anywhere",
+        "metadata: {namespace: x, name: named-out}\nspec:\n  podSelector: {}\n  policyTypes: [Egress]\n  egress: [{ports: [{port: serve-80-udp, protocol: UDP}]}]",
+    )
+    .await;
+    s.policies(
+        "named port egress with a peer: x/a to z on serve-81-tcp",
+        "metadata: {namespace: x, name: named-peer}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n  egress: [{to: [{namespaceSelector: {matchLabels: {ns: z}}}], ports: [{port: serve-81-tcp, protocol: TCP}]}]",
+    )
+    .await;
+    s.policies(
+        "a port no pod declares is harmless: x/a from x/b on any port only",
+        "metadata: {namespace: x, name: a-odd}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - ports: [{port: no-such-port}, {port: 8080}]\n  - from: [{podSelector: {matchLabels: {pod: b}}}]",
+    )
+    .await;
+    s.policies(
+        "an SCTP-only rule allows no TCP or UDP",
+        "metadata: {namespace: x, name: a-sctp}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{ports: [{port: 80, protocol: SCTP}]}]",
+    )
+    .await;
+
+    // Changes of pods and namespaces move them in and out.
+    s.begin("a pod labelled into a policy's podSelector is isolated")
+        .await;
+    apply_policies(
+        &client,
+        "metadata: {namespace: y, name: isolate-marked}\nspec:\n  podSelector: {matchLabels: {role: isolated}}\n  policyTypes: [Ingress, Egress]",
+    )
+    .await;
+    label_pod(&client, "y/b", "role", Some("isolated")).await;
+    s.check().await;
+    s.begin("... and released when the label goes").await;
+    apply_policies(
+        &client,
+        "metadata: {namespace: y, name: isolate-marked}\nspec:\n  podSelector: {matchLabels: {role: isolated}}\n  policyTypes: [Ingress, Egress]",
+    )
+    .await;
+    label_pod(&client, "y/b", "role", None).await;
+    s.check().await;
+
+    s.begin("a pod labelled into a peer set is admitted").await;
+    apply_policies(
+        &client,
+        "metadata: {namespace: x, name: a-from-clients}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {role: client}}}]}]",
+    )
+    .await;
+    label_pod(&client, "z/c", "role", Some("client")).await;
+    s.check().await;
+    label_pod(&client, "z/c", "role", None).await;
+
+    s.begin("a namespace labelled into a namespaceSelector is admitted")
+        .await;
+    apply_policies(
+        &client,
+        "metadata: {namespace: x, name: a-from-blue}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {team: blue}}}]}]",
+    )
+    .await;
+    label_namespace(&client, "z", "team", Some("blue")).await;
+    s.check().await;
+    label_namespace(&client, "z", "team", None).await;
+
+    s.begin("pods deleted and re-created on other nodes keep their policies")
+        .await;
+    apply_policies(
+        &client,
+        "metadata: {namespace: x, name: a-from-b}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]\n---\nmetadata: {namespace: y, name: deny-b}\nspec:\n  podSelector: {matchLabels: {pod: b}}",
+    )
+    .await;
+    wait_enforced(&lab, Duration::from_secs(30)).await;
+    let before = (ip("x/b"), ip("y/b"));
+    lab.del_pod("x/b").await.unwrap();
+    lab.del_pod("y/b").await.unwrap();
+    lab.add_pods(vec![
+        PodOptions::new("x", "b", "node-3").label("pod", "b"),
+        PodOptions::new("y", "b", "node-1").label("pod", "b"),
+    ])
+    .await
+    .unwrap();
+    assert_ne!(
+        (ip("x/b"), ip("y/b")),
+        before,
+        "re-created on other nodes: new addresses"
+    );
+    s.check().await;
+
+    s.begin("a host source (hostNetwork view) matches ipBlocks only: z from node-1's address")
+        .await;
+    let node1 = host_address(&client, "node-1").await;
+    apply_policies(
+        &client,
+        &format!(
+            "metadata: {{namespace: z, name: from-node1}}\nspec:\n  podSelector: {{}}\n  ingress: [{{from: [{{ipBlock: {{cidr: {node1}/32}}}}, {{podSelector: {{matchLabels: {{pod: none}}}}}}]}}]"
+        ),
+    )
+    .await;
+    let outcome = s.check().await;
+    if outcome.failure.is_none() {
+        let model = wait_enforced(&lab, Duration::from_secs(30)).await;
+        for (port, protocol) in [(80, Protocol::Tcp), (80, Protocol::Udp)] {
+            if let Some(bad) = check_host_sources(&lab, &model, port, protocol).await {
+                outcome.failure = Some(format!("host sources:\n{bad}"));
+                break;
+            }
+        }
+    }
+
+    delete_all_policies(&client).await;
+    s.finish(started);
+}
+
+/// The address of pod `key` on `port`.
+fn addr(lab: &Lab, key: &str, port: u16) -> SocketAddr {
+    SocketAddr::from((lab.pod(key).unwrap().ipv4().unwrap(), port))
+}
+
+fn prober(lab: &Lab, from: &str, to: &str, port: u16, protocol: Protocol) -> Prober {
+    Prober::start(
+        &format!("{from} -> {to} {port}/{protocol}"),
+        &lab.pod(from).unwrap().netns,
+        addr(lab, to, port),
+        protocol,
+        Duration::from_millis(200),
+        Duration::from_millis(10),
+    )
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+/// A restarted agent's policy restores (0 when it adopted the kernel state).
+fn agent_restores(lab: &Lab, node: &str) -> Result<f64, String> {
+    let netns = lab.node(node).map_err(|e| e.to_string())?.netns;
+    let text = canal_e2e::lab::nodes::http_get(Some(&netns), 9091, "/metrics")
+        .map_err(|e| e.to_string())?;
+    let mut total = 0.0;
+    let mut seen = 0;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("canal_policy_restores_total{") {
+            total += rest
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            seen += 1;
+        }
+    }
+    if seen == 2 {
+        Ok(total)
+    } else {
+        Err(format!("no canal_policy_restores_total in:\n{text}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn policy_under_traffic_agent_restarts_new_pods_kubectl_and_summary() {
+    let _serial = serial().await;
+    let lab = Lab::up(
+        Lab::test_state_dir("policy-dataplane"),
+        UpOptions {
+            nodes: 3,
+            ..UpOptions::default()
+        },
+    )
+    .await
+    .expect("a 3-node lab");
+    lab.add_conformance_pods().await.expect("conformance pods");
+    let client = lab.client();
+    wait_enforced(&lab, Duration::from_secs(30)).await;
+
+    // A policy created while traffic flows blocks new connections within
+    // 1 s; established ones carry on (conntrack); deleting it restores them.
+    let stream = lab.open_stream("y/a", "x/c", 80).await.unwrap();
+    let mut conn = stream.stream;
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let probers = [
+        prober(&lab, "y/a", "x/c", 80, Protocol::Tcp),
+        prober(&lab, "y/b", "x/c", 80, Protocol::Udp),
+    ];
+    let refs: Vec<&Prober> = probers.iter().collect();
+    wait_probers(
+        "probes connect before the policy",
+        &refs,
+        Duration::from_secs(10),
+        |p| p.attempts().iter().filter(|a| a.connected).count() >= 3,
+    )
+    .await;
+    let t0 = Instant::now();
+    apply_policies(
+        &client,
+        "metadata: {namespace: x, name: deny-c}\nspec: {podSelector: {matchLabels: {pod: c}}}",
+    )
+    .await;
+    wait_enforced(&lab, Duration::from_secs(10)).await;
+    let enforced = Instant::now();
+    wait_probers("probes blocked", &refs, Duration::from_secs(10), |p| {
+        let after = p.since(enforced);
+        after.len() >= 3 && after.iter().all(|a| !a.connected)
+    })
+    .await;
+    use std::io::{BufRead, BufReader, Write};
+    conn.write_all(b"still here\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(conn.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "still here\n", "an established connection carries on");
+    let t1 = Instant::now();
+    delete_all_policies(&client).await;
+    wait_probers(
+        "probes connect again",
+        &refs,
+        Duration::from_secs(10),
+        |p| p.since(t1).iter().filter(|a| a.connected).count() >= 3,
+    )
+    .await;
+    for p in probers {
+        let label = p.label.clone();
+        let all = p.stop();
+        let during: Vec<&Attempt> = all.iter().filter(|a| a.at >= t0 && a.at < t1).collect();
+        let last_open = during
+            .iter()
+            .filter(|a| a.connected)
+            .map(|a| a.at - t0)
+            .max()
+            .unwrap_or_default();
+        let first_again = all
+            .iter()
+            .filter(|a| a.at >= t1 && a.connected)
+            .map(|a| a.at - t1)
+            .min()
+            .unwrap_or_default();
+        eprintln!(
+            "{label}: last new connection {} ms after the create (enforced everywhere after {} ms); first again {} ms after the delete",
+            ms(last_open),
+            ms(enforced - t0),
+            ms(first_again)
+        );
+        assert!(
+            last_open < Duration::from_secs(1),
+            "{label}: a new connection opened {} ms after the policy was created",
+            ms(last_open)
+        );
+        assert!(
+            first_again < Duration::from_secs(1),
+            "{label}: connections came back only {} ms after the delete",
+            ms(first_again)
+        );
+    }
+    wait_enforced(&lab, Duration::from_secs(10)).await;
+
+    // An agent restart keeps enforcement with no open window: denied
+    // probes never connect, allowed ones never fail, nothing is rewritten.
+    apply_policies(
+        &client,
+        "metadata: {namespace: x, name: b-from-a}\nspec:\n  podSelector: {matchLabels: {pod: b}}\n  ingress: [{from: [{podSelector: {matchLabels: {pod: a}}}]}]",
+    )
+    .await;
+    wait_enforced(&lab, Duration::from_secs(10)).await;
+    let denied = [
+        prober(&lab, "y/a", "x/b", 80, Protocol::Tcp),
+        prober(&lab, "z/c", "x/b", 80, Protocol::Udp),
+        prober(&lab, "y/b", "x/b", 81, Protocol::Tcp),
+    ];
+    let allowed = [
+        Prober::start(
+            "x/a -> x/b 80/TCP",
+            &lab.pod("x/a").unwrap().netns,
+            addr(&lab, "x/b", 80),
+            Protocol::Tcp,
+            Duration::from_secs(1),
+            Duration::from_millis(10),
+        ),
+        Prober::start(
+            "x/a -> x/b 81/UDP",
+            &lab.pod("x/a").unwrap().netns,
+            addr(&lab, "x/b", 81),
+            Protocol::Udp,
+            Duration::from_secs(1),
+            Duration::from_millis(10),
+        ),
+    ];
+    let all: Vec<&Prober> = denied.iter().chain(&allowed).collect();
+    wait_probers("probes running", &all, Duration::from_secs(10), |p| {
+        p.attempts().len() >= 3
+    })
+    .await;
+    let stop = Instant::now();
+    assert!(lab.stop_agent("node-2"), "node-2's agent was running");
+    let stopped = Instant::now();
+    // Traffic keeps coming while no agent runs on the node.
+    wait_probers(
+        "probes while the agent is down",
+        &all,
+        Duration::from_secs(10),
+        |p| p.since(stopped).len() >= 5,
+    )
+    .await;
+    let down_for = stop.elapsed();
+    lab.start_agent("node-2").unwrap();
+    lab.wait_programmed(Duration::from_secs(60)).await.unwrap();
+    let ready = Instant::now();
+    wait_probers(
+        "probes after the restart",
+        &all,
+        Duration::from_secs(10),
+        |p| p.since(ready).len() >= 5,
+    )
+    .await;
+    let restores = agent_restores(&lab, "node-2").unwrap();
+    let mut leaks = Vec::new();
+    let mut failures = Vec::new();
+    let mut attempts = 0;
+    for p in denied {
+        let label = p.label.clone();
+        let a = p.stop();
+        attempts += a.len();
+        leaks.extend(
+            a.iter()
+                .filter(|a| a.connected || a.refused)
+                .map(|a| format!("{label} at {} ms", ms(a.at.saturating_duration_since(stop)))),
+        );
+    }
+    for p in allowed {
+        let label = p.label.clone();
+        let a = p.stop();
+        attempts += a.len();
+        failures.extend(
+            a.iter()
+                .filter(|a| !a.connected)
+                .map(|a| format!("{label} at {} ms", ms(a.at.saturating_duration_since(stop)))),
+        );
+    }
+    eprintln!(
+        "agent restart on node-2: down for {} ms, ready again {} ms after the stop began; {attempts} probes during it: {} leaked, {} allowed ones failed; restores by the new agent: {restores}",
+        ms(down_for),
+        ms(ready - stop),
+        leaks.len(),
+        failures.len()
+    );
+    assert!(leaks.is_empty(), "denied probes got through: {leaks:?}");
+    assert!(failures.is_empty(), "allowed probes failed: {failures:?}");
+    assert_eq!(restores, 0.0, "the restarted agent rewrote the kernel");
+
+    // A new pod selected by an isolating policy is isolated before its
+    // first packet: probes blast every free address of node-2's subnet
+    // from the moment `pod add` starts; only x/a may reach pod=new, and a
+    // refusal (RST / port unreachable) counts as a leak: it means a packet
+    // reached the pod.
+    delete_all_policies(&client).await;
+    apply_policies(
+        &client,
+        "metadata: {namespace: x, name: new-from-a}\nspec:\n  podSelector: {matchLabels: {pod: new}}\n  ingress: [{from: [{podSelector: {matchLabels: {pod: a}}}]}]",
+    )
+    .await;
+    wait_enforced(&lab, Duration::from_secs(10)).await;
+    let subnet = host_address(&client, "node-2").await;
+    let used: Vec<std::net::Ipv4Addr> = lab
+        .pods()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p.ipv4())
+        .collect();
+    let candidates: Vec<std::net::Ipv4Addr> = (2..=24u8)
+        .map(|i| {
+            let o = subnet.octets();
+            std::net::Ipv4Addr::new(o[0], o[1], o[2], i)
+        })
+        .filter(|ip| !used.contains(ip))
+        .collect();
+    let mut blast = Vec::new();
+    for ip in &candidates {
+        for (from, protocol) in [
+            ("y/a", Protocol::Tcp),
+            ("z/c", Protocol::Udp),
+            ("x/a", Protocol::Tcp),
+        ] {
+            blast.push((
+                from,
+                *ip,
+                Prober::start(
+                    &format!("{from} -> {ip} 80/{protocol}"),
+                    &lab.pod(from).unwrap().netns,
+                    SocketAddr::from((*ip, 80)),
+                    protocol,
+                    Duration::from_millis(100),
+                    Duration::from_millis(5),
+                ),
+            ));
+        }
+    }
+    let t_add = Instant::now();
+    let pod = lab
+        .add_pod(PodOptions::new("x", "new", "node-2").label("pod", "new"))
+        .await
+        .unwrap();
+    let added = t_add.elapsed();
+    let new_ip = pod.ipv4().unwrap();
+    assert!(
+        candidates.contains(&new_ip),
+        "the new pod's address {new_ip} is among the blasted ones"
+    );
+    {
+        let allowed: Vec<&Prober> = blast
+            .iter()
+            .filter(|(from, ip, _)| *from == "x/a" && *ip == new_ip)
+            .map(|(_, _, p)| p)
+            .collect();
+        wait_probers(
+            "x/a reaching the new pod",
+            &allowed,
+            Duration::from_secs(10),
+            |p| p.attempts().iter().filter(|a| a.connected).count() >= 5,
+        )
+        .await;
+    }
+    let mut leaks = Vec::new();
+    let (mut probes, mut first_allowed) = (0, None::<Duration>);
+    for (from, ip, p) in blast {
+        let label = p.label.clone();
+        let a = p.stop();
+        probes += a.len();
+        if ip != new_ip {
+            continue;
+        }
+        for attempt in &a {
+            let reached = attempt.connected || attempt.refused;
+            if from == "x/a" {
+                if attempt.connected && first_allowed.is_none() {
+                    first_allowed = Some(attempt.at - t_add);
+                }
+            } else if reached {
+                leaks.push(format!("{label} at {} ms", ms(attempt.at - t_add)));
+            }
+        }
+    }
+    eprintln!(
+        "new pod x/new ({new_ip}) on node-2: pod add took {} ms; {probes} blast probes at {} addresses; first allowed connection {} ms after pod add began; {} leaked",
+        ms(added),
+        candidates.len(),
+        first_allowed.map(ms).unwrap_or_default(),
+        leaks.len()
+    );
+    assert!(
+        leaks.is_empty(),
+        "packets reached the isolated pod: {leaks:?}"
+    );
+
+    // A NetworkPolicy applied with kubectl shows in `canal-lab matrix`.
+    let file = lab.state().dir.join("z-from-y.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {namespace: z, name: from-y}\nspec:\n  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: \"y\"}}}]}]\n",
+    )
+    .unwrap();
+    delete_all_policies(&client).await;
+    let state = lab.state().dir.clone();
+    support::canal_lab_ok(
+        &state,
+        &["kubectl", "--", "apply", "-f", file.to_str().unwrap()],
+    );
+    let model = wait_enforced(&lab, Duration::from_secs(10)).await;
+    let json = support::canal_lab_ok(&state, &["matrix", "--port", "80", "--json"]);
+    let observed = Matrix::from_json(&serde_json::from_str(&json).expect("matrix JSON")).unwrap();
+    let expected = model.expected(observed.pods(), 80, Protocol::Tcp);
+    assert!(
+        observed.mismatches(&expected).is_empty(),
+        "canal-lab matrix after kubectl apply:\n{}",
+        Matrix::report(&expected, &observed)
+    );
+    let text = support::canal_lab_ok(&state, &["matrix", "--port", "80", "--protocol", "UDP"]);
+    eprintln!(
+        "canal-lab matrix --port 80 --protocol UDP after `kubectl apply` of z/from-y:\n{text}"
+    );
+
+    // The controller summarises enforcement on CanalNetwork default.
+    support::eventually("summary 3/3", Duration::from_secs(10), || async {
+        let s = policy_summary(&client).await;
+        (s == (Some("3/3 nodes".into()), Some(3), Some(3)))
+            .then_some(())
+            .ok_or(format!("{s:?}"))
+    })
+    .await;
+    assert!(lab.stop_agent("node-3"));
+    apply_policies(
+        &client,
+        "metadata: {namespace: y, name: deny-y}\nspec: {podSelector: {}}",
+    )
+    .await;
+    support::eventually(
+        "summary 2/3 while node-3's agent is down",
+        Duration::from_secs(10),
+        || async {
+            let s = policy_summary(&client).await;
+            (s == (Some("2/3 nodes".into()), Some(2), Some(3)))
+                .then_some(())
+                .ok_or(format!("{s:?}"))
+        },
+    )
+    .await;
+    let table = support::canal_lab_ok(&state, &["kubectl", "--", "get", "canalnetwork"]);
+    assert!(
+        table.contains("2/3 nodes"),
+        "kubectl get canalnetwork:\n{table}"
+    );
+    eprintln!("{table}");
+    lab.start_agent("node-3").unwrap();
+    support::eventually("summary 3/3 again", Duration::from_secs(30), || async {
+        let s = policy_summary(&client).await;
+        (s == (Some("3/3 nodes".into()), Some(3), Some(3)))
+            .then_some(())
+            .ok_or(format!("{s:?}"))
+    })
+    .await;
+    wait_enforced(&lab, Duration::from_secs(10)).await;
+}

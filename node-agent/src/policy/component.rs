@@ -1,0 +1,697 @@
+//! canal-agent's NetworkPolicy task, plugged in as a [`NodeComponent`]:
+//! watches this node's NodePolicySet (field selector on its name) and the
+//! PeerSets, feeds the pure [`PolicyStore`], and runs one level-triggered
+//! [`PolicyEnforcer::sync`] whenever the inputs changed, once every list is
+//! complete. It also runs the periodic drift check, writes the
+//! NodePolicySet status (field manager `canal-agent`, only when it changed)
+//! and opens its readiness gate after the first sync.
+//!
+//! One task owns the store and the enforcer; watch tasks and PeerSet GETs
+//! send what they see over a channel. Events that arrive while a sync runs
+//! are applied together before the next one, so a burst costs one sync.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use canal_crds::{NodePolicySet, NodePolicySetStatus, PeerSet, PeerSetSpec};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::watcher::{self, Event};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, error, info, warn};
+
+use super::enforcer::{Error as SyncError, PolicyEnforcer, SyncStats};
+use super::metrics::PolicyMetrics;
+use super::render::EnforcementConfig;
+use super::status::{disabled_status, enforced_status};
+use super::store::{NodePolicySetView, PolicyStore, Step};
+use crate::agent::FIELD_MANAGER;
+use crate::component::{ComponentContext, ComponentError, ComponentFuture, NodeComponent};
+
+/// Tuning of the policy task.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Period of the drift check (re-read the kernel, repair).
+    pub drift_interval: Duration,
+    /// First wait before retrying a failed sync or status write; doubles
+    /// up to `max_retry_backoff`.
+    pub retry_backoff: Duration,
+    /// Longest wait between retries.
+    pub max_retry_backoff: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            drift_interval: Duration::from_secs(60),
+            retry_backoff: Duration::from_millis(500),
+            max_retry_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// NetworkPolicy enforcement as a component of canal-agent.
+#[derive(Debug, Default)]
+pub struct PolicyComponent {
+    options: Options,
+}
+
+impl PolicyComponent {
+    /// The component with these options.
+    pub fn new(options: Options) -> PolicyComponent {
+        PolicyComponent { options }
+    }
+}
+
+impl NodeComponent for PolicyComponent {
+    fn name(&self) -> &'static str {
+        "policy"
+    }
+
+    fn run(self: Box<Self>, ctx: ComponentContext) -> ComponentFuture {
+        let span = tracing::info_span!("policy", node = %ctx.node_name);
+        Box::pin(run(ctx, self.options).instrument(span))
+    }
+}
+
+/// What the watch tasks and GETs report to the owner task.
+enum Input {
+    NodePolicySet(Event<Option<NodePolicySetView>>),
+    PeerSet(Event<(String, Option<PeerSetSpec>)>),
+    Fetched(String, Result<Option<PeerSetSpec>, ()>),
+}
+
+async fn run(ctx: ComponentContext, options: Options) -> Result<(), ComponentError> {
+    let metrics = PolicyMetrics::register(&ctx.registry)?;
+    let enforcer = PolicyEnforcer::new(&ctx.run_dir, metrics.clone());
+    let (tx, rx) = mpsc::channel(1024);
+    let mut watches = JoinSet::new();
+    let nps_api: Api<DeserializeGuard<NodePolicySet>> = Api::all(ctx.client.clone());
+    let by_name = watcher::Config::default().fields(&format!("metadata.name={}", ctx.node_name));
+    watches.spawn(watch(
+        nps_api,
+        by_name,
+        tx.clone(),
+        metrics.clone(),
+        "nodepolicyset",
+        |guard: DeserializeGuard<NodePolicySet>| match guard.0 {
+            Ok(nps) => Some(NodePolicySetView {
+                uid: nps.metadata.uid,
+                generation: nps.metadata.generation,
+                spec: nps.spec,
+                status: nps.status,
+            }),
+            Err(bad) => {
+                error!(
+                    "NodePolicySet {} cannot be decoded ({}); keeping what is programmed",
+                    bad.metadata.name.unwrap_or_default(),
+                    bad.error
+                );
+                None
+            }
+        },
+        Input::NodePolicySet,
+    ));
+    let ps_api: Api<DeserializeGuard<PeerSet>> = Api::all(ctx.client.clone());
+    watches.spawn(watch(
+        ps_api,
+        watcher::Config::default(),
+        tx.clone(),
+        metrics.clone(),
+        "peerset",
+        |guard: DeserializeGuard<PeerSet>| match guard.0 {
+            Ok(ps) => (ps.metadata.name.unwrap_or_default(), Some(ps.spec)),
+            Err(bad) => {
+                let name = bad.metadata.name.unwrap_or_default();
+                warn!(
+                    peer_set = %name,
+                    "PeerSet cannot be decoded ({}); it matches nobody",
+                    bad.error
+                );
+                (name, None)
+            }
+        },
+        Input::PeerSet,
+    ));
+    let owner = Owner {
+        recorder: Recorder::new(
+            ctx.client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: Some(ctx.node_name.clone()),
+            },
+        ),
+        peer_sets: Api::all(ctx.client.clone()),
+        status: StatusWriter::new(Api::all(ctx.client.clone()), &ctx.node_name),
+        node_name: ctx.node_name.clone(),
+        store: PolicyStore::new(),
+        enforcer,
+        metrics,
+        options,
+        tx,
+        readiness: ctx.readiness.clone(),
+        synced_once: false,
+        announced: None,
+    };
+    // Dropping `watches` (when this returns or the agent stops) aborts them.
+    let result = owner.run(rx, ctx.network).await;
+    watches.shutdown().await;
+    result
+}
+
+/// Watches `api`, converting every object in the watch task (the object is
+/// dropped there) and sending it to the owner with the time it arrived.
+async fn watch<K, T>(
+    api: Api<K>,
+    config: watcher::Config,
+    tx: mpsc::Sender<(Instant, Input)>,
+    metrics: PolicyMetrics,
+    resource: &'static str,
+    convert: impl Fn(K) -> T + Send + 'static,
+    wrap: fn(Event<T>) -> Input,
+) where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    // No debounce: every change matters, and the owner coalesces.
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(e) => e,
+            Err(e) => {
+                metrics.watch_errors.with_label_values(&[resource]).inc();
+                warn!("watching {resource}: {e} (retrying)");
+                continue;
+            }
+        };
+        metrics.watch_events.with_label_values(&[resource]).inc();
+        let at = Instant::now();
+        if tx
+            .send((at, wrap(map_event(event, &convert))))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// The same event with its object converted.
+fn map_event<K, T>(event: Event<K>, f: impl Fn(K) -> T) -> Event<T> {
+    match event {
+        Event::Apply(o) => Event::Apply(f(o)),
+        Event::Delete(o) => Event::Delete(f(o)),
+        Event::Init => Event::Init,
+        Event::InitApply(o) => Event::InitApply(f(o)),
+        Event::InitDone => Event::InitDone,
+    }
+}
+
+/// GETs a PeerSet that became referenced; retries a few times itself.
+async fn fetch(
+    api: Api<DeserializeGuard<PeerSet>>,
+    name: String,
+    tx: mpsc::Sender<(Instant, Input)>,
+    metrics: PolicyMetrics,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let mut attempt = 0;
+    let result = loop {
+        attempt += 1;
+        match api.get_opt(&name).await {
+            Ok(Some(DeserializeGuard(Ok(ps)))) => {
+                metrics.peer_set_fetches.with_label_values(&["found"]).inc();
+                break Ok(Some(ps.spec));
+            }
+            Ok(Some(DeserializeGuard(Err(bad)))) => {
+                metrics.peer_set_fetches.with_label_values(&["found"]).inc();
+                warn!(peer_set = %name, "PeerSet cannot be decoded ({}); it matches nobody", bad.error);
+                break Ok(None);
+            }
+            Ok(None) => {
+                metrics
+                    .peer_set_fetches
+                    .with_label_values(&["not_found"])
+                    .inc();
+                break Ok(None);
+            }
+            Err(e) => {
+                metrics.peer_set_fetches.with_label_values(&["error"]).inc();
+                if attempt >= 5 {
+                    warn!(peer_set = %name, "getting PeerSet: {e} (asking again)");
+                    break Err(());
+                }
+                debug!(peer_set = %name, "getting PeerSet: {e} (retrying)");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+        }
+    };
+    let _ = tx
+        .send((Instant::now(), Input::Fetched(name, result)))
+        .await;
+}
+
+/// Why the owner syncs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trigger {
+    Change,
+    Retry,
+    DriftCheck,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Change => "change",
+            Trigger::Retry => "retry",
+            Trigger::DriftCheck => "drift_check",
+        }
+    }
+}
+
+/// The task that owns the store and the enforcer.
+struct Owner {
+    recorder: Recorder,
+    peer_sets: Api<DeserializeGuard<PeerSet>>,
+    status: StatusWriter,
+    node_name: String,
+    store: PolicyStore,
+    enforcer: PolicyEnforcer,
+    metrics: PolicyMetrics,
+    options: Options,
+    tx: mpsc::Sender<(Instant, Input)>,
+    readiness: canal_runtime::health::ReadinessGate,
+    synced_once: bool,
+    /// The last Wait/Hold reason logged (logged once per change).
+    announced: Option<String>,
+}
+
+impl Owner {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<(Instant, Input)>,
+        mut network: tokio::sync::watch::Receiver<Option<Arc<crate::component::NodeNetwork>>>,
+    ) -> Result<(), ComponentError> {
+        let config_of = |n: &Option<Arc<crate::component::NodeNetwork>>| {
+            n.as_deref().map(|n| EnforcementConfig::from(&n.config))
+        };
+        let initial = config_of(&network.borrow_and_update());
+        self.store.set_config(initial, Instant::now());
+        let mut dirty = true;
+        let mut retry = RetrySchedule::new(&self.options);
+        let mut drift = tokio::time::interval(self.options.drift_interval);
+        drift.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        drift.reset();
+        loop {
+            for name in self.store.take_fetches() {
+                tokio::spawn(
+                    fetch(
+                        self.peer_sets.clone(),
+                        name,
+                        self.tx.clone(),
+                        self.metrics.clone(),
+                    )
+                    .in_current_span(),
+                );
+            }
+            let step = self.store.next_step();
+            self.announce(&step);
+            if step == Step::Sync && dirty && retry.at.is_none() {
+                dirty = false;
+                let trigger = if std::mem::take(&mut retry.due) {
+                    Trigger::Retry
+                } else {
+                    Trigger::Change
+                };
+                let ok = self.sync(trigger).await;
+                retry.record(ok);
+            }
+            tokio::select! {
+                input = rx.recv() => {
+                    let Some((at, input)) = input else {
+                        return Err("the policy watches stopped".into());
+                    };
+                    dirty |= self.apply(at, input);
+                    // Everything else already queued goes into the same sync.
+                    while let Ok((at, input)) = rx.try_recv() {
+                        dirty |= self.apply(at, input);
+                    }
+                }
+                changed = network.changed() => {
+                    if changed.is_err() {
+                        // The agent is shutting down.
+                        return Ok(());
+                    }
+                    let config = config_of(&network.borrow_and_update());
+                    dirty |= self.store.set_config(config, Instant::now());
+                }
+                _ = drift.tick() => {
+                    if self.synced_once && step == Step::Sync && retry.at.is_none() {
+                        let ok = self.sync(Trigger::DriftCheck).await;
+                        retry.record(ok);
+                    }
+                }
+                () = sleep_until(retry.at) => {
+                    retry.at = None;
+                    retry.due = true;
+                    dirty = true;
+                }
+                () = sleep_until(self.status.retry_at) => {
+                    self.status.retry(&self.metrics).await;
+                }
+            }
+        }
+    }
+
+    fn announce(&mut self, step: &Step) {
+        let text = match step {
+            Step::Wait(w) => w,
+            Step::Hold(h) => h,
+            Step::Sync => {
+                self.announced = None;
+                return;
+            }
+        };
+        if self.announced.as_ref() == Some(text) {
+            return;
+        }
+        if matches!(step, Step::Hold(_)) {
+            warn!("{text}; leaving the kernel's policy state as it is");
+        } else {
+            info!("{text}");
+        }
+        self.announced = Some(text.clone());
+    }
+
+    /// Applies one input to the store; returns whether the inputs changed.
+    fn apply(&mut self, at: Instant, input: Input) -> bool {
+        let s = &mut self.store;
+        match input {
+            Input::NodePolicySet(event) => match event {
+                Event::Apply(Some(v)) => s.apply_node_policy_set(v, at),
+                Event::Delete(Some(_)) => s.delete_node_policy_set(),
+                Event::Init => {
+                    s.node_policy_set_relist_start();
+                    false
+                }
+                Event::InitApply(Some(v)) => {
+                    s.node_policy_set_relist_apply(v);
+                    false
+                }
+                Event::InitDone => s.node_policy_set_relist_done(at),
+                // Undecodable: already logged; keep what is programmed.
+                Event::Apply(None) | Event::Delete(None) | Event::InitApply(None) => false,
+            },
+            Input::PeerSet(event) => match event {
+                Event::Apply((name, Some(spec))) => s.apply_peer_set(&name, spec, at),
+                // An undecodable set matches nobody, like a missing one.
+                Event::Apply((name, None)) | Event::Delete((name, _)) => {
+                    s.delete_peer_set(&name, at)
+                }
+                Event::Init => {
+                    s.peer_set_relist_start();
+                    false
+                }
+                Event::InitApply((name, spec)) => {
+                    if let Some(spec) = spec {
+                        s.peer_set_relist_apply(&name, spec);
+                    }
+                    false
+                }
+                Event::InitDone => {
+                    let changed = s.peer_set_relist_done(at);
+                    info!(held = s.peer_sets_held(), "listed PeerSets");
+                    changed
+                }
+            },
+            Input::Fetched(name, result) => s.fetched(&name, result),
+        }
+    }
+
+    /// One sync (or drift check) and what follows it: metrics, status,
+    /// readiness. Returns whether it succeeded.
+    async fn sync(&mut self, trigger: Trigger) -> bool {
+        let result = match trigger {
+            Trigger::DriftCheck => match self.enforcer.check_drift().await {
+                Ok(Some(stats)) => Ok(stats),
+                Ok(None) => return true,
+                Err(e) => Err(e),
+            },
+            Trigger::Change | Trigger::Retry => self.enforcer.sync(self.store.inputs()).await,
+        };
+        let ok = result.is_ok();
+        self.metrics
+            .syncs
+            .with_label_values(&[trigger.as_str(), if ok { "success" } else { "error" }])
+            .inc();
+        match &result {
+            Ok(stats) => {
+                if trigger != Trigger::DriftCheck {
+                    let now = Instant::now();
+                    for (cause, at) in self.store.take_pending() {
+                        self.metrics
+                            .programming_duration
+                            .with_label_values(&[cause.as_str()])
+                            .observe(now.duration_since(at).as_secs_f64());
+                    }
+                }
+                self.log_sync(trigger, stats).await;
+            }
+            Err(e) => error!(
+                trigger = trigger.as_str(),
+                category = e.category(),
+                "policy sync failed: {e} (retrying)"
+            ),
+        }
+        self.write_status(result.as_ref()).await;
+        if let (Ok(stats), false) = (&result, self.synced_once) {
+            // Ready once the first sync is in the kernel and reported.
+            self.synced_once = true;
+            self.readiness.set(true);
+            info!(
+                rules = stats.rules,
+                endpoints = stats.endpoints,
+                restored = stats.applied,
+                "first policy sync done"
+            );
+        }
+        ok
+    }
+
+    async fn log_sync(&self, trigger: Trigger, stats: &SyncStats) {
+        if !stats.applied {
+            debug!(trigger = trigger.as_str(), "policy already in the kernel");
+            return;
+        }
+        let p = &stats.plan;
+        if trigger == Trigger::DriftCheck {
+            // The enforcer logged and counted it; a person wants to see it.
+            let note = format!(
+                "restored NetworkPolicy rules changed outside canal-agent: chains={} hooks={} sets={}",
+                p.chains_written + p.chains_deleted,
+                p.hooks_fixed,
+                p.sets_created
+                    + p.sets_swapped
+                    + p.sets_destroyed
+                    + p.members_added
+                    + p.members_removed
+            );
+            self.event(EventType::Normal, "PolicyDriftRepaired", note)
+                .await;
+            return;
+        }
+        if !self.store.inputs().config.enabled {
+            info!(changes = ?stats.plan, "policy.enabled is false: removed every NetworkPolicy chain, hook and set");
+            return;
+        }
+        info!(
+            generation = ?self.store.inputs().generation,
+            endpoints = stats.endpoints,
+            rules = stats.rules,
+            sets = stats.sets,
+            changes = ?stats.plan,
+            duration_ms = stats.duration.as_millis() as u64,
+            "programmed NetworkPolicy"
+        );
+    }
+
+    async fn write_status(&mut self, outcome: Result<&SyncStats, &SyncError>) {
+        let Some((uid, observed)) = self.store.node_policy_set() else {
+            return;
+        };
+        let uid = uid.map(str::to_string);
+        let previous = self.status.previous(uid.as_deref(), observed);
+        let generation = self.store.inputs().generation;
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        let (status, changed) = if self.store.inputs().config.enabled {
+            enforced_status(previous.as_ref(), generation, outcome, now)
+        } else {
+            disabled_status(previous.as_ref(), generation, now)
+        };
+        if changed {
+            self.status.write(uid, status, &self.metrics).await;
+        }
+    }
+
+    /// Publishes an Event about this Node (best effort).
+    async fn event(&self, type_: EventType, reason: &str, note: String) {
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(self.node_name.clone()),
+            ..ObjectReference::default()
+        };
+        let event = KubeEvent {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "EnforcePolicy".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            debug!("publishing Event {reason}: {e}");
+        }
+    }
+}
+
+/// When to retry after failed syncs: a doubling backoff, reset by a success.
+struct RetrySchedule {
+    initial: Duration,
+    max: Duration,
+    backoff: Option<Duration>,
+    /// When the next attempt is due (no sync before then).
+    at: Option<tokio::time::Instant>,
+    /// The wait is over: the next sync is a retry.
+    due: bool,
+}
+
+impl RetrySchedule {
+    fn new(options: &Options) -> RetrySchedule {
+        RetrySchedule {
+            initial: options.retry_backoff,
+            max: options.max_retry_backoff,
+            backoff: None,
+            at: None,
+            due: false,
+        }
+    }
+
+    fn record(&mut self, ok: bool) {
+        if ok {
+            self.backoff = None;
+            return;
+        }
+        let delay = self
+            .backoff
+            .map(|d| (d * 2).min(self.max))
+            .unwrap_or(self.initial);
+        self.backoff = Some(delay);
+        self.at = Some(tokio::time::Instant::now() + delay);
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes the NodePolicySet status with server-side apply (field manager
+/// `canal-agent`), remembering what it wrote so transition times and the
+/// "changed?" test use the newest status even before the watch shows it.
+struct StatusWriter {
+    api: Api<NodePolicySet>,
+    name: String,
+    /// (uid, status) of the last successful write.
+    written: Option<(Option<String>, NodePolicySetStatus)>,
+    /// A status that failed to write, retried at `retry_at`.
+    unwritten: Option<(Option<String>, NodePolicySetStatus)>,
+    retry_at: Option<tokio::time::Instant>,
+    backoff: Duration,
+}
+
+impl StatusWriter {
+    fn new(api: Api<NodePolicySet>, name: &str) -> StatusWriter {
+        StatusWriter {
+            api,
+            name: name.to_string(),
+            written: None,
+            unwritten: None,
+            retry_at: None,
+            backoff: Duration::from_millis(500),
+        }
+    }
+
+    /// The status to compare against: ours when it is for this object,
+    /// else the one stored in the API (after a restart: the last agent's).
+    fn previous(
+        &self,
+        uid: Option<&str>,
+        observed: Option<&NodePolicySetStatus>,
+    ) -> Option<NodePolicySetStatus> {
+        for (for_uid, status) in [&self.unwritten, &self.written].into_iter().flatten() {
+            if for_uid.as_deref() == uid {
+                return Some(status.clone());
+            }
+        }
+        observed.cloned()
+    }
+
+    async fn write(
+        &mut self,
+        uid: Option<String>,
+        status: NodePolicySetStatus,
+        metrics: &PolicyMetrics,
+    ) {
+        let body = serde_json::json!({
+            "apiVersion": format!("{}/{}", canal_crds::GROUP, canal_crds::VERSION),
+            "kind": "NodePolicySet",
+            "metadata": {"name": self.name},
+            "status": status,
+        });
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        match self
+            .api
+            .patch_status(&self.name, &pp, &Patch::Apply(&body))
+            .await
+        {
+            Ok(_) => {
+                metrics.status_writes.with_label_values(&["success"]).inc();
+                debug!(observed_generation = ?status.observed_generation, "wrote NodePolicySet status");
+                self.written = Some((uid, status));
+                self.unwritten = None;
+                self.retry_at = None;
+                self.backoff = Duration::from_millis(500);
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                // Deleted meanwhile: its successor gets a status after its sync.
+                self.unwritten = None;
+                self.retry_at = None;
+            }
+            Err(e) => {
+                metrics.status_writes.with_label_values(&["error"]).inc();
+                warn!(
+                    "writing NodePolicySet {} status: {e} (retrying in {:?})",
+                    self.name, self.backoff
+                );
+                self.unwritten = Some((uid, status));
+                self.retry_at = Some(tokio::time::Instant::now() + self.backoff);
+                self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+
+    async fn retry(&mut self, metrics: &PolicyMetrics) {
+        self.retry_at = None;
+        if let Some((uid, status)) = self.unwritten.take() {
+            self.write(uid, status, metrics).await;
+        }
+    }
+}
