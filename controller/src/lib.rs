@@ -88,7 +88,8 @@ pub async fn run(args: cli::Args) -> Result<(), Error> {
     let client =
         canal_runtime::kube_client::connect(args.kubeconfig.as_deref(), Duration::from_secs(15))
             .await?;
-    let registry = prometheus::Registry::new();
+    let registry =
+        canal_runtime::metrics::registry("controller").map_err(metrics::RegisterError::from)?;
     let metrics = metrics::Metrics::register(&registry)?;
     let health = canal_runtime::Health::new();
     let (addr, server) =

@@ -17,6 +17,17 @@ pub mod kind {
     pub const NETWORK: &str = "canalnetwork";
 }
 
+/// Error categories (label values of `reconcile_errors_total`).
+pub const ERROR_CATEGORIES: [&str; 7] = [
+    "kube_api",
+    "conflict",
+    "invalid",
+    "not_found",
+    "timeout",
+    "watch",
+    "invalid_object",
+];
+
 /// The metrics.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -153,6 +164,22 @@ impl Metrics {
         registry.register(Box::new(m.nodes.clone()))?;
         registry.register(Box::new(m.leader.clone()))?;
         registry.register(Box::new(m.leader_transitions.clone()))?;
+
+        // Every label value exists from the start, so `rate()` and alerts
+        // see zeros instead of absent series.
+        for k in [kind::NODE, kind::NETWORK] {
+            m.reconciles.with_label_values(&[k]);
+            m.reconcile_duration.with_label_values(&[k]);
+            for c in ERROR_CATEGORIES {
+                m.reconcile_errors.with_label_values(&[k, c]);
+            }
+        }
+        for r in ["node", "canalnetwork_status"] {
+            m.api_writes.with_label_values(&[r]);
+        }
+        for r in ["published", "failed", "dropped"] {
+            m.events.with_label_values(&[r]);
+        }
         Ok(m)
     }
 

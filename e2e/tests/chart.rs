@@ -186,6 +186,18 @@ fn custom_values_switch_every_optional_path() {
     assert!(args.contains(&"--leader-elect=false"), "{args:?}");
     assert!(args.contains(&"--metrics-addr=0.0.0.0:19090"), "{args:?}");
 
+    let dashboard = find(&docs, "ConfigMap");
+    assert_eq!(dashboard["metadata"]["namespace"], "monitoring");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(dashboard["metadata"]["labels"]["team"], "platform");
+    let shipped: Value =
+        serde_json::from_str(dashboard["data"]["canal.json"].as_str().unwrap()).unwrap();
+    let file: Value = serde_json::from_str(
+        &std::fs::read_to_string(chart().join("dashboards/canal.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(shipped, file, "the ConfigMap carries dashboards/canal.json");
+
     let no_network = render(&["--set", "network.create=false"]);
     assert!(!kinds(&no_network).contains("CanalNetwork"));
 }
@@ -207,6 +219,14 @@ fn bad_values_fail_at_install_time_with_a_clear_message() {
         ("controller.logFormat=xml", "/controller/logFormat"),
         ("agent.cni.confName=canal.conf", "/agent/cni/confName"),
         ("netwrok.masquerade=false", "netwrok"),
+        (
+            "metrics.grafanaDashboard.enabled=yes",
+            "/metrics/grafanaDashboard/enabled",
+        ),
+        (
+            "metrics.grafanaDashboard.namespace=Monitoring",
+            "/metrics/grafanaDashboard/namespace",
+        ),
     ];
     let mut gaps = vec![];
     for (set, field) in cases {

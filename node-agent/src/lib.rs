@@ -64,7 +64,8 @@ pub async fn run_with(
     let client =
         canal_runtime::kube_client::connect(args.kubeconfig.as_deref(), Duration::from_secs(15))
             .await?;
-    let registry = prometheus::Registry::new();
+    let registry =
+        canal_runtime::metrics::registry("agent").map_err(metrics::MetricsError::from)?;
     let metrics = metrics::Metrics::register(&registry)?;
     let health = canal_runtime::Health::new();
     let (addr, server) =

@@ -5,5 +5,6 @@ pub mod health;
 pub mod http;
 pub mod kube_client;
 pub mod logging;
+pub mod metrics;
 
 pub use health::Health;

@@ -40,6 +40,9 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+
+/// Minimum time between two publishes of the index size gauges.
+const SIZES_INTERVAL: Duration = Duration::from_secs(1);
 use tracing::{debug, info, warn};
 
 use super::fingerprint::{self, Fingerprint};
@@ -184,6 +187,7 @@ pub async fn run(client: Client, registry: &Registry, options: Options) -> Resul
         retry_delay: Duration::ZERO,
         busy: Duration::ZERO,
         last_sizes: None,
+        sizes_due: None,
         nps_owners: HashMap::new(),
         ps_owners: HashMap::new(),
         waiting_for_network: false,
@@ -479,6 +483,8 @@ struct Controller {
     /// Time spent applying events of the current batch.
     busy: Duration,
     last_sizes: Option<Instant>,
+    /// When the size gauges are to be published after a skipped publish.
+    sizes_due: Option<Instant>,
     /// CanalNetwork ownerReference UID of every NodePolicySet / PeerSet
     /// the cluster holds, so a new CanalNetwork UID finds the objects to rewrite.
     nps_owners: HashMap<String, Option<String>>,
@@ -490,7 +496,8 @@ struct Controller {
 impl Controller {
     async fn run(mut self, mut rx: mpsc::Receiver<Input>) -> Result<(), Error> {
         loop {
-            let first = match self.retry_at {
+            let wake = self.retry_at.into_iter().chain(self.sizes_due).min();
+            let first = match wake {
                 Some(at) => tokio::select! {
                     m = rx.recv() => Some(m.ok_or(Error::WatchesEnded)?),
                     _ = tokio::time::sleep_until(at) => None,
@@ -498,6 +505,15 @@ impl Controller {
                 None => Some(rx.recv().await.ok_or(Error::WatchesEnded)?),
             };
             if first.is_none() {
+                let now = Instant::now();
+                if self.sizes_due.is_some_and(|t| t <= now) {
+                    self.sizes_due = None;
+                    self.publish_sizes();
+                }
+                if self.retry_at.is_none_or(|t| t > now) {
+                    // Only the size gauges were due.
+                    continue;
+                }
                 self.retry_at = None;
             }
             if let Some(input) = first {
@@ -771,13 +787,21 @@ impl Controller {
         self.metrics.syncs.inc();
     }
 
+    /// Publishes the index sizes at most once a second (counting them walks
+    /// every node and policy, too much for every single event); a skipped
+    /// publish is made up for when the second is over, so the gauges never
+    /// stay behind an event.
     fn publish_sizes(&mut self) {
-        let due = self
-            .last_sizes
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
-        if due {
-            self.metrics.set_sizes(self.index.stats());
-            self.last_sizes = Some(Instant::now());
+        let next = self.last_sizes.map(|t| t + SIZES_INTERVAL);
+        match next {
+            Some(at) if at > Instant::now() => {
+                self.sizes_due.get_or_insert(at);
+            }
+            _ => {
+                self.metrics.set_sizes(self.index.stats());
+                self.last_sizes = Some(Instant::now());
+                self.sizes_due = None;
+            }
         }
     }
 

@@ -9,6 +9,29 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 
 use super::index::Stats;
 
+/// Failure categories (label values of `canal_policy_errors_total`).
+pub const ERROR_CATEGORIES: [&str; 7] = [
+    "watch",
+    "apply",
+    "delete",
+    "status",
+    "event",
+    "invalid_policy",
+    "object_too_large",
+];
+
+/// Resources the policy controller watches (label values of
+/// `canal_policy_watch_events_total`).
+pub const WATCHED_RESOURCES: [&str; 7] = [
+    "namespaces",
+    "pods",
+    "nodes",
+    "networkpolicies",
+    "nodepolicysets",
+    "peersets",
+    "canalnetwork",
+];
+
 /// Every metric of the policy controller (cheap to clone handles).
 #[derive(Clone)]
 pub struct Metrics {
@@ -75,7 +98,7 @@ impl Metrics {
             errors: IntCounterVec::new(
                 Opts::new(
                     "canal_policy_errors_total",
-                    "Failures of the policy controller by category (watch, apply, delete, status, event, invalid_policy).",
+                    "Failures of the policy controller by category (watch, apply, delete, status, event, invalid_policy, object_too_large).",
                 ),
                 &["category"],
             )?,
@@ -92,6 +115,24 @@ impl Metrics {
             )?,
             sizes: IndexSizes::new()?,
         };
+        // Every label value exists from the start, so `rate()` and alerts
+        // see zeros instead of absent series.
+        for (kind, op) in [
+            ("NodePolicySet", "apply"),
+            ("NodePolicySet", "delete"),
+            ("PeerSet", "apply"),
+            ("PeerSet", "delete"),
+            ("CanalNetworkStatus", "apply"),
+            ("Event", "create"),
+        ] {
+            m.objects_written.with_label_values(&[kind, op]);
+        }
+        for c in ERROR_CATEGORIES {
+            m.errors.with_label_values(&[c]);
+        }
+        for r in WATCHED_RESOURCES {
+            m.watch_events.with_label_values(&[r]);
+        }
         let mut registered = Registration {
             registry: registry.clone(),
             collectors: Vec::new(),

@@ -296,10 +296,35 @@ impl Lab {
         nodes::start_controller(&self.ctx.state, &self.ctx.lab.bin_dir, metrics).map(|_| ())
     }
 
+    /// What canal-controller serves on `/metrics` (the body only).
+    pub fn controller_metrics(&self) -> Result<String, Error> {
+        let addr = self
+            .ctx
+            .lab
+            .controller_metrics
+            .ok_or_else(|| Error::Lab("this lab runs without the controller".into()))?;
+        nodes::http_get(None, addr.port(), "/metrics").map(|r| http_body(&r))
+    }
+
+    /// What `node`'s canal-agent serves on `/metrics` (the body only).
+    pub fn agent_metrics(&self, node: &str) -> Result<String, Error> {
+        let node = self.node(node)?;
+        nodes::http_get(Some(&node.netns), names::AGENT_METRICS_PORT, "/metrics")
+            .map(|r| http_body(&r))
+    }
+
     /// The agent's log so far.
     pub fn agent_log(&self, node: &str) -> String {
         process::tail(&self.ctx.state.node(node).agent().log(), 10_000)
     }
+}
+
+/// The body of a raw HTTP/1.1 response.
+fn http_body(response: &str) -> String {
+    response
+        .split_once("\r\n\r\n")
+        .map_or(response, |(_, body)| body)
+        .to_string()
 }
 
 impl Drop for Lab {

@@ -6,7 +6,7 @@ use prometheus::{
 };
 
 use super::plan::PlanStats;
-use super::render::Warning;
+use super::render::{WARNING_CATEGORIES, Warning};
 
 /// Buckets from 1 ms to ~16 s: a no-op sync takes microseconds, a partial
 /// one milliseconds, a cold one at 20k rules about a second.
@@ -149,7 +149,7 @@ impl PolicyMetrics {
             )?,
             sets: IntGauge::new("canal_policy_sets", "canal ipsets programmed.")?,
             endpoints: IntGauge::new(
-                "canal_policy_endpoints",
+                "canal_policy_programmed_endpoints",
                 "Local pods whose policy chains are programmed.",
             )?,
             drift_repairs: IntCounterVec::new(
@@ -238,15 +238,22 @@ impl PolicyMetrics {
         for o in ["chain", "hook", "set"] {
             m.drift_repairs.with_label_values(&[o]);
         }
+        for c in WARNING_CATEGORIES {
+            m.render_warnings.with_label_values(&[c]);
+        }
         Ok(m)
     }
 
+    /// Sets every category's gauge (zero included: resetting the vector
+    /// would make the series vanish between syncs).
     pub(crate) fn record_warnings(&self, warnings: &[Warning]) {
-        self.render_warnings.reset();
+        let mut counts: std::collections::BTreeMap<&str, i64> =
+            WARNING_CATEGORIES.iter().map(|c| (*c, 0)).collect();
         for w in warnings {
-            self.render_warnings
-                .with_label_values(&[w.category()])
-                .inc();
+            *counts.entry(w.category()).or_default() += 1;
+        }
+        for (category, n) in counts {
+            self.render_warnings.with_label_values(&[category]).set(n);
         }
     }
 

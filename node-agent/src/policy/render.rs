@@ -102,6 +102,7 @@ pub enum Warning {
 impl Warning {
     /// A bounded label value for metrics.
     pub fn category(&self) -> &'static str {
+        // Keep WARNING_CATEGORIES in step with this match.
         match self {
             Warning::InvalidInterface { .. } => "invalid_interface",
             Warning::DuplicateInterface { .. } => "duplicate_interface",
@@ -114,6 +115,18 @@ impl Warning {
         }
     }
 }
+
+/// Every [`Warning::category`] (label values of `canal_policy_render_warnings`).
+pub const WARNING_CATEGORIES: [&str; 8] = [
+    "invalid_interface",
+    "duplicate_interface",
+    "unknown_policy",
+    "missing_peer_set",
+    "invalid_address",
+    "invalid_peer",
+    "invalid_port",
+    "missing_named_port_set",
+];
 
 impl fmt::Display for Warning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
