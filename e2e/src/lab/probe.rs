@@ -160,10 +160,37 @@ fn udp(dst: SocketAddr, timeout: Duration) -> ProbeOutcome {
     }
 }
 
+/// Source ports of UDP probes: below the kernel's ephemeral range
+/// (32768-60999), so they never clash with the TCP probes' ports.
+const UDP_SOURCE_PORTS: std::ops::Range<u16> = 10_000..32_768;
+
+/// A UDP socket connected to `dst` from a source port no recent probe used.
+///
+/// UDP has no handshake: a datagram with the same addresses and ports as an
+/// earlier allowed exchange belongs to that conntrack entry (ESTABLISHED,
+/// alive for 30-120 s) and passes any policy created since, exactly as a
+/// reply of an allowed connection must. A kernel-chosen ephemeral port
+/// repeats often enough over thousands of probes to make a truth table
+/// report a "leak" that is the same flow. Rotating through 22,768 ports
+/// makes every probe a new flow.
 fn connected_udp(dst: SocketAddr) -> std::io::Result<UdpSocket> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-    socket.connect(dst)?;
-    Ok(socket)
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let span = u64::from(UDP_SOURCE_PORTS.end - UDP_SOURCE_PORTS.start);
+    let mut last = None;
+    for _ in 0..64 {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        // offset < span <= u16::MAX, so the sum fits.
+        let port = UDP_SOURCE_PORTS.start + offset as u16;
+        match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
+            Ok(socket) => {
+                socket.connect(dst)?;
+                return Ok(socket);
+            }
+            Err(e) if e.kind() == ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free UDP source port")))
 }
 
 /// What a UDP datagram with Don't Fragment set met on its way.
