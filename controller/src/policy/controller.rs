@@ -40,9 +40,6 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-
-/// Minimum time between two publishes of the index size gauges.
-const SIZES_INTERVAL: Duration = Duration::from_secs(1);
 use tracing::{debug, info, warn};
 
 use super::fingerprint::{self, Fingerprint};
@@ -50,6 +47,9 @@ use super::index::{Change, PolicyIndex, PolicyReport, RenderedNodePolicySet, Ren
 use super::input::{NamespaceInfo, NodeInfo, PodInfo};
 use super::metrics::Metrics;
 use super::summary::{self, NodeStatus, PolicySummary};
+
+/// Minimum time between two publishes of the index size gauges.
+const SIZES_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Field manager of everything the policy controller writes.
 pub const FIELD_MANAGER: &str = "canal-controller-policy";

@@ -1087,4 +1087,36 @@ mod tests {
         assert_eq!(net_member("10.0.0.1/32".parse().unwrap()), "10.0.0.1");
         assert_eq!(net_member("10.1.2.3/16".parse().unwrap()), "10.1.0.0/16");
     }
+
+    #[test]
+    fn every_warning_category_is_listed_for_the_metric() {
+        let s = String::new;
+        let all = [
+            Warning::InvalidInterface {
+                pod: s(),
+                interface: s(),
+            },
+            Warning::DuplicateInterface {
+                pod: s(),
+                interface: s(),
+            },
+            Warning::UnknownPolicy {
+                pod: s(),
+                policy: s(),
+            },
+            Warning::MissingPeerSet { peer_set: s() },
+            Warning::InvalidAddress {
+                context: s(),
+                value: s(),
+            },
+            Warning::InvalidPeer { policy: s() },
+            Warning::InvalidPort { policy: s() },
+            Warning::MissingNamedPortSet {
+                policy: s(),
+                port: s(),
+            },
+        ];
+        let categories: Vec<&str> = all.iter().map(Warning::category).collect();
+        assert_eq!(categories, WARNING_CATEGORIES);
+    }
 }
