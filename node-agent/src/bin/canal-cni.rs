@@ -1,5 +1,4 @@
 use std::io::Read;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use canal_agent::cni::{self, install::InstallOptions};
@@ -14,30 +13,7 @@ use clap::Parser;
 enum Cli {
     /// Copy this binary into the CNI bin directory and write the conflist
     /// (canal-cni chained with portmap).
-    Install {
-        /// CNI plugin directory on the host.
-        #[arg(long, env = "CNI_BIN_DIR", default_value = "/opt/cni/bin")]
-        cni_bin_dir: PathBuf,
-        /// CNI configuration directory on the host.
-        #[arg(long, env = "CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
-        cni_conf_dir: PathBuf,
-        /// canal-agent's run directory (network.json).
-        #[arg(long, env = "CANAL_RUN_DIR", default_value = "/run/canal")]
-        run_dir: PathBuf,
-        /// Where pod address allocations are recorded.
-        #[arg(long, env = "CANAL_CNI_DATA_DIR", default_value = "/var/lib/cni/canal")]
-        data_dir: PathBuf,
-        /// File name of the conflist.
-        #[arg(long, env = "CNI_CONF_NAME", default_value = "10-canal.conflist")]
-        conflist_name: String,
-        /// Pod MTU; 0 uses canal-agent's.
-        #[arg(long, env = "CNI_MTU", default_value_t = 0)]
-        mtu: u32,
-        /// Another plugin binary the conflist chains (portmap), copied into
-        /// the bin directory when the host has none of that name. Repeatable.
-        #[arg(long = "extra-plugin", value_name = "PATH")]
-        extra_plugins: Vec<PathBuf>,
-    },
+    Install(InstallOptions),
 }
 
 fn main() -> ExitCode {
@@ -50,24 +26,7 @@ fn main() -> ExitCode {
         let code = cni::main_with(&env, &stdin, &mut std::io::stdout());
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
-    let Cli::Install {
-        cni_bin_dir,
-        cni_conf_dir,
-        run_dir,
-        data_dir,
-        conflist_name,
-        mtu,
-        extra_plugins,
-    } = Cli::parse();
-    let opts = InstallOptions {
-        cni_bin_dir,
-        cni_conf_dir,
-        run_dir,
-        data_dir,
-        conflist_name,
-        mtu,
-        extra_plugins,
-    };
+    let Cli::Install(opts) = Cli::parse();
     let me = match std::env::current_exe() {
         Ok(p) => p,
         Err(e) => {

@@ -14,24 +14,31 @@ pub const NETWORK_NAME: &str = "k8s-pod-network";
 /// The plugin type (= the binary's name in the CNI bin directory).
 pub const PLUGIN_TYPE: &str = "canal-cni";
 
-/// Options of `canal-cni install`.
-#[derive(Debug, Clone, PartialEq)]
+/// Options of `canal-cni install` (its command-line flags).
+#[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct InstallOptions {
-    /// Where the runtime looks for plugins (`/opt/cni/bin`).
+    /// CNI plugin directory on the host.
+    #[arg(long, env = "CNI_BIN_DIR", default_value = "/opt/cni/bin")]
     pub cni_bin_dir: PathBuf,
-    /// Where the runtime looks for network configurations (`/etc/cni/net.d`).
+    /// CNI configuration directory on the host.
+    #[arg(long, env = "CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
-    /// canal-agent's run directory.
+    /// canal-agent's run directory (network.json).
+    #[arg(long, env = "CANAL_RUN_DIR", default_value = "/run/canal")]
     pub run_dir: PathBuf,
-    /// IPAM state directory.
+    /// Where pod address allocations are recorded.
+    #[arg(long, env = "CANAL_CNI_DATA_DIR", default_value = "/var/lib/cni/canal")]
     pub data_dir: PathBuf,
     /// File name of the conflist.
+    #[arg(long, env = "CNI_CONF_NAME", default_value = "10-canal.conflist")]
     pub conflist_name: String,
-    /// MTU for pods; 0 = canal-agent's.
+    /// Pod MTU; 0 uses canal-agent's.
+    #[arg(long, env = "CNI_MTU", default_value_t = 0)]
     pub mtu: u32,
-    /// Other plugin binaries the conflist chains (portmap), copied into the
-    /// bin directory only when it has none of that name yet: a host's own
-    /// plugins, managed by its distribution, are left alone.
+    /// Another plugin binary the conflist chains (portmap), copied into
+    /// the bin directory when the host has none of that name (a host's own
+    /// plugins, managed by its distribution, are left alone). Repeatable.
+    #[arg(long = "extra-plugin", value_name = "PATH")]
     pub extra_plugins: Vec<PathBuf>,
 }
 

@@ -594,22 +594,12 @@ impl Renderer<'_> {
             return name;
         }
         let source = self.inputs.peer_sets.get(peer_set).map(|ps| &ps.ips);
-        if let Some(c) = self.cache.ip_sets.get_mut(peer_set)
-            && c.source.as_ref() == source
-        {
-            c.used = true;
-            self.warnings.extend(c.warnings.iter().cloned());
-            let set = IpSet {
-                set_type: SetType::HashNet,
-                members: c.members.clone(),
-            };
-            self.sets.insert(name.clone(), set);
-            return name;
-        }
-        let mut set = IpSet::new(SetType::HashNet);
-        let mut warnings = Vec::new();
-        match source {
-            Some(ips) => {
+        let (set, warnings) = cached_set(
+            &mut self.cache.ip_sets,
+            peer_set,
+            source,
+            SetType::HashNet,
+            |ips, set, warnings| {
                 for ip in ips {
                     // Fast path: a plain dotted quad is already spelled as ipset prints it
                     // (std's parser refuses leading zeros and whitespace).
@@ -626,21 +616,9 @@ impl Renderer<'_> {
                         }),
                     }
                 }
-            }
-            None => warnings.push(Warning::MissingPeerSet {
-                peer_set: peer_set.to_string(),
-            }),
-        }
-        self.warnings.extend(warnings.iter().cloned());
-        self.cache.ip_sets.insert(
-            peer_set.to_string(),
-            CachedSet {
-                source: source.cloned(),
-                members: set.members.clone(),
-                warnings,
-                used: true,
             },
         );
+        self.warnings.extend(warnings);
         self.sets.insert(name.clone(), set);
         name
     }
@@ -856,22 +834,12 @@ impl Renderer<'_> {
             return name;
         }
         let source = self.inputs.peer_sets.get(peer_set).map(|ps| &ps.ports);
-        if let Some(c) = self.cache.port_sets.get_mut(peer_set)
-            && c.source.as_ref() == source
-        {
-            c.used = true;
-            self.warnings.extend(c.warnings.iter().cloned());
-            let set = IpSet {
-                set_type: SetType::HashIpPort,
-                members: c.members.clone(),
-            };
-            self.sets.insert(name.clone(), set);
-            return name;
-        }
-        let mut set = IpSet::new(SetType::HashIpPort);
-        let mut warnings = Vec::new();
-        match source {
-            Some(ports) => {
+        let (set, warnings) = cached_set(
+            &mut self.cache.port_sets,
+            peer_set,
+            source,
+            SetType::HashIpPort,
+            |ports, set, warnings| {
                 for m in ports {
                     match m.ip.parse::<IpAddr>() {
                         Ok(IpAddr::V4(a)) if m.port > 0 => {
@@ -884,24 +852,53 @@ impl Renderer<'_> {
                         }),
                     }
                 }
-            }
-            None => warnings.push(Warning::MissingPeerSet {
-                peer_set: peer_set.to_string(),
-            }),
-        }
-        self.warnings.extend(warnings.iter().cloned());
-        self.cache.port_sets.insert(
-            peer_set.to_string(),
-            CachedSet {
-                source: source.cloned(),
-                members: set.members.clone(),
-                warnings,
-                used: true,
             },
         );
+        self.warnings.extend(warnings);
         self.sets.insert(name.clone(), set);
         name
     }
+}
+
+/// The set built from a PeerSet's content (`source`; None: the PeerSet is
+/// missing) and the warnings building it gave: from `cache` while the
+/// content is unchanged (most syncs change one PeerSet or none), else built
+/// by `build` and cached.
+fn cached_set<S: Clone + PartialEq>(
+    cache: &mut HashMap<String, CachedSet<S>>,
+    peer_set: &str,
+    source: Option<&S>,
+    set_type: SetType,
+    build: impl FnOnce(&S, &mut IpSet, &mut Vec<Warning>),
+) -> (IpSet, Vec<Warning>) {
+    if let Some(c) = cache.get_mut(peer_set)
+        && c.source.as_ref() == source
+    {
+        c.used = true;
+        let set = IpSet {
+            set_type,
+            members: c.members.clone(),
+        };
+        return (set, c.warnings.clone());
+    }
+    let mut set = IpSet::new(set_type);
+    let mut warnings = Vec::new();
+    match source {
+        Some(s) => build(s, &mut set, &mut warnings),
+        None => warnings.push(Warning::MissingPeerSet {
+            peer_set: peer_set.to_string(),
+        }),
+    }
+    cache.insert(
+        peer_set.to_string(),
+        CachedSet {
+            source: source.cloned(),
+            members: set.members.clone(),
+            warnings: warnings.clone(),
+            used: true,
+        },
+    );
+    (set, warnings)
 }
 
 fn hook(builtin: &'static str, target: &str) -> Hook {
