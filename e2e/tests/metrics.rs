@@ -198,6 +198,21 @@ fn value(text: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Checks that `text` has each series at its value, and
+/// `canal_build_info` = 1 for `component` at this version.
+fn expect_series(text: &str, component: &str, want: &[(&str, f64)]) -> Result<(), String> {
+    let info = format!(
+        "canal_build_info{{component=\"{component}\",version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    for (series, v) in want.iter().copied().chain([(info.as_str(), 1.0)]) {
+        if value(text, series) != Some(v) {
+            return Err(format!("{series} = {:?}, want {v}", value(text, series)));
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn served_metrics_match_the_readme_and_the_dashboard() {
     let lab = Lab::up(
@@ -226,24 +241,16 @@ async fn served_metrics_match_the_readme_and_the_dashboard() {
         let scraped = lab.controller_metrics();
         async move {
             let text = scraped.map_err(|e| e.to_string())?;
-            let want = [
-                ("canal_controller_leader", 1.0),
-                ("canal_controller_subnets_allocated", 2.0),
-                ("canal_policy_network_policies", 1.0),
-                ("canal_policy_endpoints", 1.0),
-            ];
-            let info = format!(
-                "canal_build_info{{component=\"controller\",version=\"{}\"}}",
-                env!("CARGO_PKG_VERSION")
-            );
-            if value(&text, &info) != Some(1.0) {
-                return Err(format!("{info} = {:?}", value(&text, &info)));
-            }
-            for (series, v) in want {
-                if value(&text, series) != Some(v) {
-                    return Err(format!("{series} = {:?}, want {v}", value(&text, series)));
-                }
-            }
+            expect_series(
+                &text,
+                "controller",
+                &[
+                    ("canal_controller_leader", 1.0),
+                    ("canal_controller_subnets_allocated", 2.0),
+                    ("canal_policy_network_policies", 1.0),
+                    ("canal_policy_endpoints", 1.0),
+                ],
+            )?;
             Ok(text)
         }
     })
@@ -252,22 +259,14 @@ async fn served_metrics_match_the_readme_and_the_dashboard() {
         let scraped = lab.agent_metrics("node-1");
         async move {
             let text = scraped.map_err(|e| e.to_string())?;
-            let want = [
-                ("canal_agent_remote_nodes{route=\"vxlan\"}", 1.0),
-                ("canal_policy_programmed_endpoints", 1.0),
-            ];
-            let info = format!(
-                "canal_build_info{{component=\"agent\",version=\"{}\"}}",
-                env!("CARGO_PKG_VERSION")
-            );
-            if value(&text, &info) != Some(1.0) {
-                return Err(format!("{info} = {:?}", value(&text, &info)));
-            }
-            for (series, v) in want {
-                if value(&text, series) != Some(v) {
-                    return Err(format!("{series} = {:?}, want {v}", value(&text, series)));
-                }
-            }
+            expect_series(
+                &text,
+                "agent",
+                &[
+                    ("canal_agent_remote_nodes{route=\"vxlan\"}", 1.0),
+                    ("canal_policy_programmed_endpoints", 1.0),
+                ],
+            )?;
             match value(&text, "canal_network_programming_duration_seconds_count") {
                 Some(n) if n >= 1.0 => Ok(text),
                 other => Err(format!(

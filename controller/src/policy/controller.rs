@@ -104,66 +104,43 @@ pub async fn run(client: Client, registry: &Registry, options: Options) -> Resul
     let (metrics, _registration) = Metrics::register(registry)?;
     let (tx, rx) = mpsc::channel::<Input>(1024);
     let mut tasks = JoinSet::new();
-    let cfg = watcher::Config::default;
-    tasks.spawn(watch(
-        Api::<Namespace>::all(client.clone()),
-        cfg(),
-        tx.clone(),
-        metrics.clone(),
-        Resource::Namespaces,
-        |ns| Some(NamespaceInfo::from_namespace(ns)),
-    ));
-    tasks.spawn(watch(
-        Api::<Pod>::all(client.clone()),
-        cfg(),
-        tx.clone(),
-        metrics.clone(),
-        Resource::Pods,
-        |p| Some(PodInfo::from_pod(p)),
-    ));
-    tasks.spawn(watch(
-        Api::<Node>::all(client.clone()),
-        cfg(),
-        tx.clone(),
-        metrics.clone(),
-        Resource::Nodes,
-        |n| Some(NodeInfo::from_node(n)),
-    ));
-    tasks.spawn(watch(
-        Api::<DeserializeGuard<NetworkPolicy>>::all(client.clone()),
-        cfg(),
-        tx.clone(),
-        metrics.clone(),
+    let mut watches = Watches {
+        client: &client,
+        tx: &tx,
+        metrics: &metrics,
+        tasks: &mut tasks,
+    };
+    let all = watcher::Config::default;
+    watches.spawn(Resource::Namespaces, all(), |ns: &Namespace| {
+        Some(NamespaceInfo::from_namespace(ns))
+    });
+    watches.spawn(Resource::Pods, all(), |p: &Pod| Some(PodInfo::from_pod(p)));
+    watches.spawn(Resource::Nodes, all(), |n: &Node| {
+        Some(NodeInfo::from_node(n))
+    });
+    watches.spawn(
         Resource::NetworkPolicies,
-        |g| Some(PolicyInput::from_guard(g)),
-    ));
-    tasks.spawn(watch(
-        Api::<DeserializeGuard<NodePolicySet>>::all(client.clone()),
-        cfg(),
-        tx.clone(),
-        metrics.clone(),
+        all(),
+        |g: &DeserializeGuard<NetworkPolicy>| Some(PolicyInput::from_guard(g)),
+    );
+    watches.spawn(
         Resource::NodePolicySets,
-        |g| Some(ObservedNps::from_guard(g)),
-    ));
-    tasks.spawn(watch(
-        Api::<DeserializeGuard<PeerSet>>::all(client.clone()),
-        cfg(),
-        tx.clone(),
-        metrics.clone(),
+        all(),
+        |g: &DeserializeGuard<NodePolicySet>| Some(ObservedNps::from_guard(g)),
+    );
+    watches.spawn(
         Resource::PeerSets,
-        |g| Some(ObservedPs::from_guard(g)),
-    ));
-    tasks.spawn(watch(
-        Api::<DeserializeGuard<CanalNetwork>>::all(client.clone()),
-        cfg().fields(&format!(
+        all(),
+        |g: &DeserializeGuard<PeerSet>| Some(ObservedPs::from_guard(g)),
+    );
+    watches.spawn(
+        Resource::CanalNetwork,
+        all().fields(&format!(
             "metadata.name={}",
             canal_crds::DEFAULT_NETWORK_NAME
         )),
-        tx.clone(),
-        metrics.clone(),
-        Resource::CanalNetwork,
-        |g| Some(NetworkView::from_guard(g)),
-    ));
+        |g: &DeserializeGuard<CanalNetwork>| Some(NetworkView::from_guard(g)),
+    );
     drop(tx);
     let recorder = Recorder::new(
         client.clone(),
@@ -413,6 +390,41 @@ into_input!(NetworkView, Network);
 
 /// Watches one resource, converting objects as they arrive. Initial lists
 /// are buffered and sent as one `Reset`.
+/// Spawns the watch tasks, each feeding the controller's channel.
+struct Watches<'a> {
+    client: &'a Client,
+    tx: &'a mpsc::Sender<Input>,
+    metrics: &'a Metrics,
+    tasks: &'a mut JoinSet<Resource>,
+}
+
+impl Watches<'_> {
+    fn spawn<K, T>(
+        &mut self,
+        resource: Resource,
+        config: watcher::Config,
+        convert: fn(&K) -> Option<T>,
+    ) where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+        T: IntoInput + Send + 'static,
+    {
+        self.tasks.spawn(watch(
+            Api::<K>::all(self.client.clone()),
+            config,
+            self.tx.clone(),
+            self.metrics.clone(),
+            resource,
+            convert,
+        ));
+    }
+}
+
 async fn watch<K, T>(
     api: Api<K>,
     config: watcher::Config,
