@@ -17,7 +17,10 @@ enum Cli {
 }
 
 fn main() -> ExitCode {
-    if std::env::var_os("CNI_COMMAND").is_some() {
+    // A runtime runs the plugin with no arguments: without CNI_COMMAND that
+    // is still a CNI call and gets a CNI error document. Arguments mean a
+    // person (or the chart's init container): `install`, `--help`.
+    if std::env::var_os("CNI_COMMAND").is_some() || std::env::args_os().len() <= 1 {
         let env = cni::config::CniEnv::from_process();
         let mut stdin = Vec::new();
         if env.command != "VERSION" {

@@ -202,7 +202,9 @@ impl CniEnv {
         }
     }
 
-    /// Checks the variables ADD and CHECK need.
+    /// Checks the variables a command needs and that they are well formed
+    /// (the container ID and interface name end up in file names, interface
+    /// aliases and line-based IPAM records).
     pub fn require(&self, with_netns: bool) -> Result<(), CniError> {
         let mut missing = Vec::new();
         if self.container_id.is_empty() {
@@ -221,18 +223,55 @@ impl CniEnv {
                 format!("{} must be set", missing.join(", ")),
             ));
         }
-        if self.ifname.len() > 15 || self.ifname.contains('/') || self.ifname.contains(' ') {
+        if !valid_container_id(&self.container_id) {
+            return Err(CniError::new(
+                Code::InvalidEnvironment,
+                "invalid CNI_CONTAINERID",
+                format!(
+                    "{:?} is not a container ID: it must start with a letter or digit, continue with letters, digits, '_', '.' or '-', and be at most {MAX_CONTAINER_ID} characters",
+                    self.container_id
+                ),
+            ));
+        }
+        if !valid_ifname(&self.ifname) {
             return Err(CniError::new(
                 Code::InvalidEnvironment,
                 "invalid CNI_IFNAME",
                 format!(
-                    "{:?} is not a valid interface name (at most 15 characters, no '/' or spaces)",
+                    "{:?} is not a valid interface name (1 to 15 bytes, not '.' or '..', no '/', ':' or whitespace)",
                     self.ifname
                 ),
             ));
         }
         Ok(())
     }
+}
+
+/// The longest container ID accepted: it must fit in an interface alias
+/// (255 bytes) together with the interface name, see
+/// [`super::ownership::marker`].
+pub const MAX_CONTAINER_ID: usize = 200;
+
+/// The CNI spec's container ID: an alphanumeric character followed by
+/// alphanumerics, '_', '.' or '-' (libcni's `^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`),
+/// bounded in length.
+pub fn valid_container_id(id: &str) -> bool {
+    let mut chars = id.chars();
+    id.len() <= MAX_CONTAINER_ID
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+/// A name the kernel accepts for a network interface (its
+/// `dev_valid_name`): 1 to 15 bytes, not `.` or `..`, no `/`, `:`,
+/// whitespace or NUL.
+pub fn valid_ifname(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace() || b == 0x0b)
 }
 
 #[cfg(test)]
@@ -330,5 +369,47 @@ mod tests {
         assert!(env.require(false).is_ok());
         env.ifname = "a-very-long-interface".into();
         assert!(env.require(false).is_err());
+    }
+
+    #[test]
+    fn container_ids_follow_the_spec_and_fit_an_alias() {
+        for ok in ["c1", "0abc", "a.b_c-d", &"f".repeat(MAX_CONTAINER_ID)] {
+            assert!(valid_container_id(ok), "{ok}");
+        }
+        let long = "f".repeat(MAX_CONTAINER_ID + 1);
+        for bad in [
+            "", "../x", "a/b", "-a", ".a", "_a", "a b", "a\nb", "a:b", "é", &long,
+        ] {
+            assert!(!valid_container_id(bad), "{bad:?}");
+        }
+        let env = CniEnv {
+            container_id: "../../etc".into(),
+            ifname: "eth0".into(),
+            ..CniEnv::default()
+        };
+        let e = env.require(false).unwrap_err();
+        assert_eq!(e.code, Code::InvalidEnvironment as u32);
+        assert!(e.msg.contains("CNI_CONTAINERID"), "{e:?}");
+    }
+
+    #[test]
+    fn interface_names_are_what_the_kernel_accepts() {
+        for ok in ["eth0", "net1", "a", "abcdefghijklmno", "caliX.1-2_3"] {
+            assert!(valid_ifname(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a:b",
+            "a b",
+            "a\tb",
+            "eth0\n",
+            "a\0b",
+            "abcdefghijklmnop",
+        ] {
+            assert!(!valid_ifname(bad), "{bad:?}");
+        }
     }
 }

@@ -1,22 +1,30 @@
 //! The pod's kernel wiring, with rtnetlink: a veth pair created inside the
 //! pod's network namespace with its peer placed in the host namespace; pod
 //! side `CNI_IFNAME` with the pod address /32, a link route to 169.254.1.1
-//! and the default route via it; host side MAC ee:ee:ee:ee:ee:ee, proxy ARP,
-//! forwarding and a /32 route to the pod. Every step is idempotent, so a
-//! repeated ADD leaves an existing pair (and its MACs) as it is.
+//! and the default route via it; host side MAC ee:ee:ee:ee:ee:ee, the
+//! attachment's mark as its alias, proxy ARP, forwarding, strict
+//! reverse-path filtering and a /32 route to the pod. [`inspect`] reads
+//! what is there, [`super::ownership::plan_add`] decides, [`add`] applies.
+//! Routes are only ever added (never replaced): a route canal did not
+//! make is a conflict, not something to overwrite. Every step is
+//! idempotent, so a repeated ADD leaves an existing pair (and its MACs) as
+//! it is.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
 };
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
+use super::ownership::{AddPlan, Attachment, LinkFacts, RouteFacts};
 use super::result::{GATEWAY, HOST_MAC, Wired};
 use crate::overlay::model::Mac;
 
@@ -28,12 +36,6 @@ const EEXIST: i32 = 17;
 /// The pod's wiring failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    /// The network namespace does not exist.
-    #[error("network namespace {path} does not exist")]
-    NoNetns { path: PathBuf },
-    /// The network namespace could not be entered.
-    #[error(transparent)]
-    Netns(#[from] crate::netns::NetnsError),
     /// A netlink request failed.
     #[error("{step} {object}: {source}")]
     Netlink {
@@ -52,6 +54,12 @@ pub enum DataplaneError {
     /// The host namespace could not be opened.
     #[error("opening the host network namespace: {0}")]
     HostNetns(#[source] std::io::Error),
+    /// The host's netlink connection could not be set up.
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
+    /// Something canal did not make is in the way (CNI code 104).
+    #[error("{0}")]
+    Conflict(String),
     /// CHECK: the wiring differs from what ADD set up.
     #[error("{}", .0.join("; "))]
     Mismatch(Vec<String>),
@@ -70,6 +78,37 @@ pub struct PodSpec {
     pub ip: Ipv4Addr,
     /// MTU of both ends.
     pub mtu: u32,
+    /// The attachment's mark (the host veth's alias).
+    pub mark: String,
+}
+
+/// What is there before ADD or DEL changes anything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// The host veth named for the pod.
+    pub host: Option<LinkFacts>,
+    /// CNI_IFNAME in the container's namespace.
+    pub pod: Option<LinkFacts>,
+    /// The container namespace's main-table routes.
+    pub pod_routes: Vec<RouteFacts>,
+}
+
+/// Reads the host veth, the container's interface and its routes.
+pub async fn inspect(
+    host: &Handle,
+    pod: Option<&Handle>,
+    host_if: &str,
+    ifname: &str,
+) -> Result<Facts, DataplaneError> {
+    let mut facts = Facts {
+        host: link(host, host_if).await?.as_ref().map(link_facts),
+        ..Facts::default()
+    };
+    if let Some(pod) = pod {
+        facts.pod = link(pod, ifname).await?.as_ref().map(link_facts);
+        facts.pod_routes = routes(pod).await?.iter().map(route_facts).collect();
+    }
+    Ok(facts)
 }
 
 fn errno(e: &rtnetlink::Error) -> Option<i32> {
@@ -89,24 +128,6 @@ fn nl(
         object,
         source,
     }
-}
-
-/// A handle inside the pod's namespace; a missing namespace is reported as
-/// such (CNI code 3 on ADD, success on DEL).
-pub fn pod_handle(netns: &Path) -> Result<Handle, DataplaneError> {
-    if !netns.exists() {
-        return Err(DataplaneError::NoNetns {
-            path: netns.to_path_buf(),
-        });
-    }
-    crate::netns::handle_in(netns).map_err(|e| match e {
-        crate::netns::NetnsError::Open { path, source }
-            if source.kind() == std::io::ErrorKind::NotFound =>
-        {
-            DataplaneError::NoNetns { path }
-        }
-        other => DataplaneError::Netns(other),
-    })
 }
 
 async fn link(h: &Handle, name: &str) -> Result<Option<LinkMessage>, DataplaneError> {
@@ -145,16 +166,15 @@ fn peer_of(l: &LinkMessage) -> Option<u32> {
     })
 }
 
-async fn delete_link(h: &Handle, name: &str) -> Result<(), DataplaneError> {
-    if let Some(l) = link(h, name).await? {
-        match h.link().del(l.header.index).execute().await {
-            Err(e) if !matches!(errno(&e), Some(ENODEV | ENOENT)) => {
-                return Err(nl("deleting link", name)(e));
-            }
-            _ => {}
+/// Deletes the link with `index` (the one that was inspected: a link of
+/// the same name made since has another index and stays). Gone is success.
+pub async fn delete_index(h: &Handle, index: u32, name: &str) -> Result<(), DataplaneError> {
+    match h.link().del(index).execute().await {
+        Err(e) if !matches!(errno(&e), Some(ENODEV | ENOENT | ESRCH)) => {
+            Err(nl("deleting link", name)(e))
         }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 async fn ipv4_addresses(h: &Handle, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, DataplaneError> {
@@ -178,13 +198,59 @@ async fn ipv4_addresses(h: &Handle, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, D
         .collect())
 }
 
+/// The IPv4 routes of the main table (not the kernel's local table).
 async fn routes(h: &Handle) -> Result<Vec<RouteMessage>, DataplaneError> {
-    h.route()
+    let all: Vec<RouteMessage> = h
+        .route()
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
         .execute()
         .try_collect()
         .await
-        .map_err(nl("listing routes", ""))
+        .map_err(nl("listing routes", ""))?;
+    Ok(all
+        .into_iter()
+        .filter(|r| {
+            let table = r
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Table(t) => Some(*t),
+                    _ => None,
+                })
+                .unwrap_or(u32::from(r.header.table));
+            table == u32::from(RouteHeader::RT_TABLE_MAIN)
+        })
+        .collect())
+}
+
+fn route_facts(r: &RouteMessage) -> RouteFacts {
+    let (dst, prefix, gateway, oif) = route_fields(r);
+    RouteFacts {
+        dst,
+        prefix,
+        gateway,
+        oif,
+    }
+}
+
+fn link_facts(l: &LinkMessage) -> LinkFacts {
+    let mut facts = LinkFacts {
+        index: l.header.index,
+        peer: peer_of(l),
+        ..LinkFacts::default()
+    };
+    for a in &l.attributes {
+        match a {
+            LinkAttribute::IfAlias(alias) => facts.alias = Some(alias.clone()),
+            LinkAttribute::LinkInfo(infos) => {
+                facts.is_veth = infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+            }
+            _ => {}
+        }
+    }
+    facts
 }
 
 fn route_fields(r: &RouteMessage) -> (Option<Ipv4Addr>, u8, Option<Ipv4Addr>, Option<u32>) {
@@ -209,35 +275,122 @@ fn write_sysctl(path: &str, value: &str) -> Result<(), DataplaneError> {
     })
 }
 
-/// Creates or completes the pod's wiring and returns what it is.
-pub async fn add(host: &Handle, pod: &Handle, spec: &PodSpec) -> Result<Wired, DataplaneError> {
-    let host_link = link(host, &spec.host_if).await?;
-    let pod_link = link(pod, &spec.ifname).await?;
-    let paired = match (&host_link, &pod_link) {
-        (Some(h), Some(p)) => peer_of(p) == Some(h.header.index),
-        _ => false,
+/// For GC: the link named `host_if` (or, without a name, the one the
+/// node's route to `ip` leaves through) with its name, and the node's
+/// routes.
+pub async fn gc_candidate(
+    host: &Handle,
+    host_if: Option<&str>,
+    ip: Ipv4Addr,
+) -> Result<(Option<(String, LinkFacts)>, Vec<RouteFacts>), DataplaneError> {
+    let routes: Vec<RouteFacts> = routes(host).await?.iter().map(route_facts).collect();
+    let link = match host_if {
+        Some(name) => link(host, name).await?,
+        None => match routes
+            .iter()
+            .find(|r| r.dst == Some(ip) && r.prefix == 32)
+            .and_then(|r| r.oif)
+        {
+            Some(index) => match host
+                .link()
+                .get()
+                .match_index(index)
+                .execute()
+                .try_next()
+                .await
+            {
+                Ok(l) => l,
+                Err(e) if errno(&e) == Some(ENODEV) => None,
+                Err(e) => return Err(nl("looking up link", index.to_string())(e)),
+            },
+            None => None,
+        },
     };
-    if !paired {
-        // A leftover of an earlier sandbox of the same pod (the name is
-        // deterministic) or a half-made pair: start clean.
-        delete_link(host, &spec.host_if).await?;
-        delete_link(pod, &spec.ifname).await?;
-        let host_ns =
-            std::fs::File::open("/proc/self/ns/net").map_err(DataplaneError::HostNetns)?;
-        let peer = LinkUnspec::new_with_name(&spec.host_if)
-            .mtu(spec.mtu)
-            .address(HOST_MAC.0.to_vec())
-            .setns_by_fd(std::os::fd::AsRawFd::as_raw_fd(&host_ns))
-            .build();
-        let msg = LinkVeth::new(&spec.ifname, &spec.host_if)
-            .mtu(spec.mtu)
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-            .build();
-        pod.link().add(msg).execute().await.map_err(nl(
-            "creating veth",
-            format!("{}/{}", spec.ifname, spec.host_if),
-        ))?;
-        drop(host_ns);
+    let named = link.map(|l| {
+        let name = l
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        (name, link_facts(&l))
+    });
+    Ok((named, routes))
+}
+
+fn read_sysctl(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Adds `route` unless the same destination is routed already: on `oif`
+/// that is done; elsewhere it is a conflict, never replaced.
+async fn ensure_route(
+    h: &Handle,
+    dst: Ipv4Addr,
+    prefix: u8,
+    oif: u32,
+    route: RouteMessage,
+    what: &str,
+) -> Result<(), DataplaneError> {
+    let existing = |rs: &[RouteMessage]| {
+        rs.iter()
+            .map(route_facts)
+            .filter(|r| r.prefix == prefix && (prefix == 0 || r.dst == Some(dst)))
+            .collect::<Vec<_>>()
+    };
+    let conflict = |found: &[RouteFacts]| {
+        found.iter().find(|r| r.oif != Some(oif)).map(|r| {
+            DataplaneError::Conflict(format!(
+                "{what} exists already via {} (interface #{})",
+                r.gateway
+                    .map(|g| g.to_string())
+                    .unwrap_or_else(|| "a link".into()),
+                r.oif.unwrap_or_default()
+            ))
+        })
+    };
+    let found = existing(&routes(h).await?);
+    if let Some(e) = conflict(&found) {
+        return Err(e);
+    }
+    if !found.is_empty() {
+        return Ok(());
+    }
+    match h.route().add(route).execute().await {
+        Err(e) if errno(&e) == Some(EEXIST) => {
+            // Made meanwhile by someone else, or the kernel's view differs.
+            let found = existing(&routes(h).await?);
+            conflict(&found).map_or(Ok(()), Err)
+        }
+        Err(e) => Err(nl("adding route", what)(e)),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// Creates or completes the pod's wiring as `plan` says and returns what
+/// it is. The caller took the attachment's locks and inspected first.
+pub async fn add(
+    host: &Handle,
+    pod: &Handle,
+    spec: &PodSpec,
+    plan: &AddPlan,
+) -> Result<Wired, DataplaneError> {
+    match plan {
+        AddPlan::Refuse(r) => return Err(DataplaneError::Conflict(r.describe().1)),
+        AddPlan::Keep { .. } => {}
+        AddPlan::Replace { stale } => {
+            eprintln!(
+                "canal-cni: replacing {} (#{stale}), left by another sandbox of this pod",
+                spec.host_if
+            );
+            delete_index(host, *stale, &spec.host_if).await?;
+            create_pair(pod, spec).await?;
+        }
+        AddPlan::Create => create_pair(pod, spec).await?,
     }
 
     // Host side.
@@ -246,6 +399,9 @@ pub async fn add(host: &Handle, pod: &Handle, spec: &PodSpec) -> Result<Wired, D
         .ok_or_else(|| DataplaneError::Mismatch(vec![format!("{} vanished", spec.host_if)]))?;
     let host_index = host_link.header.index;
     let mut set = LinkUnspec::new_with_index(host_index).up();
+    if link_facts(&host_link).alias.as_deref() != Some(spec.mark.as_str()) {
+        set = set.alias(spec.mark.clone());
+    }
     if mac_of(&host_link) != Some(HOST_MAC) {
         set = set.address(HOST_MAC.0.to_vec());
     }
@@ -258,24 +414,50 @@ pub async fn add(host: &Handle, pod: &Handle, spec: &PodSpec) -> Result<Wired, D
         .await
         .map_err(nl("configuring", spec.host_if.clone()))?;
     let conf = format!("/proc/sys/net/ipv4/conf/{}", spec.host_if);
-    write_sysctl(&format!("{conf}/proxy_arp"), "1")?;
-    write_sysctl(&format!("{conf}/forwarding"), "1")?;
+    // rp_filter=1: the host accepts from the pod only sources routed back
+    // into this veth, i.e. the pod's own /32.
+    for (key, value) in [("proxy_arp", "1"), ("forwarding", "1"), ("rp_filter", "1")] {
+        write_sysctl(&format!("{conf}/{key}"), value)?;
+    }
     write_sysctl(
         &format!("/proc/sys/net/ipv4/neigh/{}/proxy_delay", spec.host_if),
         "0",
     )?;
+    if read_sysctl("/proc/sys/net/ipv4/conf/all/rp_filter") == "2" {
+        // The kernel uses max(all, interface): loose mode wins.
+        eprintln!(
+            "canal-cni: net.ipv4.conf.all.rp_filter is 2 (loose) on this node, which weakens the strict check on {}; canal's own source checks still apply",
+            spec.host_if
+        );
+    }
     let to_pod = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(spec.ip, 32)
         .output_interface(host_index)
         .scope(RouteScope::Link)
         .protocol(RouteProtocol::Boot)
         .build();
-    host.route()
-        .add(to_pod)
-        .replace()
-        .execute()
-        .await
-        .map_err(nl("adding host route to", spec.ip.to_string()))?;
+    ensure_route(
+        host,
+        spec.ip,
+        32,
+        host_index,
+        to_pod,
+        &format!("the node's route to {}", spec.ip),
+    )
+    .await?;
+    // Routes into this veth for other addresses are this attachment's own
+    // leftovers (an address it had before): they go.
+    for r in routes(host).await? {
+        let f = route_facts(&r);
+        if f.oif == Some(host_index) && f.prefix == 32 && f.dst != Some(spec.ip) {
+            match host.route().del(r).execute().await {
+                Err(e) if !matches!(errno(&e), Some(ESRCH | ENOENT)) => {
+                    return Err(nl("removing stale route", format!("{:?}", f.dst))(e));
+                }
+                _ => {}
+            }
+        }
+    }
 
     // Pod side.
     let pod_link = link(pod, &spec.ifname)
@@ -291,6 +473,8 @@ pub async fn add(host: &Handle, pod: &Handle, spec: &PodSpec) -> Result<Wired, D
         .execute()
         .await
         .map_err(nl("configuring", spec.ifname.clone()))?;
+    // The interface is canal's (plan_add checked): other addresses on it
+    // are its own stale ones.
     let addresses = ipv4_addresses(pod, pod_index).await?;
     for (ip, prefix) in &addresses {
         if (*ip, *prefix) != (spec.ip, 32) {
@@ -328,23 +512,29 @@ pub async fn add(host: &Handle, pod: &Handle, spec: &PodSpec) -> Result<Wired, D
         .scope(RouteScope::Link)
         .protocol(RouteProtocol::Boot)
         .build();
-    pod.route()
-        .add(gateway_route)
-        .replace()
-        .execute()
-        .await
-        .map_err(nl("adding route to", GATEWAY.to_string()))?;
+    ensure_route(
+        pod,
+        GATEWAY,
+        32,
+        pod_index,
+        gateway_route,
+        &format!("the container's route to {GATEWAY}"),
+    )
+    .await?;
     let default = RouteMessageBuilder::<Ipv4Addr>::new()
         .gateway(GATEWAY)
         .output_interface(pod_index)
         .protocol(RouteProtocol::Boot)
         .build();
-    pod.route()
-        .add(default)
-        .replace()
-        .execute()
-        .await
-        .map_err(nl("adding default route via", GATEWAY.to_string()))?;
+    ensure_route(
+        pod,
+        Ipv4Addr::UNSPECIFIED,
+        0,
+        pod_index,
+        default,
+        "the container's default route",
+    )
+    .await?;
 
     let pod_mac = mac_of(&pod_link).unwrap_or_default();
     Ok(Wired {
@@ -358,47 +548,56 @@ pub async fn add(host: &Handle, pod: &Handle, spec: &PodSpec) -> Result<Wired, D
     })
 }
 
-/// Removes the pod's interface (and with it the pair). Gone is success.
-pub async fn del(
-    host: &Handle,
-    pod: Option<&Handle>,
-    ifname: &str,
-    host_if: Option<&str>,
-) -> Result<(), DataplaneError> {
-    if let Some(pod) = pod {
-        delete_link(pod, ifname).await?;
-    }
-    if let Some(host_if) = host_if {
-        match delete_link(host, host_if).await {
-            Err(DataplaneError::Netlink { source, .. })
-                if matches!(errno(&source), Some(ENODEV | ENOENT | ESRCH)) => {}
-            other => other?,
-        }
-    }
-    Ok(())
+async fn create_pair(pod: &Handle, spec: &PodSpec) -> Result<(), DataplaneError> {
+    let host_ns = std::fs::File::open("/proc/self/ns/net").map_err(DataplaneError::HostNetns)?;
+    let peer = LinkUnspec::new_with_name(&spec.host_if)
+        .mtu(spec.mtu)
+        .address(HOST_MAC.0.to_vec())
+        .setns_by_fd(std::os::fd::AsRawFd::as_raw_fd(&host_ns))
+        .build();
+    let msg = LinkVeth::new(&spec.ifname, &spec.host_if)
+        .mtu(spec.mtu)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .build();
+    pod.link().add(msg).execute().await.map_err(nl(
+        "creating veth",
+        format!("{}/{}", spec.ifname, spec.host_if),
+    ))
 }
 
 /// Verifies the wiring ADD made; every difference is listed.
-pub async fn check(host: &Handle, pod: &Handle, spec: &PodSpec) -> Result<(), DataplaneError> {
+pub async fn check(
+    host: &Handle,
+    pod: &Handle,
+    spec: &PodSpec,
+    me: &Attachment<'_>,
+) -> Result<(), DataplaneError> {
     let mut problems = Vec::new();
     let host_link = link(host, &spec.host_if).await?;
     let pod_link = link(pod, &spec.ifname).await?;
     match &host_link {
         None => problems.push(format!("host interface {} is missing", spec.host_if)),
         Some(h) => {
+            let facts = link_facts(h);
+            let pod_facts = pod_link.as_ref().map(link_facts);
+            if !super::ownership::owns(me, &facts, pod_facts.as_ref()) {
+                problems.push(format!(
+                    "host interface {} is not this container's (alias {:?})",
+                    spec.host_if,
+                    facts.alias.unwrap_or_default()
+                ));
+            }
             if mac_of(h) != Some(HOST_MAC) {
                 problems.push(format!("{} MAC is not {HOST_MAC}", spec.host_if));
             }
             if !h.header.flags.contains(LinkFlags::Up) {
                 problems.push(format!("{} is down", spec.host_if));
             }
-            let proxy_arp = std::fs::read_to_string(format!(
-                "/proc/sys/net/ipv4/conf/{}/proxy_arp",
-                spec.host_if
-            ))
-            .unwrap_or_default();
-            if proxy_arp.trim() != "1" {
-                problems.push(format!("proxy_arp is off on {}", spec.host_if));
+            let conf = format!("/proc/sys/net/ipv4/conf/{}", spec.host_if);
+            for key in ["proxy_arp", "rp_filter"] {
+                if read_sysctl(&format!("{conf}/{key}")) != "1" {
+                    problems.push(format!("{key} is not 1 on {}", spec.host_if));
+                }
             }
             let host_routes = routes(host).await?;
             let has = host_routes

@@ -30,6 +30,11 @@ pub enum Code {
     Dataplane = 101,
     /// 102: CHECK found the pod's network different from what ADD set up.
     CheckFailed = 102,
+    /// 103: the container already has an interface on this network.
+    AlreadyAttached = 103,
+    /// 104: something canal did not make is in the way (an interface of
+    /// that name, a route canal would have to replace).
+    Conflict = 104,
 }
 
 /// A CNI error result.
