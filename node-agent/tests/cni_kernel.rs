@@ -4,160 +4,17 @@
 
 mod support;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+#[path = "cni_support/mod.rs"]
+mod cni_support;
+
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use canal_agent::runfiles::{NetworkFile, RunDir};
+use canal_agent::runfiles::RunDir;
+use cni_support::{Call, NODE_IP, Node, add_ok, cni, cni_at, netns_path};
 use serde_json::{Value, json};
 use support::Netns;
-
-const NODE_IP: &str = "192.168.88.1";
-
-/// A node: its namespace (underlay veth with a default route, forwarding
-/// on), a run dir with network.json, and an IPAM data dir.
-struct Node {
-    ns: Netns,
-    dir: tempfile::TempDir,
-}
-
-impl Node {
-    fn new(subnet: &str, mtu: u32) -> Node {
-        let ns = Netns::new("ccn");
-        ns.ip(&["link", "add", "ul0", "type", "veth", "peer", "name", "ul0p"]);
-        ns.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "ul0"]);
-        ns.ip(&["link", "set", "ul0", "up"]);
-        ns.ip(&["link", "set", "ul0p", "up"]);
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            "192.168.88.254",
-            "dev",
-            "ul0",
-        ]);
-        ns.sh("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-        let node = Node {
-            ns,
-            dir: tempfile::tempdir().unwrap(),
-        };
-        node.write_network(subnet, mtu);
-        node
-    }
-
-    fn run_dir(&self) -> PathBuf {
-        self.dir.path().join("run")
-    }
-
-    fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    fn write_network(&self, subnet: &str, mtu: u32) {
-        RunDir::new(self.run_dir())
-            .write_network(&NetworkFile {
-                cluster_cidr: "10.244.0.0/16".parse().unwrap(),
-                node_subnet: subnet.parse().unwrap(),
-                mtu,
-                node_name: "node-1".into(),
-                node_ip: Some(NODE_IP.parse().unwrap()),
-            })
-            .unwrap();
-    }
-
-    fn conf(&self, extra: Value) -> Value {
-        let mut c = json!({
-            "cniVersion": "1.0.0",
-            "name": "k8s-pod-network",
-            "type": "canal-cni",
-            "runDir": self.run_dir(),
-            "dataDir": self.data_dir(),
-        });
-        if let (Some(c), Some(extra)) = (c.as_object_mut(), extra.as_object()) {
-            c.extend(extra.clone());
-        }
-        c
-    }
-
-    fn allocations(&self) -> Vec<String> {
-        let dir = self.data_dir().join("k8s-pod-network");
-        let mut out: Vec<String> = std::fs::read_dir(dir)
-            .map(|d| {
-                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with("10."))
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.sort();
-        out
-    }
-}
-
-/// One CNI invocation.
-struct Call<'a> {
-    command: &'a str,
-    container: &'a str,
-    netns: &'a str,
-    ifname: &'a str,
-    pod: Option<(&'a str, &'a str)>,
-}
-
-fn cni_at(binary: &Path, node: &Node, call: &Call, conf: &Value) -> (i32, Value, String) {
-    let mut cmd = node.ns.exec(binary.to_str().unwrap());
-    cmd.env("CNI_COMMAND", call.command)
-        .env("CNI_CONTAINERID", call.container)
-        .env("CNI_NETNS", call.netns)
-        .env("CNI_IFNAME", call.ifname)
-        .env("CNI_PATH", "/usr/lib/cni")
-        .env(
-            "CNI_ARGS",
-            match call.pod {
-                Some((ns, pod)) => format!(
-                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={}",
-                    call.container
-                ),
-                None => String::new(),
-            },
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let doc = if stdout.trim().is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("stdout {stdout:?}: {e}"))
-    };
-    (
-        out.status.code().unwrap_or(-1),
-        doc,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn cni(node: &Node, call: &Call, conf: &Value) -> (i32, Value, String) {
-    cni_at(Path::new(env!("CARGO_BIN_EXE_canal-cni")), node, call, conf)
-}
-
-fn add_ok(node: &Node, call: &Call, conf: &Value) -> Value {
-    let (code, doc, stderr) = cni(node, call, conf);
-    assert_eq!(code, 0, "ADD failed: {doc}\n{stderr}");
-    doc
-}
-
-fn netns_path(ns: &Netns) -> String {
-    ns.path().display().to_string()
-}
 
 #[test]
 fn add_check_del_round_trip_with_a_working_pod() {
@@ -205,6 +62,8 @@ fn add_check_del_round_trip_with_a_working_pod() {
     for (path, want) in [
         (format!("/proc/sys/net/ipv4/conf/{host_if}/proxy_arp"), "1"),
         (format!("/proc/sys/net/ipv4/conf/{host_if}/forwarding"), "1"),
+        // Strict reverse-path filtering: the pod sends only from its address.
+        (format!("/proc/sys/net/ipv4/conf/{host_if}/rp_filter"), "1"),
         (
             format!("/proc/sys/net/ipv4/neigh/{host_if}/proxy_delay"),
             "0",
