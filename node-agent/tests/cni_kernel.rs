@@ -64,6 +64,11 @@ fn add_check_del_round_trip_with_a_working_pod() {
         (format!("/proc/sys/net/ipv4/conf/{host_if}/forwarding"), "1"),
         // Strict reverse-path filtering: the pod sends only from its address.
         (format!("/proc/sys/net/ipv4/conf/{host_if}/rp_filter"), "1"),
+        // No IPv6 on the pod's link: canal gives pods IPv4 only.
+        (
+            format!("/proc/sys/net/ipv6/conf/{host_if}/disable_ipv6"),
+            "1",
+        ),
         (
             format!("/proc/sys/net/ipv4/neigh/{host_if}/proxy_delay"),
             "0",

@@ -599,6 +599,7 @@ fn a_pod_cannot_send_from_an_address_it_was_not_given() {
         ("another pod", v_ip.as_str()),
         ("a free pod address", "10.244.26.200"),
         ("an outside address", "203.0.113.7"),
+        ("the pod gateway", "169.254.1.1"),
     ];
     for (_, src) in spoofed {
         attacker.ip(&["addr", "add", &format!("{src}/32"), "dev", "eth0"]);
@@ -634,5 +635,67 @@ fn a_pod_cannot_send_from_an_address_it_was_not_given() {
             .any(|(_, p)| p == "to-victim")
     );
     assert!(at_attacker.join().unwrap().is_empty());
-    eprintln!("spoofed datagrams delivered: 0 of 9; kernel reverse-path drops counted: {drops}");
+    eprintln!(
+        "spoofed datagrams delivered: 0 of {}; kernel reverse-path drops counted: {drops}",
+        3 * spoofed.len()
+    );
+}
+
+#[test]
+fn a_pod_cannot_reach_the_node_over_ipv6() {
+    let node = Node::new("10.244.27.0/24", 1450);
+    let conf = node.conf(json!({}));
+    let pod = Netns::new("cc6");
+    let path = netns_path(&pod);
+    add_ok(&node, &Call::add("six", &path, "six"), &conf);
+    let host_if = canal_crds::names::veth_name("default", "six");
+    let v6 = node.ns.ip(&["-6", "addr", "show", "dev", &host_if]);
+    assert!(
+        !v6.contains("inet6"),
+        "the host veth has IPv6 addresses: {v6}"
+    );
+    // The host end's link-local address (from its MAC) would answer
+    // before the fix; give the pod's own link-local time to get through
+    // duplicate address detection.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        let ping = pod.output(
+            "ping",
+            &["-6", "-c1", "-W1", "fe80::ecee:eeff:feee:eeee%eth0"],
+        );
+        assert!(
+            !ping.status.success(),
+            "the pod reached the node over IPv6: {}",
+            String::from_utf8_lossy(&ping.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // IPv4 is unaffected.
+    pod.sh("ping", &["-c1", "-W2", NODE_IP]);
+}
+
+#[test]
+fn del_with_other_cni_args_than_add_still_removes_the_pods_veth() {
+    let node = Node::new("10.244.28.0/24", 1450);
+    let conf = node.conf(json!({}));
+    let host_if = canal_crds::names::veth_name("default", "argless");
+    for (i, with_netns) in [false, true].into_iter().enumerate() {
+        let pod = Netns::new("cca");
+        let path = netns_path(&pod);
+        let id = format!("argless-{i}");
+        let add = Call::add(&id, &path, "argless");
+        let ip = result_ip(&add_ok(&node, &add, &conf));
+        let del = Call {
+            pod: None,
+            netns: if with_netns { &path } else { "" },
+            ..add
+        };
+        del_ok(&node, &del, &conf);
+        assert!(
+            node.link(&host_if).is_none(),
+            "DEL left {host_if} (netns given: {with_netns})"
+        );
+        assert!(!node.pod_routes().iter().any(|(r, _)| *r == ip));
+        assert!(node.records().is_empty(), "{:?}", node.records());
+    }
 }

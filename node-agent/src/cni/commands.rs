@@ -334,6 +334,29 @@ pub(super) async fn del(env: &CniEnv, stdin: &[u8]) -> Result<(), CniError> {
             }
         }
     }
+    // The veth its record names, when that is another name (the runtime
+    // passed other CNI_ARGS than to ADD): only by its mark, no namespace.
+    let records = store
+        .lock()
+        .and_then(|locked| locked.allocations())
+        .map_err(store_error(&conf))?;
+    let mut recorded: Vec<&str> = records
+        .iter()
+        .filter(|a| a.container_id == env.container_id && a.ifname == env.ifname)
+        .filter_map(|a| a.host_if.as_deref())
+        .filter(|h| *h != host_if)
+        .collect();
+    recorded.dedup();
+    for other in recorded {
+        let facts = dataplane::inspect(&host, None, other, &env.ifname)
+            .await
+            .map_err(|e| dataplane_error(&conf, e))?;
+        if let Some(index) = ownership::plan_del(&me, facts.host.as_ref(), None) {
+            dataplane::delete_index(&host, index, other)
+                .await
+                .map_err(|e| dataplane_error(&conf, e))?;
+        }
+    }
     let locked = store.lock().map_err(store_error(&conf))?;
     locked
         .release(&env.container_id, &env.ifname)

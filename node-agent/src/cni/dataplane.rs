@@ -3,7 +3,7 @@
 //! side `CNI_IFNAME` with the pod address /32, a link route to 169.254.1.1
 //! and the default route via it; host side MAC ee:ee:ee:ee:ee:ee, the
 //! attachment's mark as its alias, proxy ARP, forwarding, strict
-//! reverse-path filtering and a /32 route to the pod. [`inspect`] reads
+//! reverse-path filtering, IPv6 off and a /32 route to the pod. [`inspect`] reads
 //! what is there, [`super::ownership::plan_add`] decides, [`add`] applies.
 //! Routes are only ever added (never replaced): a route canal did not
 //! make is a conflict, not something to overwrite. Every step is
@@ -11,7 +11,7 @@
 //! it is.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
@@ -320,6 +320,10 @@ pub async fn gc_candidate(
     Ok((named, routes))
 }
 
+fn ipv6_sysctl(host_if: &str) -> String {
+    format!("/proc/sys/net/ipv6/conf/{host_if}/disable_ipv6")
+}
+
 fn read_sysctl(path: &str) -> String {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
@@ -393,7 +397,25 @@ pub async fn add(
         AddPlan::Create => create_pair(pod, spec).await?,
     }
 
-    // Host side.
+    // Host side. Sysctls first, so the veth is never up without them.
+    let conf = format!("/proc/sys/net/ipv4/conf/{}", spec.host_if);
+    // rp_filter=1: the host accepts from the pod only sources routed back
+    // into this veth, i.e. the pod's own /32.
+    for (key, value) in [("proxy_arp", "1"), ("forwarding", "1"), ("rp_filter", "1")] {
+        write_sysctl(&format!("{conf}/{key}"), value)?;
+    }
+    write_sysctl(
+        &format!("/proc/sys/net/ipv4/neigh/{}/proxy_delay", spec.host_if),
+        "0",
+    )?;
+    // canal gives pods IPv4 only: without this the veth has an IPv6
+    // link-local address, and the pod reaches the node (and, with IPv6
+    // forwarding on, beyond) from addresses canal never gave it, past
+    // every IPv4 rule. A kernel without IPv6 has no such file.
+    let ipv6 = ipv6_sysctl(&spec.host_if);
+    if Path::new(&ipv6).exists() {
+        write_sysctl(&ipv6, "1")?;
+    }
     let host_link = link(host, &spec.host_if)
         .await?
         .ok_or_else(|| DataplaneError::Mismatch(vec![format!("{} vanished", spec.host_if)]))?;
@@ -413,16 +435,6 @@ pub async fn add(
         .execute()
         .await
         .map_err(nl("configuring", spec.host_if.clone()))?;
-    let conf = format!("/proc/sys/net/ipv4/conf/{}", spec.host_if);
-    // rp_filter=1: the host accepts from the pod only sources routed back
-    // into this veth, i.e. the pod's own /32.
-    for (key, value) in [("proxy_arp", "1"), ("forwarding", "1"), ("rp_filter", "1")] {
-        write_sysctl(&format!("{conf}/{key}"), value)?;
-    }
-    write_sysctl(
-        &format!("/proc/sys/net/ipv4/neigh/{}/proxy_delay", spec.host_if),
-        "0",
-    )?;
     if read_sysctl("/proc/sys/net/ipv4/conf/all/rp_filter") == "2" {
         // The kernel uses max(all, interface): loose mode wins.
         eprintln!(
@@ -598,6 +610,10 @@ pub async fn check(
                 if read_sysctl(&format!("{conf}/{key}")) != "1" {
                     problems.push(format!("{key} is not 1 on {}", spec.host_if));
                 }
+            }
+            let ipv6 = ipv6_sysctl(&spec.host_if);
+            if Path::new(&ipv6).exists() && read_sysctl(&ipv6) != "1" {
+                problems.push(format!("IPv6 is not disabled on {}", spec.host_if));
             }
             let host_routes = routes(host).await?;
             let has = host_routes
