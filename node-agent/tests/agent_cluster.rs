@@ -725,7 +725,10 @@ async fn failing_steps_reach_readiness_node_conditions_events_and_the_network_st
         );
         assert!(body.starts_with("HTTP/1.1 503"), "{body}");
         let msg = wait_condition(&client, &node.name, "False", "MTURejected").await;
-        assert!(msg.contains("65535"), "{msg}");
+        assert!(
+            msg.contains("65535") && msg.contains("at most 1450 fits underlay ul0 with MTU 1500"),
+            "{msg}"
+        );
         let note = one_event(&client, &node.name, "MTURejected").await;
         assert!(note.contains("65535"), "{note}");
     }

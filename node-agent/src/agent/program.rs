@@ -161,7 +161,22 @@ impl Agent {
         }
         for e in &synced.errors {
             self.count_netlink_error(e.category);
-            report.fail(netlink_step(e), e);
+            if e.category == Category::Mtu {
+                // Say what would work: the kernel only answers EINVAL.
+                let max = synced
+                    .underlay
+                    .mtu
+                    .saturating_sub(crate::overlay::desired::VXLAN_OVERHEAD);
+                report.fail(
+                    Step::Mtu,
+                    format!(
+                        "{e} (at most {max} fits underlay {} with MTU {}; backend.mtu 0 derives it)",
+                        synced.underlay.name, synced.underlay.mtu
+                    ),
+                );
+            } else {
+                report.fail(netlink_step(e), e);
+            }
         }
         self.metrics
             .remote_nodes
