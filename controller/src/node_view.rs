@@ -30,6 +30,8 @@ pub struct NodeView {
     pub internal_ip: Option<Ipv4Addr>,
     /// The Node's flannel annotations (`flannel.alpha.coreos.com/*` only).
     pub annotations: BTreeMap<String, String>,
+    /// What its agent reports (condition CanalNetworkProgrammed).
+    pub programmed: Option<crate::network::programmed::Reported>,
 }
 
 /// The Node's pod subnet as the controller reads it.
@@ -77,6 +79,7 @@ impl NodeView {
             pod_cidrs: spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default(),
             internal_ip,
             annotations,
+            programmed: crate::network::programmed::Reported::from_node(node),
         }
     }
 

@@ -21,6 +21,8 @@ pub const CONFLICT: &str = "Conflict";
 pub const SUBNET_EXHAUSTED: &str = "SubnetExhausted";
 /// The object is not the one named `default`.
 pub const IGNORED: &str = "Ignored";
+/// Some agents report their node not programmed.
+pub const NODES_NOT_PROGRAMMED: &str = crate::network::programmed::NODES_NOT_PROGRAMMED;
 
 /// How many Node names a message lists before "and N more".
 const NAMES_SHOWN: usize = 5;
@@ -66,6 +68,8 @@ pub struct Assessment {
     pub waiting: Vec<String>,
     /// Nodes whose podCIDR cannot be used: (name, why), by name.
     pub conflicts: Vec<(String, String)>,
+    /// What the agents report about their nodes.
+    pub programmed: Option<crate::network::programmed::Summary>,
 }
 
 /// The status fields the network controller owns, for `default`.
@@ -88,6 +92,9 @@ pub fn derive(a: &Assessment, existing: &CanalNetworkStatus, now: Time) -> Canal
             SUBNET_EXHAUSTED,
             exhausted_message(&a.waiting, a.active.as_ref()),
         ));
+    }
+    if let Some(msg) = a.programmed.as_ref().and_then(|p| p.problem()) {
+        problems.push((NODES_NOT_PROGRAMMED, msg));
     }
 
     let mut conditions = existing.conditions.clone();
@@ -143,6 +150,9 @@ pub fn derive(a: &Assessment, existing: &CanalNetworkStatus, now: Time) -> Canal
         allocated_subnets: a.active.as_ref().map(|p| p.allocated),
         free_subnets: a.active.as_ref().map(|p| p.free),
         pending_nodes: a.active.as_ref().map(|_| a.waiting.len() as u64),
+        programmed: a.programmed.as_ref().map(|p| p.short()),
+        programmed_nodes: a.programmed.as_ref().map(|p| p.programmed),
+        total_nodes: a.programmed.as_ref().map(|p| p.total),
         ..Default::default()
     }
 }
@@ -369,6 +379,56 @@ mod tests {
         assert_eq!(reason(&s), Some(IGNORED));
         assert_eq!(s.total_subnets, None);
         assert_eq!(ignored(Some(4), &s, at(50)), s);
+    }
+
+    #[test]
+    fn agents_reporting_failures_degrade_the_network() {
+        use crate::network::programmed::{Failing, Summary};
+        let mut a = healthy();
+        a.programmed = Some(Summary {
+            total: 3,
+            programmed: 3,
+            ..Default::default()
+        });
+        let s = derive(&a, &CanalNetworkStatus::default(), at(1));
+        assert_eq!(reason(&s), None);
+        assert_eq!(s.programmed.as_deref(), Some("3/3 nodes"));
+        assert_eq!((s.programmed_nodes, s.total_nodes), (Some(3), Some(3)));
+
+        a.programmed = Some(Summary {
+            total: 3,
+            programmed: 0,
+            failing: ["n1", "n2", "n3"]
+                .map(|n| Failing {
+                    node: n.into(),
+                    reason: "MTURejected".into(),
+                    message: "MTU: refused".into(),
+                })
+                .to_vec(),
+            unreported: 0,
+        });
+        let s = derive(&a, &s, at(2));
+        assert_eq!(reason(&s), Some(NODES_NOT_PROGRAMMED));
+        let degraded = find(&s.conditions, DEGRADED).unwrap();
+        assert!(
+            degraded.message.starts_with("0 of 3 nodes programmed"),
+            "{}",
+            degraded.message
+        );
+        assert!(degraded.message.contains("n1 (MTURejected: MTU: refused)"));
+        assert_eq!(find(&s.conditions, READY).unwrap().status, "False");
+        assert_eq!(s.programmed.as_deref(), Some("0/3 nodes"));
+
+        // A root cause the controller knows comes first.
+        a.conflicts = vec![("n7".into(), "overlaps".into())];
+        let s = derive(&a, &s, at(3));
+        assert_eq!(reason(&s), Some(CONFLICT));
+        assert!(
+            find(&s.conditions, DEGRADED)
+                .unwrap()
+                .message
+                .contains("0 of 3 nodes programmed")
+        );
     }
 
     #[test]

@@ -52,6 +52,11 @@ use serde::{Deserialize, Serialize};
     ),
     printcolumn(name = "Free", type_ = "integer", json_path = ".status.freeSubnets"),
     printcolumn(
+        name = "Programmed",
+        type_ = "string",
+        json_path = ".status.programmed"
+    ),
+    printcolumn(
         name = "Policy",
         type_ = "string",
         json_path = ".status.policyEnforcement"
@@ -247,6 +252,19 @@ pub struct CanalNetworkStatus {
     /// Nodes waiting for a subnet because clusterCIDR is exhausted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_nodes: Option<u64>,
+
+    /// The pod network as the agents report it (their Nodes' condition
+    /// CanalNetworkProgrammed), e.g. "2/3 nodes".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub programmed: Option<String>,
+
+    /// Nodes whose agent reports the pod network fully programmed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub programmed_nodes: Option<u32>,
+
+    /// Nodes counted for `programmed` (every Node not being deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_nodes: Option<u32>,
 
     /// NetworkPolicy enforcement across nodes, e.g. "3/3 nodes".
     #[serde(default, skip_serializing_if = "Option::is_none")]

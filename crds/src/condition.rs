@@ -9,6 +9,12 @@ pub const READY: &str = "Ready";
 pub const DEGRADED: &str = "Degraded";
 /// Condition type on a NodePolicySet: the agent has programmed it.
 pub const ENFORCED: &str = "Enforced";
+/// Node condition type written by canal-agent about its own Node: the pod
+/// network (overlay, masquerade, CNI network file) is fully programmed
+/// there. canal-controller sums it up as "N of M nodes programmed".
+pub const NODE_PROGRAMMED: &str = "CanalNetworkProgrammed";
+/// Reason of [`NODE_PROGRAMMED`] when it is True.
+pub const PROGRAMMED: &str = "Programmed";
 
 /// Inserts or updates `new` in `conditions`. The transition time of an
 /// existing condition is kept when its status is unchanged. Returns whether

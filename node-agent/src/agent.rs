@@ -1,9 +1,21 @@
 //! canal-agent's connectivity loop: watches feed the pure node index, and a
-//! single level-triggered sync (on any relevant watch event, and every
-//! resync interval) recomputes the whole desired overlay, diffs it against
-//! the kernel and applies the difference, then checks the iptables rules and
-//! the run-dir file. Nothing here decides what the kernel should hold; it
-//! only gathers inputs, calls the pure modules and records what happened.
+//! single level-triggered sync (on any relevant watch event, every resync
+//! interval, and soon after a failed sync) recomputes the whole desired
+//! overlay, diffs it against the kernel and applies the difference, then
+//! checks the iptables rules and the run-dir file. Nothing here decides what
+//! the kernel should hold; it only gathers inputs, calls the pure modules
+//! and records what happened.
+//!
+//! Every step of a sync runs even when an earlier one failed (a refused MTU
+//! does not keep a new peer's route out; a missing iptables does not keep
+//! the overlay from being programmed). The failures are collected in a
+//! [`SyncReport`] that [`crate::report::Tracker`] turns into what the user
+//! sees: `/readyz`, the Node condition `CanalNetworkProgrammed`, and an
+//! Event on the Node when that changes.
+
+mod node_status;
+mod program;
+mod watches;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -11,27 +23,27 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use canal_crds::{CanalNetwork, NetworkConfig};
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::WatchStreamExt;
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::events::EventType;
 use tokio::sync::{Notify, watch};
 use tracing::Instrument;
 
 use crate::component::NodeNetwork;
-use crate::masq::{Masquerade, RulesConfig};
+use crate::masq::Masquerade;
 use crate::metrics::Metrics;
-use crate::nodes::{self, NodeFacts, NodeIndex};
+use crate::nodes::{NodeIndex, ProgrammedCondition};
+use crate::overlay::SyncError;
 use crate::overlay::desired::{Desired, LocalNode, Peer, Skipped};
-use crate::overlay::netlink::{Category, Netlink};
-use crate::overlay::{self, SyncError};
-use crate::runfiles::{NetworkFile, RunDir};
+use crate::overlay::netlink::{Category, Netlink, NetlinkError};
+use crate::report::{Step, Tracker, Verdict};
+use crate::runfiles::RunDir;
+use node_status::NodeStatus;
 
 /// Field manager of the agent's writes.
 pub const FIELD_MANAGER: &str = "canal-agent";
+
+/// A condition the agent wrote is written again after this long if the
+/// Node still does not show it (the watch lost it, or someone removed it).
+const CONDITION_REWRITE: Duration = Duration::from_secs(60);
 
 /// The CanalNetwork `default` as the agent last saw it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -74,6 +86,8 @@ pub struct Shared {
     pub network: NetworkState,
     /// Peers whose change was observed but not yet programmed, with when.
     pub pending: HashMap<String, Instant>,
+    /// This node's `CanalNetworkProgrammed` condition as last watched.
+    pub own_condition: Option<ProgrammedCondition>,
 }
 
 /// What one sync programs.
@@ -93,7 +107,7 @@ pub struct Agent {
     node_name: String,
     run_dir: RunDir,
     client: kube::Client,
-    recorder: Recorder,
+    status: NodeStatus,
     metrics: Metrics,
     health: canal_runtime::Health,
     netlink: Netlink,
@@ -108,12 +122,21 @@ pub struct Agent {
     last_desired: Option<Desired>,
     last_clean: bool,
     last_skipped: Vec<Skipped>,
+    /// ifindex of the underlay the overlay was last programmed on (kept
+    /// when the configured interface disappears).
+    last_underlay: Option<u32>,
     waiting: Option<String>,
     config_note: Option<String>,
     mismatch: Option<String>,
     condition_patched: Option<Instant>,
-    /// The first full sync is done (the overlay's part of readiness).
-    ready: bool,
+    /// Readiness, the node's verdict and its Events.
+    tracker: Tracker,
+    /// The verdict last written to the Node, and when.
+    verdict_written: Option<(Verdict, Instant)>,
+    /// When to sync again after a failure (before the next resync).
+    retry_at: Option<Instant>,
+    /// The first full sync is done (for the log line).
+    synced_once: bool,
 }
 
 /// Everything the agent is built from.
@@ -147,19 +170,47 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The step a netlink failure belongs to.
+fn netlink_step(e: &NetlinkError) -> Step {
+    use crate::overlay::diff::Kind;
+    match e.category {
+        Category::Dump => Step::Dump,
+        Category::Mtu => Step::Mtu,
+        Category::Change(Kind::Link) => Step::Device,
+        Category::Change(Kind::Address) => Step::Address,
+        Category::Change(Kind::Route) => Step::Route,
+        Category::Change(Kind::Neighbour) => Step::Neighbour,
+        Category::Change(Kind::Fdb) => Step::Fdb,
+    }
+}
+
+/// The step a failed overlay sync belongs to.
+fn sync_error_step(e: &SyncError) -> Step {
+    match e {
+        SyncError::Netlink(n) => netlink_step(n),
+        SyncError::Underlay(_) => Step::Underlay,
+        SyncError::Desired(_) => Step::LocalNode,
+    }
+}
+
+/// Steps whose failure leaves some peer without its route, neighbour or
+/// FDB entry.
+const PEER_STEPS: [Step; 6] = [
+    Step::Dump,
+    Step::LocalNode,
+    Step::Device,
+    Step::Fdb,
+    Step::Neighbour,
+    Step::Route,
+];
+
 impl Agent {
     /// Builds the agent.
     pub fn new(parts: AgentParts) -> Agent {
         Agent {
             node_name: parts.node_name.clone(),
             run_dir: parts.run_dir,
-            recorder: Recorder::new(
-                parts.client.clone(),
-                Reporter {
-                    controller: FIELD_MANAGER.into(),
-                    instance: Some(parts.node_name.clone()),
-                },
-            ),
+            status: NodeStatus::new(parts.client.clone(), parts.node_name.clone()),
             client: parts.client,
             metrics: parts.metrics,
             health: parts.health,
@@ -174,18 +225,22 @@ impl Agent {
             last_desired: None,
             last_clean: false,
             last_skipped: Vec::new(),
+            last_underlay: None,
             waiting: None,
             config_note: None,
             mismatch: None,
             condition_patched: None,
-            ready: false,
+            tracker: Tracker::new(parts.resync),
+            verdict_written: None,
+            retry_at: None,
+            synced_once: false,
         }
     }
 
     /// Starts the watches and runs the sync loop forever.
     pub async fn run(mut self) {
         tokio::spawn(
-            watch_nodes(
+            watches::watch_nodes(
                 self.client.clone(),
                 self.node_name.clone(),
                 self.shared.clone(),
@@ -195,7 +250,7 @@ impl Agent {
             .instrument(tracing::info_span!("watch", resource = "nodes")),
         );
         tokio::spawn(
-            watch_network(
+            watches::watch_network(
                 self.client.clone(),
                 self.shared.clone(),
                 self.notify.clone(),
@@ -203,12 +258,21 @@ impl Agent {
             )
             .instrument(tracing::info_span!("watch", resource = "canalnetwork")),
         );
+        self.publish_readiness();
         let mut tick = tokio::time::interval(self.resync);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let retry_at = self.retry_at;
+            let retry = async move {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             let trigger = tokio::select! {
                 _ = self.notify.notified() => "watch",
                 _ = tick.tick() => "resync",
+                _ = retry => "retry",
             };
             let span = tracing::debug_span!("sync", node = %self.node_name, trigger);
             self.sync(trigger).instrument(span).await;
@@ -286,13 +350,17 @@ impl Agent {
             Err(reason) => {
                 if self.waiting.as_ref() != Some(&reason) {
                     tracing::info!("{reason}");
-                    self.waiting = Some(reason);
+                    self.waiting = Some(reason.clone());
                 }
+                self.tracker.waiting(reason);
+                self.retry_at = None;
+                self.publish_readiness();
                 return;
             }
         };
         self.waiting = None;
-        let clean = self.program(&inputs, trigger).await;
+        let report = self.program(&inputs, trigger).await;
+        let clean = report.is_clean();
         self.metrics
             .syncs
             .with_label_values(&[trigger, if clean { "success" } else { "error" }])
@@ -300,30 +368,19 @@ impl Agent {
         self.metrics
             .sync_full_duration
             .observe(started.elapsed().as_secs_f64());
-        if clean {
+        for step in report.failed_steps() {
+            self.metrics
+                .sync_errors
+                .with_label_values(&[step.as_str()])
+                .inc();
+        }
+        let peers_programmed = !PEER_STEPS.iter().any(|s| report.failed(*s));
+        if peers_programmed {
             let now = Instant::now();
             for observed in pending.values() {
                 self.metrics
                     .programming_duration
                     .observe(now.duration_since(*observed).as_secs_f64());
-            }
-            self.metrics.last_success.set(
-                SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or_default(),
-            );
-            if !self.ready {
-                self.ready = true;
-                tracing::info!(
-                    peers = inputs.peers.len(),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "first full overlay sync done"
-                );
-                self.health.set_ready(true);
-            }
-            if self.set_network_unavailable && !inputs.canal_is_up {
-                self.patch_condition().await;
             }
         } else {
             // Retried by the next sync; keep the earliest observation.
@@ -336,335 +393,115 @@ impl Agent {
                     .or_insert(at);
             }
         }
-    }
-
-    /// One pass over kernel, iptables and files. Returns whether everything
-    /// was applied without error.
-    async fn program(&mut self, inputs: &Inputs, trigger: &'static str) -> bool {
-        let synced = match overlay::sync(
-            &self.netlink,
-            &inputs.local,
-            &inputs.peers,
-            &inputs.config,
-        )
-        .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                if let SyncError::Netlink(n) = &e {
-                    self.count_netlink_error(n.category);
-                }
-                tracing::error!("overlay sync failed: {e}");
-                self.last_clean = false;
-                return false;
-            }
-        };
-        let phase = &self.metrics.sync_phase_duration;
-        phase
-            .with_label_values(&["dump"])
-            .observe(synced.dump.as_secs_f64());
-        phase
-            .with_label_values(&["compute"])
-            .observe(synced.compute.as_secs_f64());
-        phase
-            .with_label_values(&["apply"])
-            .observe(synced.apply.as_secs_f64());
-
-        let plan = &synced.plan;
-        let desired = &synced.desired;
-        let drift = self.last_clean && self.last_desired.as_ref() == Some(desired);
-        for (kind, n) in plan.counts() {
-            self.metrics
-                .kernel_changes
-                .with_label_values(&[kind.as_str()])
-                .inc_by(n as u64);
-            if drift {
-                self.metrics
-                    .drift_repairs
-                    .with_label_values(&[kind.as_str()])
-                    .inc_by(n as u64);
-            }
-        }
-        for op in &plan.links {
-            if let crate::overlay::diff::LinkOp::Delete {
-                name,
-                reason: crate::overlay::diff::DeleteReason::Incompatible,
-                ..
-            } = op
-            {
-                self.event(
-                    inputs,
-                    EventType::Warning,
-                    "VxlanDeviceRecreated",
-                    format!("{name} had another VNI, port, local address, underlay or learning setting; recreated it"),
-                )
-                .await;
-            }
-        }
-        if !plan.is_empty() {
-            let counts: Vec<String> = plan
-                .counts()
-                .iter()
-                .map(|(k, n)| format!("{}={n}", k.as_str()))
-                .collect();
-            if drift {
-                tracing::warn!(
-                    changes = plan.len(),
-                    "repaired kernel state changed by someone else: {}",
-                    counts.join(" ")
-                );
-                self.event(
-                    inputs,
-                    EventType::Normal,
-                    "DriftRepaired",
-                    format!(
-                        "restored overlay state changed outside canal-agent: {}",
-                        counts.join(" ")
-                    ),
-                )
-                .await;
-            } else {
+        if clean {
+            self.metrics.last_success.set(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or_default(),
+            );
+            if !self.synced_once {
+                self.synced_once = true;
                 tracing::info!(
-                    changes = plan.len(),
-                    vxlan_peers = desired.vxlan_peers,
-                    direct_peers = desired.direct_peers,
-                    "overlay updated: {}",
-                    counts.join(" ")
+                    peers = inputs.peers.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "first full overlay sync done"
                 );
             }
+        } else {
+            tracing::warn!(
+                failed_in_a_row = self.tracker.streak() + 1,
+                "sync failed in some steps (the others were applied): {}",
+                report.summary()
+            );
         }
-        for e in &synced.errors {
-            self.count_netlink_error(e.category);
-        }
-        for e in synced.errors.iter().take(5) {
-            tracing::warn!("{e}");
-        }
-        if synced.errors.len() > 5 {
-            tracing::warn!("... and {} more netlink errors", synced.errors.len() - 5);
-        }
-        self.metrics
-            .remote_nodes
-            .with_label_values(&["vxlan"])
-            .set(desired.vxlan_peers as i64);
-        self.metrics
-            .remote_nodes
-            .with_label_values(&["direct"])
-            .set(desired.direct_peers as i64);
-        for reason in crate::overlay::desired::SkipReason::ALL {
-            let n = desired
-                .skipped
-                .iter()
-                .filter(|s| s.reason == reason)
-                .count();
-            self.metrics
-                .remote_nodes_skipped
-                .with_label_values(&[reason.as_str()])
-                .set(n as i64);
-        }
-        if desired.skipped != self.last_skipped {
-            let new: Vec<Skipped> = desired
-                .skipped
-                .iter()
-                .filter(|s| !self.last_skipped.contains(s))
-                .cloned()
-                .collect();
-            for s in &new {
-                tracing::warn!(peer = %s.peer, reason = s.reason.as_str(), "peer gets no route");
-                self.event(
-                    inputs,
-                    EventType::Warning,
-                    "PeerSkipped",
-                    format!("no route to Node {}: {}", s.peer, s.reason.as_str()),
-                )
-                .await;
+
+        let update = self.tracker.record(&report);
+        self.retry_at = update.retry_after.map(|d| Instant::now() + d);
+        self.publish_readiness();
+        let observed = lock(&self.shared).own_condition.clone();
+        if let Some(a) = update.announce {
+            // After a restart the Node may already say exactly this; that
+            // is no change to announce.
+            let shown = self.tracker.verdict().is_some_and(|v| {
+                observed
+                    .as_ref()
+                    .is_some_and(|o| o.says(v.programmed, v.reason, &v.message))
+            });
+            if !shown {
+                let type_ = if a.warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                };
+                self.status
+                    .event(inputs.uid.clone(), type_, a.reason, a.note)
+                    .await;
             }
-            self.last_skipped = desired.skipped.clone();
         }
-        if let Some(text) = self.report_mismatch(inputs, synced.underlay.ip) {
-            self.event(inputs, EventType::Warning, "UnderlayAddressMismatch", text)
-                .await;
+        self.write_verdict(observed.as_ref()).await;
+        // NetworkUnavailable is about pods reaching each other: set once the
+        // overlay is in place, even if, say, masquerade still fails.
+        if self.set_network_unavailable && !inputs.canal_is_up && peers_programmed {
+            self.patch_network_unavailable().await;
         }
+    }
 
-        let mut clean = synced.errors.is_empty();
-        if let Err(e) = ensure_ip_forward() {
-            tracing::error!("{e}");
-            clean = false;
+    /// Readiness from the tracker: `/readyz` and the programmed gauge.
+    fn publish_readiness(&self) {
+        match self.tracker.readiness() {
+            Ok(()) => self.health.set_ready(true),
+            Err(reason) => self.health.set_not_ready(reason),
         }
+        let programmed = self.tracker.verdict().is_some_and(|v| v.programmed);
+        self.metrics.programmed.set(i64::from(programmed));
+    }
 
-        // iptables: read back on every periodic resync and whenever the
-        // wanted rules change.
-        let iptables_started = Instant::now();
-        let rules = RulesConfig {
-            cluster_cidr: inputs.config.cluster_cidr,
-            node_subnet: inputs.local.subnet,
-            masquerade: inputs.config.masquerade,
+    /// Writes the verdict as the Node condition when the Node does not show
+    /// it yet (and it was not just written).
+    async fn write_verdict(&mut self, observed: Option<&ProgrammedCondition>) {
+        let Some(verdict) = self.tracker.verdict().cloned() else {
+            return;
         };
-        match self.masq.sync(&rules, trigger == "resync").await {
-            Ok(outcome) => {
-                if !outcome.rewritten.is_empty() {
-                    tracing::info!(tables = ?outcome.rewritten, masquerade = rules.masquerade, "iptables rules written");
-                    self.metrics
-                        .kernel_changes
-                        .with_label_values(&["iptables"])
-                        .inc_by(outcome.rewritten.len() as u64);
-                }
-                if !outcome.repaired.is_empty() {
-                    tracing::warn!(tables = ?outcome.repaired, "repaired iptables rules changed by someone else");
-                    self.metrics
-                        .drift_repairs
-                        .with_label_values(&["iptables"])
-                        .inc_by(outcome.repaired.len() as u64);
-                }
-            }
-            Err(e) => {
-                tracing::error!("{e}");
-                self.metrics
-                    .iptables_errors
-                    .with_label_values(&[e.step.as_str()])
-                    .inc();
-                clean = false;
-            }
+        if observed.is_some_and(|o| o.says(verdict.programmed, verdict.reason, &verdict.message)) {
+            return;
         }
-        self.metrics
-            .sync_phase_duration
-            .with_label_values(&["iptables"])
-            .observe(iptables_started.elapsed().as_secs_f64());
-
-        let file = NetworkFile {
-            cluster_cidr: inputs.config.cluster_cidr,
-            node_subnet: inputs.local.subnet,
-            mtu: desired.pod_mtu,
-            node_name: self.node_name.clone(),
-            node_ip: Some(synced.underlay.ip),
-        };
-        match self.run_dir.write_network(&file) {
-            Ok(true) => tracing::info!(
-                path = %self.run_dir.network_file().display(),
-                subnet = %file.node_subnet,
-                mtu = file.mtu,
-                "wrote the network file for canal-cni"
+        let recent = self
+            .verdict_written
+            .as_ref()
+            .is_some_and(|(v, at)| *v == verdict && at.elapsed() < CONDITION_REWRITE);
+        if recent {
+            return;
+        }
+        match self.status.set_programmed(&verdict, observed).await {
+            Ok(()) => {
+                tracing::info!(
+                    programmed = verdict.programmed,
+                    reason = verdict.reason,
+                    "set Node condition {}",
+                    canal_crds::condition::NODE_PROGRAMMED
+                );
+                self.verdict_written = Some((verdict, Instant::now()));
+            }
+            Err(e) => tracing::warn!(
+                "setting Node {} condition {}: {e} (retried by the next sync)",
+                self.node_name,
+                canal_crds::condition::NODE_PROGRAMMED
             ),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::error!("{e}");
-                clean = false;
-            }
-        }
-
-        let published = Arc::new(NodeNetwork {
-            node_name: self.node_name.clone(),
-            node_subnet: inputs.local.subnet,
-            config: inputs.config.clone(),
-            pod_mtu: desired.pod_mtu,
-            underlay_interface: synced.underlay.name.clone(),
-            node_ip: synced.underlay.ip,
-            vxlan_device: desired.device.as_ref().map(|d| d.name.clone()),
-        });
-        self.network_tx.send_if_modified(|current| {
-            if current.as_deref() == Some(&*published) {
-                false
-            } else {
-                *current = Some(published);
-                true
-            }
-        });
-
-        self.last_desired = Some(synced.desired);
-        self.last_clean = clean;
-        clean
-    }
-
-    fn count_netlink_error(&self, category: Category) {
-        self.metrics
-            .netlink_errors
-            .with_label_values(&[category.as_str()])
-            .inc();
-    }
-
-    /// Logs and gauges an underlay address that differs from the Node's;
-    /// returns the text when it is new (for an Event).
-    /// Logs and gauges an underlay address that differs from the Node's;
-    /// returns the text when it is new (for an Event).
-    fn report_mismatch(&mut self, inputs: &Inputs, underlay_ip: Ipv4Addr) -> Option<String> {
-        let mut problems = Vec::new();
-        if let Some(internal) = inputs.internal_ip.filter(|ip| *ip != underlay_ip) {
-            problems.push(format!("the Node's InternalIP is {internal}"));
-        }
-        if let Some(public) = inputs.public_ip.filter(|ip| *ip != underlay_ip) {
-            problems.push(format!(
-                "its public-ip annotation (where peers send VXLAN traffic) is {public}"
-            ));
-        }
-        let text = (!problems.is_empty()).then(|| {
-            format!(
-                "the underlay address {underlay_ip} differs from the Node's addresses: {}; set CanalNetwork spec.interface to the interface that carries the node address",
-                problems.join(", ")
-            )
-        });
-        self.metrics
-            .underlay_mismatch
-            .set(i64::from(text.is_some()));
-        if text == self.mismatch {
-            return None;
-        }
-        if let Some(t) = &text {
-            tracing::warn!("{t}");
-        }
-        self.mismatch = text.clone();
-        text
-    }
-
-    /// Publishes an Event about this Node (best effort: a failure is logged).
-    async fn event(&self, inputs: &Inputs, type_: EventType, reason: &str, note: String) {
-        let reference = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Node".into()),
-            name: Some(self.node_name.clone()),
-            uid: inputs.uid.clone(),
-            ..ObjectReference::default()
-        };
-        let event = KubeEvent {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &reference).await {
-            tracing::debug!("publishing Event {reason}: {e}");
         }
     }
 
     /// Sets NetworkUnavailable=False (reason CanalIsUp) on our Node, at most
     /// once a minute while the watch does not show it yet.
-    async fn patch_condition(&mut self) {
+    async fn patch_network_unavailable(&mut self) {
         if self
             .condition_patched
             .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
         {
             return;
         }
-        let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        let patch = serde_json::json!({
-            "status": {"conditions": [{
-                "type": nodes::NETWORK_UNAVAILABLE,
-                "status": "False",
-                "reason": nodes::CANAL_IS_UP,
-                "message": "canal-agent has programmed the pod network on this node",
-                "lastTransitionTime": now,
-                "lastHeartbeatTime": now,
-            }]}
-        });
-        let api: Api<Node> = Api::all(self.client.clone());
-        let pp = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..PatchParams::default()
-        };
-        match api
-            .patch_status(&self.node_name, &pp, &Patch::Strategic(&patch))
-            .await
-        {
-            Ok(_) => {
+        match self.status.set_network_available().await {
+            Ok(()) => {
                 tracing::info!("set Node condition NetworkUnavailable=False (CanalIsUp)");
                 self.condition_patched = Some(Instant::now());
             }
@@ -686,157 +523,6 @@ fn ensure_ip_forward() -> Result<(), String> {
         tracing::warn!("IPv4 forwarding was off; turned it on ({PATH}=1)");
     }
     Ok(())
-}
-
-/// Feeds Node watch events into the index and wakes the sync loop when
-/// something the overlay uses changed.
-async fn watch_nodes(
-    client: kube::Client,
-    local: String,
-    shared: Arc<Mutex<Shared>>,
-    notify: Arc<Notify>,
-    metrics: Metrics,
-) {
-    let api: Api<Node> = Api::all(client);
-    // No debounce: every change of a peer matters.
-    let mut stream = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    while let Some(event) = stream.next().await {
-        let now = Instant::now();
-        let event = match event {
-            Ok(e) => e,
-            Err(e) => {
-                metrics.watch_errors.with_label_values(&["node"]).inc();
-                tracing::warn!("watching Nodes: {e} (retrying)");
-                continue;
-            }
-        };
-        metrics.watch_events.with_label_values(&["node"]).inc();
-        // Keep only the projection; the Node object is dropped here, before
-        // the lock is taken.
-        enum Step {
-            Apply(NodeFacts),
-            Delete(String),
-            Init,
-            InitApply(NodeFacts),
-            InitDone,
-        }
-        let step = match event {
-            Event::Apply(node) => Step::Apply(NodeFacts::from_node(&node)),
-            Event::Delete(node) => Step::Delete(node.metadata.name.unwrap_or_default()),
-            Event::Init => Step::Init,
-            Event::InitApply(node) => Step::InitApply(NodeFacts::from_node(&node)),
-            Event::InitDone => Step::InitDone,
-        };
-        let mut shared = lock(&shared);
-        let Shared { nodes, pending, .. } = &mut *shared;
-        let wake = match step {
-            Step::Apply(facts) => {
-                let name = facts.name.clone();
-                let problems = facts.problems.clone();
-                let changed = nodes.apply(facts);
-                if changed.any && !problems.is_empty() {
-                    tracing::warn!(node = %name, "ignoring unreadable fields: {}", problems.join("; "));
-                }
-                if changed.peer && name != local {
-                    pending.entry(name).or_insert(now);
-                }
-                changed.any && nodes.listed()
-            }
-            Step::Delete(name) => {
-                let changed = nodes.delete(&name);
-                if changed.peer && name != local {
-                    pending.entry(name).or_insert(now);
-                }
-                changed.any && nodes.listed()
-            }
-            Step::Init => {
-                nodes.relist_start();
-                false
-            }
-            Step::InitApply(facts) => {
-                nodes.relist_apply(facts);
-                false
-            }
-            Step::InitDone => {
-                let (changed, any) = nodes.relist_done();
-                tracing::info!(nodes = nodes.len(), "listed Nodes");
-                for name in changed.into_iter().filter(|n| *n != local) {
-                    pending.entry(name).or_insert(now);
-                }
-                any
-            }
-        };
-        drop(shared);
-        if wake {
-            notify.notify_one();
-        }
-    }
-}
-
-/// Feeds the CanalNetwork `default` into the shared state.
-async fn watch_network(
-    client: kube::Client,
-    shared: Arc<Mutex<Shared>>,
-    notify: Arc<Notify>,
-    metrics: Metrics,
-) {
-    let api: Api<CanalNetwork> = Api::all(client);
-    let config = watcher::Config::default().fields(&format!(
-        "metadata.name={}",
-        canal_crds::DEFAULT_NETWORK_NAME
-    ));
-    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
-    let mut relisted: Option<NetworkState> = None;
-    let state_of = |n: &CanalNetwork| match effective_config(n) {
-        Ok(c) => NetworkState::Valid(c),
-        Err(e) => NetworkState::Invalid(e),
-    };
-    while let Some(event) = stream.next().await {
-        let event = match event {
-            Ok(e) => e,
-            Err(e) => {
-                metrics
-                    .watch_errors
-                    .with_label_values(&["canalnetwork"])
-                    .inc();
-                tracing::warn!("watching CanalNetwork: {e} (retrying)");
-                continue;
-            }
-        };
-        metrics
-            .watch_events
-            .with_label_values(&["canalnetwork"])
-            .inc();
-        let next = match event {
-            Event::Apply(n) => Some(state_of(&n)),
-            Event::Delete(_) => Some(NetworkState::Missing),
-            Event::Init => {
-                relisted = Some(NetworkState::Missing);
-                None
-            }
-            Event::InitApply(n) => {
-                relisted = Some(state_of(&n));
-                None
-            }
-            Event::InitDone => relisted.take(),
-        };
-        if let Some(next) = next {
-            let mut s = lock(&shared);
-            if s.network != next {
-                if let NetworkState::Invalid(e) = &next {
-                    tracing::error!(
-                        "CanalNetwork {} cannot be applied: {e}",
-                        canal_crds::DEFAULT_NETWORK_NAME
-                    );
-                }
-                s.network = next;
-                drop(s);
-                notify.notify_one();
-            }
-        }
-    }
 }
 
 #[cfg(test)]

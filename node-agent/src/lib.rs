@@ -2,7 +2,7 @@
 //! enforcement in the node's kernel) and canal-cni (wires each pod).
 //!
 //! Pure modules (no kube, no netlink): [`overlay::desired`], [`overlay::diff`],
-//! [`overlay::snapshot`], [`masq::render`], [`nodes`], the decision parts of
+//! [`overlay::snapshot`], [`masq::render`], [`nodes`], [`report`], the decision parts of
 //! [`cni`]. Shells: [`overlay::netlink`], [`masq`], [`agent`], [`cni`]'s
 //! dataplane.
 
@@ -16,6 +16,7 @@ pub mod netns;
 pub mod nodes;
 pub mod overlay;
 pub mod policy;
+pub mod report;
 pub mod runfiles;
 
 use std::time::Duration;

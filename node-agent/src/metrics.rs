@@ -9,6 +9,7 @@ use prometheus::{
 
 use crate::overlay::desired::SkipReason;
 use crate::overlay::diff::Kind;
+use crate::report::Step;
 
 /// The agent's metrics.
 #[derive(Clone)]
@@ -41,6 +42,11 @@ pub struct Metrics {
     pub underlay_mismatch: IntGauge,
     /// Unix time of the last successful sync.
     pub last_success: Gauge,
+    /// Failed steps of syncs, by step.
+    pub sync_errors: IntCounterVec,
+    /// 1 while the node is reported programmed (condition
+    /// CanalNetworkProgrammed True), 0 otherwise.
+    pub programmed: IntGauge,
 }
 
 /// Metric families could not be registered (a name clash: a programming error).
@@ -56,13 +62,14 @@ const PROGRAMMING_BUCKETS: &[f64] = &[
 ];
 
 /// Triggers of a sync (label values).
-pub const TRIGGERS: [&str; 2] = ["watch", "resync"];
+pub const TRIGGERS: [&str; 3] = ["watch", "resync", "retry"];
 /// Sync phases (label values).
 pub const PHASES: [&str; 4] = ["dump", "compute", "apply", "iptables"];
 /// netlink error categories (label values).
-pub const NETLINK_CATEGORIES: [&str; 7] = [
+pub const NETLINK_CATEGORIES: [&str; 8] = [
     "connection",
     "dump",
+    "mtu",
     "link",
     "address",
     "route",
@@ -169,6 +176,17 @@ impl Metrics {
                 "canal_sync_last_success_timestamp_seconds",
                 "Unix time of the last sync that applied everything without error.",
             )?,
+            sync_errors: IntCounterVec::new(
+                Opts::new(
+                    "canal_agent_sync_errors_total",
+                    "Steps of a sync that failed (the other steps were still applied), by step.",
+                ),
+                &["step"],
+            )?,
+            programmed: IntGauge::new(
+                "canal_agent_programmed",
+                "1 while this node is reported programmed (Node condition CanalNetworkProgrammed True, /readyz ok for the overlay), else 0.",
+            )?,
         };
         registry.register(Box::new(m.remote_nodes.clone()))?;
         registry.register(Box::new(m.remote_nodes_skipped.clone()))?;
@@ -184,6 +202,8 @@ impl Metrics {
         registry.register(Box::new(m.watch_errors.clone()))?;
         registry.register(Box::new(m.underlay_mismatch.clone()))?;
         registry.register(Box::new(m.last_success.clone()))?;
+        registry.register(Box::new(m.sync_errors.clone()))?;
+        registry.register(Box::new(m.programmed.clone()))?;
 
         // Pre-create every label value so dashboards see zeros, not gaps.
         for route in ["vxlan", "direct"] {
@@ -210,6 +230,9 @@ impl Metrics {
         for s in IPTABLES_STEPS {
             m.iptables_errors.with_label_values(&[s]);
         }
+        for step in Step::ALL {
+            m.sync_errors.with_label_values(&[step.as_str()]);
+        }
         for r in ["node", "canalnetwork"] {
             m.watch_events.with_label_values(&[r]);
             m.watch_errors.with_label_values(&[r]);
@@ -227,7 +250,7 @@ mod tests {
         let registry = Registry::new();
         Metrics::register(&registry).unwrap();
         let families = registry.gather();
-        assert!(families.len() >= 14);
+        assert!(families.len() >= 16);
         for f in &families {
             assert!(f.name().starts_with("canal_"), "{}", f.name());
             assert!(!f.help().is_empty(), "{} has no help", f.name());

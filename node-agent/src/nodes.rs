@@ -9,6 +9,7 @@ use std::net::Ipv4Addr;
 use canal_crds::annotations;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::overlay::desired::{LocalNode, Peer};
 use crate::overlay::model::Mac;
@@ -17,6 +18,45 @@ use crate::overlay::model::Mac;
 pub const NETWORK_UNAVAILABLE: &str = "NetworkUnavailable";
 /// Its reason when canal is up.
 pub const CANAL_IS_UP: &str = "CanalIsUp";
+
+/// This node's `CanalNetworkProgrammed` condition as the API server has it
+/// (compared with what the agent wants to report, so it writes only changes).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProgrammedCondition {
+    /// "True", "False" or "Unknown".
+    pub status: String,
+    /// Reason.
+    pub reason: String,
+    /// Message.
+    pub message: String,
+    /// When the status last changed (kept while it does not).
+    pub last_transition_time: Option<Time>,
+}
+
+impl ProgrammedCondition {
+    /// Whether it already says `programmed` with this reason and message.
+    pub fn says(&self, programmed: bool, reason: &str, message: &str) -> bool {
+        self.status == if programmed { "True" } else { "False" }
+            && self.reason == reason
+            && self.message == message
+    }
+}
+
+/// The Node's `CanalNetworkProgrammed` condition, if it has one.
+pub fn programmed_condition(node: &Node) -> Option<ProgrammedCondition> {
+    node.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == canal_crds::condition::NODE_PROGRAMMED)
+        .map(|c| ProgrammedCondition {
+            status: c.status.clone(),
+            reason: c.reason.clone().unwrap_or_default(),
+            message: c.message.clone().unwrap_or_default(),
+            last_transition_time: c.last_transition_time.clone(),
+        })
+}
 
 /// The parts of a Node the overlay needs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -354,6 +394,31 @@ pub(crate) mod tests {
             ..NodeCondition::default()
         }]);
         assert!(NodeFacts::from_node(&n).canal_is_up);
+    }
+
+    #[test]
+    fn own_programmed_condition_is_read_next_to_the_kubelet_ones() {
+        let mut n = mk_node("n1", "10.244.3.0/24", "192.168.1.3");
+        assert_eq!(programmed_condition(&n), None);
+        n.status.as_mut().unwrap().conditions = Some(vec![
+            NodeCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                reason: Some("KubeletReady".into()),
+                ..NodeCondition::default()
+            },
+            NodeCondition {
+                type_: canal_crds::condition::NODE_PROGRAMMED.into(),
+                status: "False".into(),
+                reason: Some("MTURejected".into()),
+                message: Some("MTU: refused".into()),
+                ..NodeCondition::default()
+            },
+        ]);
+        let c = programmed_condition(&n).unwrap();
+        assert!(c.says(false, "MTURejected", "MTU: refused"));
+        assert!(!c.says(true, "MTURejected", "MTU: refused"));
+        assert!(!c.says(false, "MTURejected", "MTU: other"));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::cluster::{NodeNs, create_node, delete_node, kubeconfig_via, node_ns};
-use support::{Child, Netns, in_netns, wait_until};
+use support::{Child, Netns, in_netns, wait_until, wait_until_async};
 
 /// The overlay state as iproute2 shows it.
 fn overlay(node: &NodeNs) -> String {
@@ -478,5 +478,381 @@ async fn agent_programs_what_the_real_controller_assigns() {
         &status.conditions,
         canal_crds::condition::ENFORCED
     ));
+    controller.abort();
+}
+
+/// The Node's `CanalNetworkProgrammed` condition: (status, reason, message).
+async fn programmed_condition(
+    client: &kube::Client,
+    node: &str,
+) -> Option<(String, String, String)> {
+    let n = Api::<Node>::all(client.clone()).get(node).await.ok()?;
+    n.status?
+        .conditions?
+        .into_iter()
+        .find(|c| c.type_ == canal_crds::condition::NODE_PROGRAMMED)
+        .map(|c| {
+            (
+                c.status,
+                c.reason.unwrap_or_default(),
+                c.message.unwrap_or_default(),
+            )
+        })
+}
+
+/// Waits until the Node's condition has this status and reason; returns its message.
+async fn wait_condition(client: &kube::Client, node: &str, status: &str, reason: &str) -> String {
+    wait_until_async(
+        &format!("{node}: CanalNetworkProgrammed={status} ({reason})"),
+        Duration::from_secs(30),
+        || async {
+            match programmed_condition(client, node).await {
+                Some((s, r, m)) if s == status && r == reason => Ok(m),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await
+}
+
+/// Events about `node` with `reason`.
+async fn node_events(
+    client: &kube::Client,
+    node: &str,
+    reason: &str,
+) -> Vec<k8s_openapi::api::events::v1::Event> {
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), "default");
+    events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(node)
+        })
+        .collect()
+}
+
+/// Exactly one Event about `node` with `reason`, published once (no series:
+/// the recorder would count a republished Event there).
+async fn one_event(client: &kube::Client, node: &str, reason: &str) -> String {
+    let events = wait_until_async(
+        &format!("an Event {reason} about {node}"),
+        Duration::from_secs(10),
+        || async {
+            let e = node_events(client, node, reason).await;
+            if e.is_empty() {
+                Err("none".to_string())
+            } else {
+                Ok(e)
+            }
+        },
+    )
+    .await;
+    assert_eq!(events.len(), 1, "{reason} about {node}: {events:#?}");
+    assert!(
+        events[0].series.is_none(),
+        "{reason} about {node} was published again: {:?}",
+        events[0].series
+    );
+    events[0].note.clone().unwrap_or_default()
+}
+
+/// The CanalNetwork `default` status.
+async fn network_status(client: &kube::Client) -> canal_crds::CanalNetworkStatus {
+    Api::<canal_crds::CanalNetwork>::all(client.clone())
+        .get(canal_crds::DEFAULT_NETWORK_NAME)
+        .await
+        .unwrap()
+        .status
+        .unwrap_or_default()
+}
+
+/// Waits until the CanalNetwork's Degraded condition has this status and
+/// reason and `programmed` says `summary`; returns the Degraded message.
+async fn wait_network(
+    client: &kube::Client,
+    degraded: bool,
+    reason: &str,
+    summary: &str,
+) -> String {
+    wait_until_async(
+        &format!("CanalNetwork Degraded={degraded} ({reason}), programmed {summary}"),
+        Duration::from_secs(30),
+        || async {
+            let s = network_status(client).await;
+            let d = canal_crds::condition::find(&s.conditions, canal_crds::condition::DEGRADED);
+            let ready = canal_crds::condition::is_true(&s.conditions, canal_crds::condition::READY);
+            match d {
+                Some(d)
+                    if (d.status == "True") == degraded
+                        && d.reason == reason
+                        && ready != degraded
+                        && s.programmed.as_deref() == Some(summary) =>
+                {
+                    Ok(d.message.clone())
+                }
+                _ => Err(format!(
+                    "programmed {:?}, conditions {:#?}",
+                    s.programmed, s.conditions
+                )),
+            }
+        },
+    )
+    .await
+}
+
+async fn patch_network(client: &kube::Client, patch: serde_json::Value) {
+    Api::<canal_crds::CanalNetwork>::all(client.clone())
+        .patch(
+            canal_crds::DEFAULT_NETWORK_NAME,
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+        .unwrap();
+}
+
+/// A bare Node (as a kubelet registers it); canal-controller assigns it a
+/// podCIDR and annotations, which are returned (cidr, VTEP MAC).
+async fn register_node(client: &kube::Client, name: &str, ip: &str) -> (String, String) {
+    let api: Api<Node> = Api::all(client.clone());
+    let node: Node = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    api.create(&PostParams::default(), &node).await.unwrap();
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}]}})),
+    )
+    .await
+    .unwrap();
+    let cidr = wait_until_async(
+        &format!("canal-controller to assign {name}"),
+        Duration::from_secs(30),
+        || async {
+            let n = api.get(name).await.map_err(|e| e.to_string())?;
+            let annotated = n
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(annotations::BACKEND_DATA));
+            match n.spec.and_then(|s| s.pod_cidr) {
+                Some(c) if annotated => Ok(c),
+                other => Err(format!("podCIDR {other:?}, annotated {annotated}")),
+            }
+        },
+    )
+    .await;
+    (cidr, annotations::format_mac(annotations::vtep_mac(name)))
+}
+
+/// A failing step reaches the user where they look, and does not stop the
+/// rest. With the real canal-controller and two real agents (resync 1 s):
+/// a `backend.mtu` the kernel refuses, an `interface` that exists on no
+/// node, and iptables missing on one node each make the agents' /readyz
+/// say why, set CanalNetworkProgrammed=False on their Nodes with one Event
+/// (not one per resync), and turn the CanalNetwork Degraded
+/// (NodesNotProgrammed, "N of 2 nodes programmed"); meanwhile a Node added
+/// still gets its routes everywhere. Undoing each fault makes everything
+/// programmed again, with a Normal Event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_steps_reach_readiness_node_conditions_events_and_the_network_status() {
+    use clap::Parser;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start().await.expect("control plane");
+    let client = cp.client();
+    install::install_crds(&client).await.unwrap();
+    let mut spec = CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16");
+    spec.policy.enabled = false;
+    install::apply_default_network(&client, spec).await.unwrap();
+    let controller = tokio::spawn(canal_controller::run(
+        canal_controller::cli::Args::parse_from([
+            "canal-controller",
+            "--kubeconfig",
+            cp.kubeconfig().to_str().unwrap(),
+            "--metrics-addr=127.0.0.1:0",
+            "--leader-elect=false",
+        ]),
+    ));
+
+    let underlay = Netns::new("cau");
+    underlay.ip(&["link", "add", "br0", "type", "bridge"]);
+    underlay.ip(&["addr", "add", "192.168.93.1/24", "dev", "br0"]);
+    underlay.ip(&["link", "set", "br0", "up"]);
+    let mut nodes = Vec::new();
+    for (i, name) in ["fail-a", "fail-b"].iter().enumerate() {
+        let ip = format!("192.168.93.{}", 11 + i);
+        let (cidr, _) = register_node(&client, name, &ip).await;
+        nodes.push(node_ns(&cp, dir.path(), name, &ip, &cidr, Some(&underlay)));
+    }
+    let fast = ["--resync-interval=1s"];
+    let mut agents: Vec<Child> = nodes
+        .iter()
+        .map(|n| n.start_agent_with(dir.path(), "1", &fast))
+        .collect();
+    let logs = |agents: &[Child]| {
+        agents
+            .iter()
+            .map(|a| format!("--- {}\n{}", a.log.display(), a.log_tail(20)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let (a, b) = (&nodes[0], &nodes[1]);
+    for node in [a, b] {
+        wait_until(
+            &format!("{} ready", node.name),
+            Duration::from_secs(60),
+            || node.ready().map_err(|e| format!("{e}\n{}", logs(&agents))),
+        );
+        wait_condition(&client, &node.name, "True", "Programmed").await;
+    }
+    wait_network(&client, false, "AsExpected", "2/2 nodes").await;
+
+    // 1. An MTU the kernel refuses (valid for the API: 576..65535).
+    patch_network(&client, json!({"spec": {"backend": {"mtu": 65535}}})).await;
+    for node in [a, b] {
+        let body = wait_until(
+            &format!("{}'s /readyz to fail with the reason", node.name),
+            Duration::from_secs(30),
+            || match node.ready() {
+                Ok(()) => Err("still ready".to_string()),
+                Err(body) if body.contains("MTU") && body.contains("65535") => Ok(body),
+                Err(body) => Err(body),
+            },
+        );
+        assert!(body.starts_with("HTTP/1.1 503"), "{body}");
+        let msg = wait_condition(&client, &node.name, "False", "MTURejected").await;
+        assert!(
+            msg.contains("65535") && msg.contains("at most 1450 fits underlay ul0 with MTU 1500"),
+            "{msg}"
+        );
+        let note = one_event(&client, &node.name, "MTURejected").await;
+        assert!(note.contains("65535"), "{note}");
+    }
+    let msg = wait_network(&client, true, "NodesNotProgrammed", "0/2 nodes").await;
+    assert!(
+        msg.starts_with("0 of 2 nodes programmed; 2 report a failure: fail-a (MTURejected: MTU:"),
+        "{msg}"
+    );
+    // A Node added meanwhile gets its route, neighbour and FDB entry on
+    // both nodes: the refused MTU stops nothing else.
+    let (c_cidr, c_mac) = register_node(&client, "fail-c", "192.168.93.13").await;
+    for node in [a, b] {
+        wait_until(
+            &format!("{} to program fail-c", node.name),
+            Duration::from_secs(20),
+            || has_peer(node, (&c_cidr, &c_mac, "192.168.93.13")),
+        );
+    }
+    // Pods keep the MTU the device really has.
+    let network: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.run_dir.join("network.json")).unwrap()).unwrap();
+    assert_eq!(network["mtu"], 1450);
+    assert!(
+        a.metric("canal_agent_sync_errors_total{step=\"mtu\"}")
+            .unwrap_or(0.0)
+            >= 2.0
+    );
+    assert_eq!(a.metric("canal_agent_programmed"), Some(0.0));
+    // Several resyncs later: still one Event per node, not one per resync.
+    let resyncs = |n: &NodeNs| {
+        n.metric("canal_syncs_total{result=\"error\",trigger=\"resync\"}")
+            .unwrap_or(0.0)
+    };
+    let before = resyncs(a);
+    wait_until(
+        "three more failing resyncs",
+        Duration::from_secs(20),
+        || {
+            (resyncs(a) >= before + 3.0)
+                .then_some(())
+                .ok_or(format!("{}", resyncs(a)))
+        },
+    );
+    for node in [a, b] {
+        one_event(&client, &node.name, "MTURejected").await;
+    }
+    delete_node(&client, "fail-c").await;
+
+    // Undone: programmed again everywhere, one Normal Event each.
+    patch_network(&client, json!({"spec": {"backend": {"mtu": 0}}})).await;
+    for node in [a, b] {
+        wait_until(
+            &format!("{} ready again", node.name),
+            Duration::from_secs(30),
+            || node.ready(),
+        );
+        wait_condition(&client, &node.name, "True", "Programmed").await;
+        one_event(&client, &node.name, "NetworkProgrammed").await;
+        wait_until("fail-c gone", Duration::from_secs(20), || {
+            lacks_peer(node, &c_cidr, &c_mac)
+        });
+    }
+    wait_network(&client, false, "AsExpected", "2/2 nodes").await;
+
+    // 2. An underlay interface that exists on no node: the one in use is
+    // kept, so the overlay keeps working and new Nodes are programmed.
+    patch_network(&client, json!({"spec": {"interface": "nosuch0"}})).await;
+    for node in [a, b] {
+        let msg = wait_condition(&client, &node.name, "False", "UnderlayUnavailable").await;
+        assert!(
+            msg.contains("\"nosuch0\"") && msg.contains("keeping the underlay in use, ul0"),
+            "{msg}"
+        );
+        let body = node.ready().unwrap_err();
+        assert!(body.contains("nosuch0"), "{body}");
+        one_event(&client, &node.name, "UnderlayUnavailable").await;
+    }
+    wait_network(&client, true, "NodesNotProgrammed", "0/2 nodes").await;
+    let (d_cidr, d_mac) = register_node(&client, "fail-d", "192.168.93.14").await;
+    for node in [a, b] {
+        wait_until(
+            &format!("{} to program fail-d", node.name),
+            Duration::from_secs(20),
+            || has_peer(node, (&d_cidr, &d_mac, "192.168.93.14")),
+        );
+    }
+    delete_node(&client, "fail-d").await;
+    patch_network(&client, json!({"spec": {"interface": null}})).await;
+    for node in [a, b] {
+        wait_condition(&client, &node.name, "True", "Programmed").await;
+        wait_until(
+            &format!("{} ready again", node.name),
+            Duration::from_secs(30),
+            || node.ready(),
+        );
+    }
+    wait_network(&client, false, "AsExpected", "2/2 nodes").await;
+
+    // 3. No iptables on fail-a: masquerade fails there, the overlay does not.
+    let empty = dir.path().join("empty-path");
+    std::fs::create_dir_all(&empty).unwrap();
+    agents[0].kill();
+    agents[0] = a.start_agent_in(dir.path(), "no-iptables", &fast, Some(&empty));
+    let msg = wait_condition(&client, "fail-a", "False", "MasqueradeFailed").await;
+    assert!(msg.contains("masquerade: iptables"), "{msg}");
+    let body = a.ready().unwrap_err();
+    assert!(body.contains("masquerade"), "{body}");
+    let msg = wait_network(&client, true, "NodesNotProgrammed", "1/2 nodes").await;
+    assert!(msg.contains("fail-a (MasqueradeFailed"), "{msg}");
+    assert!(!msg.contains("fail-b ("), "{msg}");
+    let (e_cidr, e_mac) = register_node(&client, "fail-e", "192.168.93.15").await;
+    wait_until(
+        "fail-a to program fail-e without iptables",
+        Duration::from_secs(20),
+        || has_peer(a, (&e_cidr, &e_mac, "192.168.93.15")),
+    );
+    delete_node(&client, "fail-e").await;
+    agents[0].kill();
+    agents[0] = a.start_agent_with(dir.path(), "2", &fast);
+    wait_condition(&client, "fail-a", "True", "Programmed").await;
+    wait_network(&client, false, "AsExpected", "2/2 nodes").await;
+    if std::env::var_os("CANAL_TEST_SHOW_LOGS").is_some() {
+        eprintln!("{}", logs(&agents));
+    }
+    drop(agents);
     controller.abort();
 }

@@ -2,7 +2,9 @@
 //! namespaces: it creates exactly the desired device, routes, neighbours and
 //! FDB entries (read back with iproute2, independently of our own parser),
 //! a second pass changes nothing, hand-made drift is repaired, and an
-//! incompatible device is recreated while a compatible one is kept.
+//! incompatible device is recreated while a compatible one is kept. A step
+//! the kernel refuses (an MTU above the underlay's, an underlay interface
+//! that does not exist) is reported and the rest is still programmed.
 
 mod support;
 
@@ -12,7 +14,7 @@ use canal_agent::netns;
 use canal_agent::overlay::desired::{LocalNode, Peer};
 use canal_agent::overlay::diff::{DeleteReason, LinkOp};
 use canal_agent::overlay::model::Mac;
-use canal_agent::overlay::netlink::Netlink;
+use canal_agent::overlay::netlink::{Category, Netlink};
 use canal_agent::overlay::{self, Synced};
 use canal_crds::{CanalNetworkSpec, NetworkConfig};
 use support::Netns;
@@ -72,7 +74,9 @@ fn peers() -> Vec<Peer> {
 }
 
 async fn sync(nl: &Netlink, peers: &[Peer], cfg: &NetworkConfig) -> Synced {
-    let s = overlay::sync(nl, &local(), peers, cfg).await.expect("sync");
+    let s = overlay::sync(nl, &local(), peers, cfg, None)
+        .await
+        .expect("sync");
     assert!(s.errors.is_empty(), "netlink errors: {:?}", s.errors);
     s
 }
@@ -359,4 +363,141 @@ async fn host_gw_routes_via_node_addresses_without_a_device() {
         vec!["10.244.4.0/24 via 192.168.77.4 dev ul0".to_string()]
     );
     assert!(sync(&nl, &peers(), &cfg).await.plan.is_empty());
+}
+
+/// The routes canal added, as iproute2 shows them.
+fn canal_routes(ns: &Netns) -> Vec<String> {
+    lines(&ns.ip(&["route", "show", "proto", "202"]))
+}
+
+fn device_mtu(ns: &Netns) -> String {
+    let link = ns.ip(&["link", "show", "flannel.1"]);
+    link.split_whitespace()
+        .skip_while(|w| *w != "mtu")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_refused_mtu_is_reported_and_new_peers_are_still_programmed() {
+    let ns = node_ns();
+    let nl = Netlink::new(netns::handle_in(&ns.path()).unwrap());
+    let two = &peers()[..2];
+    sync(&nl, two, &config()).await;
+    assert_eq!(device_mtu(&ns), "1450");
+
+    // 65535 passes the API's validation; the kernel refuses it for a VXLAN
+    // device on a 1500-byte underlay. node-d arrives at the same time.
+    let mut cfg = config();
+    cfg.mtu = Some(65535);
+    let s = overlay::sync(&nl, &local(), &peers(), &cfg, None)
+        .await
+        .expect("a refused MTU does not fail the whole sync");
+    let mtu_errors: Vec<_> = s
+        .errors
+        .iter()
+        .filter(|e| e.category == Category::Mtu)
+        .collect();
+    assert_eq!(mtu_errors.len(), 1, "{:?}", s.errors);
+    assert_eq!(s.errors.len(), 1, "nothing else failed: {:?}", s.errors);
+    let text = mtu_errors[0].to_string();
+    assert!(text.contains("MTU") && text.contains("65535"), "{text}");
+    assert!(
+        canal_routes(&ns)
+            .contains(&"10.244.4.0/24 via 10.244.4.0 dev flannel.1 onlink".to_string()),
+        "the new peer got its route: {:?}",
+        canal_routes(&ns)
+    );
+    assert!(
+        lines(&ns.ip(&["neigh", "show", "dev", "flannel.1"]))
+            .iter()
+            .any(|l| l.starts_with("10.244.4.0 ")),
+        "and its neighbour entry"
+    );
+    assert_eq!(device_mtu(&ns), "1450", "the device keeps its MTU");
+    assert_eq!(s.pod_mtu, 1450, "pods get the MTU the device really has");
+
+    // Every later sync reports the same, and changes nothing else.
+    let again = overlay::sync(&nl, &local(), &peers(), &cfg, None)
+        .await
+        .unwrap();
+    assert_eq!(again.errors.len(), 1);
+    assert_eq!(again.plan.links.len(), 1, "{:?}", again.plan);
+    assert!(again.plan.route_sets.is_empty() && again.plan.fdb_sets.is_empty());
+
+    // Back to a derivable MTU: clean.
+    let s = sync(&nl, &peers(), &config()).await;
+    assert!(s.errors.is_empty());
+}
+
+#[tokio::test]
+async fn a_device_refused_with_its_mtu_is_created_with_the_kernels() {
+    let ns = node_ns();
+    let nl = Netlink::new(netns::handle_in(&ns.path()).unwrap());
+    let mut cfg = config();
+    cfg.mtu = Some(65535);
+    let s = overlay::sync(&nl, &local(), &peers(), &cfg, None)
+        .await
+        .expect("sync");
+    assert_eq!(
+        s.errors.iter().map(|e| e.category).collect::<Vec<_>>(),
+        vec![Category::Mtu],
+        "{:?}",
+        s.errors
+    );
+    assert_eq!(device_mtu(&ns), "1450", "created with the kernel's MTU");
+    assert_eq!(s.pod_mtu, 1450);
+    assert_eq!(
+        lines(&ns.ip(&["neigh", "show", "dev", "flannel.1"])).len(),
+        3,
+        "neighbours were programmed"
+    );
+    assert_eq!(canal_routes(&ns).len(), 3, "{:?}", canal_routes(&ns));
+}
+
+#[tokio::test]
+async fn a_missing_underlay_interface_keeps_the_one_in_use() {
+    let ns = node_ns();
+    let nl = Netlink::new(netns::handle_in(&ns.path()).unwrap());
+    let first = sync(&nl, &peers()[..2], &config()).await;
+    let index = first.underlay.index;
+    let mut cfg = config();
+    cfg.interface = Some("nosuch0".into());
+
+    // The agent remembers its underlay; and a restarted agent (nothing
+    // remembered) finds it on the existing device.
+    for previous in [Some(index), None] {
+        let s = overlay::sync(&nl, &local(), &peers(), &cfg, previous)
+            .await
+            .expect("the underlay in use is kept");
+        let e = s
+            .underlay_error
+            .as_ref()
+            .expect("the missing interface is reported");
+        assert!(e.to_string().contains("\"nosuch0\""), "{e}");
+        assert_eq!(s.underlay.name, "ul0");
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        assert!(
+            canal_routes(&ns)
+                .iter()
+                .any(|r| r.starts_with("10.244.4.0/24")),
+            "a new peer is programmed: {:?}",
+            canal_routes(&ns)
+        );
+    }
+    assert!(
+        ns.ip(&["-d", "link", "show", "flannel.1"])
+            .contains("dev ul0"),
+        "the device stays on ul0"
+    );
+
+    // A node that never had an overlay cannot guess an underlay.
+    let fresh = node_ns();
+    let nl = Netlink::new(netns::handle_in(&fresh.path()).unwrap());
+    let err = overlay::sync(&nl, &local(), &peers(), &cfg, None)
+        .await
+        .expect_err("nothing to fall back to");
+    assert!(err.to_string().contains("nosuch0"), "{err}");
+    assert!(!fresh.ip(&["link"]).contains("flannel.1"));
 }

@@ -20,6 +20,8 @@ pub struct Health {
 struct Flags {
     live: AtomicBool,
     ready: AtomicBool,
+    /// Why the main flag is down, for the `/readyz` body.
+    reason: Mutex<Option<String>>,
     gates: Mutex<Vec<ReadinessGate>>,
 }
 
@@ -60,14 +62,37 @@ impl Health {
             inner: Arc::new(Flags {
                 live: AtomicBool::new(true),
                 ready: AtomicBool::new(false),
+                reason: Mutex::new(None),
                 gates: Mutex::new(Vec::new()),
             }),
         }
     }
 
-    /// Marks the component ready or not.
+    /// Marks the component ready or not (without a reason; see
+    /// [`set_not_ready`](Health::set_not_ready)).
     pub fn set_ready(&self, ready: bool) {
+        *self.reason() = None;
         self.inner.ready.store(ready, Ordering::Release);
+    }
+
+    /// Marks the component not ready because of `reason`, which `/readyz`
+    /// shows so whoever looks at a failing probe learns why.
+    pub fn set_not_ready(&self, reason: impl Into<String>) {
+        *self.reason() = Some(reason.into());
+        self.inner.ready.store(false, Ordering::Release);
+    }
+
+    /// Why the main flag is down, if a reason was given.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if self.inner.ready.load(Ordering::Acquire) {
+            return None;
+        }
+        self.reason().clone()
+    }
+
+    fn reason(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        // Only ever replaced whole; a panic elsewhere cannot corrupt it.
+        self.inner.reason.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Marks the component live or not (not live: a restart is wanted).
@@ -130,5 +155,19 @@ mod tests {
         assert!(h.waiting_for().is_empty());
         policy.set(false);
         assert!(!h.is_ready());
+    }
+
+    #[test]
+    fn a_reason_lasts_while_not_ready() {
+        let h = Health::new();
+        assert_eq!(h.not_ready_reason(), None);
+        h.set_not_ready("routes failed");
+        assert!(!h.is_ready());
+        assert_eq!(h.not_ready_reason().as_deref(), Some("routes failed"));
+        h.set_ready(true);
+        assert!(h.is_ready());
+        assert_eq!(h.not_ready_reason(), None);
+        h.set_ready(false);
+        assert_eq!(h.not_ready_reason(), None, "set_ready clears the reason");
     }
 }

@@ -91,10 +91,12 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if waiting.is_empty() {
         (StatusCode::OK, "ok".to_string())
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: waiting for {}", waiting.join(", ")),
-        )
+        let mut body = format!("not ready: waiting for {}", waiting.join(", "));
+        if let Some(reason) = state.health.not_ready_reason() {
+            body.push_str("\nmain: ");
+            body.push_str(&reason);
+        }
+        (StatusCode::SERVICE_UNAVAILABLE, body)
     }
 }
 
@@ -138,5 +140,14 @@ mod tests {
         assert!(body.ends_with("not ready: waiting for policy"), "{body}");
         gate.set(true);
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+        health.set_not_ready("mtu: setting MTU 65535: Invalid argument");
+        let body = get("/readyz").await;
+        assert!(body.starts_with("HTTP/1.1 503"), "{body}");
+        assert!(
+            body.ends_with(
+                "not ready: waiting for main\nmain: mtu: setting MTU 65535: Invalid argument"
+            ),
+            "{body}"
+        );
     }
 }

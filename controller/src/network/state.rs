@@ -593,6 +593,7 @@ impl State {
                 .iter()
                 .map(|(n, why)| (n.clone(), why.clone()))
                 .collect(),
+            programmed: Some(super::programmed::summarize(self.nodes.values())),
         }
     }
 
@@ -654,6 +655,7 @@ fn degraded_reason(reason: &str) -> &'static str {
         status::CONFLICT => status::CONFLICT,
         status::SUBNET_EXHAUSTED => status::SUBNET_EXHAUSTED,
         status::IGNORED => status::IGNORED,
+        status::NODES_NOT_PROGRAMMED => status::NODES_NOT_PROGRAMMED,
         _ => "Degraded",
     }
 }

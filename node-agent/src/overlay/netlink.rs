@@ -21,7 +21,9 @@ use netlink_packet_route::route::{
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 use super::diff::{Kind, LinkOp, Plan};
-use super::model::{Dev, FdbEntry, Mac, Neighbour, ObservedFdb, ObservedRoute, Route, VxlanAttrs};
+use super::model::{
+    Dev, FdbEntry, Mac, Neighbour, ObservedFdb, ObservedRoute, Route, VxlanAttrs, VxlanDevice,
+};
 use super::snapshot::{
     AddrInfo, FdbInfo, LinkInfo, MAIN_TABLE, NeighInfo, ROUTE_PROTOCOL, RouteInfo, Snapshot,
 };
@@ -52,6 +54,8 @@ pub struct NetlinkError {
 pub enum Category {
     /// A dump failed.
     Dump,
+    /// The VXLAN device's MTU was refused.
+    Mtu,
     /// A change of this kind failed.
     Change(Kind),
 }
@@ -61,6 +65,7 @@ impl Category {
     pub fn as_str(self) -> &'static str {
         match self {
             Category::Dump => "dump",
+            Category::Mtu => "mtu",
             Category::Change(kind) => kind.as_str(),
         }
     }
@@ -187,30 +192,31 @@ impl Netlink {
         }
     }
 
-    /// Applies `plan`: device changes in order (a failure there stops the
-    /// sync: nothing else can be programmed without the device), then the
-    /// route/neighbour/FDB phases, each pipelined. A failed entry does not
-    /// stop the others; the next sync retries what is still missing.
-    pub async fn apply(
-        &self,
-        plan: &Plan,
-        device: Option<&str>,
-        underlay_index: u32,
-    ) -> Result<Applied, NetlinkError> {
-        let mut device_index = match device {
-            Some(name) => self.link_index(name).await?,
-            None => None,
-        };
+    /// Applies `plan` object by object: the device changes in order, then
+    /// the route/neighbour/FDB phases, each pipelined. Nothing stops at the
+    /// first failure: a refused MTU, a device change or a failed entry is
+    /// recorded and the rest is still applied (a new peer's route does not
+    /// wait for an MTU the kernel refuses); what depends on a device that
+    /// could not be created fails with its own error. The next sync retries
+    /// whatever is still missing.
+    pub async fn apply(&self, plan: &Plan, device: Option<&str>, underlay_index: u32) -> Applied {
+        let mut applied = Applied::default();
+        let mut device_index = self.device_index(device, &mut applied.errors).await;
         for op in &plan.links {
-            self.apply_link_op(op, device_index).await?;
+            let result = match op {
+                LinkOp::Create(d) => self.create_device(d).await,
+                other => self
+                    .apply_link_op(other, device_index)
+                    .await
+                    .map_err(|e| vec![e]),
+            };
+            if let Err(errors) = result {
+                applied.errors.extend(errors);
+            }
             if matches!(op, LinkOp::Create(_) | LinkOp::Delete { .. }) {
-                device_index = match device {
-                    Some(name) => self.link_index(name).await?,
-                    None => None,
-                };
+                device_index = self.device_index(device, &mut applied.errors).await;
             }
         }
-        let mut applied = Applied::default();
         let oif = |dev: Dev| match dev {
             Dev::Overlay => device_index,
             Dev::Underlay => Some(underlay_index),
@@ -298,7 +304,116 @@ impl Netlink {
             }
         });
         applied.errors.extend(self.run_all(routes).await);
-        Ok(applied)
+        applied
+    }
+
+    /// ifindex of the VXLAN device, if there is one; a failed lookup is
+    /// recorded (what needs the device then fails on its own).
+    async fn device_index(
+        &self,
+        device: Option<&str>,
+        errors: &mut Vec<NetlinkError>,
+    ) -> Option<u32> {
+        match self.link_index(device?).await {
+            Ok(index) => index,
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        }
+    }
+
+    /// MTU of the link named `name`, if it exists (read after an MTU the
+    /// kernel refused, so pods get the MTU the device really has).
+    pub async fn link_mtu(&self, name: &str) -> Result<Option<u32>, NetlinkError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(link) => Ok(link.map(|l| parse_link(&l).mtu)),
+            Err(e) if matches!(errno(&e), Some(19)) => Ok(None), // ENODEV
+            Err(source) => Err(NetlinkError {
+                step: "looking up link",
+                object: name.to_string(),
+                category: Category::Dump,
+                source,
+            }),
+        }
+    }
+
+    /// Creates the VXLAN device. Kernels differ on an MTU above what the
+    /// underlay allows: some refuse the device, newer ones create it with
+    /// their own MTU (the underlay's minus the VXLAN overhead) and say
+    /// nothing. Either way the device is created, so routes can still be
+    /// programmed, and the MTU is then set explicitly, so the refusal is the
+    /// kernel's own answer, reported like any refused MTU change.
+    async fn create_device(&self, d: &VxlanDevice) -> Result<(), Vec<NetlinkError>> {
+        let build = |mtu: Option<u32>| {
+            let mut b = LinkVxlan::new(&d.name, d.vni)
+                .dev(d.underlay_index)
+                .local(d.local)
+                .port(d.port)
+                .learning(false);
+            if let Some(mtu) = mtu {
+                b = b.mtu(mtu);
+            }
+            b.address(d.mac.0.to_vec()).up().build()
+        };
+        let created = match self.handle.link().add(build(Some(d.mtu))).execute().await {
+            Ok(()) => Ok(()),
+            // Retried without the MTU: if that works, the MTU was the
+            // problem and the explicit set below reports it.
+            Err(refused) => match self.handle.link().add(build(None)).execute().await {
+                Ok(()) => Ok(()),
+                Err(_) => Err(NetlinkError {
+                    step: "creating VXLAN device",
+                    object: d.name.clone(),
+                    category: Category::Change(Kind::Link),
+                    source: refused,
+                }),
+            },
+        };
+        created.map_err(|e| vec![e])?;
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(d.name.clone())
+            .execute();
+        let link = match links.try_next().await {
+            Ok(Some(link)) => parse_link(&link),
+            Ok(None) => return Ok(()),
+            Err(source) => {
+                return Err(vec![NetlinkError {
+                    step: "looking up link",
+                    object: d.name.clone(),
+                    category: Category::Dump,
+                    source,
+                }]);
+            }
+        };
+        if link.mtu == d.mtu {
+            return Ok(());
+        }
+        self.set_mtu(link.index, d.mtu).await.map_err(|e| vec![e])
+    }
+
+    async fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|source| NetlinkError {
+                step: "setting the VXLAN device's MTU to",
+                object: mtu.to_string(),
+                category: Category::Mtu,
+                source,
+            })
     }
 
     async fn run_all<F>(&self, futures: impl Iterator<Item = F>) -> Vec<NetlinkError>
@@ -334,27 +449,11 @@ impl Netlink {
                 self.handle.link().del(*index).execute().await,
             )
             .map_err(link_err("deleting link", name.clone(), Kind::Link)),
-            LinkOp::Create(d) => {
-                let msg = LinkVxlan::new(&d.name, d.vni)
-                    .dev(d.underlay_index)
-                    .local(d.local)
-                    .port(d.port)
-                    .learning(false)
-                    .mtu(d.mtu)
-                    .address(d.mac.0.to_vec())
-                    .up()
-                    .build();
-                self.handle
-                    .link()
-                    .add(msg)
-                    .execute()
-                    .await
-                    .map_err(link_err(
-                        "creating VXLAN device",
-                        d.name.clone(),
-                        Kind::Link,
-                    ))
-            }
+            // Handled by `create_device` (it needs a fallback).
+            LinkOp::Create(d) => self.create_device(d).await.map_err(|mut errors| {
+                // create_device always returns at least one error on Err.
+                errors.swap_remove(0)
+            }),
             LinkOp::SetMac(mac) => {
                 let index = need("set MAC")?;
                 let msg = LinkUnspec::new_with_index(index)
@@ -367,16 +466,7 @@ impl Netlink {
                     .await
                     .map_err(link_err("setting MAC", mac.to_string(), Kind::Link))
             }
-            LinkOp::SetMtu(mtu) => {
-                let index = need("set MTU")?;
-                let msg = LinkUnspec::new_with_index(index).mtu(*mtu).build();
-                self.handle
-                    .link()
-                    .set(msg)
-                    .execute()
-                    .await
-                    .map_err(link_err("setting MTU", mtu.to_string(), Kind::Link))
-            }
+            LinkOp::SetMtu(mtu) => self.set_mtu(need("set MTU")?, *mtu).await,
             LinkOp::SetUp => {
                 let index = need("set up")?;
                 let msg = LinkUnspec::new_with_index(index).up().build();

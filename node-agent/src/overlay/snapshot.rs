@@ -153,6 +153,31 @@ impl Snapshot {
                 .and_then(|(_, oif)| self.link(oif))
                 .ok_or(UnderlayError::NoDefaultRoute)?,
         };
+        self.underlay_of(link)
+    }
+
+    /// The underlay to keep when the configured one cannot be used: the one
+    /// the agent used last (`previous`, an ifindex), else the one the
+    /// existing VXLAN device `device` sits on (so a restarted agent keeps it
+    /// too). None when neither exists or has an address: then nothing can
+    /// be programmed.
+    pub fn fallback_underlay(
+        &self,
+        previous: Option<u32>,
+        device: Option<&str>,
+    ) -> Option<Underlay> {
+        let from_device = device
+            .and_then(|d| self.link_named(d))
+            .and_then(|l| l.vxlan)
+            .and_then(|v| v.underlay_index);
+        [previous, from_device]
+            .into_iter()
+            .flatten()
+            .filter_map(|index| self.link(index))
+            .find_map(|link| self.underlay_of(link).ok())
+    }
+
+    fn underlay_of(&self, link: &LinkInfo) -> Result<Underlay, UnderlayError> {
         let nets: Vec<Ipv4Net> = self
             .addresses
             .iter()
@@ -425,5 +450,40 @@ mod tests {
         );
         assert!(o.neighbours.is_empty() && o.fdb.is_empty());
         assert_eq!(o.routes.len(), 1);
+    }
+
+    #[test]
+    fn a_missing_interface_falls_back_to_the_underlay_in_use() {
+        let mut s = snapshot();
+        // flannel.1 sits on eth0 (index 2).
+        s.links[3].vxlan.as_mut().unwrap().underlay_index = Some(2);
+        assert!(s.underlay(Some("nosuch0")).is_err());
+        // The agent's own memory first.
+        assert_eq!(
+            s.fallback_underlay(Some(2), Some("flannel.1"))
+                .unwrap()
+                .name,
+            "eth0"
+        );
+        // A restarted agent: the device's underlay.
+        assert_eq!(
+            s.fallback_underlay(None, Some("flannel.1")).unwrap().name,
+            "eth0"
+        );
+        // A remembered interface that has no address is passed over.
+        assert_eq!(
+            s.fallback_underlay(Some(3), Some("flannel.1"))
+                .unwrap()
+                .index,
+            2
+        );
+        // Neither: nothing to fall back to.
+        assert_eq!(s.fallback_underlay(None, None), None);
+        assert_eq!(s.fallback_underlay(Some(99), Some("flannel.7")), None);
+        assert_eq!(
+            s.fallback_underlay(Some(3), None),
+            None,
+            "eth1 has no address"
+        );
     }
 }

@@ -44,11 +44,31 @@ impl NodeNs {
 
     /// [`start_agent`](Self::start_agent) with extra flags.
     pub fn start_agent_with(&self, dir: &Path, tag: &str, extra: &[&str]) -> Child {
+        self.start_agent_in(dir, tag, extra, None)
+    }
+
+    /// [`start_agent_with`](Self::start_agent_with) with the agent's `PATH`
+    /// set to `path` (None: inherited), e.g. one without iptables.
+    pub fn start_agent_in(
+        &self,
+        dir: &Path,
+        tag: &str,
+        extra: &[&str],
+        path: Option<&Path>,
+    ) -> Child {
         let log = dir.join(format!("agent-{}-{tag}.log", self.name));
         let file = std::fs::File::create(&log).unwrap();
-        let child = self
-            .ns
-            .exec(env!("CARGO_BIN_EXE_canal-agent"))
+        let mut cmd = match path {
+            // `env` sets PATH for the agent only, not for `ip netns exec`.
+            Some(path) => {
+                let mut c = self.ns.exec("env");
+                c.arg(format!("PATH={}", path.display()))
+                    .arg(env!("CARGO_BIN_EXE_canal-agent"));
+                c
+            }
+            None => self.ns.exec(env!("CARGO_BIN_EXE_canal-agent")),
+        };
+        let child = cmd
             .arg(format!("--node-name={}", self.name))
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
