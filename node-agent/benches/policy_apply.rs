@@ -118,6 +118,7 @@ fn inputs() -> PolicyInputs {
         peer_sets: (0..PEER_SETS)
             .map(|i| (format!("ps-{i}"), peer_set(i)))
             .collect(),
+        endpoints_unknown: false,
     }
 }
 
