@@ -115,6 +115,25 @@ enum Command {
         #[arg(long, default_value = "0.0.0.0")]
         bind: std::net::Ipv4Addr,
     },
+    /// (internal) Forged packets from inside a namespace (anti-spoofing by hand).
+    #[command(name = "__spoof", hide = true)]
+    Spoof {
+        /// The namespace to send from (a pod's: see `canal-lab status`).
+        #[arg(long)]
+        netns: String,
+        /// The source address to forge.
+        #[arg(long)]
+        src: std::net::Ipv4Addr,
+        /// Destination IP:PORT.
+        #[arg(long)]
+        dst: std::net::SocketAddrV4,
+        /// udp or tcp (SYNs).
+        #[arg(long, default_value = "udp")]
+        protocol: lab::spoof::Kind,
+        /// How many packets.
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -432,6 +451,24 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             lab::echo::serve(bind, &ports, ready_file).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Spoof {
+            netns,
+            src,
+            dst,
+            protocol,
+            count,
+        } => {
+            let forged = lab::spoof::Forged {
+                src,
+                dst,
+                kind: protocol,
+                tag: std::process::id(),
+                count,
+            };
+            lab::spoof::send_in(&netns, forged)?;
+            println!("sent {count} packets from {src} to {dst}");
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -29,6 +29,7 @@ pub mod pods;
 pub mod probe;
 pub mod prober;
 pub mod protocol;
+pub mod spoof;
 pub mod state;
 mod status;
 mod traffic;
