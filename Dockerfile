@@ -35,12 +35,12 @@ FROM scratch AS prebuilt
 COPY target/release/canal-controller target/release/canal-agent target/release/canal-cni /out/
 
 FROM debian:bookworm-slim AS runtime-base
-# iptables (nft backend): iptables-save/-restore for masquerade and policy;
-# ipset: the policy's address sets; conntrack: for inspecting flows
-# with kubectl exec;
-# nsenter (util-linux, already in the base): tools in another network
-# namespace; containernetworking-plugins: /usr/lib/cni/portmap, which
-# canal-cni install copies to hosts that have none.
+# What the agent runs: iptables-save/-restore (iptables, nft backend) for
+# masquerade and policy, ipset for the policy's address sets, nsenter
+# (util-linux, in every Debian base) for another network namespace.
+# containernetworking-plugins: /usr/lib/cni/portmap, which canal-cni install
+# copies to hosts that have none. conntrack: for inspecting flows with
+# kubectl exec. The lab's image (e2e/src/images/) installs this same list.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables ipset conntrack containernetworking-plugins ca-certificates \
  && rm -rf /var/lib/apt/lists/*

@@ -214,6 +214,20 @@ fn packing_twice_gives_the_same_bytes() {
         third.reference,
         format!("canal.local/sample:dev.{}", &hex[..12])
     );
+
+    // The next build of the series replaces the older archive; another
+    // image in the same directory stays.
+    let other = images::build_image(&spec(&rootfs, &tmp.path().join("three"))).unwrap();
+    fs::write(rootfs.join("usr/bin/tool"), "#!/bin/sh\necho tool!!\n").unwrap();
+    let fourth = images::build_image(&changed).unwrap();
+    assert_ne!(fourth.path, third.path);
+    assert!(fourth.path.is_file());
+    assert!(
+        !third.path.exists(),
+        "the older archive of the series stayed"
+    );
+    assert!(!third.path.with_extension("tar.digest").exists());
+    assert!(other.path.is_file(), "an unrelated archive was removed");
 }
 
 #[test]

@@ -133,12 +133,38 @@ pub fn build_image(spec: &ImageSpec) -> Result<ImageArchive, Error> {
         .map_err(|e| Error::io(format!("moving the archive to {}", path.display()), e))?;
     std::fs::write(&stamp_path, stamp)
         .map_err(|e| Error::io(format!("writing {}", stamp_path.display()), e))?;
+    if let Tag::Content { repository, prefix } = &spec.tag {
+        // Each rebuild of the binaries is a new tag; keep only the newest
+        // archive of the series (a few hundred MB each). Images already
+        // imported somewhere are not affected.
+        let series = format!(
+            "{}_{prefix}",
+            file_stem(&reference::parse(&format!("{repository}:x"))?.repository)
+        );
+        remove_older(&spec.out_dir, &series, &path);
+    }
     Ok(ImageArchive {
         reference: reference.full(),
         path,
         digest: docs.manifest_digest,
         size,
     })
+}
+
+/// Removes `<series>*.tar` (and stamps) in `dir` other than `keep`.
+fn remove_older(dir: &Path, series: &str, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let archive = name.strip_suffix(".digest").unwrap_or(&name);
+        if name.starts_with(series) && archive.ends_with(".tar") && dir.join(archive) != keep {
+            // Best effort: a file another build just removed is fine.
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 /// A file name for a reference: `/` and `:` become `_`.
