@@ -14,6 +14,9 @@ pub const MEDIA_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
 /// What `buildah push --disable-compression` and Docker write for the
 /// same uncompressed layer.
 pub const MEDIA_DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
+/// Gzip-compressed layers, as buildah and registries store them.
+pub const MEDIA_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const MEDIA_DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 /// The annotation containerd's importer takes the image name from.
 pub const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";

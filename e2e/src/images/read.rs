@@ -49,8 +49,13 @@ pub struct ArchiveImage {
     pub platform: String,
     /// Entrypoint, env, user, workdir, labels.
     pub config: ImageConfig,
-    /// `sha256:` of each layer, bottom first (equal to the `diff_ids`).
+    /// `sha256:` of each layer blob, bottom first (the `diff_ids` too when
+    /// uncompressed).
     pub layers: Vec<String>,
+    /// Whether each layer blob is gzip-compressed.
+    pub gzip: Vec<bool>,
+    /// `sha256:` of each uncompressed layer (verified).
+    pub diff_ids: Vec<String>,
 }
 
 /// A blob's place in the archive.
@@ -170,21 +175,25 @@ pub fn read_archive(path: &Path) -> Result<ArchiveContents, Error> {
             )));
         }
         let mut layers = Vec::new();
+        let mut gzip = Vec::new();
         for (layer, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
             check(layer)?;
-            if layer.media_type != oci::MEDIA_LAYER && layer.media_type != oci::MEDIA_DOCKER_LAYER {
+            let gz = match layer.media_type.as_str() {
+                oci::MEDIA_LAYER | oci::MEDIA_DOCKER_LAYER => false,
+                oci::MEDIA_LAYER_GZIP | oci::MEDIA_DOCKER_LAYER_GZIP => true,
+                other => return Err(bad(format!("layer {} is {other}", layer.digest))),
+            };
+            // The diff_id is the digest of the uncompressed tar: hash it
+            // while reading every entry.
+            let got = tar_diff_id(path, blobs[&layer.digest], gz)
+                .map_err(|e| bad(format!("layer {} is not a tar: {e}", layer.digest)))?;
+            if &got != diff_id {
                 return Err(bad(format!(
-                    "layer {} is {} (only uncompressed layers are read here)",
-                    layer.digest, layer.media_type
+                    "layer {} has diff_id {diff_id}, its content {got}",
+                    layer.digest
                 )));
             }
-            // Uncompressed: the diff_id is the digest of the blob, which
-            // was verified above.
-            if &layer.digest != diff_id {
-                return Err(bad(format!("layer {} has diff_id {diff_id}", layer.digest)));
-            }
-            count_tar_entries(path, blobs[&layer.digest])
-                .map_err(|e| bad(format!("layer {} is not a tar: {e}", layer.digest)))?;
+            gzip.push(gz);
             layers.push(layer.digest.clone());
         }
         let docker_tags = match &docker {
@@ -229,6 +238,8 @@ pub fn read_archive(path: &Path) -> Result<ArchiveContents, Error> {
                 labels: config.config.labels.clone().unwrap_or_default(),
             },
             layers,
+            gzip,
+            diff_ids: config.rootfs.diff_ids.clone(),
         });
     }
     Ok(ArchiveContents {
@@ -249,13 +260,42 @@ fn blob_reader(path: &Path, span: Span) -> io::Result<io::Take<File>> {
     Ok(f.take(span.size))
 }
 
-fn count_tar_entries(path: &Path, span: Span) -> io::Result<usize> {
-    let mut n = 0;
-    for e in tar::Archive::new(blob_reader(path, span)?).entries()? {
-        e?;
-        n += 1;
+/// Reads every entry of a layer and returns `sha256:` of its uncompressed
+/// bytes.
+fn tar_diff_id(path: &Path, span: Span, gz: bool) -> io::Result<String> {
+    let hashing = HashingReader {
+        inner: layer_reader(path, span, gz)?,
+        hasher: Sha256::new(),
+    };
+    let mut tar = tar::Archive::new(hashing);
+    for e in tar.entries()? {
+        io::copy(&mut e?, &mut io::sink())?;
     }
-    Ok(n)
+    let mut rest = tar.into_inner();
+    io::copy(&mut rest, &mut io::sink())?;
+    Ok(format!("sha256:{}", hex::encode(rest.hasher.finalize())))
+}
+
+fn layer_reader(path: &Path, span: Span, gz: bool) -> io::Result<Box<dyn Read>> {
+    let raw = blob_reader(path, span)?;
+    Ok(if gz {
+        Box::new(flate2::read::GzDecoder::new(raw))
+    } else {
+        Box::new(raw)
+    })
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
 }
 
 /// Unpacks the layers of `image` (of an archive read by [`read_archive`])
@@ -270,13 +310,13 @@ pub fn extract_rootfs(
     let io_err = |what: String| move |e: io::Error| Error::io(what, e);
     let spans = blob_spans(&archive.path)?;
     std::fs::create_dir_all(dest).map_err(io_err(format!("creating {}", dest.display())))?;
-    for digest in &image.layers {
+    for (digest, gz) in image.layers.iter().zip(&image.gzip) {
         let span = *spans.get(digest).ok_or_else(|| Error::Format {
             path: archive.path.clone(),
             reason: format!("layer {digest} vanished"),
         })?;
         let ctx = format!("unpacking layer {digest} of {}", archive.path.display());
-        let reader = blob_reader(&archive.path, span).map_err(io_err(ctx.clone()))?;
+        let reader = layer_reader(&archive.path, span, *gz).map_err(io_err(ctx.clone()))?;
         let mut tar = tar::Archive::new(reader);
         tar.set_preserve_permissions(true);
         tar.set_preserve_ownerships(true);
