@@ -27,7 +27,9 @@ async fn set_internal_ip(client: &kube::Client, name: &str, ip: &str, manager: &
             field_manager: Some(manager.into()),
             ..Default::default()
         },
-        &Patch::Strategic(json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}]}})),
+        &Patch::Strategic(
+            json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}]}}),
+        ),
     )
     .await
     .unwrap_or_else(|e| panic!("setting the InternalIP of {name}: {e}"));
@@ -68,7 +70,9 @@ async fn node_addresses_inside_the_cluster_cidr_conflict_and_are_never_allocated
     api.patch_status(
         "ext",
         &PatchParams::default(),
-        &Patch::Strategic(json!({"status": {"addresses": [{"type": "ExternalIP", "address": "10.244.2.9"}]}})),
+        &Patch::Strategic(
+            json!({"status": {"addresses": [{"type": "ExternalIP", "address": "10.244.2.9"}]}}),
+        ),
     )
     .await
     .unwrap();
@@ -93,7 +97,11 @@ async fn node_addresses_inside_the_cluster_cidr_conflict_and_are_never_allocated
     let all = wait_for("two subnets allocated", Duration::from_secs(20), || async {
         let all = nodes(&client).await;
         let held = all.values().filter(|n| pod_cidr(n).is_some()).count();
-        if held == 2 { Ok(all) } else { Err(format!("{held} allocated")) }
+        if held == 2 {
+            Ok(all)
+        } else {
+            Err(format!("{held} allocated"))
+        }
     })
     .await;
     for (name, n) in &all {
@@ -111,13 +119,17 @@ async fn node_addresses_inside_the_cluster_cidr_conflict_and_are_never_allocated
     );
     // The address leaves the range: the held-back subnet goes to a waiting Node.
     set_internal_ip(&client, "inside", "192.168.40.1", "kubelet").await;
-    wait_for("10.244.0.0/24 allocated", Duration::from_secs(20), || async {
-        let all = nodes(&client).await;
-        all.values()
-            .any(|n| pod_cidr(n).as_deref() == Some("10.244.0.0/24"))
-            .then_some(())
-            .ok_or_else(|| "not yet".to_string())
-    })
+    wait_for(
+        "10.244.0.0/24 allocated",
+        Duration::from_secs(20),
+        || async {
+            let all = nodes(&client).await;
+            all.values()
+                .any(|n| pod_cidr(n).as_deref() == Some("10.244.0.0/24"))
+                .then_some(())
+                .ok_or_else(|| "not yet".to_string())
+        },
+    )
     .await;
     controller.check_running();
 }
@@ -148,8 +160,14 @@ async fn overlay_addresses_never_move_silently_nor_onto_another_node() {
         "{msg}"
     );
     wait_for_event(&client, "Node", "node-3", "NodeAddressConflict").await;
-    assert_eq!(public_ip(&client, "node-3").await.as_deref(), Some("192.168.41.3"));
-    assert_eq!(public_ip(&client, "node-1").await.as_deref(), Some("192.168.41.1"));
+    assert_eq!(
+        public_ip(&client, "node-3").await.as_deref(),
+        Some("192.168.41.3")
+    );
+    assert_eq!(
+        public_ip(&client, "node-1").await.as_deref(),
+        Some("192.168.41.1")
+    );
 
     // A real move (node-2 got a new address): published at once, with a
     // Warning Event naming who wrote it and the history on the Node.
@@ -160,16 +178,18 @@ async fn overlay_addresses_never_move_silently_nor_onto_another_node() {
         "{note}"
     );
     let n2 = &nodes(&client).await["node-2"];
-    assert_eq!(annotation(n2, annotations::PUBLIC_IP), Some("192.168.41.22"));
+    assert_eq!(
+        annotation(n2, annotations::PUBLIC_IP),
+        Some("192.168.41.22")
+    );
     assert_eq!(annotation(n2, PREVIOUS), Some("192.168.41.2"));
     assert!(annotation(n2, CHANGED_AT).is_some_and(|t| t.starts_with("20")));
 
     // public-ip-overwrite: whoever may annotate Nodes can re-point traffic;
     // it is checked like an address and the Event names the writer.
     let api: Api<Node> = Api::all(client.clone());
-    let overwrite = |v: &str| {
-        json!({"metadata": {"annotations": {annotations::PUBLIC_IP_OVERWRITE: v}}})
-    };
+    let overwrite =
+        |v: &str| json!({"metadata": {"annotations": {annotations::PUBLIC_IP_OVERWRITE: v}}});
     api.patch(
         "node-1",
         &PatchParams {
@@ -180,8 +200,15 @@ async fn overlay_addresses_never_move_silently_nor_onto_another_node() {
     )
     .await
     .unwrap();
-    wait_degraded(&client, "Node node-1: public-ip-overwrite annotation 127.0.0.1 is a loopback address").await;
-    assert_eq!(public_ip(&client, "node-1").await.as_deref(), Some("192.168.41.1"));
+    wait_degraded(
+        &client,
+        "Node node-1: public-ip-overwrite annotation 127.0.0.1 is a loopback address",
+    )
+    .await;
+    assert_eq!(
+        public_ip(&client, "node-1").await.as_deref(),
+        Some("192.168.41.1")
+    );
     api.patch(
         "node-1",
         &PatchParams {
@@ -194,23 +221,36 @@ async fn overlay_addresses_never_move_silently_nor_onto_another_node() {
     .unwrap();
     let note = wait_for_event(&client, "Node", "node-1", "NodeAddressChanged").await;
     assert!(
-        note.contains("to 203.0.113.7 (public-ip-overwrite annotation, written by kubectl-annotate)"),
+        note.contains(
+            "to 203.0.113.7 (public-ip-overwrite annotation, written by kubectl-annotate)"
+        ),
         "{note}"
     );
     // node-1's overlay moved away, but 192.168.41.1 is still node-1's
     // InternalIP: node-3 still may not take it.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(public_ip(&client, "node-3").await.as_deref(), Some("192.168.41.3"));
-    wait_degraded(&client, "Node node-3: InternalIP 192.168.41.1 is an address of Node node-1").await;
+    assert_eq!(
+        public_ip(&client, "node-3").await.as_deref(),
+        Some("192.168.41.3")
+    );
+    wait_degraded(
+        &client,
+        "Node node-3: InternalIP 192.168.41.1 is an address of Node node-1",
+    )
+    .await;
     // node-1 goes (the machine was really handed over): node-3 moves, and
     // the Event names who wrote its address.
     delete_node(&client, "node-1").await;
-    wait_for("node-3 to publish 192.168.41.1", Duration::from_secs(20), || async {
-        match public_ip(&client, "node-3").await {
-            Some(ip) if ip == "192.168.41.1" => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
+    wait_for(
+        "node-3 to publish 192.168.41.1",
+        Duration::from_secs(20),
+        || async {
+            match public_ip(&client, "node-3").await {
+                Some(ip) if ip == "192.168.41.1" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
     .await;
     let note = wait_for_event(&client, "Node", "node-3", "NodeAddressChanged").await;
     assert!(note.contains("(InternalIP, written by attacker)"), "{note}");
@@ -221,5 +261,9 @@ async fn overlay_addresses_never_move_silently_nor_onto_another_node() {
     let mut again = Controller::start(&cp, "moves-again");
     tokio::time::sleep(Duration::from_secs(3)).await;
     again.check_running();
-    assert_eq!(resource_versions(&client).await, before, "a restart rewrote Nodes");
+    assert_eq!(
+        resource_versions(&client).await,
+        before,
+        "a restart rewrote Nodes"
+    );
 }

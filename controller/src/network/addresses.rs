@@ -96,14 +96,12 @@ pub fn unusable(ip: Ipv4Addr, cluster: Ipv4Net) -> Option<String> {
             "lies inside clusterCIDR {cluster}, which is routed into the overlay itself"
         ));
     }
-    canal_crds::validate::reserved_overlap(ipnet::IpNet::from(std::net::IpAddr::V4(ip))).map(
-        |r| {
-            format!(
-                "is a {} address ({}), which no other node can reach",
-                r.what, r.cidr
-            )
-        },
-    )
+    canal_crds::validate::reserved_overlap(ipnet::IpNet::from(std::net::IpAddr::V4(ip))).map(|r| {
+        format!(
+            "is a {} address ({}), which no other node can reach",
+            r.what, r.cidr
+        )
+    })
 }
 
 /// Every IPv4 address of every Node (InternalIP, ExternalIP and the
@@ -265,9 +263,9 @@ pub fn decide(node: &NodeView, holder: Option<&str>, alloc: &Allocator, now: Tim
         let subnet = alloc.subnet_containing(ip);
         let owner = subnet.and_then(|s| alloc.owner_overlapping(s));
         match (subnet, owner) {
-            (Some(s), Some((o, _))) if o == node.name => format!(
-                "its own pod subnet {s} contains it, so a pod can be given this address"
-            ),
+            (Some(s), Some((o, _))) if o == node.name => {
+                format!("its own pod subnet {s} contains it, so a pod can be given this address")
+            }
             (Some(s), Some((o, _))) => format!(
                 "subnet {s} of Node {o} contains it, so a pod there can be given this address"
             ),
@@ -294,8 +292,7 @@ pub fn decide(node: &NodeView, holder: Option<&str>, alloc: &Allocator, now: Tim
                     consequence(ip)
                 ));
             } else if let Some(why) = unusable(ip, cluster) {
-                out.problems
-                    .push(format!("{what} {why}, so {}", keeps()));
+                out.problems.push(format!("{what} {why}, so {}", keeps()));
             } else if let Some(other) = holder.filter(|h| *h != node.name) {
                 out.problems.push(format!(
                     "{what} is an address of Node {other}, so {}",

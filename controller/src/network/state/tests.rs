@@ -545,12 +545,23 @@ fn a_node_address_inside_the_cluster_cidr_is_a_conflict_and_its_subnet_is_never_
         .filter_map(|n| subnet(&s, n))
         .collect();
     held.sort();
-    assert_eq!(held, vec!["10.244.1.0/24", "10.244.3.0/24"], "nothing allocated into a Node's address");
+    assert_eq!(
+        held,
+        vec!["10.244.1.0/24", "10.244.3.0/24"],
+        "nothing allocated into a Node's address"
+    );
     assert_eq!(degraded_reason(&s).as_deref(), Some(status::CONFLICT));
     let msg = degraded_message(&s);
-    assert!(msg.contains("Node inside: InternalIP 10.244.0.5 lies inside clusterCIDR 10.244.0.0/22"), "{msg}");
+    assert!(
+        msg.contains("Node inside: InternalIP 10.244.0.5 lies inside clusterCIDR 10.244.0.0/22"),
+        "{msg}"
+    );
     assert!(msg.contains("Node ext: ExternalIP 10.244.2.9 lies inside clusterCIDR 10.244.0.0/22: subnet 10.244.2.0/24 is held back from allocation"), "{msg}");
-    assert_eq!(published(&s, "inside"), None, "an overlay address inside the pod range is never published");
+    assert_eq!(
+        published(&s, "inside"),
+        None,
+        "an overlay address inside the pod range is never published"
+    );
     assert_eq!(notes(&plans, "NodeAddressConflict").len(), 2);
     assert_eq!(default_status(&s).free_subnets, Some(0));
     assert_eq!(s.conflict_count(), 2);
@@ -560,9 +571,18 @@ fn a_node_address_inside_the_cluster_cidr_is_a_conflict_and_its_subnet_is_never_
     let fixed = with_ip(s.node("inside").unwrap().clone(), "192.168.200.1");
     s.apply_node(fixed);
     converge(&mut s);
-    let got: Vec<Option<String>> = ["inside", "ext", "c", "d"].iter().map(|n| subnet(&s, n)).collect();
-    assert!(got.iter().flatten().any(|c| c == "10.244.0.0/24"), "{got:?}");
-    assert!(!got.iter().flatten().any(|c| c == "10.244.2.0/24"), "{got:?}");
+    let got: Vec<Option<String>> = ["inside", "ext", "c", "d"]
+        .iter()
+        .map(|n| subnet(&s, n))
+        .collect();
+    assert!(
+        got.iter().flatten().any(|c| c == "10.244.0.0/24"),
+        "{got:?}"
+    );
+    assert!(
+        !got.iter().flatten().any(|c| c == "10.244.2.0/24"),
+        "{got:?}"
+    );
     assert_eq!(published(&s, "inside").as_deref(), Some("192.168.200.1"));
     assert!(!degraded_message(&s).contains("Node inside"));
 }
@@ -576,7 +596,12 @@ fn a_node_address_in_an_allocated_subnet_names_its_holder() {
     s.apply_node(with_ip(node("b", 2), "10.244.5.77"));
     let plans = converge(&mut s);
     let note = &notes(&plans, "NodeAddressConflict")[0];
-    assert!(note.contains("subnet 10.244.5.0/24 of Node a contains it, so a pod there can be given this address"), "{note}");
+    assert!(
+        note.contains(
+            "subnet 10.244.5.0/24 of Node a contains it, so a pod there can be given this address"
+        ),
+        "{note}"
+    );
 }
 
 #[test]
@@ -591,13 +616,25 @@ fn an_overlay_address_move_is_published_with_an_event_and_its_history() {
     let p = plan(&mut s);
     let w = &p.node_writes[0];
     let m = w.moved.as_ref().expect("the move is reported");
-    assert_eq!((m.from.as_str(), m.to.as_str()), ("192.168.1.1", "192.168.1.9"));
+    assert_eq!(
+        (m.from.as_str(), m.to.as_str()),
+        ("192.168.1.1", "192.168.1.9")
+    );
     assert_eq!(m.source, "InternalIP, written by kubelet");
     assert_eq!(w.apply.annotations[annotations::PUBLIC_IP], "192.168.1.9");
-    assert_eq!(w.apply.annotations[addresses::PREVIOUS_PUBLIC_IP], "192.168.1.1");
-    assert_eq!(w.apply.annotations[addresses::PUBLIC_IP_CHANGED_AT], now().0.to_string());
+    assert_eq!(
+        w.apply.annotations[addresses::PREVIOUS_PUBLIC_IP],
+        "192.168.1.1"
+    );
+    assert_eq!(
+        w.apply.annotations[addresses::PUBLIC_IP_CHANGED_AT],
+        now().0.to_string()
+    );
     let note = addresses::move_note(m);
-    assert!(note.contains("moved from 192.168.1.1 to 192.168.1.9 (InternalIP, written by kubelet)"), "{note}");
+    assert!(
+        note.contains("moved from 192.168.1.1 to 192.168.1.9 (InternalIP, written by kubelet)"),
+        "{note}"
+    );
     settle(&mut s, &p);
     // The history stays (carried by every later apply), and nothing churns.
     s.mark_all_dirty();
@@ -620,16 +657,27 @@ fn another_nodes_overlay_address_is_refused_until_that_node_goes() {
     let hijack = with_ip(s.node("b").unwrap().clone(), "192.168.1.1");
     s.apply_node(hijack);
     let plans = converge(&mut s);
-    assert_eq!(published(&s, "b").as_deref(), Some("192.168.1.2"), "b's traffic is not re-pointed");
+    assert_eq!(
+        published(&s, "b").as_deref(),
+        Some("192.168.1.2"),
+        "b's traffic is not re-pointed"
+    );
     assert_eq!(published(&s, "a").as_deref(), Some("192.168.1.1"));
     let note = &notes(&plans, "NodeAddressConflict")[0];
     assert!(note.contains("InternalIP 192.168.1.1 is an address of Node a, so the overlay keeps sending its pod traffic to 192.168.1.2"), "{note}");
-    assert!(degraded_message(&s).contains("Node b: InternalIP 192.168.1.1 is an address of Node a"));
+    assert!(
+        degraded_message(&s).contains("Node b: InternalIP 192.168.1.1 is an address of Node a")
+    );
     // a is gone (replaced by b on the same machine): b may now take it.
     s.delete_node("a");
     let plans = converge(&mut s);
     assert_eq!(published(&s, "b").as_deref(), Some("192.168.1.1"));
-    assert!(plans.iter().flat_map(|p| &p.node_writes).any(|w| w.moved.is_some()));
+    assert!(
+        plans
+            .iter()
+            .flat_map(|p| &p.node_writes)
+            .any(|w| w.moved.is_some())
+    );
     assert_eq!(degraded_reason(&s), None);
 }
 
@@ -665,14 +713,21 @@ fn public_ip_overwrites_are_checked_like_addresses_and_their_writer_is_named() {
         converge(s)
     };
     for (value, why) in [
-        ("127.0.0.1", "is a loopback address (127.0.0.0/8), which no other node can reach"),
+        (
+            "127.0.0.1",
+            "is a loopback address (127.0.0.0/8), which no other node can reach",
+        ),
         ("224.0.0.5", "is a multicast address"),
         ("10.244.9.9", "lies inside clusterCIDR 10.244.0.0/16"),
         ("192.168.1.1", "is an address of Node a"),
         ("not-an-ip", "is not an IPv4 address"),
     ] {
         let plans = set(&mut s, value);
-        assert_eq!(published(&s, "b").as_deref(), Some("192.168.1.2"), "{value}");
+        assert_eq!(
+            published(&s, "b").as_deref(),
+            Some("192.168.1.2"),
+            "{value}"
+        );
         let all = notes(&plans, "NodeAddressConflict");
         assert!(all.iter().any(|n| n.contains(why)), "{value}: {all:?}");
     }
@@ -683,7 +738,10 @@ fn public_ip_overwrites_are_checked_like_addresses_and_their_writer_is_named() {
         .flat_map(|p| &p.node_writes)
         .find_map(|w| w.moved.clone())
         .unwrap();
-    assert_eq!(m.source, "public-ip-overwrite annotation, written by kubectl-annotate");
+    assert_eq!(
+        m.source,
+        "public-ip-overwrite annotation, written by kubectl-annotate"
+    );
     assert_eq!(m.from, "192.168.1.2");
     assert_eq!(degraded_reason(&s), None);
 }
@@ -714,13 +772,17 @@ fn an_address_another_node_still_has_is_refused_even_once_unpublished() {
     converge(&mut s);
     s.apply_node(with_ip(s.node("c").unwrap().clone(), "192.168.1.1"));
     let mut a = s.node("a").unwrap().clone();
-    a.annotations
-        .insert(annotations::PUBLIC_IP_OVERWRITE.into(), "203.0.113.1".into());
+    a.annotations.insert(
+        annotations::PUBLIC_IP_OVERWRITE.into(),
+        "203.0.113.1".into(),
+    );
     s.apply_node(a);
     converge(&mut s);
     assert_eq!(published(&s, "a").as_deref(), Some("203.0.113.1"));
     assert_eq!(published(&s, "c").as_deref(), Some("192.168.1.3"));
-    assert!(degraded_message(&s).contains("Node c: InternalIP 192.168.1.1 is an address of Node a"));
+    assert!(
+        degraded_message(&s).contains("Node c: InternalIP 192.168.1.1 is an address of Node a")
+    );
 }
 
 #[test]
