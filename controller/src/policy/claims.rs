@@ -17,17 +17,20 @@ use std::net::IpAddr;
 
 use smallvec::SmallVec;
 
-/// Claims on IPs by claimants of type `T`, each IP's claimants in priority
-/// order (the first holds it).
+/// Claims on IPs by claimants of type `T`. Memory matters (one entry per
+/// pod IP of the cluster): the holder of an uncontested IP is one map
+/// entry, and only contested IPs keep a waiting list (in priority order).
 #[derive(Debug)]
 pub struct IpClaims<T> {
-    by_ip: HashMap<IpAddr, SmallVec<[T; 1]>>,
+    holders: HashMap<IpAddr, T>,
+    waiting: HashMap<IpAddr, SmallVec<[T; 2]>>,
 }
 
 impl<T> Default for IpClaims<T> {
     fn default() -> Self {
         IpClaims {
-            by_ip: HashMap::new(),
+            holders: HashMap::new(),
+            waiting: HashMap::new(),
         }
     }
 }
@@ -36,39 +39,66 @@ impl<T: Copy + Eq> IpClaims<T> {
     /// `who` claims `ip`; `before(a, b)` is true when `a` has priority over
     /// `b`. Returns the holder `who` displaced, if any.
     pub fn claim(&mut self, ip: IpAddr, who: T, before: impl Fn(T, T) -> bool) -> Option<T> {
-        let list = self.by_ip.entry(ip).or_default();
+        let Some(&holder) = self.holders.get(&ip) else {
+            self.holders.insert(ip, who);
+            return None;
+        };
+        if holder == who {
+            return None;
+        }
+        let list = self.waiting.entry(ip).or_default();
         if list.contains(&who) {
             return None;
+        }
+        if before(who, holder) {
+            // The holder came before every waiting claimant.
+            list.insert(0, holder);
+            self.holders.insert(ip, who);
+            return Some(holder);
         }
         let pos = list
             .iter()
             .position(|&c| before(who, c))
             .unwrap_or(list.len());
         list.insert(pos, who);
-        (pos == 0 && list.len() > 1).then(|| list[1])
+        None
     }
 
     /// `who` gives up `ip`. Returns the claimant that holds it now, if `who`
     /// held it and someone else was waiting.
     pub fn release(&mut self, ip: IpAddr, who: T) -> Option<T> {
-        let list = self.by_ip.get_mut(&ip)?;
-        let pos = list.iter().position(|&c| c == who)?;
-        list.remove(pos);
-        let next = (pos == 0).then(|| list.first().copied()).flatten();
-        if list.is_empty() {
-            self.by_ip.remove(&ip);
+        if self.holders.get(&ip) == Some(&who) {
+            let next = self.waiting.get_mut(&ip).map(|list| list.remove(0));
+            if self.waiting.get(&ip).is_some_and(|l| l.is_empty()) {
+                self.waiting.remove(&ip);
+            }
+            match next {
+                Some(n) => {
+                    self.holders.insert(ip, n);
+                }
+                None => {
+                    self.holders.remove(&ip);
+                }
+            }
+            return next;
         }
-        next
+        if let Some(list) = self.waiting.get_mut(&ip) {
+            list.retain(|c| *c != who);
+            if list.is_empty() {
+                self.waiting.remove(&ip);
+            }
+        }
+        None
     }
 
     /// Who holds `ip`.
     pub fn holder(&self, ip: IpAddr) -> Option<T> {
-        self.by_ip.get(&ip).and_then(|l| l.first().copied())
+        self.holders.get(&ip).copied()
     }
 
     /// IPs more than one claimant reports.
     pub fn contested(&self) -> usize {
-        self.by_ip.values().filter(|l| l.len() > 1).count()
+        self.waiting.len()
     }
 }
 
@@ -104,5 +134,33 @@ mod tests {
         assert_eq!(c.holder(x), None);
         assert_eq!(c.release(x, 5), None);
         assert_eq!(c.contested(), 0);
+    }
+
+    proptest::proptest! {
+        /// Against a plain model: the holder is always the claimant first in
+        /// priority, and what claim/release report is the holder change.
+        #[test]
+        fn matches_a_plain_model(ops in proptest::collection::vec((0u8..3, 0u32..6, proptest::bool::ANY), 0..60)) {
+            let mut c: IpClaims<u32> = IpClaims::default();
+            let mut model: std::collections::BTreeMap<u8, std::collections::BTreeSet<u32>> = Default::default();
+            for (addr, who, add) in ops {
+                let x = IpAddr::from([10, 0, 0, addr]);
+                let set = model.entry(addr).or_default();
+                let before = set.first().copied();
+                let reported = if add {
+                    set.insert(who);
+                    c.claim(x, who, |a, b| a < b)
+                } else {
+                    set.remove(&who);
+                    c.release(x, who)
+                };
+                let after = set.first().copied();
+                proptest::prop_assert_eq!(c.holder(x), after);
+                let changed = (before != after).then_some(()).and(if add { before } else { after });
+                proptest::prop_assert_eq!(reported, changed);
+            }
+            let contested = model.values().filter(|s| s.len() > 1).count();
+            proptest::prop_assert_eq!(c.contested(), contested);
+        }
     }
 }

@@ -84,15 +84,17 @@ struct Pod {
     named_ports: Box<[(Sym, Protocol, u16)]>,
     host_network: bool,
     finished: bool,
-    uid: Option<String>,
+    uid: Option<Box<str>>,
     created: Option<Timestamp>,
     terminating: bool,
-    /// The IPs of `ips` the pod claims: inside its node's podCIDRs and
-    /// clusterCIDR.
-    claimed: Box<[IpAddr]>,
-    /// The claimed IPs no pod before it holds: what NetworkPolicy knows the
-    /// pod by (set memberships, named ports, its endpoint).
-    held: Box<[IpAddr]>,
+    /// Bit i: `ips[i]` is claimed (inside the node's podCIDRs and
+    /// clusterCIDR). A pod has at most two IPs (one per family); a mask
+    /// instead of lists keeps 150,000 pods small.
+    claimed: u8,
+    /// Bit i: `ips[i]` is claimed and no pod before it holds it: what
+    /// NetworkPolicy knows the pod by (set memberships, named ports, its
+    /// endpoint).
+    held: u8,
     /// The IP problem last reported with an Event.
     reported: Option<String>,
     /// Listed in `ip_review`.
@@ -106,7 +108,21 @@ struct Pod {
     sets: SmallVec<[SetId; 4]>,
 }
 
+/// The IPs of `ips` whose bit is set in `mask` (at most the first eight).
+fn masked(ips: &[IpAddr], mask: u8) -> impl Iterator<Item = IpAddr> + '_ {
+    ips.iter()
+        .take(8)
+        .enumerate()
+        .filter(move |(i, _)| mask & (1 << i) != 0)
+        .map(|(_, ip)| *ip)
+}
+
 impl Pod {
+    /// The IPs NetworkPolicy knows the pod by.
+    fn held_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        masked(&self.ips, self.held)
+    }
+
     /// A NetworkPolicy subject or peer at all.
     fn member(&self) -> bool {
         !self.host_network && !self.finished
@@ -486,7 +502,7 @@ impl PolicyIndex {
                     && p.terminating == info.terminating
                 {
                     // Status churn NetworkPolicy does not see (readiness, ...).
-                    self.pods[id].uid = info.uid;
+                    self.pods[id].uid = info.uid.map(String::into_boxed_str);
                     return;
                 }
                 let old_node = p.node;
@@ -506,7 +522,7 @@ impl PolicyIndex {
                 p.node = node;
                 p.host_network = info.host_network;
                 p.finished = info.finished;
-                p.uid = info.uid;
+                p.uid = info.uid.map(String::into_boxed_str);
                 p.created = info.created;
                 p.terminating = info.terminating;
                 self.settle_and_link(id);
@@ -526,11 +542,11 @@ impl PolicyIndex {
                     named_ports,
                     host_network: info.host_network,
                     finished: info.finished,
-                    uid: info.uid,
+                    uid: info.uid.map(String::into_boxed_str),
                     created: info.created,
                     terminating: info.terminating,
-                    claimed: Box::new([]),
-                    held: Box::new([]),
+                    claimed: 0,
+                    held: 0,
                     reported: None,
                     review_queued: false,
                     own_fp: 0,
@@ -636,33 +652,43 @@ impl PolicyIndex {
 
     /// Gives up every claim of `id`; returns the pods that hold an IP now.
     fn release_claims(&mut self, id: PodId) -> SmallVec<[PodId; 2]> {
-        let old = std::mem::take(&mut self.pods[id].claimed);
-        old.iter()
-            .filter_map(|ip| self.claims.release(*ip, id))
+        let p = &mut self.pods[id];
+        let mask = std::mem::take(&mut p.claimed);
+        let ips: SmallVec<[IpAddr; 2]> = masked(&p.ips, mask).collect();
+        ips.into_iter()
+            .filter_map(|ip| self.claims.release(ip, id))
             .collect()
+    }
+
+    /// Bit mask of the IPs of `id` it may claim.
+    fn valid_mask(&self, id: PodId) -> u8 {
+        let p = &self.pods[id];
+        if !p.member() {
+            return 0;
+        }
+        p.ips
+            .iter()
+            .take(8)
+            .enumerate()
+            .filter(|(_, ip)| self.ip_out_of_range(id, **ip).is_none())
+            .fold(0, |m, (i, _)| m | (1 << i))
     }
 
     /// Re-decides the claims of the unlinked pod `id`, links it, and relinks
     /// the pods whose holdings changed with it.
     fn settle_and_link(&mut self, id: PodId) {
         let mut affected = self.release_claims(id);
-        if self.pods[id].member() {
-            let valid: Box<[IpAddr]> = self.pods[id]
-                .ips
-                .iter()
-                .copied()
-                .filter(|ip| self.ip_out_of_range(id, *ip).is_none())
-                .collect();
-            // Split borrow: the order reads the pods, the claims change.
-            let mut claims = std::mem::take(&mut self.claims);
-            for &ip in valid.iter() {
-                if let Some(displaced) = claims.claim(ip, id, |a, b| self.claims_before(a, b)) {
-                    affected.push(displaced);
-                }
+        let valid = self.valid_mask(id);
+        let ips: SmallVec<[IpAddr; 2]> = masked(&self.pods[id].ips, valid).collect();
+        // Split borrow: the order reads the pods, the claims change.
+        let mut claims = std::mem::take(&mut self.claims);
+        for ip in ips {
+            if let Some(displaced) = claims.claim(ip, id, |a, b| self.claims_before(a, b)) {
+                affected.push(displaced);
             }
-            self.claims = claims;
-            self.pods[id].claimed = valid;
         }
+        self.claims = claims;
+        self.pods[id].claimed = valid;
         self.refresh_held(id);
         self.link_pod(id);
         affected.sort();
@@ -682,25 +708,31 @@ impl PolicyIndex {
         self.review(id);
     }
 
-    /// Validity changed (a node's podCIDRs, the cluster's range).
+    /// Validity may have changed (a node's podCIDRs, the cluster's range):
+    /// the claims are decided again when they differ.
     fn reclaim(&mut self, id: PodId) {
+        self.review(id);
+        if self.valid_mask(id) == self.pods[id].claimed {
+            return;
+        }
         self.unlink_pod(id);
         self.settle_and_link(id);
-        self.review(id);
     }
 
     fn refresh_held(&mut self, id: PodId) {
         let p = &self.pods[id];
-        let held: Box<[IpAddr]> = p
-            .claimed
+        let held = p
+            .ips
             .iter()
-            .copied()
-            .filter(|ip| self.claims.holder(*ip) == Some(id))
-            .collect();
+            .take(8)
+            .enumerate()
+            .filter(|(i, ip)| p.claimed & (1 << i) != 0 && self.claims.holder(**ip) == Some(id))
+            .fold(0u8, |m, (i, _)| m | (1 << i));
+        let held_ips: SmallVec<[IpAddr; 2]> = masked(&p.ips, held).collect();
         let own_fp = pod_fp(
             self.namespaces[p.ns].name.as_str(),
             &p.name,
-            &held,
+            &held_ips,
             &p.named_ports,
         );
         let p = &mut self.pods[id];
@@ -724,7 +756,7 @@ impl PolicyIndex {
         }
         let mut why: Vec<String> = Vec::new();
         for &ip in p.ips.iter() {
-            if p.held.contains(&ip) {
+            if p.held_ips().any(|h| h == ip) {
                 continue;
             }
             if let Some(reason) = self.ip_out_of_range(id, ip) {
@@ -760,7 +792,7 @@ impl PolicyIndex {
                 out.push(PodIpReport {
                     namespace: self.namespaces[p.ns].name.to_string(),
                     name: p.name.to_string(),
-                    uid: p.uid.clone(),
+                    uid: p.uid.as_deref().map(str::to_string),
                     problem,
                 });
             }
@@ -870,14 +902,14 @@ impl PolicyIndex {
         let p = &mut self.pods[pod];
         p.sets.push(s);
         let set = &mut self.sets[s];
-        for &ip in p.held.iter() {
+        for ip in p.held_ips() {
             let n = set.ips.entry(ip).or_insert(0);
             *n += 1;
             if *n == 1 {
                 set.sum = set.sum.wrapping_add(fingerprint::ip_member(ip));
             }
         }
-        if !p.held.is_empty() {
+        if p.held != 0 {
             self.dirty_set(s);
         }
     }
@@ -886,16 +918,16 @@ impl PolicyIndex {
         let p = &mut self.pods[pod];
         p.sets.retain(|x| *x != s);
         let set = &mut self.sets[s];
-        for ip in p.held.iter() {
-            if let Some(n) = set.ips.get_mut(ip) {
+        for ip in p.held_ips() {
+            if let Some(n) = set.ips.get_mut(&ip) {
                 *n -= 1;
                 if *n == 0 {
-                    set.ips.remove(ip);
-                    set.sum = set.sum.wrapping_sub(fingerprint::ip_member(*ip));
+                    set.ips.remove(&ip);
+                    set.sum = set.sum.wrapping_sub(fingerprint::ip_member(ip));
                 }
             }
         }
-        if !p.held.is_empty() {
+        if p.held != 0 {
             self.dirty_set(s);
         }
     }
@@ -903,14 +935,14 @@ impl PolicyIndex {
     /// Adds (+1) or removes (-1) a pod's (IP, named port) members.
     fn add_named_ports(&mut self, pod: PodId, delta: i32) {
         let p = &self.pods[pod];
-        if p.named_ports.is_empty() || p.held.is_empty() {
+        if p.named_ports.is_empty() || p.held == 0 {
             return;
         }
         let mut touched: SmallVec<[SetId; 4]> = SmallVec::new();
         for (name, protocol, port) in p.named_ports.iter() {
             let key = (name.clone(), *protocol);
             let entry = self.named_ports.entry(key.clone()).or_default();
-            for &ip in p.held.iter() {
+            for ip in p.held_ips() {
                 let h = fingerprint::port_member(ip, *protocol, *port);
                 if delta > 0 {
                     let n = entry.members.entry((ip, *port)).or_insert(0);
@@ -1683,7 +1715,7 @@ impl PolicyIndex {
                 namespace: self.namespaces[p.ns].name.to_string(),
                 pod: p.name.to_string(),
                 interface: canal_crds::names::veth_name(&self.namespaces[p.ns].name, &p.name),
-                ips: p.held.iter().map(|ip| ip.to_string()).collect(),
+                ips: p.held_ips().map(|ip| ip.to_string()).collect(),
                 named_ports: p
                     .named_ports
                     .iter()
