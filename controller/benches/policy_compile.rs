@@ -273,6 +273,7 @@ fn nodes(n: usize) -> Vec<NodeInfo> {
     (0..n)
         .map(|i| NodeInfo {
             name: format!("node-{i}"),
+            ..Default::default()
         })
         .collect()
 }
@@ -296,6 +297,7 @@ fn pod_info(ns: &str, name: String, node: usize, ip_n: usize, labels: &[(&str, &
         named_ports: vec![],
         host_network: false,
         finished: false,
+        ..Default::default()
     }
 }
 

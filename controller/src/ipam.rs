@@ -11,8 +11,13 @@
 //! a just-freed subnet is not handed to the next Node at once (stale routes
 //! or conntrack entries of the old owner age out first) but is reused when
 //! the cursor wraps or nothing else is free.
+//!
+//! Slots can be held back ([`Allocator::set_reserved`]): a Node whose own
+//! address lies inside the cluster CIDR must not see that address handed to
+//! a pod, so the subnet containing it is never allocated (a Node that
+//! already holds it keeps it: podCIDRs never change).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -71,6 +76,8 @@ pub struct Allocator {
     by_owner: HashMap<String, u64>,
     /// Where the next allocation starts looking.
     cursor: u64,
+    /// Slots allocate() never hands out (a Node address lies inside).
+    reserved: BTreeSet<u64>,
 }
 
 impl Allocator {
@@ -95,6 +102,7 @@ impl Allocator {
             held: BTreeMap::new(),
             by_owner: HashMap::new(),
             cursor: 0,
+            reserved: BTreeSet::new(),
         })
     }
 
@@ -113,9 +121,46 @@ impl Allocator {
         self.total
     }
 
-    /// Free subnets.
+    /// Free subnets that can be allocated (held-back ones not counted).
     pub fn free(&self) -> u64 {
-        self.free_slots
+        self.free_slots - self.reserved_free()
+    }
+
+    /// Free subnets held back because a Node address lies inside.
+    pub fn reserved_free(&self) -> u64 {
+        self.reserved
+            .iter()
+            .filter(|&&slot| self.is_free(slot))
+            .count() as u64
+    }
+
+    /// Holds back the subnets containing `addresses` (those outside the
+    /// cluster CIDR are ignored), replacing what was held back before.
+    pub fn set_reserved(&mut self, addresses: impl IntoIterator<Item = Ipv4Addr>) {
+        let base = u32::from(self.cluster.network());
+        let shift = 32 - self.subnet_len;
+        self.reserved = addresses
+            .into_iter()
+            .filter(|a| self.cluster.contains(a))
+            .map(|a| u64::from(u32::from(a) - base) >> shift)
+            .collect();
+    }
+
+    /// The subnet of the allocation plan that contains `address`.
+    pub fn subnet_containing(&self, address: Ipv4Addr) -> Option<Ipv4Net> {
+        if !self.cluster.contains(&address) {
+            return None;
+        }
+        let slot = u64::from(u32::from(address) - u32::from(self.cluster.network()))
+            >> (32 - self.subnet_len);
+        Some(self.slot_subnet(slot))
+    }
+
+    fn is_free(&self, slot: u64) -> bool {
+        self.free
+            .range(..=slot)
+            .next_back()
+            .is_some_and(|(_, &e)| e > slot)
     }
 
     /// Subnets held (adopted subnets shorter than the subnet length count
@@ -261,21 +306,35 @@ impl Allocator {
             .chain(self.held.range(start..end).map(|(_, h)| h))
     }
 
-    /// The first free slot at or after the cursor, wrapping around.
+    /// The first free slot at or after the cursor that is not held back,
+    /// wrapping around.
     fn next_free(&self) -> Option<u64> {
         if self.free_slots == 0 {
             return None;
         }
-        if let Some((&s, &e)) = self.free.range(..=self.cursor).next_back()
-            && e > self.cursor
-        {
-            return Some(self.cursor.max(s));
+        // The range holding the cursor (from the cursor on), the ranges
+        // after it, then from the start again (wrapped).
+        let holding = self
+            .free
+            .range(..=self.cursor)
+            .next_back()
+            .filter(|(_, e)| **e > self.cursor)
+            .map(|(&s, &e)| (self.cursor.max(s), e));
+        let after = self.free.range(self.cursor + 1..).map(|(&s, &e)| (s, e));
+        let wrapped = self.free.range(..=self.cursor).map(|(&s, &e)| (s, e));
+        for (start, end) in holding.into_iter().chain(after).chain(wrapped) {
+            let mut slot = start;
+            for &r in self.reserved.range(start..end) {
+                if r != slot {
+                    break;
+                }
+                slot += 1;
+            }
+            if slot < end {
+                return Some(slot);
+            }
         }
-        self.free
-            .range(self.cursor..)
-            .next()
-            .or_else(|| self.free.iter().next())
-            .map(|(&s, _)| s)
+        None
     }
 
     /// Removes the free slots `[start, start+len)`, which lie inside one free range.
@@ -417,6 +476,49 @@ mod tests {
     }
 
     #[test]
+    fn subnets_holding_node_addresses_are_never_allocated() {
+        let mut a = Allocator::new(net("10.0.0.0/24"), 26).unwrap();
+        // A Node's address in the first and third /26; one outside.
+        a.set_reserved([
+            "10.0.0.7".parse().unwrap(),
+            "10.0.0.130".parse().unwrap(),
+            "192.168.1.1".parse().unwrap(),
+        ]);
+        assert_eq!(a.free(), 2);
+        assert_eq!(a.reserved_free(), 2);
+        assert_eq!(a.allocate("a").unwrap(), net("10.0.0.64/26"));
+        assert_eq!(a.allocate("b").unwrap(), net("10.0.0.192/26"));
+        assert!(matches!(a.allocate("c"), Err(IpamError::Exhausted { .. })));
+        assert_eq!((a.allocated(), a.free()), (2, 0));
+        // A Node that already holds such a subnet keeps it (adoption).
+        a.claim("old", net("10.0.0.0/26")).unwrap();
+        assert_eq!(a.reserved_free(), 1);
+        // Once freed it stays held back.
+        a.release("old");
+        assert!(a.allocate("d").is_err());
+        // The address moves away: the subnet is free again.
+        a.set_reserved(["10.0.0.130".parse().unwrap()]);
+        assert_eq!(a.allocate("d").unwrap(), net("10.0.0.0/26"));
+        assert_eq!(
+            a.subnet_containing("10.0.0.131".parse().unwrap()),
+            Some(net("10.0.0.128/26"))
+        );
+        assert_eq!(a.subnet_containing("10.0.1.1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn held_back_slots_are_skipped_from_the_cursor_and_after_wrapping() {
+        let mut a = Allocator::new(net("10.0.0.0/28"), 30).unwrap();
+        a.allocate("a").unwrap(); // .0/30, cursor at slot 1
+        a.set_reserved(["10.0.0.5".parse().unwrap(), "10.0.0.9".parse().unwrap()]);
+        assert_eq!(a.allocate("b").unwrap(), net("10.0.0.12/30"));
+        a.release("a");
+        // Wrapped to the start: slot 0 is free, 1 and 2 are held back.
+        assert_eq!(a.allocate("c").unwrap(), net("10.0.0.0/30"));
+        assert!(a.allocate("d").is_err());
+    }
+
+    #[test]
     fn rejects_impossible_plans() {
         assert!(Allocator::new(net("10.0.0.0/24"), 24).is_err());
         assert!(Allocator::new(net("10.0.0.0/24"), 33).is_err());
@@ -474,6 +576,34 @@ mod tests {
                 let slots: u64 = held.iter().map(|(_, s)| if s.prefix_len() >= 28 { 1 } else { 1u64 << (28 - s.prefix_len()) }).sum();
                 prop_assert_eq!(slots, a.allocated());
             }
+        }
+
+        /// Whatever Node addresses are held back, and wherever the cursor
+        /// is, no allocation contains one, and every other subnet is handed out.
+        #[test]
+        fn allocations_avoid_held_back_addresses(
+            addrs in proptest::collection::vec(0u32..256, 0..20),
+            churn in 0usize..20,
+        ) {
+            let mut a = Allocator::new(net("10.7.0.0/24"), 28).unwrap();
+            for i in 0..churn {
+                a.allocate(&format!("tmp{i}")).unwrap();
+                if i % 3 != 0 { a.release(&format!("tmp{i}")); }
+            }
+            let addrs: Vec<Ipv4Addr> = addrs.iter().map(|o| Ipv4Addr::new(10, 7, 0, *o as u8)).collect();
+            a.set_reserved(addrs.iter().copied());
+            let held_back: BTreeSet<u32> = addrs.iter().map(|ip| u32::from(*ip) >> 4).collect();
+            let mut n = 0;
+            while let Ok(s) = a.allocate(&format!("n{n}")) {
+                n += 1;
+                for ip in &addrs {
+                    prop_assert!(!s.contains(ip), "{s} holds Node address {ip}");
+                }
+            }
+            prop_assert_eq!(a.free(), 0);
+            prop_assert_eq!(a.allocated() + a.reserved_free(), a.total());
+            let reserved_and_free = held_back.len() as u64 - a.holdings().filter(|(_, s)| held_back.contains(&(u32::from(s.network()) >> 4))).count() as u64;
+            prop_assert_eq!(a.reserved_free(), reserved_and_free);
         }
 
         /// When the CIDR is full, freeing any subnet makes exactly that one

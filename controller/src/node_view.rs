@@ -28,11 +28,42 @@ pub struct NodeView {
     pub pod_cidrs: Vec<String>,
     /// The first IPv4 InternalIP in status.addresses.
     pub internal_ip: Option<Ipv4Addr>,
-    /// The Node's flannel annotations (`flannel.alpha.coreos.com/*` only).
+    /// Every IPv4 InternalIP and ExternalIP in status.addresses, in order
+    /// (a Node address inside clusterCIDR is a conflict, whichever kind).
+    pub addresses: Vec<(AddressKind, Ipv4Addr)>,
+    /// The field manager that wrote the InternalIP (from managedFields),
+    /// named in the Event when the overlay address moves.
+    pub addresses_writer: Option<String>,
+    /// The field manager of flannel's `public-ip-overwrite` annotation.
+    pub overwrite_writer: Option<String>,
+    /// The Node's flannel annotations (`flannel.alpha.coreos.com/*`) and
+    /// canal's own (`canal.dev/*`).
     pub annotations: BTreeMap<String, String>,
     /// What its agent reports (condition CanalNetworkProgrammed).
     pub programmed: Option<crate::network::programmed::Reported>,
 }
+
+/// The kind of a Node address that matters to the overlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AddressKind {
+    /// status.addresses type InternalIP.
+    Internal,
+    /// status.addresses type ExternalIP.
+    External,
+}
+
+impl AddressKind {
+    /// The status.addresses type.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AddressKind::Internal => "InternalIP",
+            AddressKind::External => "ExternalIP",
+        }
+    }
+}
+
+/// Prefix of the annotations canal-controller writes besides flannel's.
+pub const CANAL_ANNOTATION_PREFIX: &str = "canal.dev/";
 
 /// The Node's pod subnet as the controller reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,19 +85,31 @@ impl NodeView {
             .annotations
             .iter()
             .flatten()
-            .filter(|(k, _)| k.starts_with(canal_crds::annotations::PREFIX))
+            .filter(|(k, _)| {
+                k.starts_with(canal_crds::annotations::PREFIX)
+                    || k.starts_with(CANAL_ANNOTATION_PREFIX)
+            })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let internal_ip = node
+        let addresses: Vec<(AddressKind, Ipv4Addr)> = node
             .status
             .as_ref()
             .and_then(|s| s.addresses.as_ref())
-            .and_then(|addrs| {
-                addrs
-                    .iter()
-                    .filter(|a| a.type_ == "InternalIP")
-                    .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
-            });
+            .into_iter()
+            .flatten()
+            .filter_map(|a| {
+                let kind = match a.type_.as_str() {
+                    "InternalIP" => AddressKind::Internal,
+                    "ExternalIP" => AddressKind::External,
+                    _ => return None,
+                };
+                Some((kind, a.address.parse::<Ipv4Addr>().ok()?))
+            })
+            .collect();
+        let internal_ip = addresses
+            .iter()
+            .find(|(k, _)| *k == AddressKind::Internal)
+            .map(|(_, ip)| *ip);
         NodeView {
             name: meta.name.clone().unwrap_or_default(),
             uid: meta.uid.clone(),
@@ -78,9 +121,38 @@ impl NodeView {
                 .filter(|s| !s.is_empty()),
             pod_cidrs: spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default(),
             internal_ip,
+            addresses,
+            // The manager that set the InternalIP's value owns exactly this
+            // field (a changed value changes hands).
+            addresses_writer: writer(
+                node,
+                &[
+                    "f:status",
+                    "f:addresses",
+                    "k:{\"type\":\"InternalIP\"}",
+                    "f:address",
+                ],
+            ),
+            overwrite_writer: writer(node, &["f:metadata", "f:annotations", OVERWRITE_FIELD]),
             annotations,
             programmed: crate::network::programmed::Reported::from_node(node),
         }
+    }
+
+    /// Every IPv4 address of the Node (InternalIP and ExternalIP), without
+    /// repeats.
+    pub fn ipv4_addresses(&self) -> Vec<(AddressKind, Ipv4Addr)> {
+        let mut out: Vec<(AddressKind, Ipv4Addr)> = self
+            .internal_ip
+            .map(|ip| (AddressKind::Internal, ip))
+            .into_iter()
+            .collect();
+        for a in &self.addresses {
+            if !out.iter().any(|(_, ip)| *ip == a.1) {
+                out.push(*a);
+            }
+        }
+        out
     }
 
     /// The pod subnet, as flannel's kube subnet manager reads it: the first
@@ -123,10 +195,32 @@ impl NodeView {
         }
     }
 
-    /// Sort key that serves waiting Nodes oldest first.
+    /// Sort key that serves waiting Nodes oldest first (and decides which
+    /// of two Nodes claiming one overlay address keeps it).
     pub fn age_key(&self) -> (Option<Timestamp>, String) {
         (self.created, self.name.clone())
     }
+}
+
+/// The managedFields key of flannel's `public-ip-overwrite` annotation.
+const OVERWRITE_FIELD: &str = "f:flannel.alpha.coreos.com/public-ip-overwrite";
+
+/// The field manager whose managedFields entry covers `path` (the most
+/// recent one when several do).
+fn writer(node: &Node, path: &[&str]) -> Option<String> {
+    node.metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| {
+            let mut v = m.fields_v1.as_ref().map(|f| &f.0);
+            for key in path {
+                v = v.and_then(|v| v.get(*key));
+            }
+            v.is_some()
+        })
+        .max_by_key(|m| m.time.as_ref().map(|t| t.0))
+        .and_then(|m| m.manager.clone())
 }
 
 #[cfg(test)]
@@ -158,6 +252,39 @@ mod tests {
             PodCidr::V4("10.244.1.0/24".parse().unwrap())
         );
         assert!(v.created.is_some());
+    }
+
+    #[test]
+    fn reads_every_node_address_and_who_wrote_it() {
+        let v = node(json!({
+            "metadata": {"name": "n1",
+                "annotations": {"canal.dev/previous-public-ip": "1.1.1.1",
+                                "flannel.alpha.coreos.com/public-ip-overwrite": "2.2.2.2"},
+                "managedFields": [
+                    {"manager": "kubelet", "operation": "Update", "time": "2026-01-02T00:00:00Z",
+                     "fieldsV1": {"f:status": {"f:addresses": {"k:{\"type\":\"Hostname\"}": {"f:address": {}}}}}},
+                    {"manager": "kubectl-patch", "operation": "Update", "time": "2026-01-02T00:00:00Z",
+                     "fieldsV1": {"f:status": {"f:addresses": {"k:{\"type\":\"InternalIP\"}": {"f:address": {}}}}}},
+                    {"manager": "kubectl-annotate", "operation": "Update", "time": "2026-01-01T00:00:00Z",
+                     "fieldsV1": {"f:metadata": {"f:annotations": {"f:flannel.alpha.coreos.com/public-ip-overwrite": {}}}}}]},
+            "status": {"addresses": [
+                {"type": "ExternalIP", "address": "203.0.113.5"},
+                {"type": "InternalIP", "address": "192.168.1.10"},
+                {"type": "InternalIP", "address": "192.168.1.11"},
+                {"type": "Hostname", "address": "n1"}]}
+        }));
+        assert_eq!(v.internal_ip, Some("192.168.1.10".parse().unwrap()));
+        assert_eq!(
+            v.ipv4_addresses(),
+            vec![
+                (AddressKind::Internal, "192.168.1.10".parse().unwrap()),
+                (AddressKind::External, "203.0.113.5".parse().unwrap()),
+                (AddressKind::Internal, "192.168.1.11".parse().unwrap()),
+            ]
+        );
+        assert_eq!(v.addresses_writer.as_deref(), Some("kubectl-patch"));
+        assert_eq!(v.overwrite_writer.as_deref(), Some("kubectl-annotate"));
+        assert_eq!(v.annotations.len(), 2, "flannel and canal keys are kept");
     }
 
     #[test]

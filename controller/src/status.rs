@@ -70,6 +70,8 @@ pub struct Assessment {
     pub conflicts: Vec<(String, String)>,
     /// What the agents report about their nodes.
     pub programmed: Option<crate::network::programmed::Summary>,
+    /// Nodes whose addresses conflict with the network: (name, why), by name.
+    pub address_conflicts: Vec<(String, String)>,
 }
 
 /// The status fields the network controller owns, for `default`.
@@ -86,6 +88,9 @@ pub fn derive(a: &Assessment, existing: &CanalNetworkStatus, now: Time) -> Canal
     }
     if !a.conflicts.is_empty() {
         problems.push((CONFLICT, conflict_message(&a.conflicts)));
+    }
+    if !a.address_conflicts.is_empty() {
+        problems.push((CONFLICT, address_conflict_message(&a.address_conflicts)));
     }
     if !a.waiting.is_empty() {
         problems.push((
@@ -234,6 +239,20 @@ fn conflict_message(conflicts: &[(String, String)]) -> String {
     )
 }
 
+fn address_conflict_message(conflicts: &[(String, String)]) -> String {
+    let shown: Vec<String> = conflicts
+        .iter()
+        .take(NAMES_SHOWN)
+        .map(|(n, why)| format!("Node {n}: {why}"))
+        .collect();
+    format!(
+        "{} Node(s) have addresses that conflict with the pod network: {}{}; fix the Node's addresses (or its public-ip-overwrite annotation), or choose a clusterCIDR none of them lies in",
+        conflicts.len(),
+        shown.join("; "),
+        more(conflicts.len())
+    )
+}
+
 fn exhausted_message(waiting: &[String], active: Option<&ActivePlan>) -> String {
     let shown: Vec<&str> = waiting
         .iter()
@@ -356,6 +375,23 @@ mod tests {
         a.invalid_spec = Some("backend.vni 0 must be within 1..16777215".into());
         let s = derive(&a, &s, at(3));
         assert_eq!(reason(&s), Some(INVALID_SPEC));
+    }
+
+    #[test]
+    fn address_conflicts_are_a_conflict_naming_the_node() {
+        let mut a = healthy();
+        a.address_conflicts = vec![(
+            "n3".into(),
+            "InternalIP 10.244.3.7 lies inside clusterCIDR 10.244.0.0/16".into(),
+        )];
+        let s = derive(&a, &CanalNetworkStatus::default(), at(1));
+        assert_eq!(reason(&s), Some(CONFLICT));
+        let msg = &find(&s.conditions, DEGRADED).unwrap().message;
+        assert!(
+            msg.contains("Node n3: InternalIP 10.244.3.7 lies inside clusterCIDR"),
+            "{msg}"
+        );
+        assert_eq!(find(&s.conditions, READY).unwrap().status, "False");
     }
 
     #[test]

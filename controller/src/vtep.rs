@@ -15,6 +15,7 @@ use canal_crds::annotations::{self, BackendData};
 use ipnet::Ipv4Net;
 use serde_json::json;
 
+use crate::network::addresses::{Overlay, PREVIOUS_PUBLIC_IP, PUBLIC_IP_CHANGED_AT};
 use crate::node_view::NodeView;
 
 /// Everything the controller owns on one Node.
@@ -30,20 +31,16 @@ pub struct NodeApply {
     pub annotations: BTreeMap<String, String>,
 }
 
-/// The annotation value flannel publishes as the node's public IP: the
-/// `public-ip-overwrite` annotation when non-empty, else the InternalIP.
-pub fn public_ip(node: &NodeView) -> Option<String> {
-    node.annotations
-        .get(annotations::PUBLIC_IP_OVERWRITE)
-        .map(|s| s.trim())
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .or_else(|| node.internal_ip.map(|ip| ip.to_string()))
-}
-
-/// flannel's annotations for `node` under `config`. `public-ip` is left out
-/// while the Node reports no InternalIP (agents skip such a peer).
-pub fn desired_annotations(node: &NodeView, config: &NetworkConfig) -> BTreeMap<String, String> {
+/// flannel's annotations for `node` under `config`, with the overlay
+/// address decided by [`crate::network::addresses::decide`]: `public-ip` is
+/// left out while there is none (agents skip such a peer), and canal's
+/// record of the last address move is carried along (an apply that left it
+/// out would delete it).
+pub fn desired_annotations(
+    node: &NodeView,
+    config: &NetworkConfig,
+    overlay: &Overlay,
+) -> BTreeMap<String, String> {
     let data = BackendData {
         vni: config.vni,
         vtep_mac: annotations::format_mac(annotations::vtep_mac(&node.name)),
@@ -62,14 +59,23 @@ pub fn desired_annotations(node: &NodeView, config: &NetworkConfig) -> BTreeMap<
         annotations::KUBE_SUBNET_MANAGER.to_string(),
         "true".to_string(),
     );
-    if let Some(ip) = public_ip(node) {
-        out.insert(annotations::PUBLIC_IP.to_string(), ip);
+    if let Some(ip) = &overlay.public_ip {
+        out.insert(annotations::PUBLIC_IP.to_string(), ip.clone());
+    }
+    if let Some((previous, at)) = &overlay.history {
+        out.insert(PREVIOUS_PUBLIC_IP.to_string(), previous.clone());
+        out.insert(PUBLIC_IP_CHANGED_AT.to_string(), at.clone());
     }
     out
 }
 
 /// The complete apply for `node` holding `subnet`.
-pub fn desired(node: &NodeView, subnet: Ipv4Net, config: &NetworkConfig) -> NodeApply {
+pub fn desired(
+    node: &NodeView,
+    subnet: Ipv4Net,
+    config: &NetworkConfig,
+    overlay: &Overlay,
+) -> NodeApply {
     let (pod_cidr, pod_cidrs) = match &node.pod_cidr {
         // Immutable once set: repeat what is stored.
         Some(existing) => {
@@ -86,7 +92,7 @@ pub fn desired(node: &NodeView, subnet: Ipv4Net, config: &NetworkConfig) -> Node
         name: node.name.clone(),
         pod_cidr,
         pod_cidrs,
-        annotations: desired_annotations(node, config),
+        annotations: desired_annotations(node, config, overlay),
     }
 }
 
@@ -141,6 +147,22 @@ mod tests {
         "10.244.3.0/24".parse().unwrap()
     }
 
+    /// What the address rules decide for a plain Node: its InternalIP.
+    fn overlay(n: &NodeView) -> Overlay {
+        Overlay {
+            public_ip: n.internal_ip.map(|ip| ip.to_string()),
+            ..Overlay::default()
+        }
+    }
+
+    fn desired(n: &NodeView, subnet: Ipv4Net, config: &NetworkConfig) -> NodeApply {
+        super::desired(n, subnet, config, &overlay(n))
+    }
+
+    fn desired_annotations(n: &NodeView, config: &NetworkConfig) -> BTreeMap<String, String> {
+        super::desired_annotations(n, config, &overlay(n))
+    }
+
     #[test]
     fn derives_flannel_annotations() {
         let n = node("worker-1");
@@ -159,20 +181,17 @@ mod tests {
     }
 
     #[test]
-    fn public_ip_overwrite_wins_when_non_empty() {
-        let mut n = node("n");
-        n.annotations
-            .insert(annotations::PUBLIC_IP_OVERWRITE.into(), " ".into());
-        assert_eq!(public_ip(&n).as_deref(), Some("192.168.7.3"));
-        n.annotations.insert(
-            annotations::PUBLIC_IP_OVERWRITE.into(),
-            "203.0.113.9".into(),
-        );
-        assert_eq!(public_ip(&n).as_deref(), Some("203.0.113.9"));
-        n.internal_ip = None;
-        n.annotations.clear();
-        assert_eq!(public_ip(&n), None);
-        assert!(!desired_annotations(&n, &config()).contains_key(annotations::PUBLIC_IP));
+    fn the_overlay_decision_is_published_with_its_history() {
+        let n = node("n");
+        let mut o = overlay(&n);
+        o.history = Some(("192.168.7.2".into(), "2026-01-01T00:00:00Z".into()));
+        let a = super::desired_annotations(&n, &config(), &o);
+        assert_eq!(a[annotations::PUBLIC_IP], "192.168.7.3");
+        assert_eq!(a[PREVIOUS_PUBLIC_IP], "192.168.7.2");
+        assert_eq!(a[PUBLIC_IP_CHANGED_AT], "2026-01-01T00:00:00Z");
+        let none = super::desired_annotations(&n, &config(), &Overlay::default());
+        assert!(!none.contains_key(annotations::PUBLIC_IP));
+        assert_eq!(none.len(), 3);
     }
 
     #[test]

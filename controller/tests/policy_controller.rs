@@ -118,11 +118,15 @@ async fn cluster() -> Cluster {
     .await
     .expect("CanalNetwork");
     let nodes: Api<Node> = Api::all(client.clone());
-    for n in ["n1", "n2"] {
+    // Pod IPs count only inside their node's podCIDR.
+    for (n, cidr) in [("n1", "10.244.1.0/24"), ("n2", "10.244.2.0/24")] {
         nodes
             .create(
                 &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": n}})).unwrap(),
+                &serde_json::from_value(
+                    json!({"metadata": {"name": n}, "spec": {"podCIDR": cidr, "podCIDRs": [cidr]}}),
+                )
+                .unwrap(),
             )
             .await
             .unwrap();
@@ -779,5 +783,170 @@ async fn canal_network_summary_follows_agent_statuses_and_leaves_conditions_alon
         .await
         .unwrap();
     summary(("disabled", 2, 2)).await;
+    ctl.stop().await;
+}
+
+/// Waits for an Event with `reason` about Pod `ns`/`name`; returns its note.
+async fn pod_event(client: &Client, ns: &str, name: &str, reason: &str) -> String {
+    wait_for(&format!("a {reason} Event on pod {ns}/{name}"), || async {
+        let events = Api::<Event>::namespaced(client.clone(), ns)
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        events
+            .items
+            .into_iter()
+            .find(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                    && e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("Pod")
+                    && e.reason.as_deref() == Some(reason)
+            })
+            .and_then(|e| e.note)
+            .ok_or("no such Event yet".to_string())
+    })
+    .await
+}
+
+fn endpoint_ips(n: &NodePolicySet, ns: &str, pod: &str) -> Option<Vec<String>> {
+    n.spec
+        .endpoints
+        .iter()
+        .find(|e| e.namespace == ns && e.pod == pod)
+        .map(|e| e.ips.clone())
+}
+
+/// Issue 10.6: a Pod reporting an IP another Pod holds, or one outside its
+/// node's podCIDR or the cluster, gets a Warning Event and no access
+/// through it; the IP is handed over when its holder goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contested_and_out_of_range_pod_ips_never_lend_access() {
+    let c = cluster().await;
+    apply_policy(&c.client, ISOLATE_X_A).await;
+    apply_policy(&c.client, Y_FROM_X).await;
+    let ctl = Running::start(&c.client);
+    wait_compiled(&c.client).await;
+    // Creation timestamps have one-second resolution: the newcomers are
+    // younger than every pod of the cluster.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // x/evil (not allowed to x/a) reports x/b's IP: if its endpoint showed
+    // it, the dataplane would let it send as x/b.
+    create_pod(&c.client, "x", "evil", "n1", "10.244.1.3").await;
+    // x/fake, labelled like x/b, reports y/a's IP on y/a's node: if that IP
+    // joined the pod=b set, y/a would be admitted to x/a.
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "x");
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": "fake", "labels": {"pod": "b"}},
+            "spec": {"nodeName": "n2", "containers": [{"name": "c", "image": "registry.invalid/echo"}]}
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    set_pod_ip(&c.client, "x", "fake", "10.244.2.2").await;
+    // An IP of n2's range reported on n1, and one outside the cluster.
+    create_pod(&c.client, "x", "forged", "n1", "10.244.2.3").await;
+    create_pod(&c.client, "x", "outside", "n1", "192.168.7.7").await;
+
+    let note = pod_event(&c.client, "x", "evil", "PodIPRefused").await;
+    assert!(
+        note.contains("10.244.1.3 is already held by pod x/b"),
+        "{note}"
+    );
+    let note = pod_event(&c.client, "x", "fake", "PodIPRefused").await;
+    assert!(
+        note.contains("10.244.2.2 is already held by pod y/a"),
+        "{note}"
+    );
+    let note = pod_event(&c.client, "x", "forged", "PodIPRefused").await;
+    assert!(
+        note.contains("10.244.2.3 lies outside the podCIDR 10.244.1.0/24 of its node n1"),
+        "{note}"
+    );
+    let note = pod_event(&c.client, "x", "outside", "PodIPRefused").await;
+    assert!(
+        note.contains("192.168.7.7 lies outside clusterCIDR 10.244.0.0/16"),
+        "{note}"
+    );
+    wait_for("the contested IPs to stay with their holders", || async {
+        let n1 = nps(&c.client, "n1").await?;
+        let n2 = nps(&c.client, "n2").await?;
+        let sets = peer_sets(&c.client).await;
+        let b = sets
+            .iter()
+            .find(|s| s.spec.selector.namespace.as_deref() == Some("x"))
+            .ok_or("x set missing")?;
+        let seen = (
+            endpoint_ips(&n1, "x", "evil"),
+            endpoint_ips(&n1, "x", "b"),
+            endpoint_ips(&n2, "x", "fake"),
+            endpoint_ips(&n1, "x", "forged"),
+            endpoint_ips(&n1, "x", "outside"),
+            b.spec.ips.clone(),
+        );
+        let none = Some(Vec::<String>::new());
+        if seen
+            == (
+                none.clone(),
+                Some(vec!["10.244.1.3".to_string()]),
+                none.clone(),
+                none.clone(),
+                none,
+                vec!["10.244.1.3".to_string()],
+            )
+        {
+            Ok(())
+        } else {
+            Err(format!("{seen:?}"))
+        }
+    })
+    .await;
+
+    // x/b goes: x/evil holds 10.244.1.3 now, and the pod=b set no longer.
+    pods.delete("b", &DeleteParams::default()).await.unwrap();
+    wait_for("the IP handed over to x/evil", || async {
+        let n1 = nps(&c.client, "n1").await?;
+        let sets = peer_sets(&c.client).await;
+        let b = sets
+            .iter()
+            .find(|s| s.spec.selector.namespace.as_deref() == Some("x"))
+            .ok_or("x set missing")?;
+        let seen = (endpoint_ips(&n1, "x", "evil"), b.spec.ips.clone());
+        if seen == (Some(vec!["10.244.1.3".to_string()]), vec![]) {
+            Ok(())
+        } else {
+            Err(format!("{seen:?}"))
+        }
+    })
+    .await;
+    let note = pod_event(&c.client, "x", "evil", "PodIPAccepted").await;
+    assert!(note.contains("its own again"), "{note}");
+
+    // A PeerSet edited by someone else is put back.
+    let sets = peer_sets(&c.client).await;
+    let ns_x = sets
+        .iter()
+        .find(|s| s.spec.selector.namespace.is_none() && !s.spec.ips.is_empty())
+        .expect("the namespace x set of y/from-x")
+        .clone();
+    let api: Api<PeerSet> = Api::all(c.client.clone());
+    api.patch(
+        &ns_x.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"ips": ["10.244.2.2", "203.0.113.66"]}})),
+    )
+    .await
+    .unwrap();
+    wait_for("the tampered PeerSet to be restored", || async {
+        let now = api.get(&ns_x.name_any()).await.map_err(|e| e.to_string())?;
+        if now.spec.ips == ns_x.spec.ips {
+            Ok(())
+        } else {
+            Err(format!("{:?}", now.spec.ips))
+        }
+    })
+    .await;
     ctl.stop().await;
 }

@@ -80,6 +80,15 @@ pub struct CanalNetworkSpec {
     #[x_kube(validation = kube::core::Rule::new(
         "isCIDR(self) && cidr(self).ip().family() == 4 && cidr(self).masked() == cidr(self)"
     ).message("clusterCIDR must be a valid IPv4 network in CIDR notation with no host bits set, e.g. 10.244.0.0/16"))]
+    // What can never work, one rule per range so the message names it. The
+    // table in `validate.rs` is the one source; a test checks that every
+    // entry has its rule here.
+    #[x_kube(validation = crate::validate::min_prefix_rule(crate::validate::MIN_PREFIX_V4))]
+    #[x_kube(validation = crate::validate::reserved_rule(&crate::validate::RESERVED_V4[0]))]
+    #[x_kube(validation = crate::validate::reserved_rule(&crate::validate::RESERVED_V4[1]))]
+    #[x_kube(validation = crate::validate::reserved_rule(&crate::validate::RESERVED_V4[2]))]
+    #[x_kube(validation = crate::validate::reserved_rule(&crate::validate::RESERVED_V4[3]))]
+    #[x_kube(validation = crate::validate::reserved_rule(&crate::validate::RESERVED_V4[4]))]
     pub cluster_cidr: String,
 
     /// Prefix length of each node's pod subnet (flannel's `SubnetLen`), e.g.
@@ -100,9 +109,11 @@ pub struct CanalNetworkSpec {
     pub masquerade: bool,
 
     /// Underlay interface whose address carries the overlay (Canal's
-    /// `canal_iface`). Empty: the interface of the default route.
+    /// `canal_iface`), a Linux interface name such as eth0 or bond0.100.
+    /// Empty: the interface of the default route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 15))]
+    #[x_kube(validation = crate::validate::interface_rule())]
     pub interface: Option<String>,
 
     /// What happens to traffic from a pod to its own node after the pod's

@@ -100,6 +100,8 @@ fn default_values_render_every_component() {
         "RoleBinding",
         "Service",
         "ServiceAccount",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -364,6 +366,8 @@ async fn install_upgrade_uninstall_against_a_real_api_server() {
         "deployment.apps/canal-controller",
         "clusterrole.rbac.authorization.k8s.io/canal-agent",
         "clusterrole.rbac.authorization.k8s.io/canal-controller",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/canal-agent-node-restriction",
+        "validatingadmissionpolicybinding.admissionregistration.k8s.io/canal-agent-node-restriction",
     ] {
         assert!(
             names.contains(expected),

@@ -144,6 +144,82 @@ async fn invalid_specs_are_rejected_naming_the_field() {
             json!({"clusterCIDR": "10.244.0.0/16", "defaultEndpointToHostAction": "Reject"}),
             "defaultEndpointToHostAction",
         ),
+        // What can never work (issue 10.6): the message names the range.
+        (
+            "loopback",
+            json!({"clusterCIDR": "127.0.0.0/8"}),
+            "clusterCIDR must not overlap 127.0.0.0/8 (loopback)",
+        ),
+        (
+            "inside-loopback",
+            json!({"clusterCIDR": "127.10.0.0/16"}),
+            "127.0.0.0/8 (loopback)",
+        ),
+        (
+            "multicast",
+            json!({"clusterCIDR": "224.0.0.0/4", "nodeSubnetLength": 30}),
+            "224.0.0.0/4 (multicast)",
+        ),
+        (
+            "reserved",
+            json!({"clusterCIDR": "240.0.0.0/8"}),
+            "240.0.0.0/4 (reserved",
+        ),
+        (
+            "broadcast",
+            json!({"clusterCIDR": "255.255.255.0/24", "nodeSubnetLength": 28}),
+            "255.255.255.255",
+        ),
+        (
+            "this-network",
+            json!({"clusterCIDR": "0.0.0.0/8"}),
+            "0.0.0.0/8",
+        ),
+        (
+            "link-local",
+            json!({"clusterCIDR": "169.254.0.0/16"}),
+            "169.254.1.1",
+        ),
+        (
+            "around-link-local",
+            json!({"clusterCIDR": "169.0.0.0/8"}),
+            "169.254.0.0/16 (link-local)",
+        ),
+        (
+            "half-the-internet",
+            json!({"clusterCIDR": "0.0.0.0/1"}),
+            "clusterCIDR must not overlap 0.0.0.0/8",
+        ),
+        (
+            "too-wide",
+            json!({"clusterCIDR": "10.0.0.0/7"}),
+            "clusterCIDR must be /8 or longer",
+        ),
+        (
+            "interface-space-slash",
+            json!({"clusterCIDR": "10.244.0.0/16", "interface": "a b/c"}),
+            "interface must be a Linux interface name",
+        ),
+        (
+            "interface-dot",
+            json!({"clusterCIDR": "10.244.0.0/16", "interface": ".."}),
+            "interface must be a Linux interface name",
+        ),
+        (
+            "interface-alias",
+            json!({"clusterCIDR": "10.244.0.0/16", "interface": "eth0:1"}),
+            "interface must be a Linux interface name",
+        ),
+        (
+            "interface-tab",
+            json!({"clusterCIDR": "10.244.0.0/16", "interface": "eth\t0"}),
+            "interface must be a Linux interface name",
+        ),
+        (
+            "interface-16-bytes",
+            json!({"clusterCIDR": "10.244.0.0/16", "interface": "äbcdefghijklmno"}),
+            "interface must be a Linux interface name",
+        ),
     ];
 
     let mut failures = vec![];
@@ -179,6 +255,24 @@ async fn invalid_specs_are_rejected_naming_the_field() {
     api.create(&PostParams::default(), &ok)
         .await
         .expect("edge values are valid");
+    for (name, spec) in [
+        (
+            "next-to-link-local",
+            json!({"clusterCIDR": "169.253.0.0/16", "interface": "bond0.100"}),
+        ),
+        (
+            "cgnat",
+            json!({"clusterCIDR": "100.64.0.0/10", "interface": "fifteen-bytes-x"}),
+        ),
+        (
+            "public",
+            json!({"clusterCIDR": "223.0.0.0/8", "interface": ""}),
+        ),
+    ] {
+        api.create(&PostParams::default(), &network(name, spec.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {spec} refused: {e}"));
+    }
 }
 
 #[tokio::test]

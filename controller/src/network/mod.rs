@@ -13,6 +13,7 @@
 //! spawned: dropping it (a lost Lease) stops every write at once.
 
 pub mod programmed;
+pub mod addresses;
 pub mod state;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -396,6 +397,19 @@ impl Shell {
                             WriteKind::Update => {
                                 tracing::debug!(node = %name, "updated the Node's overlay annotations");
                             }
+                        }
+                        if let Some(moved) = &write.moved {
+                            tracing::warn!(node = %name, from = %moved.from, to = %moved.to, source = %moved.source, "the Node's overlay address moved");
+                            self.notify(Notice {
+                                subject: Subject::Node {
+                                    name: name.clone(),
+                                    uid: self.state.node(&name).and_then(|v| v.uid.clone()),
+                                },
+                                warning: true,
+                                reason: "NodeAddressChanged",
+                                action: "PublishNodeAddress",
+                                note: addresses::move_note(moved),
+                            });
                         }
                     }
                     Err(e) => {

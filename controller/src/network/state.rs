@@ -13,7 +13,10 @@
 //! - nothing set on a Node is ever changed: podCIDRs are repeated verbatim,
 //!   Nodes in conflict get no write at all;
 //! - the address plan (clusterCIDR, nodeSubnetLength) changes only while no
-//!   subnet is allocated.
+//!   subnet is allocated;
+//! - a subnet holding a Node's own address is never allocated, and a Node's
+//!   overlay address never moves to one that cannot be right, nor silently
+//!   (see `addresses.rs`).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -22,6 +25,7 @@ use ipnet::Ipv4Net;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
+use super::addresses::{self, AddressIndex, Move};
 use crate::ipam::{Allocator, IpamError};
 use crate::node_view::{NodeView, PodCidr};
 use crate::status::{self, ActivePlan, Assessment, RefusedChange};
@@ -65,6 +69,8 @@ pub struct NodeWrite {
     pub kind: WriteKind,
     /// resourceVersion of the Node as it was planned against.
     pub based_on: Option<String>,
+    /// The overlay address moves with this write (an Event follows).
+    pub moved: Option<Move>,
 }
 
 /// One status apply to a CanalNetwork.
@@ -133,6 +139,10 @@ pub struct State {
     dirty: BTreeSet<AgeKey>,
     waiting: BTreeSet<AgeKey>,
     conflicts: BTreeMap<String, String>,
+    /// Nodes whose addresses conflict (inside clusterCIDR, another Node's
+    /// overlay address, unusable): name -> why.
+    address_conflicts: BTreeMap<String, String>,
+    addresses: AddressIndex,
     refused: Option<RefusedChange>,
     invalid_spec: Option<String>,
     notices: Vec<Notice>,
@@ -164,9 +174,14 @@ impl State {
         self.waiting.len()
     }
 
-    /// Nodes whose podCIDR cannot be used.
+    /// Nodes whose podCIDR or addresses conflict.
     pub fn conflict_count(&self) -> usize {
         self.conflicts.len()
+            + self
+                .address_conflicts
+                .keys()
+                .filter(|n| !self.conflicts.contains_key(*n))
+                .count()
     }
 
     /// Nodes that still need a look.
@@ -183,11 +198,31 @@ impl State {
     pub fn apply_node(&mut self, view: NodeView) {
         let name = view.name.clone();
         let key = view.age_key();
-        self.nodes.insert(name.clone(), view);
+        let before = self.nodes.insert(name.clone(), view);
+        let update = self
+            .addresses
+            .update(&name, before.as_ref(), self.nodes.get(&name));
+        self.dirty.extend(update.others);
+        if update.addresses_changed {
+            self.sync_reserved();
+        }
         if self.alloc.is_some() {
             self.sync_claim(&name);
         }
         self.dirty.insert(key);
+    }
+
+    /// Holds back the subnets that contain a Node address.
+    fn sync_reserved(&mut self) {
+        let Some(alloc) = self.alloc.as_mut() else {
+            return;
+        };
+        let before = alloc.free();
+        let inside: Vec<_> = self.addresses.inside(alloc.cluster()).collect();
+        alloc.set_reserved(inside);
+        if alloc.free() > before {
+            self.wake_waiting();
+        }
     }
 
     /// A Node was deleted: its subnet is freed and waiting Nodes get a look.
@@ -199,6 +234,19 @@ impl State {
         self.dirty.remove(&key);
         self.waiting.remove(&key);
         self.conflicts.remove(name);
+        self.address_conflicts.remove(name);
+        let update = self.addresses.update(name, Some(&view), None);
+        self.dirty.extend(update.others);
+        if update.addresses_changed {
+            self.sync_reserved();
+        }
+        // Messages about Node addresses name the Node owning their subnet.
+        let named: Vec<AgeKey> = self
+            .address_conflicts
+            .keys()
+            .filter_map(|n| self.nodes.get(n).map(NodeView::age_key))
+            .collect();
+        self.dirty.extend(named);
         let freed = self.alloc.as_mut().and_then(|a| a.release(name));
         if freed.is_some() {
             self.wake_waiting();
@@ -309,7 +357,7 @@ impl State {
                     continue;
                 }
                 plan.nodes_reconciled += 1;
-                if let Some(w) = self.process_node(&key.1) {
+                if let Some(w) = self.process_node(&key.1, now.0) {
                     plan.node_writes.push(w);
                 }
             }
@@ -431,6 +479,7 @@ impl State {
             return;
         };
         self.alloc = Some(alloc);
+        self.sync_reserved();
         self.conflicts.clear();
         self.waiting.clear();
         let mut names: Vec<AgeKey> = self.nodes.values().map(NodeView::age_key).collect();
@@ -516,8 +565,40 @@ impl State {
         self.dirty.extend(again);
     }
 
-    fn process_node(&mut self, name: &str) -> Option<NodeWrite> {
+    /// Decides the overlay address of `name` and records what is wrong
+    /// with its addresses (an Event when that changes).
+    fn assess_addresses(&mut self, name: &str, now: Timestamp) -> Option<addresses::Overlay> {
+        let view = self.nodes.get(name)?;
+        let alloc = self.alloc.as_ref()?;
+        let holder = match addresses::wanted(view) {
+            addresses::Wanted::Address(ip, _) => self.addresses.holder(ip, &self.nodes),
+            _ => None,
+        };
+        let overlay = addresses::decide(view, holder, alloc, now);
+        let line = addresses::problem_line(&overlay.problems);
+        if self.address_conflicts.get(name) != line.as_ref() {
+            match line {
+                Some(why) => {
+                    self.notices.push(Notice {
+                        subject: self.node_subject(name),
+                        warning: true,
+                        reason: "NodeAddressConflict",
+                        action: "PublishNodeAddress",
+                        note: why.clone(),
+                    });
+                    self.address_conflicts.insert(name.to_string(), why);
+                }
+                None => {
+                    self.address_conflicts.remove(name);
+                }
+            }
+        }
+        Some(overlay)
+    }
+
+    fn process_node(&mut self, name: &str, now: Timestamp) -> Option<NodeWrite> {
         self.sync_claim(name);
+        let overlay = self.assess_addresses(name, now)?;
         let view = self.nodes.get(name)?;
         let live = self.live.as_ref()?;
         let alloc = self.alloc.as_mut()?;
@@ -530,7 +611,7 @@ impl State {
                 if self.conflicts.contains_key(name) || alloc.subnet_of(name) != Some(subnet) {
                     return None;
                 }
-                let apply = vtep::desired(view, subnet, live);
+                let apply = vtep::desired(view, subnet, live, &overlay);
                 if vtep::is_current(view, &apply) {
                     return None;
                 }
@@ -543,6 +624,7 @@ impl State {
                     apply,
                     kind,
                     based_on: view.resource_version.clone(),
+                    moved: overlay.moved,
                 })
             }
             PodCidr::Invalid { .. } => None,
@@ -550,9 +632,10 @@ impl State {
                 Ok(subnet) => {
                     self.waiting.remove(&key);
                     Some(NodeWrite {
-                        apply: vtep::desired(view, subnet, live),
+                        apply: vtep::desired(view, subnet, live, &overlay),
                         kind: WriteKind::Allocate(subnet),
                         based_on: view.resource_version.clone(),
+                        moved: overlay.moved,
                     })
                 }
                 Err(e) => {
@@ -594,6 +677,11 @@ impl State {
                 .map(|(n, why)| (n.clone(), why.clone()))
                 .collect(),
             programmed: Some(super::programmed::summarize(self.nodes.values())),
+            address_conflicts: self
+                .address_conflicts
+                .iter()
+                .map(|(n, why)| (n.clone(), why.clone()))
+                .collect(),
         }
     }
 

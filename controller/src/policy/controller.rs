@@ -43,7 +43,9 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::fingerprint::{self, Fingerprint};
-use super::index::{Change, PolicyIndex, PolicyReport, RenderedNodePolicySet, RenderedPeerSet};
+use super::index::{
+    Change, PodIpReport, PolicyIndex, PolicyReport, RenderedNodePolicySet, RenderedPeerSet,
+};
 use super::input::{NamespaceInfo, NodeInfo, PodInfo};
 use super::metrics::Metrics;
 use super::summary::{self, NodeStatus, PolicySummary};
@@ -332,6 +334,9 @@ struct NetworkView {
     uid: Option<String>,
     policy_enabled: bool,
     summary: Option<PolicySummary>,
+    /// The pod range in force (status.activeClusterCIDR, else the spec's):
+    /// pod IPs outside it are never a pod's identity.
+    cluster_cidr: Option<ipnet::IpNet>,
 }
 
 impl NetworkView {
@@ -341,12 +346,20 @@ impl NetworkView {
                 uid: cn.metadata.uid.clone(),
                 policy_enabled: cn.spec.policy.enabled,
                 summary: cn.status.as_ref().and_then(PolicySummary::from_status),
+                cluster_cidr: cn
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.active_cluster_cidr.as_deref())
+                    .unwrap_or(&cn.spec.cluster_cidr)
+                    .parse()
+                    .ok(),
             },
             // Unreadable spec: keep summarizing (as if enabled).
             Err(bad) => NetworkView {
                 uid: bad.metadata.uid.clone(),
                 policy_enabled: true,
                 summary: None,
+                cluster_cidr: None,
             },
         }
     }
@@ -665,6 +678,11 @@ impl Controller {
                 if self.owner_uid().is_some() && self.owner_uid() != before.as_deref() {
                     self.adopt_all();
                 }
+                // The last known range stays when the object goes (nothing
+                // is written then anyway).
+                if let Some(cidr) = self.network.as_ref().and_then(|n| n.cluster_cidr) {
+                    self.index.set_cluster_cidrs(Some(vec![cidr]));
+                }
                 self.mark_synced(Resource::CanalNetwork);
             }
         }
@@ -794,6 +812,9 @@ impl Controller {
         }
         for report in changes.reports {
             self.publish_event(report).await;
+        }
+        for report in changes.pod_reports {
+            self.publish_pod_event(report).await;
         }
         self.write_summary().await;
         self.metrics.syncs.inc();
@@ -1077,6 +1098,50 @@ impl Controller {
                 type_: EventType::Normal,
                 reason: "NetworkPolicyCompiled".into(),
                 note: Some("the NetworkPolicy is valid again and enforced".into()),
+                action: "Compile".into(),
+                secondary: None,
+            },
+        };
+        match self.recorder.publish(&event, &reference).await {
+            Ok(()) => self
+                .metrics
+                .objects_written
+                .with_label_values(&["Event", "create"])
+                .inc(),
+            Err(e) => {
+                warn!(namespace = %report.namespace, name = %report.name, error = %e, "publishing Event failed");
+                self.metrics.errors.with_label_values(&["event"]).inc();
+            }
+        }
+    }
+
+    /// A pod some of whose IPs NetworkPolicy does not use (or uses again).
+    async fn publish_pod_event(&mut self, report: PodIpReport) {
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(report.namespace.clone()),
+            name: Some(report.name.clone()),
+            uid: report.uid.clone(),
+            ..Default::default()
+        };
+        let event = match &report.problem {
+            Some(problem) => {
+                warn!(namespace = %report.namespace, name = %report.name, problem = %problem, "pod IPs not used for NetworkPolicy");
+                KubeEvent {
+                    type_: EventType::Warning,
+                    reason: "PodIPRefused".into(),
+                    note: Some(truncate(problem, 1000)),
+                    action: "Compile".into(),
+                    secondary: None,
+                }
+            }
+            None => KubeEvent {
+                type_: EventType::Normal,
+                reason: "PodIPAccepted".into(),
+                note: Some(
+                    "every IP of this pod is its own again and used for NetworkPolicy".into(),
+                ),
                 action: "Compile".into(),
                 secondary: None,
             },

@@ -22,6 +22,13 @@
 //!   cluster holds (see `fingerprint.rs`). Objects are rendered one at a
 //!   time when written, so memory does not scale with the output size.
 //!
+//! - **Pod IPs are claimed.** A pod is known to NetworkPolicy only by the
+//!   IPs it holds: those inside its node's podCIDRs and clusterCIDR (canal
+//!   allocates nowhere else) that no pod before it holds (see `claims.rs`).
+//!   Any other IP it reports joins no PeerSet and is no endpoint address,
+//!   so a forged or duplicated pod status never grants one pod another
+//!   pod's access; the pod gets a Warning Event ([`PodIpReport`]).
+//!
 //! Everything is keyed by small slab ids; strings are interned. No I/O.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -30,8 +37,12 @@ use std::sync::Arc;
 
 use canal_crds::Protocol;
 use canal_crds::{CompiledPolicy, Endpoint, NamedPort, NodePolicySetSpec, PeerSetSpec, PortMember};
+use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::jiff::Timestamp;
 use smallvec::SmallVec;
+
+use super::claims::IpClaims;
 
 use super::compile::{self, PeerKey, PeerRef, PeerScope, PolicyDef};
 use super::fingerprint::{self, Fingerprint, Fp};
@@ -73,7 +84,22 @@ struct Pod {
     named_ports: Box<[(Sym, Protocol, u16)]>,
     host_network: bool,
     finished: bool,
-    /// Fingerprint of what the pod shows in its endpoint (name, IPs,
+    uid: Option<Box<str>>,
+    created: Option<Timestamp>,
+    terminating: bool,
+    /// Bit i: `ips[i]` is claimed (inside the node's podCIDRs and
+    /// clusterCIDR). A pod has at most two IPs (one per family); a mask
+    /// instead of lists keeps 150,000 pods small.
+    claimed: u8,
+    /// Bit i: `ips[i]` is claimed and no pod before it holds it: what
+    /// NetworkPolicy knows the pod by (set memberships, named ports, its
+    /// endpoint).
+    held: u8,
+    /// The IP problem last reported with an Event.
+    reported: Option<String>,
+    /// Listed in `ip_review`.
+    review_queued: bool,
+    /// Fingerprint of what the pod shows in its endpoint (name, held IPs,
     /// named ports), recomputed only when those change.
     own_fp: Fingerprint,
     /// Groups selecting this pod, in canonical (selector text) order.
@@ -82,7 +108,21 @@ struct Pod {
     sets: SmallVec<[SetId; 4]>,
 }
 
+/// The IPs of `ips` whose bit is set in `mask` (at most the first eight).
+fn masked(ips: &[IpAddr], mask: u8) -> impl Iterator<Item = IpAddr> + '_ {
+    ips.iter()
+        .take(8)
+        .enumerate()
+        .filter(move |(i, _)| mask & (1 << i) != 0)
+        .map(|(_, ip)| *ip)
+}
+
 impl Pod {
+    /// The IPs NetworkPolicy knows the pod by.
+    fn held_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        masked(&self.ips, self.held)
+    }
+
     /// A NetworkPolicy subject or peer at all.
     fn member(&self) -> bool {
         !self.host_network && !self.finished
@@ -97,6 +137,8 @@ impl Pod {
 struct Node {
     name: Arc<str>,
     exists: bool,
+    /// The Node's pod subnets: its pods hold addresses only from these.
+    pod_cidrs: Vec<IpNet>,
     /// Endpoint pods on this node.
     pods: Vec<PodId>,
     /// Pods naming this node (endpoints or not).
@@ -186,9 +228,22 @@ pub struct PolicyReport {
     pub kept_previous: bool,
 }
 
+/// A pod whose IPs NetworkPolicy does not (or again does) use, for an Event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodIpReport {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// UID, for the Event's reference.
+    pub uid: Option<String>,
+    /// Which IPs are not used and why; None: every IP is used again.
+    pub problem: Option<String>,
+}
+
 /// What a flush found: the writes, in no particular order within a kind
 /// (the caller applies PeerSets before NodePolicySets and deletes
-/// NodePolicySets before PeerSets), and the policy reports.
+/// NodePolicySets before PeerSets), and the policy and pod reports.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     /// PeerSet writes.
@@ -197,12 +252,17 @@ pub struct Changes {
     pub node_policy_sets: Vec<Change>,
     /// Policies that became invalid or valid again.
     pub reports: Vec<PolicyReport>,
+    /// Pods whose IP problem changed.
+    pub pod_reports: Vec<PodIpReport>,
 }
 
 impl Changes {
     /// Nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.peer_sets.is_empty() && self.node_policy_sets.is_empty() && self.reports.is_empty()
+        self.peer_sets.is_empty()
+            && self.node_policy_sets.is_empty()
+            && self.reports.is_empty()
+            && self.pod_reports.is_empty()
     }
 }
 
@@ -271,6 +331,12 @@ pub struct PolicyIndex {
     written_nps: HashMap<Arc<str>, Option<Fingerprint>>,
     written_ps: HashMap<Arc<str>, Option<Fingerprint>>,
     reports: Vec<PolicyReport>,
+    /// Who holds each pod IP.
+    claims: IpClaims<PodId>,
+    /// The cluster's pod ranges (None: not known, not checked).
+    cluster_cidrs: Option<Vec<IpNet>>,
+    /// Pods whose IP problem may have changed since the last flush.
+    ip_review: Vec<PodId>,
 }
 
 impl PolicyIndex {
@@ -423,7 +489,7 @@ impl PolicyIndex {
         let node = info.node.as_deref().map(|n| self.node_id(n));
         let ips: Box<[IpAddr]> = info.ips.into_boxed_slice();
         let existing = self.namespaces[ns].pods.get(info.name.as_str()).copied();
-        match existing {
+        let id = match existing {
             Some(id) => {
                 let p = &self.pods[id];
                 if p.labels == labels
@@ -432,8 +498,11 @@ impl PolicyIndex {
                     && p.node == node
                     && p.host_network == info.host_network
                     && p.finished == info.finished
+                    && p.created == info.created
+                    && p.terminating == info.terminating
                 {
                     // Status churn NetworkPolicy does not see (readiness, ...).
+                    self.pods[id].uid = info.uid.map(String::into_boxed_str);
                     return;
                 }
                 let old_node = p.node;
@@ -453,15 +522,17 @@ impl PolicyIndex {
                 p.node = node;
                 p.host_network = info.host_network;
                 p.finished = info.finished;
-                p.own_fp = pod_fp(&info.namespace, &p.name, &p.ips, &p.named_ports);
-                self.link_pod(id);
+                p.uid = info.uid.map(String::into_boxed_str);
+                p.created = info.created;
+                p.terminating = info.terminating;
+                self.settle_and_link(id);
                 if let Some(n) = old_node {
                     self.maybe_forget_node(n);
                 }
+                id
             }
             None => {
                 let name: Arc<str> = Arc::from(info.name);
-                let own_fp = pod_fp(&info.namespace, &name, &ips, &named_ports);
                 let id = self.pods.insert(Pod {
                     ns,
                     name: name.clone(),
@@ -471,7 +542,14 @@ impl PolicyIndex {
                     named_ports,
                     host_network: info.host_network,
                     finished: info.finished,
-                    own_fp,
+                    uid: info.uid.map(String::into_boxed_str),
+                    created: info.created,
+                    terminating: info.terminating,
+                    claimed: 0,
+                    held: 0,
+                    reported: None,
+                    review_queued: false,
+                    own_fp: 0,
                     groups: SmallVec::new(),
                     sets: SmallVec::new(),
                 });
@@ -479,9 +557,11 @@ impl PolicyIndex {
                 if let Some(n) = node {
                     self.nodes[n].refs += 1;
                 }
-                self.link_pod(id);
+                self.settle_and_link(id);
+                id
             }
-        }
+        };
+        self.review(id);
         if let Some(n) = node {
             self.maybe_forget_node(n);
         }
@@ -496,13 +576,234 @@ impl PolicyIndex {
             return;
         };
         self.unlink_pod(id);
+        let handed_over = self.release_claims(id);
         let node = self.pods[id].node;
         self.pods.remove(id);
+        for q in handed_over {
+            self.relink(q);
+        }
         if let Some(n) = node {
             self.nodes[n].refs -= 1;
             self.maybe_forget_node(n);
         }
         self.maybe_forget_namespace(ns);
+    }
+
+    // ----- Pod IPs ------------------------------------------------------
+
+    /// The cluster's pod ranges (None: unknown, so not checked). Pods
+    /// holding IPs outside them lose those IPs.
+    pub fn set_cluster_cidrs(&mut self, cidrs: Option<Vec<IpNet>>) {
+        if self.cluster_cidrs == cidrs {
+            return;
+        }
+        self.cluster_cidrs = cidrs;
+        let all: Vec<PodId> = self.pods.iter().map(|(id, _)| id).collect();
+        for id in all {
+            self.reclaim(id);
+        }
+    }
+
+    /// True when `a` holds a contested IP before `b`: a running pod before a
+    /// terminating one, then the older, then by namespace/name, so every
+    /// controller (and every restart) decides the same.
+    fn claims_before(&self, a: PodId, b: PodId) -> bool {
+        let key = |id: PodId| {
+            let p = &self.pods[id];
+            (
+                p.terminating,
+                p.created,
+                self.namespaces[p.ns].name.as_str(),
+                &*p.name,
+            )
+        };
+        key(a) < key(b)
+    }
+
+    /// Why `ip` of pod `id` can never be its address, if so.
+    fn ip_out_of_range(&self, id: PodId, ip: IpAddr) -> Option<String> {
+        let p = &self.pods[id];
+        if let Some(cluster) = &self.cluster_cidrs
+            && !cluster.iter().any(|c| c.contains(&ip))
+        {
+            let shown: Vec<String> = cluster.iter().map(ToString::to_string).collect();
+            return Some(format!(
+                "{ip} lies outside clusterCIDR {}",
+                shown.join(", ")
+            ));
+        }
+        let strict = self.cluster_cidrs.is_some();
+        let Some(node) = p.node.map(|n| &self.nodes[n]) else {
+            return strict.then(|| format!("{ip}: the pod is on no node"));
+        };
+        if node.pod_cidrs.is_empty() {
+            return strict.then(|| format!("{ip}: its node {} has no podCIDR", node.name));
+        }
+        if node.pod_cidrs.iter().any(|c| c.contains(&ip)) {
+            return None;
+        }
+        let shown: Vec<String> = node.pod_cidrs.iter().map(ToString::to_string).collect();
+        Some(format!(
+            "{ip} lies outside the podCIDR {} of its node {}",
+            shown.join(", "),
+            node.name
+        ))
+    }
+
+    /// Gives up every claim of `id`; returns the pods that hold an IP now.
+    fn release_claims(&mut self, id: PodId) -> SmallVec<[PodId; 2]> {
+        let p = &mut self.pods[id];
+        let mask = std::mem::take(&mut p.claimed);
+        let ips: SmallVec<[IpAddr; 2]> = masked(&p.ips, mask).collect();
+        ips.into_iter()
+            .filter_map(|ip| self.claims.release(ip, id))
+            .collect()
+    }
+
+    /// Bit mask of the IPs of `id` it may claim.
+    fn valid_mask(&self, id: PodId) -> u8 {
+        let p = &self.pods[id];
+        if !p.member() {
+            return 0;
+        }
+        p.ips
+            .iter()
+            .take(8)
+            .enumerate()
+            .filter(|(_, ip)| self.ip_out_of_range(id, **ip).is_none())
+            .fold(0, |m, (i, _)| m | (1 << i))
+    }
+
+    /// Re-decides the claims of the unlinked pod `id`, links it, and relinks
+    /// the pods whose holdings changed with it.
+    fn settle_and_link(&mut self, id: PodId) {
+        let mut affected = self.release_claims(id);
+        let valid = self.valid_mask(id);
+        let ips: SmallVec<[IpAddr; 2]> = masked(&self.pods[id].ips, valid).collect();
+        // Split borrow: the order reads the pods, the claims change.
+        let mut claims = std::mem::take(&mut self.claims);
+        for ip in ips {
+            if let Some(displaced) = claims.claim(ip, id, |a, b| self.claims_before(a, b)) {
+                affected.push(displaced);
+            }
+        }
+        self.claims = claims;
+        self.pods[id].claimed = valid;
+        self.refresh_held(id);
+        self.link_pod(id);
+        affected.sort();
+        affected.dedup();
+        for q in affected {
+            if q != id {
+                self.relink(q);
+            }
+        }
+    }
+
+    /// The pod's holdings changed because of another pod.
+    fn relink(&mut self, id: PodId) {
+        self.unlink_pod(id);
+        self.refresh_held(id);
+        self.link_pod(id);
+        self.review(id);
+    }
+
+    /// Validity may have changed (a node's podCIDRs, the cluster's range):
+    /// the claims are decided again when they differ.
+    fn reclaim(&mut self, id: PodId) {
+        self.review(id);
+        if self.valid_mask(id) == self.pods[id].claimed {
+            return;
+        }
+        self.unlink_pod(id);
+        self.settle_and_link(id);
+    }
+
+    fn refresh_held(&mut self, id: PodId) {
+        let p = &self.pods[id];
+        let held = p
+            .ips
+            .iter()
+            .take(8)
+            .enumerate()
+            .filter(|(i, ip)| p.claimed & (1 << i) != 0 && self.claims.holder(**ip) == Some(id))
+            .fold(0u8, |m, (i, _)| m | (1 << i));
+        let held_ips: SmallVec<[IpAddr; 2]> = masked(&p.ips, held).collect();
+        let own_fp = pod_fp(
+            self.namespaces[p.ns].name.as_str(),
+            &p.name,
+            &held_ips,
+            &p.named_ports,
+        );
+        let p = &mut self.pods[id];
+        p.held = held;
+        p.own_fp = own_fp;
+    }
+
+    fn review(&mut self, id: PodId) {
+        let p = &mut self.pods[id];
+        if !p.review_queued {
+            p.review_queued = true;
+            self.ip_review.push(id);
+        }
+    }
+
+    /// Which IPs of pod `id` NetworkPolicy does not use, and why.
+    fn ip_problem(&self, id: PodId) -> Option<String> {
+        let p = &self.pods[id];
+        if !p.member() {
+            return None;
+        }
+        let mut why: Vec<String> = Vec::new();
+        for &ip in p.ips.iter() {
+            if p.held_ips().any(|h| h == ip) {
+                continue;
+            }
+            if let Some(reason) = self.ip_out_of_range(id, ip) {
+                why.push(reason);
+            } else if let Some(h) = self.claims.holder(ip) {
+                let holder = &self.pods[h];
+                why.push(format!(
+                    "{ip} is already held by pod {}/{}, so it counts as that pod's until it lets go",
+                    self.namespaces[holder.ns].name, holder.name
+                ));
+            }
+        }
+        (!why.is_empty()).then(|| {
+            format!(
+                "canal does not use {} of this pod's IPs for NetworkPolicy (it joins no peer set and the pod may not send from it): {}",
+                why.len(),
+                why.join("; ")
+            )
+        })
+    }
+
+    fn pod_reports(&mut self) -> Vec<PodIpReport> {
+        let mut out = Vec::new();
+        for id in std::mem::take(&mut self.ip_review) {
+            let Some(p) = self.pods.get_mut(id) else {
+                continue;
+            };
+            p.review_queued = false;
+            let problem = self.ip_problem(id);
+            let p = &mut self.pods[id];
+            if p.reported != problem {
+                p.reported = problem.clone();
+                out.push(PodIpReport {
+                    namespace: self.namespaces[p.ns].name.to_string(),
+                    name: p.name.to_string(),
+                    uid: p.uid.as_deref().map(str::to_string),
+                    problem,
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        out
+    }
+
+    /// IPs that more than one pod reports.
+    pub fn contested_ips(&self) -> usize {
+        self.claims.contested()
     }
 
     /// The complete list of Pods (after a watch (re)start).
@@ -601,14 +902,14 @@ impl PolicyIndex {
         let p = &mut self.pods[pod];
         p.sets.push(s);
         let set = &mut self.sets[s];
-        for &ip in p.ips.iter() {
+        for ip in p.held_ips() {
             let n = set.ips.entry(ip).or_insert(0);
             *n += 1;
             if *n == 1 {
                 set.sum = set.sum.wrapping_add(fingerprint::ip_member(ip));
             }
         }
-        if !p.ips.is_empty() {
+        if p.held != 0 {
             self.dirty_set(s);
         }
     }
@@ -617,16 +918,16 @@ impl PolicyIndex {
         let p = &mut self.pods[pod];
         p.sets.retain(|x| *x != s);
         let set = &mut self.sets[s];
-        for ip in p.ips.iter() {
-            if let Some(n) = set.ips.get_mut(ip) {
+        for ip in p.held_ips() {
+            if let Some(n) = set.ips.get_mut(&ip) {
                 *n -= 1;
                 if *n == 0 {
-                    set.ips.remove(ip);
-                    set.sum = set.sum.wrapping_sub(fingerprint::ip_member(*ip));
+                    set.ips.remove(&ip);
+                    set.sum = set.sum.wrapping_sub(fingerprint::ip_member(ip));
                 }
             }
         }
-        if !p.ips.is_empty() {
+        if p.held != 0 {
             self.dirty_set(s);
         }
     }
@@ -634,14 +935,14 @@ impl PolicyIndex {
     /// Adds (+1) or removes (-1) a pod's (IP, named port) members.
     fn add_named_ports(&mut self, pod: PodId, delta: i32) {
         let p = &self.pods[pod];
-        if p.named_ports.is_empty() || p.ips.is_empty() {
+        if p.named_ports.is_empty() || p.held == 0 {
             return;
         }
         let mut touched: SmallVec<[SetId; 4]> = SmallVec::new();
         for (name, protocol, port) in p.named_ports.iter() {
             let key = (name.clone(), *protocol);
             let entry = self.named_ports.entry(key.clone()).or_default();
-            for &ip in p.ips.iter() {
+            for ip in p.held_ips() {
                 let h = fingerprint::port_member(ip, *protocol, *port);
                 if delta > 0 {
                     let n = entry.members.entry((ip, *port)).or_insert(0);
@@ -680,6 +981,19 @@ impl PolicyIndex {
             node.exists = true;
             self.dirty_node(id);
         }
+        self.set_node_pod_cidrs(id, info.pod_cidrs);
+    }
+
+    /// A Node's pod subnets changed: its pods' claims are decided again.
+    fn set_node_pod_cidrs(&mut self, id: NodeId, cidrs: Vec<IpNet>) {
+        if self.nodes[id].pod_cidrs == cidrs {
+            return;
+        }
+        self.nodes[id].pod_cidrs = cidrs;
+        let pods = self.nodes[id].pods.clone();
+        for p in pods {
+            self.reclaim(p);
+        }
     }
 
     /// A Node was deleted: its NodePolicySet goes too.
@@ -692,6 +1006,8 @@ impl PolicyIndex {
             node.exists = false;
             self.dirty_node(id);
         }
+        // Its subnets are free for other Nodes: its pods hold nothing.
+        self.set_node_pod_cidrs(id, Vec::new());
         self.maybe_forget_node(id);
     }
 
@@ -734,6 +1050,7 @@ impl PolicyIndex {
         let id = self.nodes.insert(Node {
             name: name.clone(),
             exists: false,
+            pod_cidrs: Vec::new(),
             pods: Vec::new(),
             refs: 0,
             dirty: false,
@@ -1245,6 +1562,7 @@ impl PolicyIndex {
         }
         let mut changes = Changes {
             reports: std::mem::take(&mut self.reports),
+            pod_reports: self.pod_reports(),
             ..Changes::default()
         };
         for name in nps {
@@ -1397,7 +1715,7 @@ impl PolicyIndex {
                 namespace: self.namespaces[p.ns].name.to_string(),
                 pod: p.name.to_string(),
                 interface: canal_crds::names::veth_name(&self.namespaces[p.ns].name, &p.name),
-                ips: p.ips.iter().map(|ip| ip.to_string()).collect(),
+                ips: p.held_ips().map(|ip| ip.to_string()).collect(),
                 named_ports: p
                     .named_ports
                     .iter()

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use canal_crds::{NamedPort, Protocol};
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::jiff::Timestamp;
 
 /// The parts of a Pod that NetworkPolicy depends on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -28,6 +30,15 @@ pub struct PodInfo {
     pub host_network: bool,
     /// Phase Succeeded or Failed: the pod has no running containers.
     pub finished: bool,
+    /// metadata.uid, for Events about the pod.
+    pub uid: Option<String>,
+    /// metadata.creationTimestamp: of two pods reporting one IP, the older
+    /// holds it.
+    pub created: Option<Timestamp>,
+    /// metadata.deletionTimestamp is set: a terminating pod yields a
+    /// contested IP to a running one (its sandbox may be gone already and
+    /// the address handed out again).
+    pub terminating: bool,
 }
 
 impl PodInfo {
@@ -93,6 +104,9 @@ impl PodInfo {
             named_ports,
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             finished: matches!(phase, Some("Succeeded") | Some("Failed")),
+            uid: pod.metadata.uid.clone(),
+            created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            terminating: pod.metadata.deletion_timestamp.is_some(),
         }
     }
 }
@@ -123,13 +137,26 @@ impl NamespaceInfo {
 pub struct NodeInfo {
     /// Name.
     pub name: String,
+    /// spec.podCIDRs (else spec.podCIDR), parsed: the only addresses its
+    /// pods can hold (canal-cni allocates from them).
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 impl NodeInfo {
-    /// Extracts the name.
+    /// Extracts the name and pod subnets.
     pub fn from_node(node: &Node) -> NodeInfo {
+        let spec = node.spec.as_ref();
+        let listed: Vec<&String> = match spec.and_then(|s| s.pod_cidrs.as_ref()) {
+            Some(list) if !list.is_empty() => list.iter().collect(),
+            _ => spec.and_then(|s| s.pod_cidr.as_ref()).into_iter().collect(),
+        };
         NodeInfo {
             name: node.metadata.name.clone().unwrap_or_default(),
+            pod_cidrs: listed
+                .into_iter()
+                .filter_map(|c| c.parse::<IpNet>().ok())
+                .map(|c| c.trunc())
+                .collect(),
         }
     }
 }
@@ -199,5 +226,33 @@ status:
         let info = PodInfo::from_pod(&done);
         assert!(info.finished && info.host_network);
         assert_eq!(info.ips.len(), 1, "podIP is the fallback for podIPs");
+    }
+
+    #[test]
+    fn identity_age_and_termination() {
+        let p = pod(
+            "metadata: {namespace: x, name: a, uid: u1, creationTimestamp: '2026-01-01T00:00:00Z', deletionTimestamp: '2026-01-02T00:00:00Z'}\nspec: {containers: []}\n",
+        );
+        let info = PodInfo::from_pod(&p);
+        assert_eq!(info.uid.as_deref(), Some("u1"));
+        assert!(info.created.is_some() && info.terminating);
+    }
+
+    #[test]
+    fn node_pod_cidrs() {
+        let n: Node = serde_yaml::from_str(
+            "metadata: {name: n1}\nspec: {podCIDR: 10.244.1.0/24, podCIDRs: [10.244.1.0/24, 'fd00:1::/64']}\n",
+        )
+        .unwrap();
+        let info = NodeInfo::from_node(&n);
+        assert_eq!(info.pod_cidrs.len(), 2);
+        let only: Node =
+            serde_yaml::from_str("metadata: {name: n2}\nspec: {podCIDR: 10.244.2.0/24}\n").unwrap();
+        assert_eq!(
+            NodeInfo::from_node(&only).pod_cidrs,
+            vec!["10.244.2.0/24".parse::<IpNet>().unwrap()]
+        );
+        let none: Node = serde_yaml::from_str("metadata: {name: n3}\n").unwrap();
+        assert!(NodeInfo::from_node(&none).pod_cidrs.is_empty());
     }
 }

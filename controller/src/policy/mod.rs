@@ -5,6 +5,7 @@
 //! kube client in it; the controller shell ([`controller`]) watches the API,
 //! feeds the index, and writes what changed.
 
+pub mod claims;
 pub mod compile;
 pub mod controller;
 pub mod fingerprint;

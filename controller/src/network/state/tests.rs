@@ -10,12 +10,17 @@ fn now() -> Time {
     Time(Timestamp::from_second(1_000).unwrap())
 }
 
+/// A Node with an InternalIP of its own (derived from the name: two Nodes
+/// with one overlay address are a conflict).
 fn node(name: &str, age: i64) -> NodeView {
+    let h = name
+        .bytes()
+        .fold(0u32, |a, b| a.wrapping_mul(31).wrapping_add(u32::from(b)));
     NodeView {
         name: name.into(),
         uid: Some(format!("uid-{name}")),
         created: Some(Timestamp::from_second(age).unwrap()),
-        internal_ip: Some("192.168.0.10".parse().unwrap()),
+        internal_ip: Some(std::net::Ipv4Addr::from(0xc0a8_0000 | (h % 0xfffe + 1))),
         ..Default::default()
     }
 }
@@ -129,7 +134,10 @@ fn allocates_distinct_subnets_and_then_writes_nothing() {
     assert_eq!(subnets.len(), 5);
     let v = s.node("n0").unwrap();
     assert_eq!(v.annotations[annotations::KUBE_SUBNET_MANAGER], "true");
-    assert_eq!(v.annotations[annotations::PUBLIC_IP], "192.168.0.10");
+    assert_eq!(
+        v.annotations[annotations::PUBLIC_IP],
+        v.internal_ip.unwrap().to_string()
+    );
     let st = default_status(&s);
     assert_eq!(st.allocated_subnets, Some(5));
     assert_eq!(st.free_subnets, Some(251));
@@ -479,4 +487,317 @@ fn a_write_response_never_hides_a_newer_watch_event() {
     s2.node_written(w.based_on.as_deref(), response);
     assert_eq!(s2.node("a").unwrap().resource_version.as_deref(), Some("3"));
     assert!(plan(&mut s2).node_writes.is_empty());
+}
+
+// ----- Node addresses (issues 10.2 and 10.6) ------------------------------
+
+fn with_ip(mut v: NodeView, ip: &str) -> NodeView {
+    v.internal_ip = Some(ip.parse().unwrap());
+    v
+}
+
+fn published(s: &State, name: &str) -> Option<String> {
+    s.node(name)
+        .and_then(|v| v.annotations.get(annotations::PUBLIC_IP).cloned())
+}
+
+fn notes(plans: &[Plan], reason: &str) -> Vec<String> {
+    plans
+        .iter()
+        .flat_map(|p| p.notices.iter())
+        .filter(|n| n.reason == reason)
+        .map(|n| n.note.clone())
+        .collect()
+}
+
+fn degraded_message(s: &State) -> String {
+    find(&default_status(s).conditions, DEGRADED)
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_node_address_inside_the_cluster_cidr_is_a_conflict_and_its_subnet_is_never_allocated() {
+    // Four /24s; the InternalIP of "inside" lies in the first, the
+    // ExternalIP of "ext" in the third.
+    let mut s = State::new();
+    let mut ext = node("ext", 2);
+    ext.addresses = vec![
+        (
+            crate::node_view::AddressKind::Internal,
+            ext.internal_ip.unwrap(),
+        ),
+        (
+            crate::node_view::AddressKind::External,
+            "10.244.2.9".parse().unwrap(),
+        ),
+    ];
+    s.reset_nodes(vec![
+        with_ip(node("inside", 1), "10.244.0.5"),
+        ext,
+        node("c", 3),
+        node("d", 4),
+    ]);
+    s.reset_networks(vec![network("default", "10.244.0.0/22", 24)]);
+    let plans = converge(&mut s);
+    let mut held: Vec<String> = ["inside", "ext", "c", "d"]
+        .iter()
+        .filter_map(|n| subnet(&s, n))
+        .collect();
+    held.sort();
+    assert_eq!(
+        held,
+        vec!["10.244.1.0/24", "10.244.3.0/24"],
+        "nothing allocated into a Node's address"
+    );
+    assert_eq!(degraded_reason(&s).as_deref(), Some(status::CONFLICT));
+    let msg = degraded_message(&s);
+    assert!(
+        msg.contains("Node inside: InternalIP 10.244.0.5 lies inside clusterCIDR 10.244.0.0/22"),
+        "{msg}"
+    );
+    assert!(msg.contains("Node ext: ExternalIP 10.244.2.9 lies inside clusterCIDR 10.244.0.0/22: subnet 10.244.2.0/24 is held back from allocation"), "{msg}");
+    assert_eq!(
+        published(&s, "inside"),
+        None,
+        "an overlay address inside the pod range is never published"
+    );
+    assert_eq!(notes(&plans, "NodeAddressConflict").len(), 2);
+    assert_eq!(default_status(&s).free_subnets, Some(0));
+    assert_eq!(s.conflict_count(), 2);
+
+    // The Node's address leaves the range: its subnet is free again and the
+    // Node that waited gets one.
+    let fixed = with_ip(s.node("inside").unwrap().clone(), "192.168.200.1");
+    s.apply_node(fixed);
+    converge(&mut s);
+    let got: Vec<Option<String>> = ["inside", "ext", "c", "d"]
+        .iter()
+        .map(|n| subnet(&s, n))
+        .collect();
+    assert!(
+        got.iter().flatten().any(|c| c == "10.244.0.0/24"),
+        "{got:?}"
+    );
+    assert!(
+        !got.iter().flatten().any(|c| c == "10.244.2.0/24"),
+        "{got:?}"
+    );
+    assert_eq!(published(&s, "inside").as_deref(), Some("192.168.200.1"));
+    assert!(!degraded_message(&s).contains("Node inside"));
+}
+
+#[test]
+fn a_node_address_in_an_allocated_subnet_names_its_holder() {
+    let mut s = State::new();
+    s.reset_nodes(vec![with_cidr(node("a", 1), "10.244.5.0/24")]);
+    s.reset_networks(vec![network("default", "10.244.0.0/16", 24)]);
+    converge(&mut s);
+    s.apply_node(with_ip(node("b", 2), "10.244.5.77"));
+    let plans = converge(&mut s);
+    let note = &notes(&plans, "NodeAddressConflict")[0];
+    assert!(
+        note.contains(
+            "subnet 10.244.5.0/24 of Node a contains it, so a pod there can be given this address"
+        ),
+        "{note}"
+    );
+}
+
+#[test]
+fn an_overlay_address_move_is_published_with_an_event_and_its_history() {
+    let mut s = State::new();
+    s.reset_nodes(vec![with_ip(node("a", 1), "192.168.1.1")]);
+    s.reset_networks(vec![network("default", "10.244.0.0/16", 24)]);
+    converge(&mut s);
+    let mut moved = with_ip(s.node("a").unwrap().clone(), "192.168.1.9");
+    moved.addresses_writer = Some("kubelet".into());
+    s.apply_node(moved);
+    let p = plan(&mut s);
+    let w = &p.node_writes[0];
+    let m = w.moved.as_ref().expect("the move is reported");
+    assert_eq!(
+        (m.from.as_str(), m.to.as_str()),
+        ("192.168.1.1", "192.168.1.9")
+    );
+    assert_eq!(m.source, "InternalIP, written by kubelet");
+    assert_eq!(w.apply.annotations[annotations::PUBLIC_IP], "192.168.1.9");
+    assert_eq!(
+        w.apply.annotations[addresses::PREVIOUS_PUBLIC_IP],
+        "192.168.1.1"
+    );
+    assert_eq!(
+        w.apply.annotations[addresses::PUBLIC_IP_CHANGED_AT],
+        now().0.to_string()
+    );
+    let note = addresses::move_note(m);
+    assert!(
+        note.contains("moved from 192.168.1.1 to 192.168.1.9 (InternalIP, written by kubelet)"),
+        "{note}"
+    );
+    settle(&mut s, &p);
+    // The history stays (carried by every later apply), and nothing churns.
+    s.mark_all_dirty();
+    let again = plan(&mut s);
+    assert!(again.node_writes.is_empty(), "{:?}", again.node_writes);
+    assert_eq!(degraded_reason(&s), None);
+}
+
+#[test]
+fn another_nodes_overlay_address_is_refused_until_that_node_goes() {
+    // The attack of issue 10.2: node b's InternalIP is set to node a's, so
+    // every peer would send b's pod traffic to a.
+    let mut s = State::new();
+    s.reset_nodes(vec![
+        with_ip(node("a", 1), "192.168.1.1"),
+        with_ip(node("b", 2), "192.168.1.2"),
+    ]);
+    s.reset_networks(vec![network("default", "10.244.0.0/16", 24)]);
+    converge(&mut s);
+    let hijack = with_ip(s.node("b").unwrap().clone(), "192.168.1.1");
+    s.apply_node(hijack);
+    let plans = converge(&mut s);
+    assert_eq!(
+        published(&s, "b").as_deref(),
+        Some("192.168.1.2"),
+        "b's traffic is not re-pointed"
+    );
+    assert_eq!(published(&s, "a").as_deref(), Some("192.168.1.1"));
+    let note = &notes(&plans, "NodeAddressConflict")[0];
+    assert!(note.contains("InternalIP 192.168.1.1 is an address of Node a, so the overlay keeps sending its pod traffic to 192.168.1.2"), "{note}");
+    assert!(
+        degraded_message(&s).contains("Node b: InternalIP 192.168.1.1 is an address of Node a")
+    );
+    // a is gone (replaced by b on the same machine): b may now take it.
+    s.delete_node("a");
+    let plans = converge(&mut s);
+    assert_eq!(published(&s, "b").as_deref(), Some("192.168.1.1"));
+    assert!(
+        plans
+            .iter()
+            .flat_map(|p| &p.node_writes)
+            .any(|w| w.moved.is_some())
+    );
+    assert_eq!(degraded_reason(&s), None);
+}
+
+#[test]
+fn of_two_new_nodes_with_one_address_the_older_keeps_it() {
+    let mut s = State::new();
+    s.reset_nodes(vec![
+        with_ip(node("young", 5), "192.168.1.1"),
+        with_ip(node("old", 1), "192.168.1.1"),
+    ]);
+    s.reset_networks(vec![network("default", "10.244.0.0/16", 24)]);
+    converge(&mut s);
+    assert_eq!(published(&s, "old").as_deref(), Some("192.168.1.1"));
+    assert_eq!(published(&s, "young"), None);
+    assert!(degraded_message(&s).contains("Node young: InternalIP 192.168.1.1 is an address of Node old, so it stays out of the overlay"));
+}
+
+#[test]
+fn public_ip_overwrites_are_checked_like_addresses_and_their_writer_is_named() {
+    let mut s = State::new();
+    s.reset_nodes(vec![
+        with_ip(node("a", 1), "192.168.1.1"),
+        with_ip(node("b", 2), "192.168.1.2"),
+    ]);
+    s.reset_networks(vec![network("default", "10.244.0.0/16", 24)]);
+    converge(&mut s);
+    let set = |s: &mut State, value: &str| {
+        let mut b = s.node("b").unwrap().clone();
+        b.annotations
+            .insert(annotations::PUBLIC_IP_OVERWRITE.into(), value.into());
+        b.overwrite_writer = Some("kubectl-annotate".into());
+        s.apply_node(b);
+        converge(s)
+    };
+    for (value, why) in [
+        (
+            "127.0.0.1",
+            "is a loopback address (127.0.0.0/8), which no other node can reach",
+        ),
+        ("224.0.0.5", "is a multicast address"),
+        ("10.244.9.9", "lies inside clusterCIDR 10.244.0.0/16"),
+        ("192.168.1.1", "is an address of Node a"),
+        ("not-an-ip", "is not an IPv4 address"),
+    ] {
+        let plans = set(&mut s, value);
+        assert_eq!(
+            published(&s, "b").as_deref(),
+            Some("192.168.1.2"),
+            "{value}"
+        );
+        let all = notes(&plans, "NodeAddressConflict");
+        assert!(all.iter().any(|n| n.contains(why)), "{value}: {all:?}");
+    }
+    let plans = set(&mut s, "203.0.113.9");
+    assert_eq!(published(&s, "b").as_deref(), Some("203.0.113.9"));
+    let m = plans
+        .iter()
+        .flat_map(|p| &p.node_writes)
+        .find_map(|w| w.moved.clone())
+        .unwrap();
+    assert_eq!(
+        m.source,
+        "public-ip-overwrite annotation, written by kubectl-annotate"
+    );
+    assert_eq!(m.from, "192.168.1.2");
+    assert_eq!(degraded_reason(&s), None);
+}
+
+#[test]
+fn a_node_that_stops_reporting_its_address_keeps_its_overlay_address() {
+    let mut s = State::new();
+    s.reset_nodes(vec![with_ip(node("a", 1), "192.168.1.1")]);
+    s.reset_networks(vec![network("default", "10.244.0.0/16", 24)]);
+    converge(&mut s);
+    let mut gone = s.node("a").unwrap().clone();
+    gone.internal_ip = None;
+    s.apply_node(gone);
+    converge(&mut s);
+    assert_eq!(published(&s, "a").as_deref(), Some("192.168.1.1"));
+}
+
+#[test]
+fn an_address_another_node_still_has_is_refused_even_once_unpublished() {
+    // Two steps: a's overlay moves elsewhere (overwrite), but a still has
+    // 192.168.1.1 as its InternalIP, so c cannot take it.
+    let mut s = State::new();
+    s.reset_nodes(vec![
+        with_ip(node("a", 1), "192.168.1.1"),
+        with_ip(node("c", 3), "192.168.1.3"),
+    ]);
+    s.reset_networks(vec![network("default", "10.244.0.0/16", 24)]);
+    converge(&mut s);
+    s.apply_node(with_ip(s.node("c").unwrap().clone(), "192.168.1.1"));
+    let mut a = s.node("a").unwrap().clone();
+    a.annotations.insert(
+        annotations::PUBLIC_IP_OVERWRITE.into(),
+        "203.0.113.1".into(),
+    );
+    s.apply_node(a);
+    converge(&mut s);
+    assert_eq!(published(&s, "a").as_deref(), Some("203.0.113.1"));
+    assert_eq!(published(&s, "c").as_deref(), Some("192.168.1.3"));
+    assert!(
+        degraded_message(&s).contains("Node c: InternalIP 192.168.1.1 is an address of Node a")
+    );
+}
+
+#[test]
+fn two_nodes_that_swap_addresses_both_move() {
+    let mut s = State::new();
+    s.reset_nodes(vec![
+        with_ip(node("a", 1), "192.168.1.1"),
+        with_ip(node("b", 2), "192.168.1.2"),
+    ]);
+    s.reset_networks(vec![network("default", "10.244.0.0/16", 24)]);
+    converge(&mut s);
+    s.apply_node(with_ip(s.node("a").unwrap().clone(), "192.168.1.2"));
+    s.apply_node(with_ip(s.node("b").unwrap().clone(), "192.168.1.1"));
+    converge(&mut s);
+    assert_eq!(published(&s, "a").as_deref(), Some("192.168.1.2"));
+    assert_eq!(published(&s, "b").as_deref(), Some("192.168.1.1"));
+    assert_eq!(degraded_reason(&s), None);
 }

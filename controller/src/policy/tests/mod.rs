@@ -3,6 +3,7 @@
 //! an agent enforces), an independent reference evaluator of the
 //! NetworkPolicy semantics, table tests and property tests.
 
+mod pod_ips;
 mod properties;
 mod reference;
 mod scenarios;
@@ -15,7 +16,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::fingerprint::{self, Fingerprint};
-use super::index::{Change, Changes, PolicyIndex, PolicyReport};
+use super::index::{Change, Changes, PodIpReport, PolicyIndex, PolicyReport};
 use super::input::{NamespaceInfo, NodeInfo, PodInfo};
 
 /// The objects of the simulated API server, with the annotation the
@@ -122,6 +123,7 @@ pub struct Harness {
     pub index: PolicyIndex,
     pub store: Store,
     pub reports: Vec<PolicyReport>,
+    pub reports_pods: Vec<PodIpReport>,
 }
 
 impl Harness {
@@ -130,6 +132,7 @@ impl Harness {
             index: world.index(),
             store: Store::default(),
             reports: Vec::new(),
+            reports_pods: Vec::new(),
         };
         h.sync();
         h
@@ -141,6 +144,7 @@ impl Harness {
         let before = self.store.writes.len();
         self.store.apply(&mut self.index, &changes);
         self.reports.extend(changes.reports);
+        self.reports_pods.extend(changes.pod_reports);
         self.store.writes[before..].to_vec()
     }
 
@@ -173,7 +177,10 @@ pub fn ns(name: &str, extra: &[(&str, &str)]) -> NamespaceInfo {
 }
 
 pub fn node(name: &str) -> NodeInfo {
-    NodeInfo { name: name.into() }
+    NodeInfo {
+        name: name.into(),
+        ..Default::default()
+    }
 }
 
 pub fn pod(namespace: &str, name: &str, node: &str, ip: &str, l: &[(&str, &str)]) -> PodInfo {
@@ -190,6 +197,7 @@ pub fn pod(namespace: &str, name: &str, node: &str, ip: &str, l: &[(&str, &str)]
         named_ports: vec![],
         host_network: false,
         finished: false,
+        ..Default::default()
     }
 }
 
