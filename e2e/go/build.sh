@@ -8,9 +8,10 @@
 #                  <cache>/helm-<version>/helm
 #                  (the integration tests and the stand-in lab need only these)
 #   node           <cache>/k8s-<version>/{kubelet,kube-scheduler,kube-controller-manager,
-#                  kube-proxy,pause}     (the real-kubelet lab: `canal-lab up --kubelet`)
+#                  kube-proxy,pause,agnhost}   (the real-kubelet lab: `canal-lab up --kubelet`;
+#                  agnhost is its test workload)
 #                  <cache>/containerd-<debian version>/usr/bin/{containerd,ctr,...}
-#   e2e            <cache>/k8s-<version>/{e2e.test,agnhost}  (`canal-lab e2e`)
+#   e2e            <cache>/k8s-<version>/e2e.test   (`canal-lab e2e`, the upstream suites)
 #
 # k8s.io/kubernetes is pinned with its staging modules by replace directives
 # in go.mod, so every Kubernetes binary comes from one module set; etcd from
@@ -121,10 +122,10 @@ if [[ $want_node -eq 1 ]]; then
   targets+=(kubelet=go:k8s.io/kubernetes/cmd/kubelet kube-proxy=go:k8s.io/kubernetes/cmd/kube-proxy
     kube-scheduler=go:k8s.io/kubernetes/cmd/kube-scheduler
     kube-controller-manager=go:k8s.io/kubernetes/cmd/kube-controller-manager
-    pause=pause:3.10.2)
+    pause=pause:3.10.2 agnhost=go:k8s.io/kubernetes/test/images/agnhost)
 fi
 if [[ $want_e2e -eq 1 ]]; then
-  targets+=(agnhost=go:k8s.io/kubernetes/test/images/agnhost e2e.test=test:k8s.io/kubernetes/test/e2e)
+  targets+=(e2e.test=test:k8s.io/kubernetes/test/e2e)
 fi
 [[ ${#targets[@]} -eq 0 ]] || build_set "$k8s_out" "$here" "${targets[*]}" "$k8s_ldflags"
 if [[ $want_cp -eq 1 ]]; then

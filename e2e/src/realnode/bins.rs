@@ -1,6 +1,6 @@
 //! The binaries of the real-kubelet lab: the Kubernetes components built by
 //! `e2e/go/build.sh` (groups `control-plane` and `node`, plus `e2e` for the
-//! upstream suites), containerd unpacked from Debian's package by the same
+//! upstream suites' e2e.test), containerd unpacked from Debian's package by the same
 //! script, and runc from Debian.
 //!
 //! Each lab links them into its own `bin/` directory, so `down` finds every
@@ -15,7 +15,7 @@ use crate::binaries::{self, build_script, cache_base};
 use crate::helm::HELM_VERSION;
 
 /// The Kubernetes components every real-kubelet lab runs.
-pub const NODE_COMPONENTS: [&str; 9] = [
+pub const NODE_COMPONENTS: [&str; 10] = [
     "kube-apiserver",
     "etcd",
     "kubectl",
@@ -24,12 +24,13 @@ pub const NODE_COMPONENTS: [&str; 9] = [
     "kubelet",
     "kube-proxy",
     "pause",
+    "agnhost",
     "helm",
 ];
 /// containerd's binaries (from Debian's package).
 pub const CONTAINERD_BINARIES: [&str; 3] = ["containerd", "containerd-shim-runc-v2", "ctr"];
 /// What `canal-lab e2e` adds.
-pub const E2E_COMPONENTS: [&str; 2] = ["e2e.test", "agnhost"];
+pub const E2E_COMPONENTS: [&str; 1] = ["e2e.test"];
 /// runc, from Debian (`apt-get install runc`).
 pub const RUNC: &str = "/usr/sbin/runc";
 

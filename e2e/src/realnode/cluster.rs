@@ -146,6 +146,97 @@ impl RealLab {
         }
     }
 
+    /// `kubectl apply -f -` of `yaml`.
+    pub fn apply(&self, yaml: &str) -> Result<String, Error> {
+        self.kubectl_stdin(&["apply", "-f", "-"], yaml)
+    }
+
+    /// Runs kubectl with `input` on its stdin.
+    pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> Result<String, Error> {
+        use std::io::Write;
+        let mut cmd = self.kubectl()?;
+        cmd.args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let shown = format!("kubectl {}", args.join(" "));
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::Io(format!("running {shown}"), e))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(input.as_bytes())
+                .map_err(|e| Error::Io(format!("writing to {shown}"), e))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| Error::Io(format!("running {shown}"), e))?;
+        if !out.status.success() {
+            return Err(Error::Command {
+                command: shown,
+                detail: format!(
+                    "{}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `kubectl exec -n NS POD -- ARGS`; stdout, or an error with stderr.
+    pub fn exec(&self, ns: &str, pod: &str, args: &[&str]) -> Result<String, Error> {
+        let mut all = vec!["exec", "-n", ns, pod, "--"];
+        all.extend_from_slice(args);
+        self.kubectl_ok(&all)
+    }
+
+    /// A pod's IPv4 address.
+    pub async fn pod_ip(&self, ns: &str, name: &str) -> Result<std::net::Ipv4Addr, Error> {
+        let pod = Api::<Pod>::namespaced(self.client(), ns)
+            .get(name)
+            .await
+            .map_err(|e| Error::Kube(format!("reading pod {ns}/{name}"), e))?;
+        pod.status
+            .and_then(|s| s.pod_ip)
+            .and_then(|ip| ip.parse().ok())
+            .ok_or_else(|| Error::Lab(format!("pod {ns}/{name} has no IPv4 address")))
+    }
+
+    /// Stops kubelet and containerd of `node` (pods keep running: their
+    /// shims do not depend on containerd), then starts them again and waits
+    /// until the node is Ready.
+    pub async fn restart_kubelet_and_containerd(
+        &self,
+        node: &str,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let n = self.node(node)?;
+        let ctx = self.node_context()?;
+        ctx.stop(&n, "kubelet", Duration::from_secs(10));
+        ctx.stop(&n, "containerd", Duration::from_secs(10));
+        ctx.start_containerd(&n).await?;
+        ctx.start_kubelet(&n)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let healthy = crate::lab::nodes::http_get(Some(&n.netns), 10248, "/healthz")
+                .is_ok_and(|r| crate::lab::kernel::http_ok(&r));
+            if healthy {
+                break;
+            }
+            ctx.check(&n, "kubelet")?;
+            if Instant::now() > deadline {
+                return Err(Error::Timeout(format!(
+                    "kubelet on {node} to be healthy again"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.wait_cluster_ready(deadline.saturating_duration_since(Instant::now()))
+            .await
+            .map(|_| ())
+    }
+
     /// Waits until every node and canal pod is ready again.
     pub async fn wait_cluster_ready(&self, timeout: Duration) -> Result<Duration, Error> {
         let nodes = self.nodes()?.len();

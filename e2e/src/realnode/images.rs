@@ -189,15 +189,15 @@ pub fn pause() -> Result<Image, Error> {
     Ok(Image { reference, archive })
 }
 
-/// Debian's busybox-static, unpacked once into the cache.
-fn busybox_binary() -> Result<PathBuf, Error> {
-    let dir = images_cache().join("busybox-static");
-    let bin = dir.join("bin/busybox");
-    if bin.is_file() {
-        return Ok(bin);
+/// A Debian package unpacked once into the cache (never installed).
+fn unpacked(package: &str) -> Result<PathBuf, Error> {
+    let dir = images_cache().join(package);
+    if dir.is_dir() {
+        return Ok(dir);
     }
+    std::fs::create_dir_all(images_cache()).map_err(io("creating the image cache".into()))?;
     let tmp = tempfile::Builder::new()
-        .prefix(".busybox-")
+        .prefix(".deb-")
         .tempdir_in(images_cache())
         .map_err(io("creating a temporary directory".into()))?;
     run(Command::new("apt-get").current_dir(tmp.path()).args([
@@ -205,22 +205,26 @@ fn busybox_binary() -> Result<PathBuf, Error> {
         "-qq",
         "-o",
         "APT::Sandbox::User=root",
-        "busybox-static",
+        package,
     ]))?;
     let deb = std::fs::read_dir(tmp.path())
         .map_err(io("listing the download".into()))?
         .flatten()
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .ok_or_else(|| Error::Lab("apt-get download busybox-static gave no .deb".into()))?;
+        .ok_or_else(|| Error::Lab(format!("apt-get download {package} gave no .deb")))?;
     run(Command::new("dpkg-deb")
         .arg("-x")
         .arg(&deb)
         .arg(tmp.path().join("root")))?;
-    let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(tmp.path().join("root"), &dir)
         .map_err(io(format!("placing {}", dir.display())))?;
-    Ok(bin)
+    Ok(dir)
+}
+
+/// Debian's busybox-static.
+fn busybox_binary() -> Result<PathBuf, Error> {
+    Ok(unpacked("busybox-static")?.join("bin/busybox"))
 }
 
 /// A root file system with busybox and its applets in /bin, a passwd with
@@ -292,6 +296,26 @@ pub fn agnhost() -> Result<Image, Error> {
     if !fresh {
         let root = tempfile::tempdir().map_err(io("creating a temporary directory".into()))?;
         busybox_rootfs(root.path())?;
+        // What e2e tests exec in agnhost pods: curl, OpenBSD nc (UDP), bash, ip.
+        for tool in ["/usr/bin/curl", "/usr/bin/bash", "/usr/sbin/ip"] {
+            let tool = Path::new(tool);
+            copy_into(root.path(), tool)?;
+            for lib in libraries(tool)? {
+                copy_into(root.path(), &lib)?;
+            }
+        }
+        let nc = unpacked("netcat-openbsd")?.join("bin/nc.openbsd");
+        std::fs::create_dir_all(root.path().join("usr/bin"))
+            .map_err(io("creating usr/bin".into()))?;
+        bins::link(&nc, &root.path().join("usr/bin/nc"))?;
+        for lib in libraries(&nc)? {
+            copy_into(root.path(), &lib)?;
+        }
+        // Debian's static busybox runs its own applets before PATH (its nc
+        // has no -u): the tests' `sh -c` must be a shell that does not.
+        let _ = std::fs::remove_file(root.path().join("bin/sh"));
+        std::os::unix::fs::symlink("/usr/bin/bash", root.path().join("bin/sh"))
+            .map_err(io("linking /bin/sh".into()))?;
         bins::link(&binary, &root.path().join("agnhost"))?;
         let _ = std::os::unix::fs::symlink("agnhost", root.path().join("agnhost-2"));
         pack(

@@ -23,7 +23,7 @@ pub struct RealUpOptions {
     pub install_canal: bool,
     /// Extra `helm install` arguments.
     pub helm_args: Vec<String>,
-    /// Also build e2e.test and agnhost.
+    /// Also build e2e.test (the upstream suites).
     pub with_e2e: bool,
     /// How long to wait for every node and canal pod to be ready.
     pub ready_timeout: Duration,
@@ -78,17 +78,13 @@ pub async fn up(state: &StateDir, opts: &RealUpOptions) -> Result<(Context, Real
 }
 
 /// The images every node imports.
-fn build_images(
-    paths: &RealPaths,
-    bin_dir: &std::path::Path,
-    with_agnhost: bool,
-) -> Result<Vec<Image>, Error> {
-    let mut out = vec![images::pause()?, images::busybox()?];
-    if with_agnhost {
-        out.push(images::agnhost()?);
-    }
-    out.push(images::canal(bin_dir, &paths.images())?);
-    Ok(out)
+fn build_images(paths: &RealPaths, bin_dir: &std::path::Path) -> Result<Vec<Image>, Error> {
+    Ok(vec![
+        images::pause()?,
+        images::busybox()?,
+        images::agnhost()?,
+        images::canal(bin_dir, &paths.images())?,
+    ])
 }
 
 async fn steps(
@@ -108,8 +104,7 @@ async fn steps(
     // Images are tar work: build them while the control plane starts.
     let images = {
         let (paths, bin_dir) = (paths.clone(), bin_dir.clone());
-        let agnhost = bins::source("agnhost").is_ok_and(|p| p.is_file());
-        tokio::task::spawn_blocking(move || build_images(&paths, &bin_dir, agnhost))
+        tokio::task::spawn_blocking(move || build_images(&paths, &bin_dir))
     };
 
     nodes::build_underlay(&names)?;
