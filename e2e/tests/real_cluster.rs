@@ -18,6 +18,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use canal_e2e::lab::{StateDir, netns};
+use canal_e2e::realnode::cgroups::LabCgroups;
 use canal_e2e::realnode::enter::{Mounts, NodeEntry};
 use canal_e2e::realnode::images::agnhost_reference;
 use canal_e2e::realnode::{RealLab, RealUpOptions, canal, teardown};
@@ -37,9 +38,13 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// A pod running `agnhost netexec` (HTTP 8080: /hostname, /clientip) on
-/// `node`, labelled `app=<app>`, with `command` replacing netexec when set.
+/// `node`, labelled `app=<app>`, with the shell `command` replacing netexec
+/// when set.
 fn pod_yaml(name: &str, node: &str, app: &str, command: Option<&str>) -> String {
     let image = agnhost_reference();
+    // Servers restart as any pod would (kubelet recreates a dead sandbox
+    // only then); a scripted pod must not: its exit is the failure.
+    let restart = if command.is_some() { "Never" } else { "Always" };
     let container = match command {
         Some(cmd) => format!(
             "command: [\"/bin/sh\", \"-c\"]\n      args: [{}]",
@@ -57,7 +62,7 @@ metadata:
 spec:
   nodeName: {node}
   terminationGracePeriodSeconds: 1
-  restartPolicy: Never
+  restartPolicy: {restart}
   containers:
     - name: main
       image: {image}
@@ -361,7 +366,7 @@ async fn from_nothing_to_traffic_policy_upgrade_and_uninstall() {
                 "node-1",
                 "intruder",
                 Some(&format!(
-                    "while :; do if [ -f /tmp/go ]; then if curl -s --max-time 0.5 http://{protected_ip}:8080/hostname >/dev/null; then echo LEAK; else echo blocked; fi >> /tmp/probes; fi; sleep 0.1; done"
+                    "while :; do if [ -f /tmp/go ]; then if curl -s --max-time 0.3 http://{protected_ip}:8080/hostname >/dev/null; then echo LEAK; else echo blocked; fi >> /tmp/probes; else sleep 0.1; fi; done"
                 )),
             ),
         ],
@@ -401,7 +406,7 @@ async fn from_nothing_to_traffic_policy_upgrade_and_uninstall() {
         lab.state(),
         &image,
         &[
-            "--set".into(),
+            "--set-string".into(),
             "agent.podAnnotations.canal-e2e/rollout=1".into(),
         ],
     )
@@ -524,6 +529,8 @@ async fn from_nothing_to_traffic_policy_upgrade_and_uninstall() {
 
     let state = lab.state().clone();
     let bin = lab.paths().bin();
+    let cgroups: LabCgroups =
+        canal_e2e::lab::state::read_json(&lab.paths().cgroups()).expect("cgroups.json");
     let removed = lab.down();
     assert!(removed.failures.is_empty(), "down: {:?}", removed.failures);
     let left = support::leftovers(&state);
@@ -531,6 +538,13 @@ async fn from_nothing_to_traffic_policy_upgrade_and_uninstall() {
     assert!(
         teardown::by_executable(&bin).is_empty(),
         "processes of the lab's binaries remain"
+    );
+    assert!(
+        cgroups
+            .hierarchies
+            .iter()
+            .all(|h| !h.dir(&cgroups.base).exists()),
+        "the lab's cgroups were not removed"
     );
 }
 
@@ -603,10 +617,46 @@ async fn a_node_survives_agent_deletion_runtime_restarts_and_sandbox_kills() {
         .get("client")
         .await
         .unwrap();
+    let client_ip = lab.pod_ip(NS, "client").await.expect("client IP");
+    let node2 = lab.node("node-2").expect("node-2").netns;
+    // node-2 probes node-1's pod all along (no kubelet on that path).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match http_from_node(&node2, client_ip, "/hostname") {
+                    Ok(r) if body(&r) == "client" => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (ok, failed)
+        })
+    };
     lab.restart_kubelet_and_containerd("node-1", TIMEOUT)
         .await
         .expect("kubelet and containerd restart");
-    curl(&lab, "client", &url, 3.0).expect("a pod keeps its network across the restart");
+    // kubelet takes a moment to know its pods again (exec needs it).
+    let (_, back) = eventually(
+        "kubectl exec into node-1's pod after the restart",
+        TIMEOUT,
+        || curl(&lab, "client", &url, 3.0),
+        Result::is_ok,
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = prober.join().expect("prober");
+    eprintln!(
+        "real cluster: kubelet + containerd of node-1 restarted; exec works again after {:.1}s; node-2 -> node-1 pod: {ok} ok, {} failed",
+        back.as_secs_f64(),
+        failed.len()
+    );
+    assert!(
+        ok > 10 && failed.is_empty(),
+        "node-1's pod lost its network during the restart: {failed:?}"
+    );
     let after: Pod = Api::<Pod>::namespaced(lab.client(), NS)
         .get("client")
         .await
@@ -638,8 +688,10 @@ async fn a_node_survives_agent_deletion_runtime_restarts_and_sandbox_kills() {
                 "containers",
                 "ls",
                 "-q",
-                &format!("labels.\"io.kubernetes.pod.name\"=={pod}"),
-                "labels.\"io.cri-containerd.kind\"==sandbox",
+                // One filter, its conditions joined by ',' (AND; separate filters OR).
+                &format!(
+                    "labels.\"io.kubernetes.pod.name\"=={pod},labels.\"io.cri-containerd.kind\"==sandbox"
+                ),
             ],
         )
         .map(|s| s.lines().map(str::to_string).collect())
@@ -748,16 +800,20 @@ async fn a_node_survives_agent_deletion_runtime_restarts_and_sandbox_kills() {
         &format!("{new_ip}/32"),
     ])
     .unwrap_or_default();
-    assert!(
-        after_del.is_ok() && !routes.trim().is_empty(),
-        "the old sandbox's DEL (container id {old_id}) broke the new sandbox of the same pod: \
-         reach {new_ip}: {after_del:?}; node-1's route to it: {routes:?}"
-    );
+    // Judged after the crash-style `down` below, so that runs either way.
+    let sandbox_verdict = (after_del.is_ok() && !routes.trim().is_empty()).then_some(()).ok_or_else(|| {
+        format!(
+            "the old sandbox's DEL (container id {old_id}) broke the new sandbox of the same pod: \
+             reach {new_ip}: {after_del:?}; node-1's route to it: {routes:?}"
+        )
+    });
 
     // 4. A crash: the pid files are gone; `down` still finds and removes
     // everything (by executable path, cgroup and namespace).
     let state: StateDir = lab.state().clone();
     let bin = lab.paths().bin();
+    let cgroups: LabCgroups =
+        canal_e2e::lab::state::read_json(&lab.paths().cgroups()).expect("cgroups.json");
     for entry in walk_pid_files(&state.dir) {
         let _ = std::fs::remove_file(entry);
     }
@@ -769,6 +825,20 @@ async fn a_node_survives_agent_deletion_runtime_restarts_and_sandbox_kills() {
         teardown::by_executable(&bin).is_empty(),
         "processes of the lab's binaries remain"
     );
+    let cgroups_left: Vec<_> = cgroups
+        .hierarchies
+        .iter()
+        .map(|h| h.dir(&cgroups.base))
+        .filter(|d| d.exists())
+        .collect();
+    assert!(
+        cgroups_left.is_empty(),
+        "cgroups left behind: {cgroups_left:?}"
+    );
+
+    if let Err(why) = sandbox_verdict {
+        panic!("{why}");
+    }
 }
 
 fn walk_pid_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

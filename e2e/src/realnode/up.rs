@@ -110,6 +110,10 @@ async fn steps(
     nodes::build_underlay(&names)?;
     let address = control_plane_address(&names);
     let (ctl, client) = control::start(state, &paths, &canal_lab, address).await?;
+    progress(
+        started,
+        "control plane up (etcd, kube-apiserver, kube-controller-manager, kube-scheduler)",
+    );
     let mut ctx = Context {
         state: state.clone(),
         lab: LabRecord {
@@ -131,6 +135,7 @@ async fn steps(
     let images = images
         .await
         .map_err(|e| Error::Lab(format!("building images: {e}")))??;
+    progress(started, "images ready (pause, busybox, agnhost, canal)");
     let node_ctx = NodeContext {
         paths: paths.clone(),
         cgroups: cgroups.clone(),
@@ -146,6 +151,10 @@ async fn steps(
         records.push(node);
     }
     futures::future::try_join_all(records.iter().map(|n| node_ctx.bring_up(n, &images))).await?;
+    progress(
+        started,
+        "nodes up (containerd with the images, kubelet, kube-proxy)",
+    );
 
     let canal_image = images
         .last()
@@ -162,6 +171,10 @@ async fn steps(
     write_json(&paths.record(), &record)?;
     if opts.install_canal {
         canal::install(state, &canal_image, &opts.helm_args)?;
+        progress(
+            started,
+            "helm install canal done; waiting for every node and canal pod",
+        );
         record.release = canal::RELEASE.into();
         write_json(&paths.record(), &record)?;
         canal::wait_ready(&ctx.client, records.len(), opts.ready_timeout, || {
@@ -183,6 +196,14 @@ async fn steps(
         .unwrap_or_default();
     write_json(&state.lab_file(), &ctx.lab)?;
     Ok((ctx, record))
+}
+
+/// One line on stderr per finished phase of `up`.
+fn progress(started: Instant, what: &str) {
+    eprintln!(
+        "canal-lab: {what} (+{:.1}s)",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// Reads the real-kubelet record of the lab in `state`.
