@@ -14,7 +14,6 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use canal_e2e::lab::{StateDir, netns};
@@ -28,14 +27,10 @@ use kube::api::{Api, DeleteParams, ListParams};
 
 /// One real-kubelet lab at a time: each is two to three kubelets, a
 /// control plane and canal, on a small machine.
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const NS: &str = "canal-e2e";
 const TIMEOUT: Duration = Duration::from_secs(180);
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A pod running `agnhost netexec` (HTTP 8080: /hostname, /clientip) on
 /// `node`, labelled `app=<app>`, with the shell `command` replacing netexec
@@ -187,7 +182,8 @@ async fn wait_agent_rollout(lab: &RealLab, timeout: Duration) -> Duration {
 /// of every kind, a NetworkPolicy, a rolling upgrade under load, uninstall.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn from_nothing_to_traffic_policy_upgrade_and_uninstall() {
-    let _serial = lock();
+    let _serial = SERIAL.lock().await;
+    let host_before = HostSnapshot::take();
     let started = Instant::now();
     let lab = RealLab::up(
         RealLab::test_state_dir("cluster"),
@@ -215,6 +211,13 @@ async fn from_nothing_to_traffic_policy_upgrade_and_uninstall() {
     )
     .await;
     let pods_ready = t.elapsed();
+    let logs = lab
+        .kubectl_ok(&["logs", "-n", NS, "server-2"])
+        .expect("kubectl logs");
+    assert!(
+        logs.contains("8080"),
+        "netexec's log names its port: {logs}"
+    );
     eprintln!(
         "real cluster: nothing -> 3 Ready nodes with canal in {:.1}s; then a pod Ready on every node in {:.1}s",
         up.as_secs_f64(),
@@ -309,6 +312,10 @@ async fn from_nothing_to_traffic_policy_upgrade_and_uninstall() {
         "the internet host saw {answer:?}, not node-1's address {}",
         node1.address
     );
+
+    // kubelet, containerd and kube-proxy have run for a while, canal is
+    // installed: the machine's own network, sysctls and mounts are as before.
+    host_before.assert_same(&HostSnapshot::take(), "with the cluster running");
 
     // A NetworkPolicy enforced and lifted.
     let url2 = format!("http://{}:8080/hostname", ips["server-2"]);
@@ -535,6 +542,7 @@ async fn from_nothing_to_traffic_policy_upgrade_and_uninstall() {
     assert!(removed.failures.is_empty(), "down: {:?}", removed.failures);
     let left = support::leftovers(&state);
     assert!(left.is_empty(), "left behind: {left:?}");
+    host_before.assert_same(&HostSnapshot::take(), "after down");
     assert!(
         teardown::by_executable(&bin).is_empty(),
         "processes of the lab's binaries remain"
@@ -552,7 +560,7 @@ async fn from_nothing_to_traffic_policy_upgrade_and_uninstall() {
 /// containerd restarted, a pod's sandbox killed; then a crash-style `down`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_survives_agent_deletion_runtime_restarts_and_sandbox_kills() {
-    let _serial = lock();
+    let _serial = SERIAL.lock().await;
     let lab = RealLab::up(
         RealLab::test_state_dir("node"),
         RealUpOptions {
@@ -838,6 +846,114 @@ async fn a_node_survives_agent_deletion_runtime_restarts_and_sandbox_kills() {
 
     if let Err(why) = sandbox_verdict {
         panic!("{why}");
+    }
+}
+
+/// What the lab must never change on the machine itself: the root
+/// namespace's iptables, addresses and routes, the machine-wide sysctls
+/// kubelet and kube-proxy care about, and its mounts.
+#[derive(Debug, PartialEq)]
+struct HostSnapshot {
+    iptables: String,
+    addresses: String,
+    routes: String,
+    sysctls: Vec<(String, String)>,
+    mounts: Vec<String>,
+}
+
+impl HostSnapshot {
+    fn take() -> HostSnapshot {
+        let run = |cmd: &str, args: &[&str]| {
+            let out = std::process::Command::new(cmd)
+                .args(args)
+                .output()
+                .expect(cmd);
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        // Packet counters change with any traffic; the rules must not.
+        let iptables = run("iptables-save", &[])
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split(" [").next().unwrap_or(l).to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let sysctls = [
+            "vm/overcommit_memory",
+            "vm/panic_on_oom",
+            "kernel/panic",
+            "kernel/panic_on_oops",
+            "kernel/keys/root_maxkeys",
+            "kernel/keys/root_maxbytes",
+            "net/netfilter/nf_conntrack_max",
+            "net/ipv4/ip_forward",
+            "net/ipv4/conf/all/route_localnet",
+            "net/bridge/bridge-nf-call-iptables",
+        ]
+        .iter()
+        .map(|k| {
+            (
+                k.to_string(),
+                std::fs::read_to_string(format!("/proc/sys/{k}")).unwrap_or_default(),
+            )
+        })
+        .collect();
+        // Other labs on the machine add and remove named network namespaces.
+        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .filter(|m| !m.starts_with("/run/netns/"))
+            .collect();
+        mounts.sort();
+        HostSnapshot {
+            iptables,
+            addresses: run("ip", &["-br", "addr"]),
+            routes: run("ip", &["route"]),
+            sysctls,
+            mounts,
+        }
+    }
+
+    fn assert_same(&self, now: &HostSnapshot, when: &str) {
+        assert_eq!(
+            self.iptables, now.iptables,
+            "root namespace iptables changed {when}"
+        );
+        // Other tests on the machine may add links of their own for a moment:
+        // the machine's interfaces are compared, and none of ours may appear.
+        for line in self.addresses.lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            let after = now
+                .addresses
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(name));
+            assert_eq!(
+                Some(line),
+                after,
+                "root namespace interface {name} changed {when}"
+            );
+        }
+        let ours: Vec<&str> = now
+            .addresses
+            .lines()
+            .filter(|l| l.contains("flannel") || l.contains("172.30.") || l.contains("10.244."))
+            .collect();
+        assert!(
+            ours.is_empty(),
+            "lab links in the root namespace {when}: {ours:?}"
+        );
+        assert_eq!(
+            self.routes, now.routes,
+            "root namespace routes changed {when}"
+        );
+        assert_eq!(
+            self.sysctls, now.sysctls,
+            "machine-wide sysctls changed {when}"
+        );
+        assert_eq!(
+            self.mounts, now.mounts,
+            "the machine's mounts changed {when}"
+        );
     }
 }
 
