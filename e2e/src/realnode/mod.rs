@@ -68,7 +68,6 @@ pub fn control_plane_address(names: &LabNames) -> Ipv4Addr {
 /// DIR/realnode/bin/             links to every binary the lab runs
 /// DIR/realnode/pki/             CA and every component's certificate
 /// DIR/realnode/control/         etcd data, control-plane logs and pid files
-/// DIR/realnode/images/          image archives built for this lab
 /// DIR/nodes/<node>/node.json    the node (as the stand-in lab records it)
 /// DIR/nodes/<node>/real/        holder, containerd, kubelet, kube-proxy:
 ///                               configs, logs, pid files, the node's own
@@ -108,10 +107,6 @@ impl RealPaths {
     /// Control-plane files.
     pub fn control(&self) -> PathBuf {
         self.dir.join("control")
-    }
-    /// Image archives built for this lab.
-    pub fn images(&self) -> PathBuf {
-        self.dir.join("images")
     }
     /// The kubeconfig used inside the control-plane namespace
     /// (`https://127.0.0.1:6443`, admin).

@@ -78,12 +78,12 @@ pub async fn up(state: &StateDir, opts: &RealUpOptions) -> Result<(Context, Real
 }
 
 /// The images every node imports.
-fn build_images(paths: &RealPaths, bin_dir: &std::path::Path) -> Result<Vec<Image>, Error> {
+fn build_images() -> Result<Vec<Image>, Error> {
     Ok(vec![
         images::pause()?,
         images::busybox()?,
         images::agnhost()?,
-        images::canal(bin_dir, &paths.images())?,
+        images::canal()?,
     ])
 }
 
@@ -101,11 +101,9 @@ async fn steps(
     bins::link_all(&paths.bin(), opts.with_e2e)?;
     let canal_lab = bin_dir.join("canal-lab");
 
-    // Images are tar work: build them while the control plane starts.
-    let images = {
-        let (paths, bin_dir) = (paths.clone(), bin_dir.clone());
-        tokio::task::spawn_blocking(move || build_images(&paths, &bin_dir))
-    };
+    // Images are tar work (and a release build of canal when stale): do it
+    // while the control plane starts.
+    let images = tokio::task::spawn_blocking(build_images);
 
     nodes::build_underlay(&names)?;
     let address = control_plane_address(&names);
