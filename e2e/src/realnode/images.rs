@@ -78,7 +78,11 @@ fn out_dir() -> PathBuf {
 
 /// An image built once per `key` (the identity of its inputs): packing a
 /// layer of a hundred megabytes costs seconds, every `up` would pay them.
-fn memo(name: &str, key: &str, build: impl FnOnce() -> Result<Image, Error>) -> Result<Image, Error> {
+fn memo(
+    name: &str,
+    key: &str,
+    build: impl FnOnce() -> Result<Image, Error>,
+) -> Result<Image, Error> {
     #[derive(Serialize, Deserialize)]
     struct Stamp {
         key: String,
@@ -219,30 +223,34 @@ pub fn agnhost() -> Result<Image, Error> {
     let binary = bins::source("agnhost")?;
     let porter = agnhost_source_dir()?.join("porter");
     let spec = BaseSpec::new("bookworm", &AGNHOST_PACKAGES);
-    memo("agnhost", &format!("{}|{}", file_key(&binary), spec.key()), || {
-        let base = images::debian_base(&spec).map_err(image_err)?;
-        images::build_image(&ImageSpec {
-            tag: Tag::Reference(agnhost_reference()),
-            layers: vec![
-                base.layer(),
-                Layer::Entries(vec![
-                    Entry::file("/agnhost", &binary, 0o755),
-                    Entry::symlink("/agnhost-2", "agnhost"),
-                    Entry::dir("/uploads", 0o755),
-                    Entry::file("/localhost.crt", porter.join("localhost.crt"), 0o644),
-                    Entry::file("/localhost.key", porter.join("localhost.key"), 0o644),
-                ]),
-            ],
-            config: ImageConfig {
-                entrypoint: vec!["/agnhost".into()],
-                cmd: vec!["pause".into()],
-                ..ImageConfig::default()
-            },
-            out_dir: out_dir(),
-        })
-        .map(Image::from)
-        .map_err(image_err)
-    })
+    memo(
+        "agnhost",
+        &format!("{}|{}", file_key(&binary), spec.key()),
+        || {
+            let base = images::debian_base(&spec).map_err(image_err)?;
+            images::build_image(&ImageSpec {
+                tag: Tag::Reference(agnhost_reference()),
+                layers: vec![
+                    base.layer(),
+                    Layer::Entries(vec![
+                        Entry::file("/agnhost", &binary, 0o755),
+                        Entry::symlink("/agnhost-2", "agnhost"),
+                        Entry::dir("/uploads", 0o755),
+                        Entry::file("/localhost.crt", porter.join("localhost.crt"), 0o644),
+                        Entry::file("/localhost.key", porter.join("localhost.key"), 0o644),
+                    ]),
+                ],
+                config: ImageConfig {
+                    entrypoint: vec!["/agnhost".into()],
+                    cmd: vec!["pause".into()],
+                    ..ImageConfig::default()
+                },
+                out_dir: out_dir(),
+            })
+            .map(Image::from)
+            .map_err(image_err)
+        },
+    )
 }
 
 /// `test/images/agnhost` in the Go module cache (porter's certificate).
