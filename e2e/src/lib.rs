@@ -13,6 +13,7 @@ pub mod install;
 pub mod lab;
 pub mod policy_model;
 pub mod process;
+pub mod realnode;
 
 use std::path::PathBuf;
 

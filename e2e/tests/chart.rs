@@ -153,6 +153,41 @@ fn default_values_render_every_component() {
     );
     assert!(c["livenessProbe"]["httpGet"]["path"] == "/healthz");
     assert!(c["readinessProbe"]["httpGet"]["path"] == "/readyz");
+
+    // Bootstrap: the controller needs no pod network (it makes it), so it
+    // runs on the host network, schedules onto nodes that are not ready yet,
+    // and rolls without a surge replica (which could not bind metricsPort).
+    let cpod = &deploy["spec"]["template"]["spec"];
+    assert_eq!(cpod["hostNetwork"], true);
+    assert_eq!(cpod["dnsPolicy"], "ClusterFirstWithHostNet");
+    let keys: Vec<&str> = cpod["tolerations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["key"].as_str())
+        .collect();
+    for key in [
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/network-unavailable",
+        "CriticalAddonsOnly",
+    ] {
+        assert!(
+            keys.contains(&key),
+            "controller does not tolerate {key}: {keys:?}"
+        );
+    }
+    assert_eq!(deploy["spec"]["strategy"]["rollingUpdate"]["maxSurge"], 0);
+    // Hosts without loadable modules have no /lib/modules.
+    let lib_modules = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "lib-modules")
+        .unwrap();
+    assert_eq!(lib_modules["hostPath"]["type"], "DirectoryOrCreate");
+    // Runtimes run `loopback` for every sandbox: installed where missing.
+    let init_args = pod["initContainers"][0]["args"].as_array().unwrap();
+    assert!(init_args.contains(&serde_json::json!("--extra-plugin=/usr/lib/cni/loopback")));
 }
 
 #[test]
@@ -187,6 +222,21 @@ fn custom_values_switch_every_optional_path() {
         .collect();
     assert!(args.contains(&"--leader-elect=false"), "{args:?}");
     assert!(args.contains(&"--metrics-addr=0.0.0.0:19090"), "{args:?}");
+    // Off the host network: no surge restriction; user tolerations come on
+    // top of the bootstrap ones, never instead of them.
+    let cpod = &deploy["spec"]["template"]["spec"];
+    assert!(cpod.get("hostNetwork").is_none(), "{cpod}");
+    assert!(deploy["spec"].get("strategy").is_none());
+    let keys: Vec<&str> = cpod["tolerations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["key"].as_str())
+        .collect();
+    assert!(
+        keys.contains(&"node.kubernetes.io/not-ready") && keys.contains(&"dedicated"),
+        "{keys:?}"
+    );
 
     let dashboard = find(&docs, "ConfigMap");
     assert_eq!(dashboard["metadata"]["namespace"], "monitoring");

@@ -10,6 +10,7 @@ use canal_e2e::images;
 use canal_e2e::lab::{
     self, Context, MatrixOptions, PodOptions, PodPort, Protocol, StateDir, Target, UpOptions,
 };
+use canal_e2e::realnode::cli as real;
 use clap::{Parser, Subcommand};
 
 /// canal's local lab: a real etcd + kube-apiserver, node network namespaces,
@@ -45,6 +46,14 @@ enum Command {
         /// inspection (by default they are stopped; the logs always stay).
         #[arg(long)]
         keep_on_failure: bool,
+        /// Real nodes: kubelet, containerd and kube-proxy in every node
+        /// namespace, kube-controller-manager and kube-scheduler next to the
+        /// API server, and canal installed with `helm install` of the chart.
+        #[arg(long)]
+        kubelet: bool,
+        /// With --kubelet: leave canal out (the nodes stay NotReady).
+        #[arg(long, requires = "kubelet")]
+        no_canal: bool,
     },
     /// Check, in about a second, that this machine can run the lab (root,
     /// network namespaces, VXLAN, iptables, ipset, tools, canal's binaries,
@@ -56,6 +65,13 @@ enum Command {
         /// Check for a lab without canal-controller.
         #[arg(long)]
         no_controller: bool,
+    },
+    /// Run the upstream Kubernetes e2e suite (e2e.test) against the lab's
+    /// real-kubelet cluster: `canal-lab e2e --ginkgo.focus=Netpol --ginkgo.skip=SCTP`.
+    E2e {
+        /// Arguments for e2e.test (ginkgo's and the framework's flags).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Stop everything and remove what `up` made (also after a crash).
     Down,
@@ -121,6 +137,32 @@ enum Command {
         /// Port to listen on inside each node namespace.
         #[arg(long)]
         port: u16,
+    },
+    /// (internal) Holds a real node's mount namespace.
+    #[command(name = "__node-holder", hide = true)]
+    NodeHolder {
+        /// The mount plan (JSON).
+        #[arg(long)]
+        plan: PathBuf,
+        /// Created once the mounts are in place.
+        #[arg(long)]
+        ready: PathBuf,
+    },
+    /// (internal) The root-namespace forwarder to a real-kubelet lab's API server.
+    #[command(name = "__api-forward", hide = true)]
+    ApiForward {
+        /// The control-plane namespace.
+        #[arg(long)]
+        netns: String,
+        /// The API server inside it.
+        #[arg(long)]
+        upstream: SocketAddr,
+        /// Where to listen (port 0: any).
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Gets the bound port.
+        #[arg(long)]
+        port_file: PathBuf,
     },
     /// (internal) The echo server of a pod or of the internet host.
     #[command(name = "__echo", hide = true)]
@@ -226,12 +268,22 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(matches!(
         cli.command,
-        Command::Forward { .. } | Command::Echo { .. }
+        Command::Forward { .. } | Command::Echo { .. } | Command::ApiForward { .. }
     ));
     let state = StateDir::new(&cli.state_dir);
+    // Before any thread exists: it only mounts and then sleeps.
+    if let Command::NodeHolder { plan, ready } = &cli.command {
+        return match canal_e2e::realnode::holder::run(plan, ready) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("canal-lab: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // The helpers run for as long as the lab: one thread is plenty.
     let runtime = match cli.command {
-        Command::Forward { .. } | Command::Echo { .. } => {
+        Command::Forward { .. } | Command::Echo { .. } | Command::ApiForward { .. } => {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -295,8 +347,13 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
             no_controller,
             timeout,
             keep_on_failure,
+            kubelet,
+            no_canal,
         } => {
             let started = Instant::now();
+            if kubelet {
+                return real::up(state, nodes, !no_canal, timeout, started).await;
+            }
             let opts = UpOptions {
                 nodes,
                 agents: !no_agents,
@@ -359,6 +416,18 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
                 }
                 Ok(ExitCode::FAILURE)
             }
+        }
+        Command::Status if canal_e2e::realnode::is_real(state) => real::status(state).await,
+        Command::E2e { args } => real::e2e(state, &args).await,
+        Command::NodeHolder { .. } => Ok(ExitCode::FAILURE),
+        Command::ApiForward {
+            netns,
+            upstream,
+            listen,
+            port_file,
+        } => {
+            canal_e2e::realnode::forward::run(netns, upstream, listen, port_file).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Status => {
             let ctx = Context::open(state).await?;

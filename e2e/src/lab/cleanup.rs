@@ -169,6 +169,9 @@ pub fn stop(state: &StateDir) -> Removed {
     let names: LabNames = state.names();
     let mut removed = Removed::default();
 
+    // 0. A real-kubelet lab's nodes, pods, cgroups and control plane.
+    crate::realnode::teardown::down(state, &mut removed);
+
     // 1. Processes with pid files, in order.
     let mut files = Vec::new();
     pid_files(&state.dir, &mut files);
