@@ -38,6 +38,7 @@ fn load(case: &str) -> PolicyInputs {
         config: EnforcementConfig {
             enabled: c.config.enabled,
             endpoint_to_host: c.config.endpoint_to_host,
+            ..EnforcementConfig::default()
         },
         generation: c.generation,
         spec: c.spec,

@@ -644,6 +644,7 @@ async fn real_packets_follow_the_rendered_policy() {
         config: EnforcementConfig {
             enabled: true,
             endpoint_to_host: EndpointToHostAction::Accept,
+            ..EnforcementConfig::default()
         },
         generation: Some(1),
         spec: NodePolicySetSpec {

@@ -38,6 +38,7 @@ pub mod handshake;
 #[cfg(test)]
 mod hardening_tests;
 pub mod metrics;
+pub mod model;
 pub mod names;
 pub mod nfnl;
 pub mod plan;
