@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use canal_agent::policy::{
-    EnforcementConfig, Exec, PolicyEnforcer, PolicyInputs, PolicyMetrics, render,
+    DataplaneChoice, EnforcementConfig, Exec, PolicyEnforcer, PolicyInputs, PolicyMetrics, render,
 };
 use canal_crds::{
     CompiledPolicy, Endpoint, NodePolicySetSpec, Peer, PeerSelector, PeerSetSpec, PortMatch,
@@ -109,7 +109,10 @@ fn policy_name(p: usize) -> String {
 
 fn inputs() -> PolicyInputs {
     PolicyInputs {
-        config: EnforcementConfig::default(),
+        config: EnforcementConfig {
+            dataplane: DataplaneChoice::IpTables,
+            ..EnforcementConfig::default()
+        },
         generation: Some(1),
         spec: NodePolicySetSpec {
             endpoints: (0..ENDPOINTS).map(endpoint).collect(),

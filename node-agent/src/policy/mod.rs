@@ -37,10 +37,12 @@ pub mod frame;
 pub mod handshake;
 #[cfg(test)]
 mod hardening_tests;
+pub mod iptables;
 pub mod metrics;
 pub mod model;
 pub mod names;
 pub mod nfnl;
+pub mod nft;
 pub mod plan;
 pub mod render;
 pub mod ruleset;
@@ -54,9 +56,11 @@ pub mod store;
 pub mod watch;
 
 pub use antispoof::{SourceMap, Sources, SpoofReason};
-pub use enforcer::{Error, PolicyEnforcer, Retry, SyncStats, Tools};
+pub use enforcer::{Error, NodeSupport, Plane, PolicyEnforcer, Retry, SyncStats, resolve};
 pub use exec::{Exec, ExecError};
+pub use iptables::Tools;
 pub use metrics::PolicyMetrics;
+pub use model::{DataplaneChoice, Families, Family, NodeModel};
 pub use plan::{Plan, PlanStats, plan};
 pub use render::{
     EnforcementConfig, PolicyInputs, RenderCache, Rendered, Warning, referenced_peer_sets, render,

@@ -46,6 +46,7 @@ pub fn enforced_status(
                 "read_state" => "KernelReadFailed",
                 "ipset_restore" => "IpsetRestoreFailed",
                 "iptables_restore" => "IptablesRestoreFailed",
+                "nft" => "NftablesFailed",
                 "tool_missing" => "ToolMissing",
                 _ => "RunDirFailed",
             };
