@@ -40,6 +40,21 @@ enum Command {
         /// Seconds to wait for the network to be programmed.
         #[arg(long, default_value_t = lab::DEFAULT_READY_TIMEOUT.as_secs())]
         timeout: u64,
+        /// When `up` fails, leave its processes and namespaces running for
+        /// inspection (by default they are stopped; the logs always stay).
+        #[arg(long)]
+        keep_on_failure: bool,
+    },
+    /// Check, in about a second, that this machine can run the lab (root,
+    /// network namespaces, VXLAN, iptables, ipset, tools, canal's binaries,
+    /// Go if the control plane is not built); `up` runs the same checks.
+    Preflight {
+        /// Check for a lab without agents (no iptables, ipset, VXLAN).
+        #[arg(long)]
+        no_agents: bool,
+        /// Check for a lab without canal-controller.
+        #[arg(long)]
+        no_controller: bool,
     },
     /// Stop everything and remove what `up` made (also after a crash).
     Down,
@@ -202,6 +217,13 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli.command, &state)) {
         Ok(code) => code,
+        // One line per cause, each naming its fix.
+        Err(Error::Preflight(failures)) => {
+            for f in failures {
+                eprintln!("canal-lab: {f}");
+            }
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("canal-lab: {e}");
             ExitCode::FAILURE
@@ -240,6 +262,7 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
             no_agents,
             no_controller,
             timeout,
+            keep_on_failure,
         } => {
             let started = Instant::now();
             let opts = UpOptions {
@@ -247,6 +270,8 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
                 agents: !no_agents,
                 controller: !no_controller,
                 ready_timeout: Duration::from_secs(timeout),
+                progress: true,
+                keep_on_failure,
                 ..UpOptions::default()
             };
             let ctx = lab::up(state, &opts).await?;
@@ -258,6 +283,23 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
                 ctx.lab.underlay,
                 state.kubeconfig().display(),
                 state.dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Preflight {
+            no_agents,
+            no_controller,
+        } => {
+            let failures = lab::preflight::check(&lab::preflight::Needs {
+                bin_dir: lab::default_bin_dir(),
+                agents: !no_agents,
+                controller: !no_controller,
+            });
+            if !failures.is_empty() {
+                return Err(Error::Preflight(failures));
+            }
+            println!(
+                "preflight ok: root, network namespaces, VXLAN, iptables and ipset in a new namespace, the tools of scripts/packages, canal's binaries, the control plane (or Go to build it)"
             );
             Ok(ExitCode::SUCCESS)
         }
