@@ -1,8 +1,13 @@
 //! NetworkPolicy enforcement on the node: the NodePolicySet and the PeerSets
-//! it references become iptables chains and ipsets (Calico's layout with
-//! canal's names, CONTRACTS.md).
+//! it references become, through one dataplane-neutral model, either
+//! iptables chains and ipsets (Calico's layout with canal's names,
+//! CONTRACTS.md) or canal's own nftables table, per family.
 //!
-//! - [`render`]: pure renderer, inputs -> [`Ruleset`]; with [`antispoof`]
+//! - [`model`]: the dataplane-neutral model every sync builds once; [`eval`]
+//!   its pure evaluator (what a node decides for a connection, and why).
+//! - [`nft`]: the nftables dataplane (canal's own table, one transaction per sync).
+//! - [`iptables`]: the iptables dataplane's applier (per family, the node's backend).
+//! - [`render`]: pure iptables renderer, model -> [`Ruleset`]; with [`antispoof`]
 //!   (the dataplane-neutral source map and its raw-table rules) and
 //!   [`frame`] (dispatch chains, verdict marks, the fail-closed guard).
 //! - [`state`] / [`plan`]: pure kernel-state parsing and diff -> restore batches.
@@ -31,6 +36,7 @@
 pub mod antispoof;
 pub mod component;
 pub mod enforcer;
+pub mod eval;
 pub mod exec;
 pub mod firewall;
 pub mod frame;

@@ -17,6 +17,12 @@
 //! chain input       (filter hook input priority filter)                      pod -> node
 //!     established accept; IPv6: ICMPv6 130-136 accept; invalid drop; iifname vmap @from-wl;
 //!     drop without the egress mark; defaultEndpointToHostAction
+//! chain guard-forward / guard-input (priority 150, after them)   fail-closed guard: new pod
+//!     traffic without its verdict marks is dropped (a foreign flush of `forward` or an
+//!     `accept` put in front of it lets nothing new through)
+//! chain guard-forward / guard-input (priority 150, after them)   fail-closed guard: new pod
+//!     traffic without its verdict marks is dropped (a foreign flush of `forward` or an
+//!     `accept` put in front of it lets nothing new through)
 //! map to-wl / from-wl  { "cali..." : jump tw-/fw-cali... }
 //! chain tw-<iface> / fw-<iface>   not isolated: set the mark; isolated: clear it,
 //!     jump pi-/po-<hash> per policy, return if marked, drop
@@ -58,6 +64,10 @@ pub const PREROUTING: &str = "prerouting";
 pub const FORWARD: &str = "forward";
 /// The pod -> node base chain.
 pub const INPUT: &str = "input";
+/// The fail-closed guard after `forward` (priority 150, as iptables' security table).
+pub const GUARD_FORWARD: &str = "guard-forward";
+/// The fail-closed guard after `input`.
+pub const GUARD_INPUT: &str = "guard-input";
 /// Ingress dispatch map.
 pub const TO_WL: &str = "to-wl";
 /// Egress dispatch map.
@@ -75,6 +85,7 @@ const PODS: &str = "\"cali*\"";
 
 const RAW_PRIORITY: i32 = -300;
 const FILTER_PRIORITY: i32 = 0;
+const GUARD_PRIORITY: i32 = 150;
 
 /// What the renderer keeps between calls: sets built from unchanged
 /// PeerSets and chains built from unchanged policies (found by pointer).
@@ -150,7 +161,55 @@ pub fn render_with(model: &NodeModel, cache: &mut NftCache) -> NftRuleset {
     r.chains.insert(FORWARD.into(), forward_chain());
     r.chains
         .insert(INPUT.into(), input_chain(model.endpoint_to_host, v6));
+    r.chains.insert(GUARD_FORWARD.into(), guard_forward_chain());
+    r.chains.insert(GUARD_INPUT.into(), guard_input_chain(v6));
     r
+}
+
+/// New pod traffic that `forward` did not mark is dropped: a foreign
+/// rewrite of `forward` (a flush, an `accept` in front) fails closed.
+fn guard_forward_chain() -> NftChain {
+    let n = GUARD_FORWARD;
+    let mut c = NftChain {
+        base: base("forward", GUARD_PRIORITY),
+        ..NftChain::default()
+    };
+    let new = "ct state != { established, related }";
+    c.push(
+        n,
+        format!("iifname {PODS} {new} {} drop", without(EGRESS_MARK)),
+        "egress policy did not run (fail closed)",
+    );
+    c.push(
+        n,
+        format!("oifname {PODS} {new} {} drop", without(INGRESS_MARK)),
+        "ingress policy did not run (fail closed)",
+    );
+    c
+}
+
+fn guard_input_chain(v6: bool) -> NftChain {
+    let n = GUARD_INPUT;
+    let mut c = NftChain {
+        base: base("input", GUARD_PRIORITY),
+        ..NftChain::default()
+    };
+    if v6 {
+        c.push(
+            n,
+            format!("iifname {PODS} {} accept", icmpv6_types()),
+            "neighbour discovery",
+        );
+    }
+    c.push(
+        n,
+        format!(
+            "iifname {PODS} ct state != {{ established, related }} {} drop",
+            without(EGRESS_MARK)
+        ),
+        "egress policy did not run (fail closed)",
+    );
+    c
 }
 
 /// `tw-<iface>` / `fw-<iface>`.
