@@ -1,12 +1,14 @@
 //! canal's local lab and the support its integration and end-to-end tests
 //! share: a real etcd + kube-apiserver (built from Go modules, cached per
-//! version), installation of the CRDs, and the multi-node network lab
-//! ([`lab`], driven by the `canal-lab` binary and by [`lab::Lab`] in tests).
+//! version), installation of the CRDs, the multi-node network lab
+//! ([`lab`], driven by the `canal-lab` binary and by [`lab::Lab`] in tests),
+//! and container images built without a registry or engine ([`images`]).
 
 pub mod binaries;
 pub mod certs;
 pub mod control_plane;
 pub mod helm;
+pub mod images;
 pub mod install;
 pub mod lab;
 pub mod policy_model;
@@ -69,6 +71,9 @@ pub enum Error {
     /// A CNI plugin returned an error (the CNI error format).
     #[error("{0}")]
     Cni(Box<CniFailure>),
+    /// Building or reading a container image failed.
+    #[error(transparent)]
+    Image(#[from] images::Error),
 }
 
 /// A CNI plugin's failure: which plugin, for which pod, and its CNI error.

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use canal_e2e::Error;
+use canal_e2e::images;
 use canal_e2e::lab::{
     self, Context, MatrixOptions, PodOptions, PodPort, Protocol, StateDir, Target, UpOptions,
 };
@@ -107,6 +108,10 @@ enum Command {
         #[arg(long, default_value_t = lab::DEFAULT_PROBE_TIMEOUT.as_millis() as u64)]
         timeout_ms: u64,
     },
+    /// Container images for real-kubelet nodes, built without a registry
+    /// or a container engine.
+    #[command(subcommand)]
+    Images(ImagesCommand),
     /// (internal) The API forwarder into the node namespaces.
     #[command(name = "__forward", hide = true)]
     Forward {
@@ -173,6 +178,33 @@ enum PodCommand {
     Del {
         /// NAMESPACE/NAME.
         pod: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ImagesCommand {
+    /// Build every image the lab imports (the canal image: a cached Debian
+    /// base + the release binaries, built first when stale) and print
+    /// `REFERENCE ARCHIVE` for each; import one with
+    /// `ctr -n k8s.io images import --local ARCHIVE`.
+    Build {
+        /// Directory for the archives (default: target/images).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Use target/release as it is instead of running cargo build.
+        #[arg(long)]
+        no_cargo: bool,
+    },
+    /// Build the repository's Dockerfile offline with buildah as CI does
+    /// (prebuilt binaries, the locally made runtime base) into an OCI
+    /// archive, and print its path.
+    Dockerfile {
+        /// The archive to write (default: target/images/dockerfile.oci.tar).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Use target/release as it is instead of running cargo build.
+        #[arg(long)]
+        no_cargo: bool,
     },
 }
 
@@ -473,6 +505,35 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
                     run.matrix.len()
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Images(ImagesCommand::Build { out, no_cargo }) => {
+            let started = Instant::now();
+            let opts = images::CanalImageOptions {
+                out_dir: out,
+                build: !no_cargo,
+            };
+            for image in images::build_all(&opts)? {
+                println!("{} {}", image.reference, image.path.display());
+            }
+            eprintln!("images ready in {:.1}s", started.elapsed().as_secs_f64());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Images(ImagesCommand::Dockerfile { out, no_cargo }) => {
+            let started = Instant::now();
+            let mut opts = images::DockerfileBuild {
+                build: !no_cargo,
+                ..images::DockerfileBuild::default()
+            };
+            if let Some(out) = out {
+                opts.out = out;
+            }
+            let path = images::dockerfile_build(&opts)?;
+            println!("{}", path.display());
+            eprintln!(
+                "Dockerfile built in {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Forward { upstream, port } => {
