@@ -23,6 +23,11 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Endpoints", type_ = "integer", json_path = ".status.endpoints"),
     printcolumn(name = "Rules", type_ = "integer", json_path = ".status.rules"),
     printcolumn(
+        name = "Dataplane",
+        type_ = "string",
+        json_path = ".status.dataplane"
+    ),
+    printcolumn(
         name = "Generation",
         type_ = "integer",
         json_path = ".metadata.generation"
@@ -234,10 +239,14 @@ pub struct NodePolicySetStatus {
     /// Local endpoints programmed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<u32>,
-    /// iptables rules programmed for them.
+    /// iptables or nftables rules programmed for them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<u32>,
-    /// ipsets programmed.
+    /// ipsets (or nftables sets and maps) programmed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sets: Option<u32>,
+    /// The dataplane that programs them: iptables or nftables
+    /// (`spec.policy.dataplane` of the CanalNetwork, resolved on the node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataplane: Option<String>,
 }

@@ -8,9 +8,15 @@
 //! the fail-open window (first leaked probe to last, a leak being a
 //! connection a denied prober opened) must stay under 1 s and canal's
 //! kernel state must be back as it was within 2 s; the agent's syncs never
-//! fail. The figures are printed per kind.
+//! fail. The figures are printed per kind. On the nftables dataplane the
+//! reloads are nftables' own (`nft flush ruleset`, deleting canal's table,
+//! a chain, a map entry, a set's elements, a foreign table at a higher
+//! priority that accepts everything, a competing `nft -f` loop) plus the
+//! iptables ones, which must not touch canal's table at all.
 
 mod support;
+
+use support::dataplane::{Dataplane, use_dataplane};
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +28,17 @@ use support::policy::{apply_policies, wait_enforced};
 /// canal's part of the node's firewall, in listing order per table (set
 /// members sorted): equal to the state before a reload once it is repaired.
 fn snapshot(node_ns: &str) -> String {
+    let mut out = iptables_snapshot(node_ns);
+    for table in ["canal", "canal-masq"] {
+        // Stateless (no counters), without handles: what canal wrote.
+        let listing = netns::run(netns::exec(node_ns, "nft").args(["-s", "list", "table", "inet", table]))
+            .unwrap_or_default();
+        out.push_str(&listing);
+    }
+    out
+}
+
+fn iptables_snapshot(node_ns: &str) -> String {
     let mut out = String::new();
     for table in ["raw", "filter", "security", "nat"] {
         let save = netns::run(netns::exec(node_ns, "iptables-save").args(["-t", table]))
@@ -83,10 +100,19 @@ fn leaked(a: &Attempt) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn firewall_reloads_fail_closed_and_are_repaired_at_once() {
+async fn firewall_reloads_fail_closed_and_are_repaired_at_once_iptables() {
+    firewall_reloads(Dataplane::IpTables).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn firewall_reloads_fail_closed_and_are_repaired_at_once_nftables() {
+    firewall_reloads(Dataplane::NfTables).await;
+}
+
+async fn firewall_reloads(dataplane: Dataplane) {
     let _serial = support::serial().await;
     let lab = Lab::up(
-        Lab::test_state_dir("hardening-drift"),
+        Lab::test_state_dir(&format!("hardening-drift-{}", dataplane.status())),
         UpOptions {
             nodes: 2,
             ..UpOptions::default()
@@ -94,6 +120,7 @@ async fn firewall_reloads_fail_closed_and_are_repaired_at_once() {
     )
     .await
     .expect("a 2-node lab");
+    use_dataplane(&lab, dataplane).await;
     lab.add_pods(vec![
         PodOptions::new("x", "server", "node-1").label("role", "server"),
         PodOptions::new("x", "client", "node-2").label("role", "client"),
@@ -140,7 +167,22 @@ async fn firewall_reloads_fail_closed_and_are_repaired_at_once() {
 
     let hostile = "end=$(($(date +%s%N)+3000000000)); while [ $(date +%s%N) -lt $end ]; do printf '*filter\\n:CANAL-FORWARD - [0:0]\\n-A CANAL-FORWARD -j ACCEPT\\nCOMMIT\\n' | iptables-restore --noflush; sleep 0.05; done";
     let flush_endpoint = format!("iptables -F CANAL-TW-{server_if}");
-    let reloads: Vec<(&'static str, String)> = vec![
+    let nft_hostile = "end=$(($(date +%s%N)+3000000000)); while [ $(date +%s%N) -lt $end ]; do nft 'flush chain inet canal forward; add rule inet canal forward accept'; sleep 0.05; done";
+    let nft_reloads: Vec<(&'static str, String)> = vec![
+        ("iptables -F; iptables -X; ipset destroy (not canal's)", "iptables -F; iptables -X; ipset destroy".into()),
+        ("nft flush ruleset", "nft flush ruleset".into()),
+        ("nft delete table inet canal", "nft delete table inet canal".into()),
+        ("nft flush one endpoint chain", format!("nft flush chain inet canal tw-{server_if}")),
+        ("nft delete the endpoint's map entry", format!("nft delete element inet canal to-wl '{{ \"{server_if}\" }}'")),
+        ("nft flush set spoof-v4", "nft flush set inet canal spoof-v4".into()),
+        (
+            "foreign table at priority -500 accepting all",
+            "nft add table inet intruder; nft add chain inet intruder fwd '{ type filter hook forward priority -500; policy accept; }'; nft add rule inet intruder fwd accept".into(),
+        ),
+        ("nft flush table inet canal-masq (masquerade)", "nft flush table inet canal-masq".into()),
+        ("competing nft loop (3 s)", nft_hostile.into()),
+    ];
+    let ipt_reloads: Vec<(&'static str, String)> = vec![
         ("iptables -F", "iptables -F".into()),
         (
             "delete canal's hook in FORWARD",
@@ -157,6 +199,10 @@ async fn firewall_reloads_fail_closed_and_are_repaired_at_once() {
         ("iptables -t nat -F (masquerade)", "iptables -t nat -F".into()),
         ("competing iptables-restore loop (3 s)", hostile.into()),
     ];
+    let reloads = match dataplane {
+        Dataplane::IpTables => ipt_reloads,
+        Dataplane::NfTables => nft_reloads,
+    };
     let mut outcomes = Vec::new();
     for (kind, script) in reloads {
         let t0 = Instant::now();

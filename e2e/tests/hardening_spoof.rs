@@ -13,6 +13,8 @@
 
 mod support;
 
+use support::dataplane::{Dataplane, use_dataplane};
+
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
@@ -74,7 +76,7 @@ fn host_iface(lab: &Lab, node: &str, pod_ip: Ipv4Addr) -> String {
     panic!("no route to {pod_ip} on {}: {out}", node.name);
 }
 
-async fn set_policy_enabled(lab: &Lab, enabled: bool) {
+async fn set_policy_enabled(lab: &Lab, enabled: bool, dataplane: Dataplane) {
     let api: Api<canal_crds::CanalNetwork> = Api::all(lab.client());
     api.patch(
         canal_crds::DEFAULT_NETWORK_NAME,
@@ -91,9 +93,15 @@ async fn set_policy_enabled(lab: &Lab, enabled: bool) {
             || {
                 let netns = netns.clone();
                 async move {
-                    let rules = netns::run(netns::exec(&netns, "iptables").args(["-S", "FORWARD"]))
+                    let (program, args, marker): (&str, &[&str], &str) = match dataplane {
+                        Dataplane::IpTables => ("iptables", &["-S", "FORWARD"], "CANAL-FORWARD"),
+                        Dataplane::NfTables => {
+                            ("nft", &["list", "table", "inet", "canal"], "chain forward")
+                        }
+                    };
+                    let rules = netns::run(netns::exec(&netns, program).args(args))
                         .map_err(|e| e.to_string())?;
-                    if rules.contains("CANAL-FORWARD") == enabled {
+                    if rules.contains(marker) == enabled {
                         Ok(())
                     } else {
                         Err(rules)
@@ -106,10 +114,19 @@ async fn set_policy_enabled(lab: &Lab, enabled: bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn forged_sources_never_reach_a_pod() {
+async fn forged_sources_never_reach_a_pod_iptables() {
+    forged_sources_never_reach_a_pod(Dataplane::IpTables).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_sources_never_reach_a_pod_nftables() {
+    forged_sources_never_reach_a_pod(Dataplane::NfTables).await;
+}
+
+async fn forged_sources_never_reach_a_pod(dataplane: Dataplane) {
     let _serial = support::serial().await;
     let lab = Lab::up(
-        Lab::test_state_dir("hardening-spoof"),
+        Lab::test_state_dir(&format!("hardening-spoof-{}", dataplane.status())),
         UpOptions {
             nodes: 2,
             ..UpOptions::default()
@@ -117,6 +134,7 @@ async fn forged_sources_never_reach_a_pod() {
     )
     .await
     .expect("a 2-node lab");
+    use_dataplane(&lab, dataplane).await;
     lab.add_pods(vec![
         PodOptions::new("x", "target", "node-1").label("role", "target"),
         PodOptions::new("x", "friend", "node-1").label("role", "friend"),
@@ -362,7 +380,7 @@ async fn forged_sources_never_reach_a_pod() {
     .await;
 
     // Anti-spoofing is not NetworkPolicy: it holds with policy disabled.
-    set_policy_enabled(&lab, false).await;
+    set_policy_enabled(&lab, false, dataplane).await;
     let capture = Capture::start(&target.netns).unwrap();
     let honest = Forged {
         src: ip(&lab, "x/attacker-far"),
@@ -396,5 +414,5 @@ async fn forged_sources_never_reach_a_pod() {
         0,
         "policy disabled, forged packets still dropped"
     );
-    set_policy_enabled(&lab, true).await;
+    set_policy_enabled(&lab, true, dataplane).await;
 }

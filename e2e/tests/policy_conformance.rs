@@ -18,6 +18,8 @@
 
 mod support;
 
+use support::dataplane::{Dataplane, use_dataplane};
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -121,11 +123,20 @@ impl<'a> Suite<'a> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn network_policy_truth_tables() {
+async fn network_policy_truth_tables_iptables() {
+    network_policy_truth_tables(Dataplane::IpTables).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn network_policy_truth_tables_nftables() {
+    network_policy_truth_tables(Dataplane::NfTables).await;
+}
+
+async fn network_policy_truth_tables(dataplane: Dataplane) {
     let _serial = serial().await;
     let started = Instant::now();
     let lab = Lab::up(
-        Lab::test_state_dir("policy-conformance"),
+        Lab::test_state_dir(&format!("policy-conformance-{}", dataplane.status())),
         UpOptions {
             nodes: 3,
             ..UpOptions::default()
@@ -133,6 +144,7 @@ async fn network_policy_truth_tables() {
     )
     .await
     .expect("a 3-node lab");
+    use_dataplane(&lab, dataplane).await;
     lab.add_conformance_pods().await.expect("conformance pods");
     let ip = |key: &str| lab.pod(key).unwrap().ipv4().unwrap();
     let client = lab.client();
@@ -450,7 +462,7 @@ fn agent_restores(lab: &Lab, node: &str) -> Result<f64, String> {
             seen += 1;
         }
     }
-    if seen == 2 {
+    if seen == 3 {
         Ok(total)
     } else {
         Err(format!("no canal_policy_restores_total in:\n{text}"))
@@ -458,10 +470,19 @@ fn agent_restores(lab: &Lab, node: &str) -> Result<f64, String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn policy_under_traffic_agent_restarts_new_pods_kubectl_and_summary() {
+async fn policy_under_traffic_agent_restarts_new_pods_kubectl_and_summary_iptables() {
+    policy_under_traffic(Dataplane::IpTables).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn policy_under_traffic_agent_restarts_new_pods_kubectl_and_summary_nftables() {
+    policy_under_traffic(Dataplane::NfTables).await;
+}
+
+async fn policy_under_traffic(dataplane: Dataplane) {
     let _serial = serial().await;
     let lab = Lab::up(
-        Lab::test_state_dir("policy-dataplane"),
+        Lab::test_state_dir(&format!("policy-dataplane-{}", dataplane.status())),
         UpOptions {
             nodes: 3,
             ..UpOptions::default()
@@ -469,6 +490,7 @@ async fn policy_under_traffic_agent_restarts_new_pods_kubectl_and_summary() {
     )
     .await
     .expect("a 3-node lab");
+    use_dataplane(&lab, dataplane).await;
     lab.add_conformance_pods().await.expect("conformance pods");
     let client = lab.client();
     wait_enforced(&lab, Duration::from_secs(30)).await;
@@ -818,4 +840,127 @@ async fn policy_under_traffic_agent_restarts_new_pods_kubectl_and_summary() {
     })
     .await;
     wait_enforced(&lab, Duration::from_secs(10)).await;
+}
+
+/// `spec.policy.dataplane` switched live, both ways, on a running lab while
+/// probes run: a denied probe never connects (nor is refused: a refusal
+/// means a packet reached the pod), an allowed one never fails, an
+/// established TCP stream carries on, and afterwards the old dataplane
+/// holds nothing of canal's on any node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dataplane_switch_under_traffic() {
+    let _serial = serial().await;
+    let lab = Lab::up(
+        Lab::test_state_dir("policy-switch"),
+        UpOptions {
+            nodes: 2,
+            ..UpOptions::default()
+        },
+    )
+    .await
+    .expect("a 2-node lab");
+    use_dataplane(&lab, Dataplane::IpTables).await;
+    lab.add_pods(vec![
+        PodOptions::new("x", "server", "node-1").label("role", "server"),
+        PodOptions::new("x", "client", "node-2").label("role", "client"),
+        PodOptions::new("x", "near", "node-1").label("role", "intruder"),
+        PodOptions::new("x", "far", "node-2").label("role", "intruder"),
+    ])
+    .await
+    .unwrap();
+    let client = lab.client();
+    apply_policies(
+        &client,
+        "metadata: {namespace: x, name: server-from-client}\nspec:\n  podSelector: {matchLabels: {role: server}}\n  ingress: [{from: [{podSelector: {matchLabels: {role: client}}}]}]",
+    )
+    .await;
+    wait_enforced(&lab, Duration::from_secs(30)).await;
+    let stream = lab.open_stream("x/client", "x/server", 80).await.unwrap();
+    let mut conn = stream.stream;
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let denied = [
+        prober(&lab, "x/near", "x/server", 80, Protocol::Tcp),
+        prober(&lab, "x/far", "x/server", 80, Protocol::Tcp),
+        prober(&lab, "x/far", "x/server", 81, Protocol::Udp),
+    ];
+    let allowed = [
+        Prober::start(
+            "x/client -> x/server 80/TCP",
+            &lab.pod("x/client").unwrap().netns,
+            addr(&lab, "x/server", 80),
+            Protocol::Tcp,
+            Duration::from_secs(1),
+            Duration::from_millis(10),
+        ),
+        Prober::start(
+            "x/client -> x/server 81/UDP",
+            &lab.pod("x/client").unwrap().netns,
+            addr(&lab, "x/server", 81),
+            Protocol::Udp,
+            Duration::from_secs(1),
+            Duration::from_millis(10),
+        ),
+    ];
+    let all: Vec<&Prober> = denied.iter().chain(&allowed).collect();
+    wait_probers("probes running", &all, Duration::from_secs(10), |p| {
+        p.attempts().len() >= 3
+    })
+    .await;
+    let start = Instant::now();
+    let mut switches = Vec::new();
+    for to in [Dataplane::NfTables, Dataplane::IpTables, Dataplane::NfTables] {
+        let t = Instant::now();
+        use_dataplane(&lab, to).await;
+        switches.push((to, t.elapsed()));
+        // Traffic on the new dataplane before the next switch.
+        let since = Instant::now();
+        wait_probers("probes after the switch", &all, Duration::from_secs(10), |p| {
+            p.since(since).len() >= 5
+        })
+        .await;
+        use std::io::{BufRead, BufReader, Write};
+        conn.write_all(b"still here\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(conn.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "still here\n", "the established stream carries on");
+    }
+    let mut leaks = Vec::new();
+    let mut failures = Vec::new();
+    let mut attempts = 0;
+    for p in denied {
+        let label = p.label.clone();
+        let a = p.stop();
+        attempts += a.len();
+        leaks.extend(
+            a.iter()
+                .filter(|a| a.at >= start && (a.connected || a.refused))
+                .map(|a| format!("{label} at {} ms", ms(a.at - start))),
+        );
+    }
+    for p in allowed {
+        let label = p.label.clone();
+        let a = p.stop();
+        attempts += a.len();
+        failures.extend(
+            a.iter()
+                .filter(|a| a.at >= start && !a.connected)
+                .map(|a| format!("{label} at {} ms", ms(a.at - start))),
+        );
+    }
+    for (to, took) in &switches {
+        eprintln!(
+            "switch to {}: every node on it and the other dataplane empty after {} ms",
+            to.status(),
+            ms(*took)
+        );
+    }
+    eprintln!(
+        "{attempts} probes during 3 switches: {} leaked, {} allowed ones failed; the established stream carried on",
+        leaks.len(),
+        failures.len()
+    );
+    assert!(leaks.is_empty(), "denied probes got through: {leaks:?}");
+    assert!(failures.is_empty(), "allowed probes failed: {failures:?}");
 }

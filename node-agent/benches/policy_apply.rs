@@ -1,8 +1,10 @@
-//! Benchmark of policy enforcement at node scale: render and apply ~20,000
-//! rules and 100,000 set members into a fresh network namespace (cold), then
-//! 100 incremental changes, compared in the same run with a plain
-//! `iptables-restore` (+ `ipset restore`) of the same text and with one
-//! `iptables` exec per rule. Prints its figures; needs root.
+//! Benchmark of policy enforcement at node scale, both dataplanes in the
+//! same run on the same inputs: render and apply ~20,000 rules and 100,000
+//! set members into a fresh network namespace (cold), then 100 incremental
+//! changes; compared with a plain `iptables-restore` (+ `ipset restore`) of
+//! the same text, one `iptables` exec per rule, a plain `nft -f` of the
+//! same nftables script, and the nftables dataplane run through `nft -f -`
+//! per transaction instead of libnftables. Prints its figures; needs root.
 //!
 //! `cargo bench -p canal-agent --bench policy_apply` (env BENCH_RUNS=3,
 //! BENCH_CHANGES=100, BENCH_EXECS=1000 adjust the effort).
@@ -15,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use canal_agent::policy::{
-    EnforcementConfig, Exec, PolicyEnforcer, PolicyInputs, PolicyMetrics, render,
+    DataplaneChoice, EnforcementConfig, Exec, PolicyEnforcer, PolicyInputs, PolicyMetrics, render,
 };
 use canal_crds::{
     CompiledPolicy, Endpoint, NodePolicySetSpec, Peer, PeerSelector, PeerSetSpec, PortMatch,
@@ -107,9 +109,12 @@ fn policy_name(p: usize) -> String {
     format!("ns-{}/policy-{p}", p % 50)
 }
 
-fn inputs() -> PolicyInputs {
+fn inputs(dataplane: DataplaneChoice) -> PolicyInputs {
     PolicyInputs {
-        config: EnforcementConfig::default(),
+        config: EnforcementConfig {
+            dataplane,
+            ..EnforcementConfig::default()
+        },
         generation: Some(1),
         spec: NodePolicySetSpec {
             endpoints: (0..ENDPOINTS).map(endpoint).collect(),
@@ -195,7 +200,7 @@ async fn main() {
     let changes = env_usize("BENCH_CHANGES", 100);
     let execs = env_usize("BENCH_EXECS", 1000);
 
-    let base = inputs();
+    let base = inputs(DataplaneChoice::IpTables);
     let t = Instant::now();
     let rendered = render(&base);
     let render_time = t.elapsed();
@@ -367,6 +372,33 @@ async fn main() {
     let metrics = PolicyMetrics::unregistered().unwrap();
     let mut e = PolicyEnforcer::new(run_dir.path(), metrics.clone())
         .with_exec(Exec::in_netns(&ns.path).unwrap());
+    let inc = incremental(&mut e, &base, changes).await;
+    let drift_start = Instant::now();
+    let d = e.check_drift().await.unwrap().unwrap();
+    let drift = drift_start.elapsed();
+    assert!(!d.applied);
+    drop(ns);
+
+    print_incremental("iptables", inc, changes);
+    println!(
+        "  drift check (iptables-save + ipset save + diff, nothing to repair): {}",
+        ms(drift)
+    );
+    nftables(runs, changes).await;
+}
+
+/// Figures of one incremental run.
+struct Incremental {
+    noop: Vec<Duration>,
+    noop_render: Vec<Duration>,
+    by_kind: BTreeMap<&'static str, Vec<Duration>>,
+    all: Vec<Duration>,
+    tools: Vec<Duration>,
+    renders: Vec<Duration>,
+    cpus: Vec<Duration>,
+}
+
+async fn incremental(e: &mut PolicyEnforcer, base: &PolicyInputs, changes: usize) -> Incremental {
     let mut cur = base.clone();
     e.sync(&cur).await.unwrap();
     let mut noop = Vec::new();
@@ -427,49 +459,148 @@ async fn main() {
         tools.push(s.restore_time);
         renders.push(s.render_time);
     }
-    let drift_start = Instant::now();
-    let d = e.check_drift().await.unwrap().unwrap();
-    let drift = drift_start.elapsed();
-    assert!(!d.applied);
-    drop(ns);
+    Incremental {
+        noop,
+        noop_render,
+        by_kind,
+        all,
+        tools,
+        renders,
+        cpus,
+    }
+}
 
-    println!("\nincremental sync on top of the full ruleset ({changes} changes):");
+fn print_incremental(dataplane: &str, inc: Incremental, changes: usize) {
+    let Incremental {
+        mut noop,
+        mut noop_render,
+        mut by_kind,
+        mut all,
+        mut tools,
+        mut renders,
+        mut cpus,
+    } = inc;
+    let (noop, noop_render, by_kind, all, tools, renders, cpus) = (
+        &mut noop,
+        &mut noop_render,
+        &mut by_kind,
+        &mut all,
+        &mut tools,
+        &mut renders,
+        &mut cpus,
+    );
+    println!("\n{dataplane}: incremental sync on top of the full ruleset ({changes} changes):");
     println!(
         "  all changes:    p50 {}  p99 {}  max {}",
-        ms(pct(&mut all, 0.5)),
-        ms(pct(&mut all, 0.99)),
-        ms(pct(&mut all, 1.0))
+        ms(pct(all, 0.5)),
+        ms(pct(all, 0.99)),
+        ms(pct(all, 1.0))
     );
-    for (kind, mut v) in by_kind {
+    for (kind, v) in by_kind.iter_mut() {
         println!(
             "  {kind:<24} p50 {}  p99 {}  (n={})",
-            ms(pct(&mut v, 0.5)),
-            ms(pct(&mut v, 0.99)),
+            ms(pct(v, 0.5)),
+            ms(pct(v, 0.99)),
             v.len()
         );
     }
     println!(
         "  CPU time (agent + tools, what an idle machine would wait): p50 {}  p99 {}",
-        ms(pct(&mut cpus, 0.5)),
-        ms(pct(&mut cpus, 0.99))
+        ms(pct(cpus, 0.5)),
+        ms(pct(cpus, 0.99))
     );
     println!(
         "  of which rendering:     p50 {}  p99 {}",
-        ms(pct(&mut renders, 0.5)),
-        ms(pct(&mut renders, 0.99))
+        ms(pct(renders, 0.5)),
+        ms(pct(renders, 0.99))
     );
     println!(
-        "  of which restore tools: p50 {}  p99 {}",
-        ms(pct(&mut tools, 0.5)),
-        ms(pct(&mut tools, 0.99))
+        "  of which kernel apply:  p50 {}  p99 {}",
+        ms(pct(tools, 0.5)),
+        ms(pct(tools, 0.99))
     );
     println!(
         "  no-op resync:   p50 {}, of which rendering {}  (no restore executed)",
-        ms(pct(&mut noop, 0.5)),
-        ms(pct(&mut noop_render, 0.5))
+        ms(pct(noop, 0.5)),
+        ms(pct(noop_render, 0.5))
+    );
+}
+
+/// The nftables dataplane on the same inputs: cold vs a plain `nft -f` of
+/// the same script, incremental through libnftables, and through `nft -f -`
+/// per transaction (the alternative the library was chosen over).
+async fn nftables(runs: usize, changes: usize) {
+    use canal_agent::policy::nft::render::render as nft_render;
+    let base = inputs(DataplaneChoice::NfTables);
+    let t = Instant::now();
+    let r = nft_render(&canal_agent::policy::model::build(&base));
+    let render_time = t.elapsed();
+    let script = r.script();
+    println!(
+        "\nnftables: {} rules in {} chains, {} sets and maps, {} elements ({} KiB script), model + render {}",
+        r.rule_count(),
+        r.chains.len(),
+        r.sets.len(),
+        r.element_count(),
+        script.len() / 1024,
+        ms(render_time)
+    );
+    let mut cold = Vec::new();
+    let mut plain = Vec::new();
+    for _ in 0..runs {
+        let ns = Netns::new("pa-bench");
+        let run_dir = tempfile::tempdir().unwrap();
+        let mut e = PolicyEnforcer::new(run_dir.path(), PolicyMetrics::unregistered().unwrap())
+            .with_exec(Exec::in_netns(&ns.path).unwrap());
+        // Warm the library (dlopen, its thread) as a running agent has.
+        let _ = e.support().await;
+        let start = Instant::now();
+        let s = e.sync(&base).await.unwrap();
+        cold.push(start.elapsed());
+        assert!(s.applied && s.warnings.is_empty());
+        drop(ns);
+        let ns = Netns::new("pa-bench");
+        let overhead = netns_exec_overhead(&ns);
+        plain.push(restore(&ns, "nft", &["-f", "-"], &script).saturating_sub(overhead));
+    }
+    let (c, p) = (pct(&mut cold, 0.5), pct(&mut plain, 0.5));
+    println!("nftables: cold apply into a fresh netns (median of {runs}):");
+    println!(
+        "  canal enforcer sync (read, model, render, diff, one transaction): {}",
+        ms(c)
     );
     println!(
-        "  drift check (iptables-save + ipset save + diff, nothing to repair): {}",
+        "  plain `nft -f` of the same script:                                  {}",
+        ms(p)
+    );
+    println!(
+        "  enforcer vs plain nft -f: {:+.1}%",
+        (c.as_secs_f64() / p.as_secs_f64() - 1.0) * 100.0
+    );
+
+    let ns = Netns::new("pa-bench");
+    let run_dir = tempfile::tempdir().unwrap();
+    let mut e = PolicyEnforcer::new(run_dir.path(), PolicyMetrics::unregistered().unwrap())
+        .with_exec(Exec::in_netns(&ns.path).unwrap());
+    let inc = incremental(&mut e, &base, changes).await;
+    let start = Instant::now();
+    let d = e.check_drift().await.unwrap().unwrap();
+    let drift = start.elapsed();
+    assert!(!d.applied);
+    drop(ns);
+    print_incremental("nftables (libnftables, in-process)", inc, changes);
+    println!(
+        "  drift check (nft -j list table + diff, nothing to repair): {}",
         ms(drift)
     );
+
+    let ns = Netns::new("pa-bench");
+    let run_dir = tempfile::tempdir().unwrap();
+    let mut e = PolicyEnforcer::new(run_dir.path(), PolicyMetrics::unregistered().unwrap())
+        .with_exec(Exec::in_netns(&ns.path).unwrap())
+        .with_nft_process();
+    let n = changes.min(40);
+    let inc = incremental(&mut e, &base, n).await;
+    drop(ns);
+    print_incremental("nftables via `nft -f -` per transaction (not used)", inc, n);
 }

@@ -14,6 +14,8 @@ fn config(masquerade: bool) -> RulesConfig {
         cluster_cidr: "10.244.0.0/16".parse().unwrap(),
         node_subnet: "10.244.1.0/24".parse().unwrap(),
         masquerade,
+        ipv6: None,
+        dataplane: canal_agent::policy::DataplaneChoice::IpTables,
     }
 }
 

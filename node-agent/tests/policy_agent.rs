@@ -373,8 +373,12 @@ async fn agent_programs_its_node_policy_set_reports_status_adopts_on_restart_and
     wait_until("policy removed", Duration::from_secs(20), || {
         let s = policy_state(&node);
         let antispoof = [
-            canal_agent::policy::antispoof::assigned_set_name(),
-            canal_agent::policy::antispoof::interfaces_set_name(),
+            canal_agent::policy::antispoof::assigned_set_name(
+                canal_agent::policy::model::Family::V4,
+            ),
+            canal_agent::policy::antispoof::interfaces_set_name(
+                canal_agent::policy::model::Family::V4,
+            ),
         ];
         let left_over = s
             .lines()

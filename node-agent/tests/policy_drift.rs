@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use canal_agent::policy::firewall::concerns_policy;
 use canal_agent::policy::watch::{Change, FirewallWatch, ipset_headers};
 use canal_agent::policy::{
-    EnforcementConfig, Exec, PolicyEnforcer, PolicyInputs, PolicyMetrics, Tools,
+    DataplaneChoice, EnforcementConfig, Exec, PolicyEnforcer, PolicyInputs, PolicyMetrics, Tools,
 };
 use canal_crds::{Endpoint, NodePolicySetSpec};
 use support::netns::{Netns, can_run};
@@ -24,7 +24,10 @@ use tokio::sync::broadcast;
 
 fn inputs() -> PolicyInputs {
     PolicyInputs {
-        config: EnforcementConfig::default(),
+        config: EnforcementConfig {
+            dataplane: DataplaneChoice::IpTables,
+            ..EnforcementConfig::default()
+        },
         generation: Some(1),
         spec: NodePolicySetSpec {
             endpoints: (1..=3)

@@ -38,6 +38,7 @@ fn load(case: &str) -> PolicyInputs {
         config: EnforcementConfig {
             enabled: c.config.enabled,
             endpoint_to_host: c.config.endpoint_to_host,
+            ..EnforcementConfig::default()
         },
         generation: c.generation,
         spec: c.spec,
@@ -65,9 +66,27 @@ fn check(case: &str) {
         },
         r.ipset_restore_text()
     );
-    let path = dir.join(format!("{case}.golden"));
+    compare(&dir.join(format!("{case}.golden")), case, &actual);
+    // The nftables form of the same inputs (both families: the IPv6
+    // half of the frame and of every PeerSet is in it too).
+    let mut dual = inputs.clone();
+    dual.config.families = canal_agent::policy::Families::DUAL;
+    let nft = canal_agent::policy::nft::render::render(&canal_agent::policy::model::build(&dual));
+    compare(&dir.join(format!("{case}.nft")), case, &nft.script());
+    // Cached and fresh nftables renders agree.
+    let mut cache = canal_agent::policy::nft::render::NftCache::default();
+    let model = canal_agent::policy::model::build(&dual);
+    let _ = canal_agent::policy::nft::render::render_with(&model, &mut cache);
+    assert_eq!(
+        canal_agent::policy::nft::render::render_with(&model, &mut cache),
+        nft
+    );
+}
+
+fn compare(path: &Path, case: &str, actual: &str) {
+    let path = path.to_path_buf();
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, &actual).unwrap();
+        std::fs::write(&path, actual).unwrap();
         return;
     }
     let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use canal_e2e::lab::{StateDir, cleanup, netns};
 
+pub mod dataplane;
 pub mod policy;
 
 /// Runs `canal-lab --state-dir STATE ARGS...`.

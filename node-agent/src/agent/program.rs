@@ -247,6 +247,8 @@ impl Agent {
             cluster_cidr: inputs.config.cluster_cidr,
             node_subnet: inputs.local.subnet,
             masquerade: inputs.config.masquerade,
+            ipv6: None,
+            dataplane: crate::policy::model::DataplaneChoice::Auto,
         };
         match self.masq.sync(&rules, trigger == "resync").await {
             Ok(outcome) => {

@@ -1,8 +1,11 @@
-//! Masquerade and FORWARD-accept rules of the overlay (nat `CANAL-MASQ`,
-//! filter `CANAL-FWD-ALLOW`). [`render`] decides; this shell reads the
-//! tables with `iptables-save` and writes with one
-//! `iptables-restore --noflush --wait` batch per table, only when something
-//! differs.
+//! Masquerade and FORWARD-accept rules of the overlay, per family, on the
+//! node's dataplane (the same `spec.policy.dataplane` choice as policy,
+//! [`crate::policy::resolve`]): iptables (nat `CANAL-MASQ`, filter
+//! `CANAL-FWD-ALLOW`, [`render`]; read with `iptables-save`, written with
+//! one `iptables-restore --noflush --wait` batch per table, only when
+//! something differs; ip6tables for IPv6; the node's backend's tools) or
+//! canal's nftables table `inet canal-masq` ([`nft`], one transaction).
+//! Switching programs the new dataplane first, then removes the old one.
 //!
 //! The agent's loop checks the rules on every resync; in between, a keeper
 //! in the agent's own namespace listens to nf_tables change notifications
@@ -10,6 +13,7 @@
 //! when another program changes `POSTROUTING`, `FORWARD` or canal's chains
 //! (a firewall reload), ignoring the agent's own writes.
 
+pub mod nft;
 pub mod render;
 
 use std::ffi::OsString;
@@ -17,12 +21,16 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use tokio::sync::Mutex;
 
-use crate::policy::watch::{self, Change, ObjectKind};
+use crate::policy::enforcer::{NodeSupport, Plane, resolve};
+use crate::policy::exec::Exec;
+use crate::policy::model::{DataplaneChoice, Family};
+use crate::policy::nft::{NftRuleset, NftTable, Runner};
+use crate::policy::watch::{self, Backend, Change, ObjectKind};
 use render::{ChainSpec, MasqParams};
 
 /// An iptables command failed.
@@ -46,6 +54,8 @@ pub enum Step {
     Restore,
     /// `iptables --version`.
     Version,
+    /// An nftables transaction or listing.
+    Nft,
 }
 
 impl Step {
@@ -55,6 +65,7 @@ impl Step {
             Step::Save => "save",
             Step::Restore => "restore",
             Step::Version => "version",
+            Step::Nft => "nft",
         }
     }
 }
@@ -65,15 +76,30 @@ impl std::fmt::Display for Step {
             Step::Save => "iptables-save",
             Step::Restore => "iptables-restore",
             Step::Version => "iptables --version",
+            Step::Nft => "nft",
         })
     }
 }
 
 /// Runs the iptables tools, optionally behind a command prefix (tests use
 /// `ip netns exec <ns>`).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Iptables {
     prefix: Vec<OsString>,
+    /// `iptables` or `ip6tables`.
+    base: &'static str,
+    /// `""`, `-nft` or `-legacy`: the backend's tools.
+    backend: &'static str,
+}
+
+impl Default for Iptables {
+    fn default() -> Self {
+        Iptables {
+            prefix: Vec::new(),
+            base: "iptables",
+            backend: "",
+        }
+    }
 }
 
 impl Iptables {
@@ -86,7 +112,28 @@ impl Iptables {
     pub fn with_prefix(prefix: impl IntoIterator<Item = impl Into<OsString>>) -> Iptables {
         Iptables {
             prefix: prefix.into_iter().map(Into::into).collect(),
+            ..Iptables::default()
         }
+    }
+
+    /// The same prefix, for `family` and `backend`'s tools.
+    pub fn for_family(&self, family: Family, backend: Option<Backend>) -> Iptables {
+        Iptables {
+            prefix: self.prefix.clone(),
+            base: match family {
+                Family::V4 => "iptables",
+                Family::V6 => "ip6tables",
+            },
+            backend: match backend {
+                None => "",
+                Some(Backend::Nft) => "-nft",
+                Some(Backend::Legacy) => "-legacy",
+            },
+        }
+    }
+
+    fn tool(&self, suffix: &str) -> String {
+        format!("{}{}{suffix}", self.base, self.backend)
     }
 
     fn command(&self, program: &str) -> Command {
@@ -150,14 +197,14 @@ impl Iptables {
 
     /// `iptables-save -t <table>`.
     pub async fn save(&self, table: &'static str) -> Result<String, IptablesError> {
-        let mut cmd = self.command("iptables-save");
+        let mut cmd = self.command(&self.tool("-save"));
         cmd.args(["-t", table]);
         self.output(cmd, Step::Save, table, None).await
     }
 
     /// `iptables-restore --noflush --wait` with `text` on stdin.
     pub async fn restore(&self, table: &'static str, text: &str) -> Result<(), IptablesError> {
-        let mut cmd = self.command("iptables-restore");
+        let mut cmd = self.command(&self.tool("-restore"));
         cmd.args(["--noflush", "--wait"]);
         self.output(cmd, Step::Restore, table, Some(text))
             .await
@@ -166,7 +213,7 @@ impl Iptables {
 
     /// Whether this iptables supports `--random-fully`.
     pub async fn random_fully(&self) -> Result<bool, IptablesError> {
-        let mut cmd = self.command("iptables");
+        let mut cmd = self.command(&self.tool(""));
         cmd.arg("--version");
         let out = self.output(cmd, Step::Version, "-", None).await?;
         Ok(render::supports_random_fully(&out))
@@ -182,6 +229,25 @@ pub struct RulesConfig {
     pub node_subnet: Ipv4Net,
     /// CanalNetwork `masquerade`.
     pub masquerade: bool,
+    /// The IPv6 clusterCIDR and this node's IPv6 subnet, on a node with both.
+    pub ipv6: Option<(Ipv6Net, Ipv6Net)>,
+    /// `spec.policy.dataplane`.
+    pub dataplane: DataplaneChoice,
+}
+
+impl RulesConfig {
+    /// (family, clusterCIDR, node subnet) of every family the node has.
+    fn families(&self) -> Vec<(Family, IpNet, IpNet)> {
+        let mut out = vec![(
+            Family::V4,
+            IpNet::V4(self.cluster_cidr),
+            IpNet::V4(self.node_subnet),
+        )];
+        if let Some((c, n)) = self.ipv6 {
+            out.push((Family::V6, IpNet::V6(c), IpNet::V6(n)));
+        }
+        out
+    }
 }
 
 /// What one pass changed.
@@ -206,8 +272,19 @@ pub struct Masquerade {
 #[derive(Debug)]
 struct Keeper {
     iptables: Iptables,
+    /// Where nftables runs and backends are detected (None: a prefixed
+    /// test keeper, iptables only).
+    exec: Option<Exec>,
+    support: Option<NodeSupport>,
     random_fully: Option<bool>,
-    written: Vec<ChainSpec>,
+    /// iptables specs written last, with the tools of their family.
+    written: Vec<(Iptables, ChainSpec)>,
+    nft: Option<NftTable>,
+    written_nft: Option<NftRuleset>,
+    /// The dataplane of the last successful sync; whether the other one is
+    /// known to hold nothing of canal's.
+    plane: Option<Plane>,
+    other_clean: bool,
 }
 
 /// Wait after the first foreign change before repairing (a reload is a burst).
@@ -218,12 +295,34 @@ impl Masquerade {
     /// namespace (no prefix) it also repairs the rules as soon as another
     /// program changes them.
     pub fn new(iptables: Iptables) -> Masquerade {
-        let auto_repair = iptables.prefix.is_empty();
+        let host = iptables.prefix.is_empty();
+        Masquerade::with_parts(iptables, host.then(Exec::host), host)
+    }
+
+    /// A keeper for the network namespace at `path` (tests): iptables
+    /// through `nsenter`, nftables through libnftables inside it.
+    pub fn in_netns(path: &std::path::Path) -> std::io::Result<Masquerade> {
+        let exec = Exec::in_netns(path)?;
+        let iptables = Iptables::with_prefix([
+            OsString::from("nsenter"),
+            OsString::from(format!("--net={}", path.display())),
+            OsString::from("--"),
+        ]);
+        Ok(Masquerade::with_parts(iptables, Some(exec), false))
+    }
+
+    fn with_parts(iptables: Iptables, exec: Option<Exec>, auto_repair: bool) -> Masquerade {
         Masquerade {
             inner: Arc::new(Mutex::new(Keeper {
                 iptables,
+                exec,
+                support: None,
                 random_fully: None,
                 written: Vec::new(),
+                nft: None,
+                written_nft: None,
+                plane: None,
+                other_clean: false,
             })),
             auto_repair,
             repairing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -296,7 +395,14 @@ pub fn concerns_masquerade(change: &Change) -> bool {
             object,
             chain,
         } => {
-            if *family != crate::policy::nfnl::FAMILY_IPV4 || *object == ObjectKind::Set {
+            if *family == crate::policy::nfnl::FAMILY_INET {
+                return table == nft::TABLE;
+            }
+            let ip = [
+                crate::policy::nfnl::FAMILY_IPV4,
+                crate::policy::nfnl::FAMILY_IPV6,
+            ];
+            if !ip.contains(family) || *object == ObjectKind::Set {
                 return false;
             }
             let chains: &[&str] = match table.as_str() {
@@ -310,63 +416,234 @@ pub fn concerns_masquerade(change: &Change) -> bool {
 }
 
 impl Keeper {
+    /// What the node offers (probed once).
+    async fn support(&mut self) -> NodeSupport {
+        if let Some(s) = self.support {
+            return s;
+        }
+        let s = match &self.exec {
+            Some(exec) => {
+                let iptables_backend = crate::policy::iptables::detect_backend(exec).await;
+                let nft = self.nft_table();
+                let nftables = match nft {
+                    Some(t) => t.runner().list_json("list tables").await.is_ok(),
+                    None => false,
+                };
+                NodeSupport {
+                    nftables,
+                    iptables_backend,
+                }
+            }
+            None => NodeSupport {
+                nftables: false,
+                iptables_backend: Backend::Nft,
+            },
+        };
+        self.support = Some(s);
+        s
+    }
+
+    fn nft_table(&mut self) -> Option<&mut NftTable> {
+        let exec = self.exec.clone()?;
+        Some(
+            self.nft
+                .get_or_insert_with(|| NftTable::new(Runner::new(&exec), nft::TABLE)),
+        )
+    }
+
+    /// The tools of a family for the node's backend.
+    fn tools(&self, family: Family) -> Iptables {
+        let backend = match self.exec {
+            Some(_) => self.support.map(|s| s.iptables_backend),
+            None => None,
+        };
+        self.iptables.for_family(family, backend)
+    }
+
     async fn sync(&mut self, config: &RulesConfig, check: bool) -> Result<Outcome, IptablesError> {
+        let support = self.support().await;
+        let plane = resolve(config.dataplane, support);
+        let mut outcome = Outcome::default();
+        match plane {
+            Plane::IpTables => self.sync_iptables(config, check, &mut outcome).await?,
+            Plane::NfTables => self.sync_nft(config, check, &mut outcome).await?,
+        }
+        if self.plane != Some(plane) || !self.other_clean {
+            self.clear_other(plane, support, &mut outcome).await?;
+            self.plane = Some(plane);
+            self.other_clean = true;
+        }
+        Ok(outcome)
+    }
+
+    async fn sync_iptables(
+        &mut self,
+        config: &RulesConfig,
+        check: bool,
+        outcome: &mut Outcome,
+    ) -> Result<(), IptablesError> {
         let random_fully = match self.random_fully {
             Some(r) => r,
             None => {
-                let r = self.iptables.random_fully().await?;
+                let r = self.tools(Family::V4).random_fully().await?;
                 self.random_fully = Some(r);
                 r
             }
         };
-        let params = MasqParams {
-            cluster_cidr: config.cluster_cidr,
-            node_subnet: config.node_subnet,
-            random_fully,
-        };
-        let specs = vec![
-            render::nat_spec(config.masquerade.then_some(&params)),
-            render::filter_spec(Some(config.cluster_cidr)),
-        ];
-        let unchanged = specs == self.written;
-        let mut outcome = Outcome::default();
-        if unchanged && !check {
-            return Ok(outcome);
+        let mut specs = Vec::new();
+        for (family, cluster_cidr, node_subnet) in config.families() {
+            let params = MasqParams {
+                cluster_cidr,
+                node_subnet,
+                random_fully,
+            };
+            let tools = self.tools(family);
+            specs.push((
+                tools.clone(),
+                render::nat_spec(config.masquerade.then_some(&params)),
+            ));
+            specs.push((tools, render::filter_spec(Some(cluster_cidr))));
         }
-        for spec in &specs {
-            if self.apply(spec).await? {
+        let unchanged = specs == self.written && self.plane == Some(Plane::IpTables);
+        if unchanged && !check {
+            return Ok(());
+        }
+        for (tools, spec) in &specs {
+            if apply(tools, spec).await? {
                 outcome.rewritten.push(spec.table);
                 if unchanged {
                     outcome.repaired.push(spec.table);
                 }
             }
         }
+        // A family the node no longer has loses its rules (ip6tables may be
+        // missing altogether on an IPv4 node).
+        if config.ipv6.is_none() && self.written.iter().any(|(t, _)| t.base == "ip6tables") {
+            let tools = self.tools(Family::V6);
+            for spec in [render::nat_spec(None), render::filter_spec(None)] {
+                if apply(&tools, &spec).await? {
+                    outcome.rewritten.push(spec.table);
+                }
+            }
+        }
         self.written = specs;
-        Ok(outcome)
+        Ok(())
+    }
+
+    async fn sync_nft(
+        &mut self,
+        config: &RulesConfig,
+        check: bool,
+        outcome: &mut Outcome,
+    ) -> Result<(), IptablesError> {
+        let families: Vec<nft::FamilyNets> = config
+            .families()
+            .into_iter()
+            .map(|(_, cluster, node)| nft::FamilyNets { cluster, node })
+            .collect();
+        let desired = nft::ruleset(&families, config.masquerade);
+        let unchanged = self.written_nft.as_ref() == Some(&desired);
+        if unchanged && !check {
+            return Ok(());
+        }
+        let Some(table) = self.nft_table() else {
+            return Err(nft_error("nftables is not available to this keeper"));
+        };
+        if check {
+            table.invalidate();
+        }
+        let (plan, _, _) = table
+            .apply(&desired)
+            .await
+            .map_err(|e| nft_error(&e.to_string()))?;
+        if !plan.is_empty() {
+            outcome.rewritten.push("nft");
+            if unchanged {
+                outcome.repaired.push("nft");
+            }
+        }
+        self.written_nft = Some(desired);
+        Ok(())
+    }
+
+    /// Removes canal's masquerade rules from the dataplane not in use.
+    async fn clear_other(
+        &mut self,
+        plane: Plane,
+        support: NodeSupport,
+        outcome: &mut Outcome,
+    ) -> Result<(), IptablesError> {
+        match plane {
+            Plane::IpTables => {
+                self.written_nft = None;
+                if support.nftables
+                    && let Some(t) = self.nft_table()
+                    && t.remove().await.map_err(|e| nft_error(&e.to_string()))?
+                {
+                    outcome.rewritten.push("nft");
+                }
+            }
+            Plane::NfTables => {
+                self.written.clear();
+                for family in Family::ALL {
+                    let tools = self.tools(family);
+                    for spec in [render::nat_spec(None), render::filter_spec(None)] {
+                        match apply(&tools, &spec).await {
+                            Ok(true) => outcome.rewritten.push(spec.table),
+                            Ok(false) => {}
+                            // No ip6tables on this node: nothing of canal's there.
+                            Err(e) if family == Family::V6 && e.step == Step::Save => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Re-checks what was written last; returns the tables rewritten.
     async fn repair(&mut self) -> Result<Vec<&'static str>, IptablesError> {
         let mut rewritten = Vec::new();
-        for spec in self.written.clone() {
-            if self.apply(&spec).await? {
+        for (tools, spec) in self.written.clone() {
+            if apply(&tools, &spec).await? {
                 rewritten.push(spec.table);
+            }
+        }
+        if let Some(desired) = self.written_nft.clone()
+            && let Some(table) = self.nft_table()
+        {
+            table.invalidate();
+            let (plan, _, _) = table
+                .apply(&desired)
+                .await
+                .map_err(|e| nft_error(&e.to_string()))?;
+            if !plan.is_empty() {
+                rewritten.push("nft");
             }
         }
         Ok(rewritten)
     }
+}
 
-    /// Reads `spec`'s table and rewrites what differs; true when it wrote.
-    async fn apply(&self, spec: &ChainSpec) -> Result<bool, IptablesError> {
-        let save = self.iptables.save(spec.table).await?;
-        let found = render::find(&save, spec);
-        let Some(text) = render::plan(&found, spec) else {
-            return Ok(false);
-        };
-        tracing::debug!(table = spec.table, "iptables-restore:\n{text}");
-        self.iptables.restore(spec.table, &text).await?;
-        Ok(true)
+fn nft_error(message: &str) -> IptablesError {
+    IptablesError {
+        step: Step::Nft,
+        table: nft::TABLE,
+        message: message.to_string(),
     }
+}
+
+/// Reads `spec`'s table and rewrites what differs; true when it wrote.
+async fn apply(tools: &Iptables, spec: &ChainSpec) -> Result<bool, IptablesError> {
+    let save = tools.save(spec.table).await?;
+    let found = render::find(&save, spec);
+    let Some(text) = render::plan(&found, spec) else {
+        return Ok(false);
+    };
+    tracing::debug!(table = spec.table, "iptables-restore:\n{text}");
+    tools.restore(spec.table, &text).await?;
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! desired one. Rules are rendered exactly as `iptables-save` prints them, so
 //! "nothing changed" is a plain comparison.
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 /// nat chain holding the masquerade rules.
 pub const MASQ_CHAIN: &str = "CANAL-MASQ";
@@ -21,10 +21,10 @@ pub const FORWARD_JUMP: &str =
 /// What the masquerade rules depend on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MasqParams {
-    /// clusterCIDR.
-    pub cluster_cidr: Ipv4Net,
-    /// This node's pod subnet.
-    pub node_subnet: Ipv4Net,
+    /// clusterCIDR (of one family).
+    pub cluster_cidr: IpNet,
+    /// This node's pod subnet (of that family).
+    pub node_subnet: IpNet,
     /// Add `--random-fully` (iptables >= 1.6.2).
     pub random_fully: bool,
 }
@@ -51,6 +51,10 @@ pub struct ChainSpec {
 /// multicast); host traffic to remote pods leaves with the node's address.
 pub fn masq_rules(p: &MasqParams) -> Vec<String> {
     let (c, n) = (p.cluster_cidr, p.node_subnet);
+    let multicast = match c {
+        IpNet::V4(_) => "224.0.0.0/4",
+        IpNet::V6(_) => "ff00::/8",
+    };
     let random = if p.random_fully {
         " --random-fully"
     } else {
@@ -70,7 +74,7 @@ pub fn masq_rules(p: &MasqParams) -> Vec<String> {
             "-A {MASQ_CHAIN} ! -s {c} -d {n} -m comment --comment \"canal: to local pods, no NAT\" -j RETURN"
         ),
         format!(
-            "-A {MASQ_CHAIN} -s {c} ! -d 224.0.0.0/4 -m comment --comment \"canal: pod traffic leaving the cluster\" -j MASQUERADE{random}"
+            "-A {MASQ_CHAIN} -s {c} ! -d {multicast} -m comment --comment \"canal: pod traffic leaving the cluster\" -j MASQUERADE{random}"
         ),
         format!(
             "-A {MASQ_CHAIN} ! -s {c} -d {c} -m comment --comment \"canal: host traffic to remote pods\" -j MASQUERADE{random}"
@@ -80,7 +84,7 @@ pub fn masq_rules(p: &MasqParams) -> Vec<String> {
 
 /// Rules of [`FORWARD_CHAIN`]: accept traffic from and to clusterCIDR, so a
 /// FORWARD policy of DROP does not cut pods off.
-pub fn forward_rules(cluster_cidr: Ipv4Net) -> Vec<String> {
+pub fn forward_rules(cluster_cidr: IpNet) -> Vec<String> {
     vec![
         format!(
             "-A {FORWARD_CHAIN} -s {cluster_cidr} -m comment --comment \"canal: pod traffic\" -j ACCEPT"
@@ -103,7 +107,7 @@ pub fn nat_spec(params: Option<&MasqParams>) -> ChainSpec {
 }
 
 /// The filter part: the FORWARD accept chain, or none.
-pub fn filter_spec(cluster_cidr: Option<Ipv4Net>) -> ChainSpec {
+pub fn filter_spec(cluster_cidr: Option<IpNet>) -> ChainSpec {
     ChainSpec {
         table: "filter",
         parent: "FORWARD",

@@ -35,8 +35,8 @@ use std::net::IpAddr;
 
 use canal_crds::Endpoint;
 
+use super::model::{Family, Warning};
 use super::names::{self, IFACE_WILDCARD, PREROUTING_CHAIN};
-use super::render::Warning;
 use super::ruleset::{Chain, Hook, IpSet, SetType, Table};
 
 /// Why a packet from a pod was dropped as spoofed (label values of
@@ -139,29 +139,51 @@ pub struct RawRules {
 }
 
 /// The set of (source, interface) pairs a pod interface may send from.
-pub fn assigned_set_name() -> String {
-    names::set_name("spoof-assigned", SetType::HashNetIface.as_str(), "ipv4")
+pub fn assigned_set_name(family: Family) -> String {
+    names::set_name(
+        "spoof-assigned",
+        SetType::HashNetIface.as_str(),
+        family.as_str(),
+    )
 }
 
 /// The set of every known pod interface (any source).
-pub fn interfaces_set_name() -> String {
-    names::set_name("spoof-interfaces", SetType::HashNetIface.as_str(), "ipv4")
+pub fn interfaces_set_name(family: Family) -> String {
+    names::set_name(
+        "spoof-interfaces",
+        SetType::HashNetIface.as_str(),
+        family.as_str(),
+    )
 }
 
 /// Every source, as a `hash:net,iface` member prefix (the type accepts /0).
-const ANY_V4: &str = "0.0.0.0/0";
+fn any(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "0.0.0.0/0",
+        Family::V6 => "::/0",
+    }
+}
 
-/// The IPv4 rules of `map` (raw table, before conntrack):
+/// ICMPv6 types a pod sends from its link-local (or the unspecified)
+/// address and that must never be dropped: MLD (130-132), router and
+/// neighbour solicitation/advertisement (133-136), as Calico allows.
+pub const ICMPV6_LINK_TYPES: [u8; 7] = [130, 131, 132, 133, 134, 135, 136];
+
+/// The sources of link-local ICMPv6 (neighbour discovery, DAD).
+pub const ICMPV6_LINK_SOURCES: [&str; 2] = ["fe80::/10", "::/128"];
+
+/// The rules of `map` for one family (raw table, before conntrack):
 ///
 /// ```text
-/// CANAL-PREROUTING  -i cali+ -m rpfilter --invert -j DROP                       (rpf)
+/// CANAL-PREROUTING  (IPv6: -i cali+ -s fe80::/10 or :: ICMPv6 130-136 -j RETURN)
+///                   -i cali+ -m rpfilter --invert -j DROP                       (rpf)
 ///                   -i cali+ -m set --match-set <assigned> src,src -j RETURN
 ///                   -i cali+ -m set --match-set <interfaces> src,src -j DROP   (source_not_assigned)
 /// ```
 ///
 /// The last two only when the endpoints are known; an unknown interface
 /// falls through them.
-pub fn render_raw(map: &SourceMap) -> RawRules {
+pub fn render_raw(map: &SourceMap, family: Family) -> RawRules {
     let n = PREROUTING_CHAIN;
     let w = IFACE_WILDCARD;
     let mut out = RawRules::default();
@@ -172,6 +194,19 @@ pub fn render_raw(map: &SourceMap) -> RawRules {
         }
     };
     let mut chain = Chain::default();
+    if family == Family::V6 {
+        // Neighbour discovery comes from link-local (DAD: unspecified)
+        // sources, which are no pod's assigned address.
+        for src in ICMPV6_LINK_SOURCES {
+            for t in ICMPV6_LINK_TYPES {
+                chain.push(
+                    n,
+                    format!("-s {src} -i {w} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j RETURN"),
+                    "link-local ICMPv6",
+                );
+            }
+        }
+    }
     drop(
         &mut chain,
         format!("-i {w} -m rpfilter --invert -j DROP"),
@@ -179,23 +214,25 @@ pub fn render_raw(map: &SourceMap) -> RawRules {
         SpoofReason::Rpf,
     );
     if let Some(endpoints) = &map.endpoints {
-        let mut assigned = IpSet::new(SetType::HashNetIface);
-        let mut interfaces = IpSet::new(SetType::HashNetIface);
+        let mut assigned = IpSet::new(SetType::HashNetIface, family);
+        let mut interfaces = IpSet::new(SetType::HashNetIface, family);
+        let any = any(family);
         for (iface, sources) in endpoints {
-            interfaces.insert(format!("{ANY_V4},{iface}"));
+            interfaces.insert(format!("{any},{iface}"));
             match sources {
-                Sources::Routed => assigned.insert(format!("{ANY_V4},{iface}")),
+                Sources::Routed => assigned.insert(format!("{any},{iface}")),
                 Sources::Addresses(addrs) => {
                     for a in addrs {
-                        // This table filters IPv4; IPv6 gets its own family.
-                        if let IpAddr::V4(a) = a {
+                        // Each family's table filters its own addresses.
+                        if Family::of(a) == family {
                             assigned.insert(format!("{a},{iface}"));
                         }
                     }
                 }
             }
         }
-        let (assigned_name, interfaces_name) = (assigned_set_name(), interfaces_set_name());
+        let (assigned_name, interfaces_name) =
+            (assigned_set_name(family), interfaces_set_name(family));
         chain.push(
             n,
             format!("-i {w} -m set --match-set {assigned_name} src,src -j RETURN"),
@@ -260,19 +297,19 @@ mod tests {
         let a = ep("calia", &["10.244.1.2", "10.244.1.9"]);
         let b = ep("calib", &[]);
         let map = SourceMap::from_endpoints([("calia", &a), ("calib", &b)], &mut BTreeSet::new());
-        let r = render_raw(&map);
+        let r = render_raw(&map, Family::V4);
         let specs: Vec<&str> = r.chain.rules.iter().map(|r| r.spec.as_str()).collect();
         assert_eq!(specs.len(), 3);
         assert!(specs[0].contains("rpfilter --invert -j DROP"));
         assert!(specs[1].ends_with("src,src -j RETURN"));
         assert!(specs[2].ends_with("src,src -j DROP"));
-        let assigned = &r.sets[&assigned_set_name()];
+        let assigned = &r.sets[&assigned_set_name(Family::V4)];
         let members: Vec<&str> = assigned.members.iter().map(String::as_str).collect();
         assert_eq!(
             members,
             vec!["0.0.0.0/0,calib", "10.244.1.2,calia", "10.244.1.9,calia"]
         );
-        assert_eq!(r.sets[&interfaces_set_name()].members.len(), 2);
+        assert_eq!(r.sets[&interfaces_set_name(Family::V4)].members.len(), 2);
         let reasons: BTreeSet<SpoofReason> = r.drops.values().copied().collect();
         assert_eq!(reasons, SpoofReason::ALL.into_iter().collect());
         assert_eq!(r.hook.unwrap().table, Table::Raw);
@@ -280,7 +317,7 @@ mod tests {
 
     #[test]
     fn unknown_endpoints_leave_only_the_reverse_path_check() {
-        let r = render_raw(&SourceMap::unknown());
+        let r = render_raw(&SourceMap::unknown(), Family::V4);
         assert_eq!(r.chain.rules.len(), 1);
         assert!(r.sets.is_empty());
         assert_eq!(
@@ -294,11 +331,14 @@ mod tests {
         // Pods come and go through set members only: the raw chain (and its
         // counters) stays as it is.
         let a = ep("calia", &["10.244.1.2"]);
-        let one = render_raw(&SourceMap::from_endpoints(
-            [("calia", &a)],
-            &mut BTreeSet::new(),
-        ));
-        let none = render_raw(&SourceMap::from_endpoints([], &mut BTreeSet::new()));
+        let one = render_raw(
+            &SourceMap::from_endpoints([("calia", &a)], &mut BTreeSet::new()),
+            Family::V4,
+        );
+        let none = render_raw(
+            &SourceMap::from_endpoints([], &mut BTreeSet::new()),
+            Family::V4,
+        );
         assert_eq!(one.chain, none.chain);
         assert_ne!(one.sets, none.sets);
     }

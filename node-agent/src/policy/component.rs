@@ -326,7 +326,13 @@ impl Owner {
         drift.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         drift.reset();
         let mut monitor = self.monitor().await;
+        let mut monitored = self.enforcer.active();
         loop {
+            // A dataplane switch changes what is worth watching.
+            if self.enforcer.active() != monitored {
+                monitored = self.enforcer.active();
+                monitor = self.monitor().await;
+            }
             for name in self.store.take_fetches() {
                 tokio::spawn(
                     fetch(
@@ -396,7 +402,7 @@ impl Owner {
     }
 
     /// The schedule of cheap checks for this node's iptables backend.
-    async fn monitor(&self) -> Monitor {
+    async fn monitor(&mut self) -> Monitor {
         let backend = match self.enforcer.backend().await {
             Ok(b) => b,
             Err(e) => {

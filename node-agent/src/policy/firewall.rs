@@ -22,7 +22,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use super::names;
-use super::nfnl::FAMILY_IPV4;
+use super::nfnl::{FAMILY_INET, FAMILY_IPV4, FAMILY_IPV6};
 use super::ruleset::Table;
 use super::watch::{Backend, Change, FirewallWatch, ObjectKind};
 
@@ -66,9 +66,11 @@ pub enum Wake {
     ReadCounters,
 }
 
-/// Whether a foreign change touches what policy enforcement programs: an
-/// IPv4 table it uses, and there one of its chains, a built-in chain it
-/// hooks, or the table itself. Lost notifications always do.
+/// Whether a foreign change touches what policy enforcement programs:
+/// anything in canal's own nftables table (`inet canal`, sets and elements
+/// included), or an iptables table it uses (IPv4 or IPv6), and there one of
+/// its chains, a built-in chain it hooks, or the table itself. Lost
+/// notifications always do.
 pub fn concerns_policy(change: &Change) -> bool {
     match change {
         Change::Lost => true,
@@ -78,10 +80,13 @@ pub fn concerns_policy(change: &Change) -> bool {
             object,
             chain,
         } => {
+            if *family == FAMILY_INET {
+                return table == crate::policy::nft::render::TABLE;
+            }
             let Some(table) = Table::parse(table) else {
                 return false;
             };
-            if *family != FAMILY_IPV4 || *object == ObjectKind::Set {
+            if !matches!(*family, FAMILY_IPV4 | FAMILY_IPV6) || *object == ObjectKind::Set {
                 return false;
             }
             match chain {
@@ -237,7 +242,20 @@ mod tests {
             object: Rule,
             chain: Some("FORWARD".into()),
         };
-        assert!(!concerns_policy(&v6), "no IPv6 rules yet");
+        assert!(concerns_policy(&v6), "ip6tables tables too");
+        let inet = |table: &str, object| Change::Nft {
+            family: 1,
+            table: table.into(),
+            object,
+            chain: None,
+        };
+        assert!(
+            concerns_policy(&inet("canal", Set)),
+            "an element of canal's table"
+        );
+        assert!(concerns_policy(&inet("canal", T)));
+        assert!(!concerns_policy(&inet("canal-masq", Rule)));
+        assert!(!concerns_policy(&inet("firewalld", Rule)));
     }
 
     #[tokio::test(start_paused = true)]

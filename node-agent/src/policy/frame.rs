@@ -18,6 +18,8 @@
 
 use canal_crds::EndpointToHostAction;
 
+use super::antispoof::ICMPV6_LINK_TYPES;
+use super::model::Family;
 use super::names::{
     EGRESS_MARK, FORWARD_CHAIN, FROM_WL_CHAIN, GUARD_FORWARD_CHAIN, GUARD_INPUT_CHAIN,
     IFACE_WILDCARD, INGRESS_MARK, INPUT_CHAIN, TO_WL_CHAIN, VERDICT_MARKS,
@@ -42,8 +44,12 @@ fn without(mark: u32) -> String {
 }
 
 /// The fixed chains of enforcement with their hooks: (name, chain, hook
-/// into it). Filter first, then the guard.
-pub fn policy_frame(action: EndpointToHostAction) -> Vec<(String, Chain, Option<Hook>)> {
+/// into it). Filter first, then the guard. IPv6 adds neighbour discovery
+/// from pods to the node (ICMPv6 130-136), which no policy may break.
+pub fn policy_frame(
+    action: EndpointToHostAction,
+    family: Family,
+) -> Vec<(String, Chain, Option<Hook>)> {
     vec![
         (
             FORWARD_CHAIN.to_string(),
@@ -57,7 +63,7 @@ pub fn policy_frame(action: EndpointToHostAction) -> Vec<(String, Chain, Option<
         ),
         (
             INPUT_CHAIN.to_string(),
-            input_chain(action),
+            input_chain(action, family),
             Some(hook(Table::Filter, "INPUT", INPUT_CHAIN, "canal policy")),
         ),
         (
@@ -72,7 +78,7 @@ pub fn policy_frame(action: EndpointToHostAction) -> Vec<(String, Chain, Option<
         ),
         (
             GUARD_INPUT_CHAIN.to_string(),
-            guard_input_chain(),
+            guard_input_chain(family),
             Some(hook(
                 Table::Security,
                 "INPUT",
@@ -144,7 +150,18 @@ fn forward_chain() -> Chain {
     c
 }
 
-fn input_chain(action: EndpointToHostAction) -> Chain {
+/// One rule per link-local ICMPv6 type from pods, with `target`.
+fn icmpv6_link(c: &mut Chain, n: &str, target: &str) {
+    for t in ICMPV6_LINK_TYPES {
+        c.push(
+            n,
+            format!("-i {IFACE_WILDCARD} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j {target}"),
+            "neighbour discovery",
+        );
+    }
+}
+
+fn input_chain(action: EndpointToHostAction, family: Family) -> Chain {
     let n = INPUT_CHAIN;
     let w = IFACE_WILDCARD;
     let mut c = Chain::default();
@@ -153,6 +170,10 @@ fn input_chain(action: EndpointToHostAction) -> Chain {
         format!("-i {w} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
         "reply or related, from pod",
     );
+    if family == Family::V6 {
+        // Untracked, so before the INVALID drop and any policy.
+        icmpv6_link(&mut c, n, "ACCEPT");
+    }
     c.push(
         n,
         format!("-i {w} -m conntrack --ctstate INVALID -j DROP"),
@@ -210,10 +231,13 @@ fn guard_forward_chain() -> Chain {
     c
 }
 
-fn guard_input_chain() -> Chain {
+fn guard_input_chain(family: Family) -> Chain {
     let n = GUARD_INPUT_CHAIN;
     let w = IFACE_WILDCARD;
     let mut c = Chain::default();
+    if family == Family::V6 {
+        icmpv6_link(&mut c, n, "RETURN");
+    }
     c.push(
         n,
         format!(
@@ -231,7 +255,7 @@ mod tests {
 
     #[test]
     fn hooks_go_to_the_right_tables() {
-        let frame = policy_frame(EndpointToHostAction::Accept);
+        let frame = policy_frame(EndpointToHostAction::Accept, Family::V4);
         let hooks: Vec<(Table, &str)> = frame
             .iter()
             .filter_map(|(_, _, h)| h.as_ref().map(|h| (h.table, h.builtin)))

@@ -3,11 +3,18 @@
 //! the NodePolicySet generation) exists only while that pod's chains are in
 //! the kernel. Files are written after the chains are programmed and removed
 //! before they are deleted, so "file exists" always implies "chains exist".
+//!
+//! `<run-dir>/policy-families` (`ipv4` or `ipv4,ipv6`) names the families in
+//! which pods are guarded (anti-spoofing, and policy while enabled): canal-cni
+//! gives a pod IPv6 only when it lists `ipv6`. A family is added after its
+//! rules are in and removed before they go.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+
+use super::model::Families;
 
 /// A handshake file operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +31,8 @@ pub struct HandshakeError {
 pub const ENABLED_FILE: &str = "policy-enabled";
 /// Directory of per-endpoint files.
 pub const ENDPOINTS_DIR: &str = "endpoints";
+/// The families pods are guarded in (the dualstack contract with canal-cni).
+pub const FAMILIES_FILE: &str = "policy-families";
 
 /// Keeps the run-dir files in step with what is programmed.
 #[derive(Debug)]
@@ -32,6 +41,8 @@ pub struct Handshake {
     /// Files known to exist (iface -> content); None until the directory was listed.
     files: Option<BTreeMap<String, String>>,
     enabled: Option<bool>,
+    /// What `policy-families` says (None: not written by this process yet).
+    families: Option<Families>,
 }
 
 fn err(path: &Path) -> impl FnOnce(io::Error) -> HandshakeError + '_ {
@@ -48,6 +59,7 @@ impl Handshake {
             run_dir: run_dir.to_path_buf(),
             files: None,
             enabled: None,
+            families: None,
         }
     }
 
@@ -96,6 +108,50 @@ impl Handshake {
         }
         // Just set above when it was None.
         Ok(self.files.get_or_insert_with(BTreeMap::new))
+    }
+
+    /// Before the rules change: drops from `policy-families` what `next`
+    /// no longer guards (its rules are about to go).
+    pub fn narrow_families(&mut self, next: Families) -> Result<(), HandshakeError> {
+        let current = match self.families {
+            Some(f) => f,
+            // After a restart: what the last agent wrote (nothing: none).
+            None => {
+                let text = fs::read_to_string(self.run_dir.join(FAMILIES_FILE)).unwrap_or_default();
+                let has = |t: &str| text.split([',', ' ', '\n']).any(|w| w.trim() == t);
+                Families {
+                    v4: has("ipv4"),
+                    v6: has("ipv6"),
+                }
+            }
+        };
+        let narrowed = Families {
+            v4: current.v4 && next.v4,
+            v6: current.v6 && next.v6,
+        };
+        if narrowed != current {
+            self.write_families_file(narrowed)?;
+        } else {
+            self.families = Some(current);
+        }
+        Ok(())
+    }
+
+    /// After the rules are in: `policy-families` lists exactly `families`.
+    pub fn write_families(&mut self, families: Families) -> Result<(), HandshakeError> {
+        if self.families != Some(families) {
+            self.write_families_file(families)?;
+        }
+        Ok(())
+    }
+
+    fn write_families_file(&mut self, families: Families) -> Result<(), HandshakeError> {
+        write_atomic(
+            &self.run_dir.join(FAMILIES_FILE),
+            &format!("{}\n", families.file_text()),
+        )?;
+        self.families = Some(families);
+        Ok(())
     }
 
     /// Removes the files of endpoints not in `keep` (before their chains go).

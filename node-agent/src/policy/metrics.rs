@@ -31,13 +31,17 @@ pub const RESOURCES: [&str; 2] = ["nodepolicyset", "peerset"];
 pub const FETCH_RESULTS: [&str; 3] = ["found", "not_found", "error"];
 
 /// Bounded error categories, also used as label values.
-pub const ERROR_CATEGORIES: [&str; 5] = [
+pub const ERROR_CATEGORIES: [&str; 6] = [
     "read_state",
     "ipset_restore",
     "iptables_restore",
+    "nft",
     "handshake_files",
     "tool_missing",
 ];
+
+/// Dataplanes (`dataplane` label values).
+pub const DATAPLANES: [&str; 2] = ["iptables", "nftables"];
 
 /// Metrics of the policy enforcer.
 #[derive(Clone, Debug)]
@@ -82,6 +86,8 @@ pub struct PolicyMetrics {
     pub spoofed_packets: IntCounterVec,
     /// Foreign firewall changes noticed between drift checks, by how.
     pub firewall_changes: IntCounterVec,
+    /// 1 for the dataplane the last successful sync programmed.
+    pub dataplane: IntGaugeVec,
 }
 
 impl PolicyMetrics {
@@ -107,6 +113,7 @@ impl PolicyMetrics {
         registry.register(Box::new(m.peer_set_fetches.clone()))?;
         registry.register(Box::new(m.spoofed_packets.clone()))?;
         registry.register(Box::new(m.firewall_changes.clone()))?;
+        registry.register(Box::new(m.dataplane.clone()))?;
         Ok(m)
     }
 
@@ -130,14 +137,14 @@ impl PolicyMetrics {
             restore_failures: IntCounterVec::new(
                 Opts::new(
                     "canal_policy_restore_failures_total",
-                    "Failed iptables-restore / ipset restore runs (each is retried after re-reading the kernel).",
+                    "Failed iptables-restore / ipset restore runs and nftables transactions (each is retried after re-reading the kernel).",
                 ),
                 &["tool"],
             )?,
             restores: IntCounterVec::new(
                 Opts::new(
                     "canal_policy_restores_total",
-                    "iptables-restore / ipset restore runs executed.",
+                    "iptables-restore / ipset restore runs and nftables transactions executed.",
                 ),
                 &["tool"],
             )?,
@@ -150,13 +157,13 @@ impl PolicyMetrics {
             )?,
             rules: IntGauge::new(
                 "canal_policy_rules",
-                "iptables rules programmed for NetworkPolicy (hooks included).",
+                "iptables or nftables rules programmed for NetworkPolicy (hooks included).",
             )?,
             set_members: IntGauge::new(
                 "canal_policy_set_members",
-                "Members across every canal ipset.",
+                "Members across every canal ipset or nftables set and map.",
             )?,
-            sets: IntGauge::new("canal_policy_sets", "canal ipsets programmed.")?,
+            sets: IntGauge::new("canal_policy_sets", "canal ipsets or nftables sets and maps programmed.")?,
             endpoints: IntGauge::new(
                 "canal_policy_programmed_endpoints",
                 "Local pods whose policy chains are programmed.",
@@ -232,7 +239,17 @@ impl PolicyMetrics {
                 ),
                 &["source"],
             )?,
+            dataplane: IntGaugeVec::new(
+                Opts::new(
+                    "canal_policy_dataplane",
+                    "1 for the dataplane (iptables or nftables) that programs policy on this node, 0 for the other.",
+                ),
+                &["dataplane"],
+            )?,
         };
+        for d in DATAPLANES {
+            m.dataplane.with_label_values(&[d]);
+        }
         for r in super::antispoof::SpoofReason::ALL {
             m.spoofed_packets.with_label_values(&[r.as_str()]);
         }
@@ -257,7 +274,7 @@ impl PolicyMetrics {
         for r in FETCH_RESULTS {
             m.peer_set_fetches.with_label_values(&[r]);
         }
-        for tool in ["iptables", "ipset"] {
+        for tool in ["iptables", "ipset", "nft"] {
             m.restore_failures.with_label_values(&[tool]);
             m.restores.with_label_values(&[tool]);
         }
@@ -283,6 +300,14 @@ impl PolicyMetrics {
         }
         for (category, n) in counts {
             self.render_warnings.with_label_values(&[category]).set(n);
+        }
+    }
+
+    pub(crate) fn record_dataplane(&self, plane: super::enforcer::Plane) {
+        for d in DATAPLANES {
+            self.dataplane
+                .with_label_values(&[d])
+                .set(i64::from(d == plane.as_str()));
         }
     }
 

@@ -1,8 +1,13 @@
 //! NetworkPolicy enforcement on the node: the NodePolicySet and the PeerSets
-//! it references become iptables chains and ipsets (Calico's layout with
-//! canal's names, CONTRACTS.md).
+//! it references become, through one dataplane-neutral model, either
+//! iptables chains and ipsets (Calico's layout with canal's names,
+//! CONTRACTS.md) or canal's own nftables table, per family.
 //!
-//! - [`render`]: pure renderer, inputs -> [`Ruleset`]; with [`antispoof`]
+//! - [`model`]: the dataplane-neutral model every sync builds once; [`eval`]
+//!   its pure evaluator (what a node decides for a connection, and why).
+//! - [`nft`]: the nftables dataplane (canal's own table, one transaction per sync).
+//! - [`iptables`]: the iptables dataplane's applier (per family, the node's backend).
+//! - [`render`]: pure iptables renderer, model -> [`Ruleset`]; with [`antispoof`]
 //!   (the dataplane-neutral source map and its raw-table rules) and
 //!   [`frame`] (dispatch chains, verdict marks, the fail-closed guard).
 //! - [`state`] / [`plan`]: pure kernel-state parsing and diff -> restore batches.
@@ -31,15 +36,19 @@
 pub mod antispoof;
 pub mod component;
 pub mod enforcer;
+pub mod eval;
 pub mod exec;
 pub mod firewall;
 pub mod frame;
 pub mod handshake;
 #[cfg(test)]
 mod hardening_tests;
+pub mod iptables;
 pub mod metrics;
+pub mod model;
 pub mod names;
 pub mod nfnl;
+pub mod nft;
 pub mod plan;
 pub mod render;
 pub mod ruleset;
@@ -53,9 +62,11 @@ pub mod store;
 pub mod watch;
 
 pub use antispoof::{SourceMap, Sources, SpoofReason};
-pub use enforcer::{Error, PolicyEnforcer, Retry, SyncStats, Tools};
+pub use enforcer::{Error, NodeSupport, Plane, PolicyEnforcer, Retry, SyncStats, resolve};
 pub use exec::{Exec, ExecError};
+pub use iptables::Tools;
 pub use metrics::PolicyMetrics;
+pub use model::{DataplaneChoice, Families, Family, NodeModel};
 pub use plan::{Plan, PlanStats, plan};
 pub use render::{
     EnforcementConfig, PolicyInputs, RenderCache, Rendered, Warning, referenced_peer_sets, render,

@@ -50,6 +50,10 @@ const IPSET_FLAG_LIST_HEADER: u32 = 1 << 2;
 
 /// `NFPROTO_IPV4`: the family of iptables-nft's tables.
 pub const FAMILY_IPV4: u8 = 2;
+/// `NFPROTO_IPV6`: ip6tables-nft's tables.
+pub const FAMILY_IPV6: u8 = 10;
+/// `NFPROTO_INET`: canal's own nftables tables.
+pub const FAMILY_INET: u8 = 1;
 
 /// What kind of nf_tables object a notification is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

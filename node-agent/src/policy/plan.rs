@@ -283,7 +283,7 @@ mod tests {
             r.chains.insert(name.to_string(), c);
         }
         for (name, members) in sets {
-            let mut s = IpSet::new(SetType::HashNet);
+            let mut s = IpSet::new(SetType::HashNet, crate::policy::model::Family::V4);
             s.members = std::sync::Arc::new(members.iter().map(|m| m.to_string()).collect());
             r.sets.insert(name.to_string(), s);
         }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use canal_crds::names::short_hash;
 
+use super::model::Family;
 use super::names::COMMENT_PREFIX;
 
 /// Most entries one canal set may hold (Felix's MaxIpsetSize default).
@@ -179,16 +180,19 @@ impl SetType {
 pub struct IpSet {
     /// The set's type.
     pub set_type: SetType,
+    /// `family inet` or `family inet6`.
+    pub family: Family,
     /// The members (shared: an unchanged PeerSet reuses the previous
     /// render's set, so diffing it against the applied state is a pointer compare).
     pub members: Arc<BTreeSet<String>>,
 }
 
 impl IpSet {
-    /// An empty set of a type.
-    pub fn new(set_type: SetType) -> IpSet {
+    /// An empty set of a type and family.
+    pub fn new(set_type: SetType, family: Family) -> IpSet {
         IpSet {
             set_type,
+            family,
             members: Arc::new(BTreeSet::new()),
         }
     }
@@ -202,16 +206,23 @@ impl IpSet {
     /// members so a large set is not rehashed while it is filled.
     pub fn create_args(&self) -> String {
         let hashsize = (self.members.len() / 4).next_power_of_two().max(1024);
+        let family = match self.family {
+            Family::V4 => "inet",
+            Family::V6 => "inet6",
+        };
         format!(
-            "{} family inet hashsize {hashsize} maxelem {SET_MAXELEM}",
+            "{} family {family} hashsize {hashsize} maxelem {SET_MAXELEM}",
             self.set_type.as_str()
         )
     }
 }
 
-/// Everything policy enforcement wants in the kernel.
+/// Everything policy enforcement wants in the kernel, in one family's
+/// tables (iptables or ip6tables) and sets.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ruleset {
+    /// The family: which tools program it.
+    pub family: Family,
     /// Hook rules, one per built-in chain (of a table) at most.
     pub hooks: Vec<Hook>,
     /// Our chains by name; a chain's table follows from its name
@@ -229,6 +240,14 @@ pub struct Ruleset {
 }
 
 impl Ruleset {
+    /// An empty ruleset of `family`.
+    pub fn for_family(family: Family) -> Ruleset {
+        Ruleset {
+            family,
+            ..Ruleset::default()
+        }
+    }
+
     /// Number of iptables rules (hooks included).
     pub fn rule_count(&self) -> usize {
         self.hooks.len() + self.chains.values().map(|c| c.rules.len()).sum::<usize>()

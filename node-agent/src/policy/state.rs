@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use super::model::Family;
 use super::names::{self, COMMENT_PREFIX};
 use super::ruleset::{Ruleset, SET_MAXELEM, Table};
 
@@ -94,8 +95,18 @@ impl KernelState {
 
     /// Parses `iptables-save -t <table>` listings (any number, one after
     /// the other, with or without `-c` counters) and `ipset save` output,
-    /// keeping only what policy enforcement owns.
+    /// keeping only what policy enforcement owns (IPv4 sets).
     pub fn parse(iptables_save: &str, ipset_save: &str) -> KernelState {
+        KernelState::parse_family(iptables_save, ipset_save, Family::V4)
+    }
+
+    /// [`parse`](Self::parse) for the tables and sets of one family
+    /// (`ip6tables-save`, ipsets of `family inet6`).
+    pub fn parse_family(iptables_save: &str, ipset_save: &str, family: Family) -> KernelState {
+        let want_family = match family {
+            Family::V4 => "inet",
+            Family::V6 => "inet6",
+        };
         let mut state = KernelState::default();
         let mut table: Option<Table> = None;
         let mut builtin_len: BTreeMap<(Table, &str), usize> = BTreeMap::new();
@@ -151,6 +162,13 @@ impl KernelState {
                         continue;
                     }
                     let opts: Vec<&str> = words.collect();
+                    let set_family = opts
+                        .windows(2)
+                        .find(|w| w[0] == "family")
+                        .map_or("inet", |w| w[1]);
+                    if set_family != want_family {
+                        continue;
+                    }
                     let maxelem = opts
                         .windows(2)
                         .find(|w| w[0] == "maxelem")

@@ -24,9 +24,14 @@ pub fn enforced_status(
             status.endpoints = Some(stats.endpoints as u32);
             status.rules = Some(stats.rules as u32);
             status.sets = Some(stats.sets as u32);
+            status.dataplane = stats.dataplane.map(|d| d.as_str().to_string());
             let mut message = format!(
-                "{} endpoints, {} rules, {} sets ({} members) programmed",
-                stats.endpoints, stats.rules, stats.sets, stats.set_members
+                "{} endpoints, {} rules, {} sets ({} members) programmed with {}",
+                stats.endpoints,
+                stats.rules,
+                stats.sets,
+                stats.set_members,
+                stats.dataplane.map_or("?", |d| d.as_str())
             );
             if let Some(first) = stats.warnings.first() {
                 message.push_str(&format!(
@@ -46,6 +51,7 @@ pub fn enforced_status(
                 "read_state" => "KernelReadFailed",
                 "ipset_restore" => "IpsetRestoreFailed",
                 "iptables_restore" => "IptablesRestoreFailed",
+                "nft" => "NftablesFailed",
                 "tool_missing" => "ToolMissing",
                 _ => "RunDirFailed",
             };
@@ -57,7 +63,8 @@ pub fn enforced_status(
         changed |= prev.observed_generation != status.observed_generation
             || prev.endpoints != status.endpoints
             || prev.rules != status.rules
-            || prev.sets != status.sets;
+            || prev.sets != status.sets
+            || prev.dataplane != status.dataplane;
     } else {
         changed = true;
     }

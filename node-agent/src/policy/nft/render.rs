@@ -1,0 +1,817 @@
+//! The nftables renderer: the neutral [`NodeModel`] in, canal's own table
+//! `inet canal` out (both families in one table: one set of chains, one
+//! transaction per change, one table to own). Pure, no I/O.
+//!
+//! ```text
+//! chain prerouting  (filter hook prerouting priority raw: before conntrack)   anti-spoofing
+//!     IPv6: link-local / unspecified ICMPv6 130-136 accept
+//!     iifname "cali*" fib saddr . iif oif missing counter drop               (rpf)
+//!     iifname . ip saddr @spoof-v4 accept; iifname . ip6 saddr @spoof-v6 accept
+//!     iifname @spoof-routed accept                                          (IPs not known yet)
+//!     iifname @spoof-ifaces counter drop                                    (source_not_assigned)
+//! chain forward     (filter hook forward priority filter)
+//!     ct state established,related accept; ct state invalid drop           (cali* only)
+//!     clear the verdict marks 0x30000
+//!     iifname vmap @from-wl; oifname vmap @to-wl                           O(1) dispatch
+//!     drop without the direction's mark; accept
+//! chain input       (filter hook input priority filter)                      pod -> node
+//!     established accept; IPv6: ICMPv6 130-136 accept; invalid drop; iifname vmap @from-wl;
+//!     drop without the egress mark; defaultEndpointToHostAction
+//! chain guard-forward / guard-input (priority 150, after them)   fail-closed guard: new pod
+//!     traffic without its verdict marks is dropped (a foreign flush of `forward` or an
+//!     `accept` put in front of it lets nothing new through)
+//! chain guard-forward / guard-input (priority 150, after them)   fail-closed guard: new pod
+//!     traffic without its verdict marks is dropped (a foreign flush of `forward` or an
+//!     `accept` put in front of it lets nothing new through)
+//! map to-wl / from-wl  { "cali..." : jump tw-/fw-cali... }
+//! chain tw-<iface> / fw-<iface>   not isolated: set the mark; isolated: clear it,
+//!     jump pi-/po-<hash> per policy, return if marked, drop
+//! chain pi-<hash> / po-<hash>     one rule per (port x peer x family) setting the mark
+//! sets  ps4-/ps6-<hash> (PeerSet addresses; pn4-/pn6- with the interval flag when a
+//!     member is a CIDR), blk4-/blk6-<hash> (ipBlock minus except, interval),
+//!     pp4-/pp6- and lp4-/lp6-<hash> (ipv4_addr . inet_proto . inet_service: named ports)
+//! ```
+//!
+//! An `accept` ends only canal's base chain; every other table's chains on
+//! the hook still run, and canal's `drop` is final whatever they do (a
+//! foreign table that accepts at a higher priority cannot let denied
+//! traffic through). defaultEndpointToHostAction `Accept` and `Return` are
+//! therefore the same here: the node's own rules still see the packet.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use canal_crds::names::short_hash;
+use canal_crds::{EndpointToHostAction, Protocol};
+use ipnet::IpNet;
+
+use crate::policy::antispoof::{ICMPV6_LINK_TYPES, SourceMap, Sources, SpoofReason};
+use crate::policy::model::{
+    AddressSet, Block, Direction, Families, Family, Isolation, NodeModel, PeerModel, PortModel,
+    PortSet, RuleModel,
+};
+use crate::policy::names::{EGRESS_MARK, INGRESS_MARK, VERDICT_MARKS};
+
+use super::ruleset::{BaseChain, NftChain, NftRuleset, NftSet};
+
+/// canal's policy table (`inet canal`).
+pub const TABLE: &str = "canal";
+/// The anti-spoofing base chain.
+pub const PREROUTING: &str = "prerouting";
+/// The forwarding base chain.
+pub const FORWARD: &str = "forward";
+/// The pod -> node base chain.
+pub const INPUT: &str = "input";
+/// The fail-closed guard after `forward` (priority 150, as iptables' security table).
+pub const GUARD_FORWARD: &str = "guard-forward";
+/// The fail-closed guard after `input`.
+pub const GUARD_INPUT: &str = "guard-input";
+/// Ingress dispatch map.
+pub const TO_WL: &str = "to-wl";
+/// Egress dispatch map.
+pub const FROM_WL: &str = "from-wl";
+/// (interface . IPv4 source) a pod may send from.
+pub const SPOOF_V4: &str = "spoof-v4";
+/// (interface . IPv6 source).
+pub const SPOOF_V6: &str = "spoof-v6";
+/// Interfaces whose pod has no IP in the NodePolicySet yet: rpf only.
+pub const SPOOF_ROUTED: &str = "spoof-routed";
+/// Every known pod interface.
+pub const SPOOF_IFACES: &str = "spoof-ifaces";
+/// nft wildcard for every pod interface.
+const PODS: &str = "\"cali*\"";
+
+const RAW_PRIORITY: i32 = -300;
+const FILTER_PRIORITY: i32 = 0;
+const GUARD_PRIORITY: i32 = 150;
+
+/// What the renderer keeps between calls: sets built from unchanged
+/// PeerSets and chains built from unchanged policies (found by pointer).
+#[derive(Debug, Default)]
+pub struct NftCache {
+    sets: HashMap<(String, Family), (Arc<AddressSet>, String, NftSet)>,
+    port_sets: HashMap<(String, Family), (Arc<PortSet>, NftSet)>,
+    chains: HashMap<String, (Arc<Vec<RuleModel>>, Families, NftChain)>,
+}
+
+/// The whole `inet canal` table for `model`.
+pub fn render(model: &NodeModel) -> NftRuleset {
+    render_with(model, &mut NftCache::default())
+}
+
+/// [`render`] with a cache kept between calls (same output).
+pub fn render_with(model: &NodeModel, cache: &mut NftCache) -> NftRuleset {
+    let mut r = NftRuleset {
+        table: TABLE.to_string(),
+        ..NftRuleset::default()
+    };
+    antispoof(&mut r, &model.sources, model.families);
+    if !model.enabled {
+        *cache = NftCache::default();
+        return r;
+    }
+    let mut to_wl = NftSet::verdict_map("ifname");
+    let mut from_wl = NftSet::verdict_map("ifname");
+    let mut needed: BTreeSet<(&str, Direction)> = BTreeSet::new();
+    for (iface, ep) in &model.endpoints {
+        let (tw, fw) = (
+            endpoint_chain_name(iface, Direction::Ingress),
+            endpoint_chain_name(iface, Direction::Egress),
+        );
+        to_wl.insert(format!("\"{iface}\" : jump {tw}"));
+        from_wl.insert(format!("\"{iface}\" : jump {fw}"));
+        for (name, dir) in [(tw, Direction::Ingress), (fw, Direction::Egress)] {
+            if let Isolation::By(list) = ep.isolation(dir) {
+                needed.extend(list.iter().map(|p| (p.as_str(), dir)));
+            }
+            let chain = endpoint_chain(&name, ep.isolation(dir), dir);
+            r.chains.insert(name, chain);
+        }
+        r.endpoints.insert(iface.clone());
+    }
+    r.sets.insert(TO_WL.into(), to_wl);
+    r.sets.insert(FROM_WL.into(), from_wl);
+
+    let mut fresh = HashMap::new();
+    let mut sets = SetRenderer {
+        model,
+        cache,
+        out: BTreeMap::new(),
+    };
+    for (policy, dir) in needed {
+        let Some(rules) = model.policies.get(policy).and_then(|p| p.rules(dir)) else {
+            continue;
+        };
+        let name = policy_chain_name(policy, dir);
+        let chain = match sets.cache.chains.remove(&name) {
+            Some((was, fam, chain)) if Arc::ptr_eq(&was, rules) && fam == model.families => chain,
+            _ => policy_chain(&name, policy, rules, dir, &mut sets),
+        };
+        sets.referenced(rules);
+        fresh.insert(name.clone(), (rules.clone(), model.families, chain.clone()));
+        r.chains.insert(name, chain);
+    }
+    sets.cache.chains = fresh;
+    let out = std::mem::take(&mut sets.out);
+    r.sets.extend(out);
+
+    let v6 = model.families.v6;
+    r.chains.insert(FORWARD.into(), forward_chain());
+    r.chains
+        .insert(INPUT.into(), input_chain(model.endpoint_to_host, v6));
+    r.chains.insert(GUARD_FORWARD.into(), guard_forward_chain());
+    r.chains.insert(GUARD_INPUT.into(), guard_input_chain(v6));
+    r
+}
+
+/// New pod traffic that `forward` did not mark is dropped: a foreign
+/// rewrite of `forward` (a flush, an `accept` in front) fails closed.
+fn guard_forward_chain() -> NftChain {
+    let n = GUARD_FORWARD;
+    let mut c = NftChain {
+        base: base("forward", GUARD_PRIORITY),
+        ..NftChain::default()
+    };
+    let new = "ct state != { established, related }";
+    c.push(
+        n,
+        format!("iifname {PODS} {new} {} drop", without(EGRESS_MARK)),
+        "egress policy did not run (fail closed)",
+    );
+    c.push(
+        n,
+        format!("oifname {PODS} {new} {} drop", without(INGRESS_MARK)),
+        "ingress policy did not run (fail closed)",
+    );
+    c
+}
+
+fn guard_input_chain(v6: bool) -> NftChain {
+    let n = GUARD_INPUT;
+    let mut c = NftChain {
+        base: base("input", GUARD_PRIORITY),
+        ..NftChain::default()
+    };
+    if v6 {
+        c.push(
+            n,
+            format!("iifname {PODS} {} accept", icmpv6_types()),
+            "neighbour discovery",
+        );
+    }
+    c.push(
+        n,
+        format!(
+            "iifname {PODS} ct state != {{ established, related }} {} drop",
+            without(EGRESS_MARK)
+        ),
+        "egress policy did not run (fail closed)",
+    );
+    c
+}
+
+/// `tw-<iface>` / `fw-<iface>`.
+pub fn endpoint_chain_name(iface: &str, dir: Direction) -> String {
+    match dir {
+        Direction::Ingress => format!("tw-{iface}"),
+        Direction::Egress => format!("fw-{iface}"),
+    }
+}
+
+/// `pi-<hash>` / `po-<hash>` of a policy (16 hex characters of its name).
+pub fn policy_chain_name(policy: &str, dir: Direction) -> String {
+    let h = short_hash(&format!("policy:{policy}"));
+    match dir {
+        Direction::Ingress => format!("pi-{h}"),
+        Direction::Egress => format!("po-{h}"),
+    }
+}
+
+fn fam(f: Family) -> (&'static str, char) {
+    match f {
+        Family::V4 => ("ip", '4'),
+        Family::V6 => ("ip6", '6'),
+    }
+}
+
+fn set_name(prefix: &str, family: Family, id: &str) -> String {
+    let (_, d) = fam(family);
+    format!(
+        "{prefix}{d}-{}",
+        short_hash(&format!("{prefix}:{family:?}:{id}"))
+    )
+}
+
+fn addr_type(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "ipv4_addr",
+        Family::V6 => "ipv6_addr",
+    }
+}
+
+fn base(hook: &'static str, priority: i32) -> Option<BaseChain> {
+    Some(BaseChain {
+        kind: "filter",
+        hook,
+        priority,
+    })
+}
+
+fn set_mark(mark: u32) -> String {
+    format!("meta mark set meta mark | {mark:#010x}")
+}
+
+fn clear_mark(mark: u32) -> String {
+    format!("meta mark set meta mark & {:#010x}", !mark)
+}
+
+fn without(mark: u32) -> String {
+    format!("meta mark & {mark:#010x} != {mark:#010x}")
+}
+
+fn icmpv6_types() -> String {
+    let t: Vec<String> = ICMPV6_LINK_TYPES.iter().map(u8::to_string).collect();
+    format!("icmpv6 type {{ {} }}", t.join(", "))
+}
+
+fn antispoof(r: &mut NftRuleset, map: &SourceMap, families: Families) {
+    let n = PREROUTING;
+    let mut c = NftChain {
+        base: base("prerouting", RAW_PRIORITY),
+        ..NftChain::default()
+    };
+    let mut drop = |c: &mut NftChain, spec: String, note: &str, reason: SpoofReason| {
+        c.push(n, spec, note);
+        if let Some(rule) = c.rules.last() {
+            r.spoof_rules.insert(rule.hash.clone(), reason);
+        }
+    };
+    if families.v6 {
+        // Neighbour discovery from link-local (DAD: unspecified) sources,
+        // which are no pod's assigned address and may not pass a fib check.
+        c.push(
+            n,
+            format!(
+                "iifname {PODS} ip6 saddr {{ fe80::/10, ::/128 }} {} accept",
+                icmpv6_types()
+            ),
+            "link-local ICMPv6",
+        );
+    }
+    drop(
+        &mut c,
+        format!("iifname {PODS} fib saddr . iif oif missing counter drop"),
+        "spoofed source: does not route back to the pod interface",
+        SpoofReason::Rpf,
+    );
+    if let Some(endpoints) = &map.endpoints {
+        let mut v4 = NftSet::new("ifname . ipv4_addr");
+        let mut v6 = NftSet::new("ifname . ipv6_addr");
+        let mut routed = NftSet::new("ifname");
+        let mut ifaces = NftSet::new("ifname");
+        for (iface, sources) in endpoints {
+            ifaces.insert(format!("\"{iface}\""));
+            match sources {
+                Sources::Routed => routed.insert(format!("\"{iface}\"")),
+                Sources::Addresses(addrs) => {
+                    for a in addrs {
+                        match a {
+                            IpAddr::V4(_) => v4.insert(format!("\"{iface}\" . {a}")),
+                            IpAddr::V6(_) if families.v6 => v6.insert(format!("\"{iface}\" . {a}")),
+                            IpAddr::V6(_) => {}
+                        }
+                    }
+                }
+            }
+        }
+        c.push(
+            n,
+            format!("iifname . ip saddr @{SPOOF_V4} accept"),
+            "source assigned to the pod interface",
+        );
+        r.sets.insert(SPOOF_V4.into(), v4);
+        if families.v6 {
+            c.push(
+                n,
+                format!("iifname . ip6 saddr @{SPOOF_V6} accept"),
+                "source assigned to the pod interface",
+            );
+            r.sets.insert(SPOOF_V6.into(), v6);
+        }
+        c.push(
+            n,
+            format!("iifname @{SPOOF_ROUTED} accept"),
+            "pod IPs not known yet: reverse path only",
+        );
+        drop(
+            &mut c,
+            format!("iifname @{SPOOF_IFACES} counter drop"),
+            "spoofed source: not an address of the pod",
+            SpoofReason::SourceNotAssigned,
+        );
+        r.sets.insert(SPOOF_ROUTED.into(), routed);
+        r.sets.insert(SPOOF_IFACES.into(), ifaces);
+    }
+    r.chains.insert(n.into(), c);
+}
+
+fn forward_chain() -> NftChain {
+    let n = FORWARD;
+    let mut c = NftChain {
+        base: base("forward", FILTER_PRIORITY),
+        ..NftChain::default()
+    };
+    for (dir, note) in [("iifname", "from pod"), ("oifname", "to pod")] {
+        c.push(
+            n,
+            format!("{dir} {PODS} ct state established,related accept"),
+            &format!("reply or related, {note}"),
+        );
+    }
+    for (dir, note) in [("iifname", "from pod"), ("oifname", "to pod")] {
+        c.push(
+            n,
+            format!("{dir} {PODS} ct state invalid drop"),
+            &format!("invalid, {note}"),
+        );
+    }
+    c.push(n, clear_mark(VERDICT_MARKS), "clear the verdict marks");
+    c.push(
+        n,
+        format!("iifname {PODS} iifname vmap @{FROM_WL}"),
+        "egress policy of the source pod",
+    );
+    c.push(
+        n,
+        format!("oifname {PODS} oifname vmap @{TO_WL}"),
+        "ingress policy of the destination pod",
+    );
+    c.push(
+        n,
+        format!("iifname {PODS} {} drop", without(EGRESS_MARK)),
+        "no egress verdict (fail closed)",
+    );
+    c.push(
+        n,
+        format!("oifname {PODS} {} drop", without(INGRESS_MARK)),
+        "no ingress verdict (fail closed)",
+    );
+    c.push(
+        n,
+        format!("iifname {PODS} accept"),
+        "passed policy, from pod",
+    );
+    c.push(n, format!("oifname {PODS} accept"), "passed policy, to pod");
+    c
+}
+
+fn input_chain(action: EndpointToHostAction, v6: bool) -> NftChain {
+    let n = INPUT;
+    let mut c = NftChain {
+        base: base("input", FILTER_PRIORITY),
+        ..NftChain::default()
+    };
+    c.push(
+        n,
+        format!("iifname {PODS} ct state established,related accept"),
+        "reply or related, from pod",
+    );
+    if v6 {
+        // Untracked, so before the invalid drop and any policy.
+        c.push(
+            n,
+            format!("iifname {PODS} {} accept", icmpv6_types()),
+            "neighbour discovery",
+        );
+    }
+    c.push(
+        n,
+        format!("iifname {PODS} ct state invalid drop"),
+        "invalid, from pod",
+    );
+    c.push(
+        n,
+        format!("iifname {PODS} {}", clear_mark(VERDICT_MARKS)),
+        "clear the verdict marks",
+    );
+    c.push(
+        n,
+        format!("iifname {PODS} iifname vmap @{FROM_WL}"),
+        "egress policy of the pod",
+    );
+    c.push(
+        n,
+        format!("iifname {PODS} {} drop", without(EGRESS_MARK)),
+        "no egress verdict (fail closed)",
+    );
+    match action {
+        EndpointToHostAction::Accept => c.push(
+            n,
+            format!("iifname {PODS} accept"),
+            "defaultEndpointToHostAction Accept",
+        ),
+        EndpointToHostAction::Drop => c.push(
+            n,
+            format!("iifname {PODS} drop"),
+            "defaultEndpointToHostAction Drop",
+        ),
+        // Return: the node's own rules decide.
+        EndpointToHostAction::Return => {}
+    }
+    c
+}
+
+fn endpoint_chain(name: &str, isolation: &Isolation, dir: Direction) -> NftChain {
+    let mut c = NftChain::default();
+    let Isolation::By(policies) = isolation else {
+        // The mark is what lets the packet through `forward`: a flushed
+        // endpoint chain sets none and fails closed.
+        c.push(
+            name,
+            set_mark(dir.mark()),
+            &format!("not isolated for {}", dir.as_str()),
+        );
+        return c;
+    };
+    c.push(
+        name,
+        clear_mark(dir.mark()),
+        &format!("clear {} mark", dir.as_str()),
+    );
+    let m = dir.mark();
+    for policy in policies {
+        c.push(
+            name,
+            format!("jump {}", policy_chain_name(policy, dir)),
+            policy,
+        );
+        c.push(
+            name,
+            format!("meta mark & {m:#010x} == {m:#010x} return"),
+            &format!("allowed by {policy}"),
+        );
+    }
+    c.push(name, "drop", &format!("no policy allowed {}", dir.as_str()));
+    c
+}
+
+fn policy_chain(
+    name: &str,
+    policy: &str,
+    rules: &[RuleModel],
+    dir: Direction,
+    sets: &mut SetRenderer<'_>,
+) -> NftChain {
+    let mut c = NftChain::default();
+    let mut seen = BTreeSet::new();
+    let families = sets.model.families;
+    for (i, rule) in rules.iter().enumerate() {
+        let note = format!("{policy} {} rule {i}", dir.as_str());
+        for f in families.iter() {
+            let peers: Vec<String> = match &rule.peers {
+                None => vec![String::new()],
+                Some(list) => list.iter().filter_map(|p| sets.peer(p, dir, f)).collect(),
+            };
+            let ports: Vec<String> = match &rule.ports {
+                None => vec![String::new()],
+                Some(list) => list.iter().map(|p| sets.port(p, f)).collect(),
+            };
+            for port in &ports {
+                for peer in &peers {
+                    let spec = [port.as_str(), peer.as_str(), &set_mark(dir.mark())]
+                        .iter()
+                        .filter(|s| !s.is_empty())
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    if seen.insert(spec.clone()) {
+                        c.push(name, spec, &note);
+                    }
+                }
+            }
+        }
+    }
+    c
+}
+
+/// Renders the sets policy chains reference (from the cache when their
+/// model parts are unchanged).
+struct SetRenderer<'a> {
+    model: &'a NodeModel,
+    cache: &'a mut NftCache,
+    out: BTreeMap<String, NftSet>,
+}
+
+impl SetRenderer<'_> {
+    /// The sets of `rules` for every family (a cached chain needs them too).
+    fn referenced(&mut self, rules: &[RuleModel]) {
+        for f in self.model.families.iter() {
+            for rule in rules {
+                for p in rule.peers.iter().flatten() {
+                    let _ = self.peer(p, Direction::Ingress, f);
+                }
+                for p in rule.ports.iter().flatten() {
+                    let _ = self.port(p, f);
+                }
+            }
+        }
+    }
+
+    fn peer(&mut self, peer: &PeerModel, dir: Direction, f: Family) -> Option<String> {
+        let (ip, _) = fam(f);
+        let side = match dir {
+            Direction::Ingress => "saddr",
+            Direction::Egress => "daddr",
+        };
+        match peer {
+            PeerModel::Set(ps) => {
+                let name = self.address_set(ps, f)?;
+                Some(format!("{ip} {side} @{name}"))
+            }
+            PeerModel::Block(b) if b.family() == f => {
+                if b.except.is_empty() {
+                    if b.cidr.prefix_len() == 0 {
+                        return Some(format!("meta nfproto ipv{}", fam(f).1));
+                    }
+                    return Some(format!("{ip} {side} {}", element_of(b.cidr)));
+                }
+                let name = self.block_set(b)?;
+                Some(format!("{ip} {side} @{name}"))
+            }
+            PeerModel::Block(_) => None,
+        }
+    }
+
+    fn port(&mut self, port: &PortModel, f: Family) -> String {
+        let (ip, _) = fam(f);
+        match port {
+            PortModel::Protocol(p) => format!("meta l4proto {}", p.as_lower()),
+            PortModel::Ranges(p, ranges) => {
+                let list: Vec<String> = ranges
+                    .iter()
+                    .map(|&(s, e)| {
+                        if s == e {
+                            s.to_string()
+                        } else {
+                            format!("{s}-{e}")
+                        }
+                    })
+                    .collect();
+                if list.len() == 1 {
+                    format!("{} dport {}", p.as_lower(), list[0])
+                } else {
+                    format!("{} dport {{ {} }}", p.as_lower(), list.join(", "))
+                }
+            }
+            PortModel::LocalNamed(p, name) => {
+                let set = set_name("lp", f, &format!("{}/{name}", p.as_lower()));
+                if !self.out.contains_key(&set)
+                    && let Some(src) = self.model.local_ports.get(&(*p, name.clone()))
+                {
+                    self.out.insert(set.clone(), port_set(src, f));
+                }
+                format!("{ip} daddr . meta l4proto . th dport @{set}")
+            }
+            PortModel::PeerNamed(p, ps) => {
+                let set = set_name("pp", f, ps);
+                if !self.out.contains_key(&set)
+                    && let Some(src) = self.model.port_sets.get(ps)
+                {
+                    let key = (ps.clone(), f);
+                    let built = match self.cache.port_sets.get(&key) {
+                        Some((was, s)) if Arc::ptr_eq(was, src) => s.clone(),
+                        _ => {
+                            let s = port_set(src, f);
+                            self.cache.port_sets.insert(key, (src.clone(), s.clone()));
+                            s
+                        }
+                    };
+                    self.out.insert(set.clone(), built);
+                }
+                format!(
+                    "meta l4proto {} {ip} daddr . meta l4proto . th dport @{set}",
+                    p.as_lower()
+                )
+            }
+        }
+    }
+
+    /// The set of a PeerSet's addresses of family `f`: plain (hash) while
+    /// every member is one address, with the interval flag (another name)
+    /// once one is a CIDR.
+    fn address_set(&mut self, ps: &str, f: Family) -> Option<String> {
+        let src = self.model.peer_sets.get(ps)?;
+        let key = (ps.to_string(), f);
+        if let Some((was, name, set)) = self.cache.sets.get(&key)
+            && Arc::ptr_eq(was, src)
+        {
+            if !self.out.contains_key(name) {
+                self.out.insert(name.clone(), set.clone());
+            }
+            return Some(name.clone());
+        }
+        let hosts = src.hosts_only(f);
+        let name = set_name(if hosts { "ps" } else { "pn" }, f, ps);
+        let mut set = NftSet::new(addr_type(f));
+        if !hosts {
+            set = set.interval();
+        }
+        let elements = Arc::make_mut(&mut set.elements);
+        match f {
+            Family::V4 => elements.extend(src.v4.iter().map(|n| element_of(IpNet::V4(*n)))),
+            Family::V6 => elements.extend(src.v6.iter().map(|n| element_of(IpNet::V6(*n)))),
+        }
+        if !hosts {
+            // Interval sets refuse overlapping elements: keep the widest.
+            let merged = without_covered(
+                elements
+                    .iter()
+                    .filter_map(|e| {
+                        e.parse::<IpNet>()
+                            .ok()
+                            .or_else(|| e.parse::<IpAddr>().ok().map(IpNet::from))
+                    })
+                    .collect(),
+            );
+            *elements = merged.into_iter().map(element_of).collect();
+        }
+        self.cache
+            .sets
+            .insert(key, (src.clone(), name.clone(), set.clone()));
+        self.out.insert(name.clone(), set);
+        Some(name)
+    }
+
+    /// The interval set of an ipBlock minus its excepts (content-addressed:
+    /// a changed block is another set), or None when nothing is left.
+    fn block_set(&mut self, b: &Block) -> Option<String> {
+        let f = b.family();
+        let mut id = b.cidr.to_string();
+        for e in &b.except {
+            let _ = write!(id, " except {e}");
+        }
+        let name = set_name("blk", f, &id);
+        if self.out.contains_key(&name) {
+            return Some(name);
+        }
+        let rest = subtract(b.cidr, &b.except);
+        if rest.is_empty() {
+            return None;
+        }
+        let mut set = NftSet::new(addr_type(f)).interval();
+        for n in rest {
+            set.insert(element_of(n));
+        }
+        self.out.insert(name.clone(), set);
+        Some(name)
+    }
+}
+
+/// A set element for a network: host routes without the prefix length, as
+/// nft lists them.
+pub fn element_of(n: IpNet) -> String {
+    if n.prefix_len() == n.max_prefix_len() {
+        n.addr().to_string()
+    } else {
+        n.trunc().to_string()
+    }
+}
+
+fn port_set(src: &PortSet, f: Family) -> NftSet {
+    let mut set = NftSet::new(format!("{} . inet_proto . inet_service", addr_type(f)));
+    for (ip, proto, port) in &src.members {
+        if Family::of(ip) == f {
+            set.insert(format!("{ip} . {} . {port}", proto_name(*proto)));
+        }
+    }
+    set
+}
+
+fn proto_name(p: Protocol) -> &'static str {
+    p.as_lower()
+}
+
+/// `cidr` minus every `except`, as disjoint prefixes (sorted).
+pub fn subtract(cidr: IpNet, except: &[IpNet]) -> Vec<IpNet> {
+    let mut out = vec![cidr];
+    for e in except {
+        let mut next = Vec::new();
+        for p in out {
+            split_around(p, *e, &mut next);
+        }
+        out = next;
+    }
+    out.sort();
+    out
+}
+
+/// Pushes the parts of `p` outside `e`.
+fn split_around(p: IpNet, e: IpNet, out: &mut Vec<IpNet>) {
+    if !p.contains(&e) && !e.contains(&p) {
+        out.push(p);
+        return;
+    }
+    if e.contains(&p) {
+        return;
+    }
+    // p strictly contains e: halve p and recurse.
+    let Ok(halves) = p.subnets(p.prefix_len() + 1) else {
+        return;
+    };
+    for h in halves {
+        split_around(h, e, out);
+    }
+}
+
+/// The networks not covered by another one of the list (sorted).
+fn without_covered(mut nets: Vec<IpNet>) -> Vec<IpNet> {
+    nets.sort_by_key(|n| n.prefix_len());
+    let mut kept: Vec<IpNet> = Vec::new();
+    for n in nets {
+        if !kept.iter().any(|k| k.contains(&n)) {
+            kept.push(n);
+        }
+    }
+    kept.sort();
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn except_is_cut_out_exactly() {
+        let got = subtract(net("10.0.0.0/8"), &[net("10.1.0.0/16"), net("10.0.0.0/9")]);
+        let want: Vec<IpNet> = ["10.128.0.0/9"].iter().map(|s| net(s)).collect();
+        assert_eq!(got, want);
+        let got = subtract(net("10.0.0.0/30"), &[net("10.0.0.1/32")]);
+        assert_eq!(got, vec![net("10.0.0.0/32"), net("10.0.0.2/31")]);
+        assert!(subtract(net("fd00::/64"), &[net("fd00::/64")]).is_empty());
+        let got = subtract(net("0.0.0.0/0"), &[net("10.0.0.0/8")]);
+        assert_eq!(got.len(), 8);
+        for a in ["9.255.255.255", "11.0.0.0", "255.255.255.255", "0.0.0.0"] {
+            let a: IpAddr = a.parse().unwrap();
+            assert!(got.iter().any(|n| n.contains(&a)), "{a}");
+        }
+        let inside: IpAddr = "10.2.3.4".parse().unwrap();
+        assert!(!got.iter().any(|n| n.contains(&inside)));
+    }
+
+    #[test]
+    fn elements_are_spelled_as_nft_lists_them() {
+        assert_eq!(element_of(net("10.0.0.1/32")), "10.0.0.1");
+        assert_eq!(element_of(net("10.0.0.0/8")), "10.0.0.0/8");
+        assert_eq!(element_of(net("fd00::1/128")), "fd00::1");
+        assert_eq!(
+            without_covered(vec![net("10.0.0.0/24"), net("10.0.0.0/8")]),
+            vec![net("10.0.0.0/8")]
+        );
+    }
+}
