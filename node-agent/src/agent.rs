@@ -13,6 +13,7 @@
 //! sees: `/readyz`, the Node condition `CanalNetworkProgrammed`, and an
 //! Event on the Node when that changes.
 
+pub mod ipv6_gate;
 mod node_status;
 mod program;
 mod watches;

@@ -113,6 +113,7 @@ impl Agent {
                 report.fail(Step::Forwarding, e);
             }
         }
+        self.gate_pod_ipv6(inputs, &mut report).await;
         self.sync_masquerade(inputs, trigger, &mut report).await;
         if !synced.is_empty() {
             self.write_network(inputs, &synced, &mut report);
@@ -454,6 +455,40 @@ impl Agent {
                 true
             }
         });
+    }
+
+    /// Fail closed for running pods: IPv6 off on their host veths while
+    /// pods may not have it ([`super::ipv6_gate`]).
+    async fn gate_pod_ipv6(&mut self, inputs: &Inputs, report: &mut SyncReport) {
+        let allowed = super::ipv6_gate::ipv6_allowed(&self.run_dir, inputs.config.policy_enabled);
+        let why = match allowed {
+            Ok(true) => return,
+            Ok(false) => {
+                "NetworkPolicy is enforced here and the policy component does not guard IPv6"
+                    .to_string()
+            }
+            Err(e) => e,
+        };
+        match super::ipv6_gate::close_here() {
+            Ok(closed) if closed.is_empty() => {}
+            Ok(closed) => {
+                let text = format!(
+                    "turned IPv6 off on {} pod interface(s) ({}): {why}; their pods keep IPv4",
+                    closed.len(),
+                    closed.join(", ")
+                );
+                tracing::warn!("{text}");
+                self.status
+                    .event(
+                        inputs.uid.clone(),
+                        EventType::Warning,
+                        "PodIPv6Disabled",
+                        text,
+                    )
+                    .await;
+            }
+            Err(e) => report.fail(Step::PodIpv6, e),
+        }
     }
 
     fn count_netlink_error(&self, category: Category) {
