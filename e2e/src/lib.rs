@@ -58,6 +58,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The lab failed or is not ready: the cause, then for each component
+    /// that is not ready or not running its log's path and last error lines.
+    #[error("{cause}\n{report}")]
+    LabFailed { cause: Box<Error>, report: String },
+    /// What cannot work on this machine, one line per cause with its fix
+    /// (`canal-lab up`'s preflight).
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Preflight(Vec<lab::preflight::Failure>),
     /// A CNI plugin returned an error (the CNI error format).
     #[error("{0}")]
     Cni(Box<CniFailure>),

@@ -252,8 +252,8 @@ async fn agent_programs_its_node_policy_set_reports_status_adopts_on_restart_and
     assert!(status.rules.unwrap() > 10, "{status:?}");
     assert_eq!(
         status.sets,
-        Some(1),
-        "only the referenced PeerSet: {status:?}"
+        Some(3),
+        "only the referenced PeerSet, and the two anti-spoofing sets: {status:?}"
     );
     let cond = find(&status.conditions, ENFORCED).unwrap();
     assert_eq!(cond.reason, "Programmed");
@@ -296,7 +296,7 @@ async fn agent_programs_its_node_policy_set_reports_status_adopts_on_restart_and
     apply_peer_set(&client, "ps-c", peer_set(&["10.244.4.9"])).await;
     let g2 = apply_nps(&client, node_policy(&["ps-b", "ps-c"])).await;
     let status = wait_enforced(&client, g2, &agent).await;
-    assert_eq!(status.sets, Some(2));
+    assert_eq!(status.sets, Some(4));
     let state = policy_state(&node);
     assert!(state.contains("10.244.4.9"), "{state}");
     assert!(
@@ -367,11 +367,19 @@ async fn agent_programs_its_node_policy_set_reports_status_adopts_on_restart_and
     )
     .await;
 
-    // policy.enabled: false removes every chain, hook, set and handshake file.
+    // policy.enabled: false removes every chain, hook, set and handshake
+    // file but anti-spoofing's (raw table, hash:net,iface sets).
     set_policy_enabled(&client, false).await;
     wait_until("policy removed", Duration::from_secs(20), || {
         let s = policy_state(&node);
-        s.is_empty().then_some(()).ok_or(s)
+        let antispoof = [
+            canal_agent::policy::antispoof::assigned_set_name(),
+            canal_agent::policy::antispoof::interfaces_set_name(),
+        ];
+        let left_over = s
+            .lines()
+            .any(|l| !antispoof.iter().any(|n| l.contains(&format!(" {n} "))));
+        (!left_over && !s.is_empty()).then_some(()).ok_or(s)
     });
     assert!(!node.run_dir.join("policy-enabled").exists());
     assert!(endpoint_file(&node, "x", "a").is_none());

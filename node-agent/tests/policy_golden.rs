@@ -42,6 +42,7 @@ fn load(case: &str) -> PolicyInputs {
         generation: c.generation,
         spec: c.spec,
         peer_sets: c.peer_sets,
+        endpoints_unknown: false,
     }
 }
 

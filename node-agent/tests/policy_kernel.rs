@@ -49,6 +49,7 @@ fn web_mixed() -> PolicyInputs {
         generation: c.generation,
         spec: c.spec,
         peer_sets: c.peer_sets,
+        endpoints_unknown: false,
     }
 }
 
@@ -66,7 +67,10 @@ fn restores(m: &PolicyMetrics) -> u64 {
 
 /// The kernel's policy state, compared structurally with the desired ruleset.
 fn read_back(ns: &Netns) -> KernelState {
-    KernelState::parse(&ns.sh("iptables-save -t filter"), &ns.sh("ipset save"))
+    KernelState::parse(
+        &ns.sh("iptables-save -t raw; iptables-save -t filter; iptables-save -t security"),
+        &ns.sh("ipset save"),
+    )
 }
 
 fn assert_kernel_matches(ns: &Netns, inputs: &PolicyInputs) {
@@ -82,9 +86,9 @@ fn assert_kernel_matches(ns: &Netns, inputs: &PolicyInputs) {
         assert_eq!(
             got.len(),
             1,
-            "{builtin}: one hook expected, observed {got:?}"
+            "{builtin:?}: one hook expected, observed {got:?}"
         );
-        assert_eq!(got[0].position, 1, "{builtin}: hook must be first");
+        assert_eq!(got[0].position, 1, "{builtin:?}: hook must be first");
         assert_eq!(got[0].hash, hooks[0].hash);
     }
     assert_eq!(
@@ -209,8 +213,9 @@ async fn incremental_changes_touch_only_affected_chains_and_sets() {
             "CANAL-TW-cali77777777777"
         ]
     );
-    // Its named port joins the node-local named-port set.
-    assert_eq!(s.plan.members_added, 1, "{:?}", s.plan);
+    // Its named port joins the node-local named-port set, its address and
+    // interface the two anti-spoofing sets.
+    assert_eq!(s.plan.members_added, 3, "{:?}", s.plan);
     assert_kernel_matches(&ns, &inputs);
     assert!(endpoint_files(run_dir.path()).contains("cali77777777777"));
 
@@ -335,7 +340,7 @@ async fn restart_adopts_kernel_state_without_flushing() {
 }
 
 #[tokio::test]
-async fn disabling_removes_every_policy_object_and_nothing_else() {
+async fn disabling_removes_every_policy_object_but_antispoofing_and_nothing_else() {
     require_root();
     let ns = Netns::new("pa-disable");
     let run_dir = tempfile::tempdir().unwrap();
@@ -347,17 +352,36 @@ async fn disabling_removes_every_policy_object_and_nothing_else() {
     let s = e.sync(&inputs).await.unwrap();
     assert!(s.applied);
     let state = read_back(&ns);
-    assert!(
-        state.chains.is_empty() && state.hooks.is_empty() && state.sets.is_empty(),
-        "{state:?}"
+    assert_eq!(
+        state.chains.keys().collect::<Vec<_>>(),
+        vec!["CANAL-PREROUTING"],
+        "anti-spoofing is not NetworkPolicy: it stays"
     );
+    assert_eq!(
+        state
+            .hooks
+            .keys()
+            .map(|(t, b)| (t.as_str(), b.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("raw", "PREROUTING")]
+    );
+    assert_eq!(state.sets.len(), 2, "the two anti-spoofing sets: {state:?}");
+    assert_kernel_matches(&ns, &inputs);
     let save = ns.sh("iptables-save");
     assert!(
         save.contains("-A FORWARD -j CANAL-FWD-ALLOW") && save.contains(":CANAL-MASQ"),
         "{save}"
     );
+    // Nothing drops unknown interfaces any more: canal-cni need not wait.
     assert!(!run_dir.path().join("policy-enabled").exists());
     assert!(endpoint_files(run_dir.path()).is_empty());
+    // Without a NodePolicySet only the reverse-path check is left.
+    inputs.endpoints_unknown = true;
+    e.sync(&inputs).await.unwrap();
+    let state = read_back(&ns);
+    assert_eq!(state.sets.len(), 0);
+    assert_eq!(state.chains["CANAL-PREROUTING"].len(), 1);
+    inputs.endpoints_unknown = false;
     // And back on.
     inputs.config.enabled = true;
     e.sync(&inputs).await.unwrap();
@@ -414,8 +438,10 @@ async fn failed_restore_is_retried_then_reported_by_category() {
             initial_backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(1),
         });
+    // A change of chains only (a removed pod would change set members
+    // first, which is fine but not what this checks).
     let mut changed = inputs.clone();
-    changed.spec.endpoints.pop();
+    changed.config.endpoint_to_host = EndpointToHostAction::Drop;
     let err = e.sync(&changed).await.unwrap_err();
     assert_eq!(err.category(), "tool_missing", "{err}");
     assert_eq!(m.sync_errors.with_label_values(&["tool_missing"]).get(), 1);
@@ -629,6 +655,7 @@ async fn real_packets_follow_the_rendered_policy() {
             policies: vec![],
         },
         peer_sets: BTreeMap::new(),
+        endpoints_unknown: false,
     };
     e.sync(&inputs).await.unwrap();
     check_matrix(&[

@@ -40,6 +40,21 @@ enum Command {
         /// Seconds to wait for the network to be programmed.
         #[arg(long, default_value_t = lab::DEFAULT_READY_TIMEOUT.as_secs())]
         timeout: u64,
+        /// When `up` fails, leave its processes and namespaces running for
+        /// inspection (by default they are stopped; the logs always stay).
+        #[arg(long)]
+        keep_on_failure: bool,
+    },
+    /// Check, in about a second, that this machine can run the lab (root,
+    /// network namespaces, VXLAN, iptables, ipset, tools, canal's binaries,
+    /// Go if the control plane is not built); `up` runs the same checks.
+    Preflight {
+        /// Check for a lab without agents (no iptables, ipset, VXLAN).
+        #[arg(long)]
+        no_agents: bool,
+        /// Check for a lab without canal-controller.
+        #[arg(long)]
+        no_controller: bool,
     },
     /// Stop everything and remove what `up` made (also after a crash).
     Down,
@@ -115,6 +130,25 @@ enum Command {
         #[arg(long, default_value = "0.0.0.0")]
         bind: std::net::Ipv4Addr,
     },
+    /// (internal) Forged packets from inside a namespace (anti-spoofing by hand).
+    #[command(name = "__spoof", hide = true)]
+    Spoof {
+        /// The namespace to send from (a pod's: see `canal-lab status`).
+        #[arg(long)]
+        netns: String,
+        /// The source address to forge.
+        #[arg(long)]
+        src: std::net::Ipv4Addr,
+        /// Destination IP:PORT.
+        #[arg(long)]
+        dst: std::net::SocketAddrV4,
+        /// udp or tcp (SYNs).
+        #[arg(long, default_value = "udp")]
+        protocol: lab::spoof::Kind,
+        /// How many packets.
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -183,6 +217,13 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli.command, &state)) {
         Ok(code) => code,
+        // One line per cause, each naming its fix.
+        Err(Error::Preflight(failures)) => {
+            for f in failures {
+                eprintln!("canal-lab: {f}");
+            }
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("canal-lab: {e}");
             ExitCode::FAILURE
@@ -221,6 +262,7 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
             no_agents,
             no_controller,
             timeout,
+            keep_on_failure,
         } => {
             let started = Instant::now();
             let opts = UpOptions {
@@ -228,6 +270,8 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
                 agents: !no_agents,
                 controller: !no_controller,
                 ready_timeout: Duration::from_secs(timeout),
+                progress: true,
+                keep_on_failure,
                 ..UpOptions::default()
             };
             let ctx = lab::up(state, &opts).await?;
@@ -239,6 +283,23 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
                 ctx.lab.underlay,
                 state.kubeconfig().display(),
                 state.dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Preflight {
+            no_agents,
+            no_controller,
+        } => {
+            let failures = lab::preflight::check(&lab::preflight::Needs {
+                bin_dir: lab::default_bin_dir(),
+                agents: !no_agents,
+                controller: !no_controller,
+            });
+            if !failures.is_empty() {
+                return Err(Error::Preflight(failures));
+            }
+            println!(
+                "preflight ok: root, network namespaces, VXLAN, iptables and ipset in a new namespace, the tools of scripts/packages, canal's binaries, the control plane (or Go to build it)"
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -432,6 +493,24 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             lab::echo::serve(bind, &ports, ready_file).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Spoof {
+            netns,
+            src,
+            dst,
+            protocol,
+            count,
+        } => {
+            let forged = lab::spoof::Forged {
+                src,
+                dst,
+                kind: protocol,
+                tag: std::process::id(),
+                count,
+            };
+            lab::spoof::send_in(&netns, forged)?;
+            println!("sent {count} packets from {src} to {dst}");
             Ok(ExitCode::SUCCESS)
         }
     }

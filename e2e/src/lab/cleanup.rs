@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::lab::names::LabNames;
-use crate::lab::netns;
 use crate::lab::state::StateDir;
+use crate::lab::{netns, udp_ports};
 use crate::{control_plane, process};
 
 /// What `down` removed.
@@ -150,6 +150,22 @@ fn kill(pid: i32, signal: i32) {
 /// Stops and removes everything the lab in `state` made. Safe to run twice,
 /// after a crash, and on a state directory that was deleted by hand.
 pub fn down(state: &StateDir) -> Removed {
+    let mut removed = stop(state);
+    udp_ports::remove_rotation(&state.names().prefix);
+    if state.dir.exists() {
+        match std::fs::remove_dir_all(&state.dir) {
+            Ok(()) => removed.state_dir = true,
+            Err(e) => removed
+                .failures
+                .push(format!("{}: {e}", state.dir.display())),
+        }
+    }
+    removed
+}
+
+/// Stops every process of the lab and removes its namespaces, keeping the
+/// state directory (a failed `up` keeps its logs).
+pub fn stop(state: &StateDir) -> Removed {
     let names: LabNames = state.names();
     let mut removed = Removed::default();
 
@@ -205,15 +221,6 @@ pub fn down(state: &StateDir) -> Removed {
         }
     }
 
-    // 5. The files.
-    if state.dir.exists() {
-        match std::fs::remove_dir_all(&state.dir) {
-            Ok(()) => removed.state_dir = true,
-            Err(e) => removed
-                .failures
-                .push(format!("{}: {e}", state.dir.display())),
-        }
-    }
     removed
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use canal_crds::{CanalNetwork, CanalNetworkSpec};
@@ -12,9 +12,10 @@ use kube::api::{Api, ListParams};
 
 use crate::binaries::Binaries;
 use crate::control_plane;
+use crate::lab::report::{self, Component, Problem};
 use crate::lab::{
     Context, LAB_CLUSTER_CIDR, LabRecord, NodeRecord, Removed, StateDir, UpOptions, cleanup,
-    default_bin_dir, forward, kernel, names, nodes, pods, state,
+    default_bin_dir, forward, kernel, names, nodes, pods, preflight, state,
 };
 use crate::{Error, install, process};
 
@@ -25,31 +26,31 @@ fn free_port() -> Result<u16, Error> {
         .map_err(|e| Error::Io("finding a free port".into(), e))
 }
 
-fn check_binaries(dir: &Path, opts: &UpOptions) -> Result<(), Error> {
-    let mut wanted = vec!["canal-lab"];
-    if opts.controller {
-        wanted.push("canal-controller");
-    }
-    if opts.agents {
-        wanted.extend(["canal-agent", "canal-cni"]);
-    }
-    let missing: Vec<&str> = wanted
-        .into_iter()
-        .filter(|b| !dir.join(b).is_file())
-        .collect();
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::Lab(format!(
-            "{} not found in {} (run `cargo build --workspace --bins`, or set CANAL_BIN_DIR)",
-            missing.join(", "),
-            dir.display()
-        )))
+/// Progress lines of `up` on stderr, with the time since it began.
+struct Progress {
+    on: bool,
+    started: Instant,
+}
+
+impl Progress {
+    fn say(&self, what: impl std::fmt::Display) {
+        if self.on {
+            eprintln!("[{:5.1}s] {what}", self.started.elapsed().as_secs_f64());
+        }
     }
 }
 
-/// Brings a lab up in `state`; on any failure removes what it made.
+/// Brings a lab up in `state`. First the preflight (what cannot work fails
+/// at once, one line per cause with its fix). On a later failure or
+/// timeout it reports every component that is not ready or not running
+/// with its log's path and last error lines, stops what it started and
+/// keeps the state directory (`down` removes it; the next `up` starts
+/// afresh); with `keep_on_failure` everything keeps running for inspection.
 pub async fn up(state: &StateDir, opts: &UpOptions) -> Result<Context, Error> {
+    let progress = Progress {
+        on: opts.progress,
+        started: Instant::now(),
+    };
     if state.lab_file().exists() && !opts.replace {
         return Err(Error::Lab(format!(
             "a lab is already up in {} (run `canal-lab down --state-dir {}` first)",
@@ -57,24 +58,73 @@ pub async fn up(state: &StateDir, opts: &UpOptions) -> Result<Context, Error> {
             state.dir.display()
         )));
     }
-    // Leftovers of a lab that crashed (processes, namespaces, files).
-    cleanup::down(state);
     let bin_dir = opts.bin_dir.clone().unwrap_or_else(default_bin_dir);
-    check_binaries(&bin_dir, opts)?;
+    let failures = preflight::check(&preflight::Needs {
+        bin_dir: bin_dir.clone(),
+        agents: opts.agents,
+        controller: opts.controller,
+    });
+    if !failures.is_empty() {
+        return Err(Error::Preflight(failures));
+    }
+    // Leftovers of a lab that crashed or failed (processes, namespaces, files).
+    cleanup::down(state);
     Binaries::ensure()?;
     std::fs::create_dir_all(&state.dir)
         .map_err(|e| Error::Io(format!("creating {}", state.dir.display()), e))?;
-    match up_steps(state, opts, bin_dir).await {
+    let mut problems = Vec::new();
+    match up_steps(state, opts, bin_dir, &progress, &mut problems).await {
         Ok(ctx) => Ok(ctx),
-        Err(e) => {
-            cleanup::down(state);
-            Err(e)
-        }
+        Err(e) => Err(failed(state, opts, e, &problems)),
     }
 }
 
-async fn up_steps(state: &StateDir, opts: &UpOptions, bin_dir: PathBuf) -> Result<Context, Error> {
+/// The error of a failed `up`: the cause and the report, taken before
+/// anything is stopped; then stops the lab but keeps its files.
+fn failed(state: &StateDir, opts: &UpOptions, cause: Error, problems: &[Problem]) -> Error {
+    let mut text = report::render(state, problems);
+    if opts.keep_on_failure {
+        text.push_str(&format!(
+            "Everything keeps running for inspection (--keep-on-failure); `canal-lab down --state-dir {}` removes it.",
+            state.dir.display()
+        ));
+    } else {
+        let stopped = cleanup::stop(state);
+        // Not a lab any more: `status` says so and the next `up` starts afresh.
+        let _ = std::fs::remove_file(state.lab_file());
+        text.push_str(&format!(
+            "Stopped {} process(es) and removed {} namespace(s); the logs stay in {} (`canal-lab down --state-dir {}` removes them, `up` again starts afresh).",
+            stopped.processes.len(),
+            stopped.namespaces.len(),
+            state.dir.display(),
+            state.dir.display()
+        ));
+    }
+    let _ = std::fs::write(state.up_failed_file(), format!("{cause}\n{text}\n"));
+    // An exited process's log is in the report already.
+    let cause = match cause {
+        Error::Exited { name, status, .. } => Error::Lab(format!("{name} exited ({status})")),
+        other => other,
+    };
+    Error::LabFailed {
+        cause: Box::new(cause),
+        report: text,
+    }
+}
+
+async fn up_steps(
+    state: &StateDir,
+    opts: &UpOptions,
+    bin_dir: PathBuf,
+    progress: &Progress,
+    problems: &mut Vec<Problem>,
+) -> Result<Context, Error> {
+    progress.say("control plane: etcd and kube-apiserver");
     let (cp, client) = control_plane::start_detached(&state.control_plane()).await?;
+    progress.say(format!(
+        "API server {} ready; CRDs and the CanalNetwork default",
+        cp.server
+    ));
     std::fs::copy(cp.layout.kubeconfig(), state.kubeconfig())
         .map_err(|e| Error::Io(format!("writing {}", state.kubeconfig().display()), e))?;
     install::install_crds(&client).await?;
@@ -102,6 +152,12 @@ async fn up_steps(state: &StateDir, opts: &UpOptions, bin_dir: PathBuf) -> Resul
     };
     state::write_json(&state.lab_file(), &ctx.lab)?;
 
+    progress.say(format!(
+        "network: underlay {}, internet host, {} node(s) (namespaces {}-*)",
+        ctx.names.underlay(),
+        opts.nodes,
+        ctx.names.prefix
+    ));
     nodes::build_underlay(&ctx.names)?;
     nodes::start_internet_echo(&ctx).await?;
     for i in 1..=opts.nodes {
@@ -114,17 +170,30 @@ async fn up_steps(state: &StateDir, opts: &UpOptions, bin_dir: PathBuf) -> Resul
         forward::wait_listening(&node.netns, names::NODE_API_PORT, Duration::from_secs(15))?;
     }
     if opts.controller {
+        progress.say("canal-controller");
         let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
         nodes::start_controller(state, &ctx.lab.bin_dir, metrics)?;
         ctx.lab.controller_metrics = Some(metrics);
         state::write_json(&state.lab_file(), &ctx.lab)?;
     }
     if opts.agents {
+        progress.say(format!(
+            "canal-cni and canal-agent on {} node(s)",
+            opts.nodes
+        ));
         for node in state.nodes()? {
             start_node_agent(&ctx, &node)?;
         }
     }
-    wait_programmed(&ctx, opts.ready_timeout).await?;
+    progress.say(format!(
+        "waiting until every node is programmed (up to {}s)",
+        opts.ready_timeout.as_secs()
+    ));
+    if let Err(not_ready) = wait_ready(&ctx, opts.ready_timeout, Some(progress)).await {
+        let error = not_ready.to_error();
+        *problems = not_ready.problems;
+        return Err(error);
+    }
     ctx.lab.started_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -166,9 +235,18 @@ fn start_node_agent(ctx: &Context, node: &NodeRecord) -> Result<(), Error> {
     Ok(())
 }
 
-/// What is not ready yet; an error when something died.
-async fn not_ready(ctx: &Context) -> Result<Vec<String>, Error> {
+/// What is not ready yet, by component; `exited` when a process died (no
+/// point in waiting).
+struct Readiness {
+    problems: Vec<Problem>,
+    exited: bool,
+}
+
+/// What is not ready yet.
+async fn not_ready(ctx: &Context) -> Result<Readiness, Error> {
     let mut problems = Vec::new();
+    let mut exited = false;
+    let mut policy_problem = None;
     let records = ctx.state.nodes()?;
     let api: Api<Node> = Api::all(ctx.client.clone());
     let objects = api
@@ -196,14 +274,11 @@ async fn not_ready(ctx: &Context) -> Result<Vec<String>, Error> {
         .collect();
 
     if ctx.lab.controller {
-        if let Some(metrics) = ctx.lab.controller_metrics
+        if ctx.lab.controller_metrics.is_some()
             && process::live_pid(&ctx.state.pid_file("controller"), "canal-controller").is_none()
         {
-            return Err(Error::Exited {
-                name: format!("canal-controller (metrics {metrics})"),
-                status: "exited".into(),
-                log_tail: process::tail(&ctx.state.log("controller"), 30),
-            });
+            problems.push(Problem::new(Component::Controller, "exited"));
+            exited = true;
         }
         let networks: Api<CanalNetwork> = Api::all(ctx.client.clone());
         let net = networks
@@ -216,7 +291,10 @@ async fn not_ready(ctx: &Context) -> Result<Vec<String>, Error> {
                 .any(|c| c.type_ == "Ready" && c.status == "True")
         });
         if !ready {
-            problems.push("CanalNetwork default is not Ready".to_string());
+            problems.push(Problem::new(
+                Component::Controller,
+                "CanalNetwork default is not Ready",
+            ));
         }
         if ctx.lab.agents {
             // NetworkPolicy: every node's agent reports its NodePolicySet
@@ -235,40 +313,49 @@ async fn not_ready(ctx: &Context) -> Result<Vec<String>, Error> {
                 _ => false,
             };
             if !enforced {
-                problems.push(format!(
-                    "NetworkPolicy not enforced on every node yet (CanalNetwork default says {:?})",
-                    summary
-                        .and_then(|s| s.0)
-                        .unwrap_or_else(|| "nothing".into())
+                // Attributed once the agents are looked at: theirs when one
+                // is not ready, else the controller's (its summary).
+                policy_problem = Some(Problem::new(
+                    Component::Controller,
+                    format!(
+                        "NetworkPolicy not enforced on every node yet (CanalNetwork default says {:?})",
+                        summary
+                            .and_then(|s| s.0)
+                            .unwrap_or_else(|| "nothing".into())
+                    ),
                 ));
             }
         }
-        problems.extend(
-            views
-                .iter()
-                .filter(|v| v.pod_cidr.is_none())
-                .map(|v| format!("{} has no podCIDR yet", v.name)),
-        );
+        problems.extend(views.iter().filter(|v| v.pod_cidr.is_none()).map(|v| {
+            Problem::new(
+                Component::Controller,
+                format!("{} has no podCIDR yet", v.name),
+            )
+        }));
     }
     if ctx.lab.agents {
         let mut routes = BTreeMap::new();
         for node in &records {
-            let agent = ctx.state.node(&node.name).agent();
+            let agent = Component::Agent(node.name.clone());
             if !nodes::agent_running(&ctx.state, &node.name) {
-                return Err(Error::Exited {
-                    name: format!("canal-agent on {}", node.name),
-                    status: "exited".into(),
-                    log_tail: process::tail(&agent.log(), 30),
-                });
+                problems.push(Problem::new(agent, "exited"));
+                exited = true;
+                continue;
             }
             match nodes::http_get(Some(&node.netns), names::AGENT_METRICS_PORT, "/readyz") {
                 Ok(resp) if kernel::http_ok(&resp) => {}
-                Ok(resp) => problems.push(format!(
-                    "{}: agent /readyz says {:?}",
-                    node.name,
-                    resp.lines().next().unwrap_or_default()
+                Ok(resp) => problems.push(Problem::new(
+                    agent,
+                    format!(
+                        "{}: agent /readyz says {}",
+                        node.name,
+                        readyz_summary(&resp)
+                    ),
                 )),
-                Err(e) => problems.push(format!("{}: agent /readyz: {e}", node.name)),
+                Err(e) => problems.push(Problem::new(
+                    agent,
+                    format!("{}: agent /readyz: {e}", node.name),
+                )),
             }
             routes.insert(node.name.clone(), kernel::routes(&node.netns)?);
         }
@@ -277,32 +364,143 @@ async fn not_ready(ctx: &Context) -> Result<Vec<String>, Error> {
             // Already reported above.
             missing.retain(|m| !m.ends_with("has no podCIDR yet"));
         }
-        problems.extend(missing);
+        // "<node> has no route to ...": that node's agent programs routes.
+        problems.extend(missing.into_iter().map(|m| {
+            let node = m.split_whitespace().next().unwrap_or_default().to_string();
+            Problem::new(Component::Agent(node), m)
+        }));
     }
-    Ok(problems)
+    if let Some(mut p) = policy_problem {
+        if problems
+            .iter()
+            .any(|q| matches!(q.component, Component::Agent(_)))
+        {
+            p.component = Component::Lab;
+        }
+        problems.push(p);
+    }
+    Ok(Readiness { problems, exited })
+}
+
+/// `HTTP/1.1 503 Service Unavailable` and the body (`not ready: waiting for
+/// policy`) of a /readyz response, on one line.
+fn readyz_summary(resp: &str) -> String {
+    let status = resp.lines().next().unwrap_or_default().trim();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim())
+        .unwrap_or_default();
+    if body.is_empty() {
+        format!("{status:?}")
+    } else {
+        format!("{status:?} ({body})")
+    }
+}
+
+/// Why the lab is not programmed.
+struct NotReady {
+    problems: Vec<Problem>,
+    /// The timeout, or None when a process exited.
+    timed_out_after: Option<Duration>,
+}
+
+impl NotReady {
+    fn to_error(&self) -> Error {
+        let list = self
+            .problems
+            .iter()
+            .map(|p| {
+                if p.text == "exited" {
+                    format!("{} exited", p.component)
+                } else {
+                    p.text.clone()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n  - ");
+        match self.timed_out_after {
+            Some(t) => Error::Timeout(format!(
+                "the lab to be programmed after {}s; not ready:\n  - {list}",
+                t.as_secs()
+            )),
+            None => Error::Lab(format!("a lab process exited:\n  - {list}")),
+        }
+    }
+}
+
+/// How often a waiting `up` says what it is still waiting for.
+const STILL_WAITING_EVERY: Duration = Duration::from_secs(10);
+
+async fn wait_ready(
+    ctx: &Context,
+    timeout: Duration,
+    progress: Option<&Progress>,
+) -> Result<(), NotReady> {
+    let deadline = Instant::now() + timeout;
+    let mut next_note = Instant::now() + STILL_WAITING_EVERY;
+    loop {
+        let readiness = match not_ready(ctx).await {
+            Ok(r) => r,
+            // The API server did not answer: worth waiting for unless it
+            // is gone.
+            Err(e) => {
+                let pid_file = crate::control_plane::Layout {
+                    dir: ctx.state.control_plane(),
+                }
+                .pid_file("kube-apiserver");
+                let gone = process::live_pid(&pid_file, "kube-apiserver").is_none();
+                Readiness {
+                    problems: vec![Problem::new(
+                        Component::ControlPlane("kube-apiserver"),
+                        if gone {
+                            "exited".to_string()
+                        } else {
+                            e.to_string()
+                        },
+                    )],
+                    exited: gone,
+                }
+            }
+        };
+        if readiness.problems.is_empty() {
+            return Ok(());
+        }
+        if readiness.exited {
+            return Err(NotReady {
+                problems: readiness.problems,
+                timed_out_after: None,
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(NotReady {
+                problems: readiness.problems,
+                timed_out_after: Some(timeout),
+            });
+        }
+        if let Some(p) = progress
+            && Instant::now() >= next_note
+        {
+            let texts: Vec<&str> = readiness.problems.iter().map(|p| p.text.as_str()).collect();
+            p.say(format!("still waiting: {}", texts.join("; ")));
+            next_note = Instant::now() + STILL_WAITING_EVERY;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits until the lab is programmed: with the controller, every Node has a
 /// podCIDR and the CanalNetwork is Ready; with agents, every agent answers
 /// /readyz (from inside its namespace) and every node has a route to every
 /// other node's subnet; with both, the CanalNetwork reports NetworkPolicy
-/// enforced on every node. On timeout the error lists what is not ready.
+/// enforced on every node. On timeout the error lists what is not ready;
+/// a process that exits fails it at once.
 pub async fn wait_programmed(ctx: &Context, timeout: Duration) -> Result<(), Error> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let problems = not_ready(ctx).await?;
-        if problems.is_empty() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(Error::Timeout(format!(
-                "the lab to be programmed after {}s; not ready:\n  - {}",
-                timeout.as_secs(),
-                problems.join("\n  - ")
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ready(ctx, timeout, None)
+        .await
+        .map_err(|n| Error::LabFailed {
+            cause: Box::new(n.to_error()),
+            report: report::render(&ctx.state, &n.problems),
+        })
 }
 
 /// Stops and removes everything the lab in `state` made.

@@ -26,12 +26,16 @@ pub mod names;
 pub mod netns;
 pub mod nodes;
 pub mod pods;
+pub mod preflight;
 pub mod probe;
 pub mod prober;
 pub mod protocol;
+pub mod report;
+pub mod spoof;
 pub mod state;
 mod status;
 mod traffic;
+pub mod udp_ports;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -105,6 +109,11 @@ pub struct UpOptions {
     /// Remove a lab already in the state directory first (tests re-run
     /// after a crash); otherwise `up` refuses.
     pub replace: bool,
+    /// Print each step with the time since `up` began (stderr).
+    pub progress: bool,
+    /// When `up` fails, leave every process and namespace running for
+    /// inspection (otherwise they are stopped; the logs always stay).
+    pub keep_on_failure: bool,
 }
 
 impl Default for UpOptions {
@@ -116,6 +125,8 @@ impl Default for UpOptions {
             bin_dir: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
             replace: false,
+            progress: false,
+            keep_on_failure: false,
         }
     }
 }

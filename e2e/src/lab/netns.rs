@@ -86,6 +86,17 @@ pub fn exec(name: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
     cmd
 }
 
+thread_local! {
+    /// The named namespace this thread entered last ([`enter`]).
+    static CURRENT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The named namespace the calling thread entered with [`enter`] (None: it
+/// never moved). Probes use it to find their lab's UDP source ports.
+pub fn current() -> Option<String> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
 /// Moves the calling thread into the namespace `name`. Only for threads the
 /// lab owns (a tokio worker must never be moved).
 pub fn enter(name: &str) -> Result<(), Error> {
@@ -96,7 +107,9 @@ pub fn enter(name: &str) -> Result<(), Error> {
     nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| Error::Netns {
         netns: name.to_string(),
         source: std::io::Error::from(e),
-    })
+    })?;
+    CURRENT.with(|c| *c.borrow_mut() = Some(name.to_string()));
+    Ok(())
 }
 
 /// Runs `f` on a fresh thread inside the namespace `name` and returns its

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::Error;
-use crate::lab::netns;
 use crate::lab::protocol::{self, Protocol};
+use crate::lab::{netns, udp_ports};
 
 /// How often a UDP probe is resent while no answer came.
 const UDP_RETRY: Duration = Duration::from_millis(200);
@@ -160,32 +160,21 @@ fn udp(dst: SocketAddr, timeout: Duration) -> ProbeOutcome {
     }
 }
 
-/// Source ports of UDP probes: below the kernel's ephemeral range
-/// (32768-60999), so they never clash with the TCP probes' ports.
-const UDP_SOURCE_PORTS: std::ops::Range<u16> = 10_000..32_768;
-
-/// A UDP socket connected to `dst` from a source port no recent probe used.
-///
-/// UDP has no handshake: a datagram with the same addresses and ports as an
-/// earlier allowed exchange belongs to that conntrack entry (ESTABLISHED,
-/// alive for 30-120 s) and passes any policy created since, exactly as a
-/// reply of an allowed connection must. A kernel-chosen ephemeral port
-/// repeats often enough over thousands of probes to make a truth table
-/// report a "leak" that is the same flow. Rotating through 22,768 ports
-/// makes every probe a new flow.
+/// A UDP socket connected to `dst` from a source port no recent probe of
+/// this lab used, in any process ([`udp_ports`]): a datagram that reuses the
+/// 5-tuple of an earlier allowed exchange is that conntrack flow and passes
+/// a policy created since, which a probe must not mistake for a leak.
 fn connected_udp(dst: SocketAddr) -> std::io::Result<UdpSocket> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let span = u64::from(UDP_SOURCE_PORTS.end - UDP_SOURCE_PORTS.start);
+    let ports = udp_ports::SourcePorts::for_netns(netns::current().as_deref());
     let mut last = None;
     for _ in 0..64 {
-        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % span;
-        // offset < span <= u16::MAX, so the sum fits.
-        let port = UDP_SOURCE_PORTS.start + offset as u16;
+        let port = ports.next().map_err(std::io::Error::other)?;
         match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
             Ok(socket) => {
                 socket.connect(dst)?;
                 return Ok(socket);
             }
+            // Something in this namespace listens there: the next one.
             Err(e) if e.kind() == ErrorKind::AddrInUse => last = Some(e),
             Err(e) => return Err(e),
         }

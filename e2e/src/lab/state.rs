@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! DIR/lab.json                 the lab (names, API server, options)
+//! DIR/up-failed.txt            why the last `up` failed (no lab.json then)
 //! DIR/kubeconfig               admin kubeconfig for people and tests
 //! DIR/control-plane/           etcd + kube-apiserver (logs, pid files, pki)
 //! DIR/controller.{log,pid}     canal-controller
@@ -62,6 +63,10 @@ impl StateDir {
     pub fn lab_file(&self) -> PathBuf {
         self.dir.join("lab.json")
     }
+    /// Why the last `up` failed (kept with the logs until `down`).
+    pub fn up_failed_file(&self) -> PathBuf {
+        self.dir.join("up-failed.txt")
+    }
     /// The lock serialising commands that change the lab's shape.
     pub fn lock_file(&self) -> PathBuf {
         self.dir.join("lock")
@@ -101,6 +106,15 @@ impl StateDir {
 
     /// Reads the lab record.
     pub fn load(&self) -> Result<LabRecord, Error> {
+        let failed = self.up_failed_file();
+        if !self.lab_file().exists() && failed.exists() {
+            return Err(Error::Lab(format!(
+                "no lab at {}: the last `up` failed ({} says why; `canal-lab down --state-dir {}` removes what is left)",
+                self.dir.display(),
+                failed.display(),
+                self.dir.display()
+            )));
+        }
         if !self.lab_file().exists() {
             return Err(Error::Lab(format!(
                 "no lab at {} (run `canal-lab up --state-dir {}` first)",

@@ -27,10 +27,12 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, error, info, warn};
 
 use super::enforcer::{Error as SyncError, PolicyEnforcer, SyncStats};
+use super::firewall::{Monitor, Schedule, Wake};
 use super::metrics::PolicyMetrics;
 use super::render::EnforcementConfig;
 use super::status::{disabled_status, enforced_status};
 use super::store::{NodePolicySetView, PolicyStore, Step};
+use super::watch::{self, Backend};
 use crate::agent::FIELD_MANAGER;
 use crate::component::{ComponentContext, ComponentError, ComponentFuture, NodeComponent};
 
@@ -44,6 +46,9 @@ pub struct Options {
     pub retry_backoff: Duration,
     /// Longest wait between retries.
     pub max_retry_backoff: Duration,
+    /// The cheap checks between drift checks (foreign firewall changes,
+    /// ipsets, anti-spoofing counters).
+    pub schedule: Schedule,
 }
 
 impl Default for Options {
@@ -52,6 +57,7 @@ impl Default for Options {
             drift_interval: Duration::from_secs(60),
             retry_backoff: Duration::from_millis(500),
             max_retry_backoff: Duration::from_secs(30),
+            schedule: Schedule::default(),
         }
     }
 }
@@ -158,6 +164,7 @@ async fn run(ctx: ComponentContext, options: Options) -> Result<(), ComponentErr
         readiness: ctx.readiness.clone(),
         synced_once: false,
         announced: None,
+        drift_event_at: None,
     };
     // Dropping `watches` (when this returns or the agent stops) aborts them.
     let result = owner.run(rx, ctx.network).await;
@@ -263,6 +270,8 @@ enum Trigger {
     Change,
     Retry,
     DriftCheck,
+    /// A drift check because someone else changed the firewall.
+    FirewallChange,
 }
 
 impl Trigger {
@@ -271,7 +280,12 @@ impl Trigger {
             Trigger::Change => "change",
             Trigger::Retry => "retry",
             Trigger::DriftCheck => "drift_check",
+            Trigger::FirewallChange => "firewall_change",
         }
+    }
+
+    fn is_check(self) -> bool {
+        matches!(self, Trigger::DriftCheck | Trigger::FirewallChange)
     }
 }
 
@@ -290,6 +304,9 @@ struct Owner {
     synced_once: bool,
     /// The last Wait/Hold reason logged (logged once per change).
     announced: Option<String>,
+    /// When the last PolicyDriftRepaired Event went out: a program that
+    /// keeps rewriting canal's rules gets one Event a minute, not one per repair.
+    drift_event_at: Option<Instant>,
 }
 
 impl Owner {
@@ -308,6 +325,7 @@ impl Owner {
         let mut drift = tokio::time::interval(self.options.drift_interval);
         drift.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         drift.reset();
+        let mut monitor = self.monitor().await;
         loop {
             for name in self.store.take_fetches() {
                 tokio::spawn(
@@ -357,6 +375,14 @@ impl Owner {
                         retry.record(ok);
                     }
                 }
+                wake = monitor.next() => {
+                    // Before the first sync, and while a retry is pending
+                    // (it re-reads the kernel anyway), there is nothing to check.
+                    if self.synced_once && step == Step::Sync && retry.at.is_none() {
+                        let ok = self.on_wake(wake, &mut monitor).await;
+                        retry.record(ok);
+                    }
+                }
                 () = sleep_until(retry.at) => {
                     retry.at = None;
                     retry.due = true;
@@ -367,6 +393,57 @@ impl Owner {
                 }
             }
         }
+    }
+
+    /// The schedule of cheap checks for this node's iptables backend.
+    async fn monitor(&self) -> Monitor {
+        let backend = match self.enforcer.backend().await {
+            Ok(b) => b,
+            Err(e) => {
+                // The first sync reports the missing tool; assume the default.
+                warn!("cannot tell the iptables backend: {e}; assuming nf_tables");
+                Backend::Nft
+            }
+        };
+        let monitor = Monitor::new(backend, watch::host_watch(), self.options.schedule);
+        info!(
+            backend = ?backend,
+            notifications = monitor.notified(),
+            "watching the firewall for changes by other programs"
+        );
+        monitor
+    }
+
+    /// Runs what the monitor asks for; returns false when a check ran and failed.
+    async fn on_wake(&mut self, wake: Wake, monitor: &mut Monitor) -> bool {
+        match wake {
+            Wake::Check { source } => {
+                self.metrics
+                    .firewall_changes
+                    .with_label_values(&[source])
+                    .inc();
+                return self.sync(Trigger::FirewallChange).await;
+            }
+            Wake::CheckSets => match self.enforcer.sets_drifted().await {
+                Ok(true) => {
+                    debug!("canal's ipsets differ from what was applied");
+                    monitor.check_now("ipset");
+                }
+                Ok(false) => {}
+                Err(e) => debug!("reading ipset headers: {e}"),
+            },
+            Wake::PollLegacy => match self.enforcer.legacy_tables_changed().await {
+                Ok(true) => monitor.check_now("legacy"),
+                Ok(false) => {}
+                Err(e) => debug!("reading the legacy iptables tables: {e}"),
+            },
+            Wake::ReadCounters => {
+                if let Err(e) = self.enforcer.record_spoof_counters().await {
+                    debug!("reading the anti-spoofing counters: {e}");
+                }
+            }
+        }
+        true
     }
 
     fn announce(&mut self, step: &Step) {
@@ -438,11 +515,13 @@ impl Owner {
     /// readiness. Returns whether it succeeded.
     async fn sync(&mut self, trigger: Trigger) -> bool {
         let result = match trigger {
-            Trigger::DriftCheck => match self.enforcer.check_drift().await {
-                Ok(Some(stats)) => Ok(stats),
-                Ok(None) => return true,
-                Err(e) => Err(e),
-            },
+            Trigger::DriftCheck | Trigger::FirewallChange => {
+                match self.enforcer.check_drift().await {
+                    Ok(Some(stats)) => Ok(stats),
+                    Ok(None) => return true,
+                    Err(e) => Err(e),
+                }
+            }
             Trigger::Change | Trigger::Retry => self.enforcer.sync(self.store.inputs()).await,
         };
         let ok = result.is_ok();
@@ -452,7 +531,7 @@ impl Owner {
             .inc();
         match &result {
             Ok(stats) => {
-                if trigger != Trigger::DriftCheck {
+                if !trigger.is_check() {
                     let now = Instant::now();
                     for (cause, at) in self.store.take_pending() {
                         self.metrics
@@ -484,13 +563,13 @@ impl Owner {
         ok
     }
 
-    async fn log_sync(&self, trigger: Trigger, stats: &SyncStats) {
+    async fn log_sync(&mut self, trigger: Trigger, stats: &SyncStats) {
         if !stats.applied {
             debug!(trigger = trigger.as_str(), "policy already in the kernel");
             return;
         }
         let p = &stats.plan;
-        if trigger == Trigger::DriftCheck {
+        if trigger.is_check() {
             // The enforcer logged and counted it; a person wants to see it.
             let note = format!(
                 "restored NetworkPolicy rules changed outside canal-agent: chains={} hooks={} sets={}",
@@ -502,8 +581,14 @@ impl Owner {
                     + p.members_added
                     + p.members_removed
             );
-            self.event(EventType::Normal, "PolicyDriftRepaired", note)
-                .await;
+            if self
+                .drift_event_at
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+            {
+                self.drift_event_at = Some(Instant::now());
+                self.event(EventType::Normal, "PolicyDriftRepaired", note)
+                    .await;
+            }
             return;
         }
         if !self.store.inputs().config.enabled {

@@ -4,7 +4,9 @@
 //! at most three batched restores. Nothing is ever flushed wholesale, so an
 //! agent restart leaves enforcement in place.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
@@ -12,10 +14,12 @@ use tracing::{debug, info, warn};
 use super::exec::{Exec, ExecError};
 use super::handshake::{Handshake, HandshakeError};
 use super::metrics::PolicyMetrics;
+use super::names;
 use super::plan::{PlanStats, plan};
 use super::render::{PolicyInputs, RenderCache, Warning, render_with};
-use super::ruleset::Ruleset;
-use super::state::KernelState;
+use super::ruleset::{Ruleset, Table};
+use super::state::{KernelState, rule_packet_counts};
+use super::watch::{self, Backend, IpsetProbe, LegacyProbe, TableInfo};
 
 /// A sync that failed after its retries.
 #[derive(Debug, thiserror::Error)]
@@ -136,9 +140,14 @@ impl Default for Tools {
 struct Desired {
     ruleset: Ruleset,
     generation: Option<i64>,
-    enabled: bool,
+    /// canal-cni must wait for endpoint files (policy is enabled: unknown
+    /// interfaces are dropped).
+    handshake: bool,
     warnings: Vec<Warning>,
 }
+
+/// The legacy tables the cheap change check looks at.
+const LEGACY_TABLES: [&str; 3] = ["raw", "filter", "security"];
 
 /// Programs NetworkPolicy into the node's kernel. Owned by the agent's sync
 /// loop; every method takes `&mut self`, so syncs never overlap.
@@ -156,6 +165,17 @@ pub struct PolicyEnforcer {
     last: Option<Desired>,
     /// PeerSet-derived sets of the last render.
     cache: RenderCache,
+    /// False once the kernel has shown it has no `security` table (a
+    /// legacy host without `iptable_security`): the guard is left out.
+    guard_supported: bool,
+    /// Packet counts of the anti-spoofing drop rules at the last read, by hash.
+    spoof_seen: BTreeMap<String, u64>,
+    /// Reads ipset headers (opened on first use, in the tools' namespace).
+    ipset_probe: Option<Arc<IpsetProbe>>,
+    /// Reads legacy table sizes (iptables-legacy hosts only).
+    legacy_probe: Option<Arc<LegacyProbe>>,
+    /// Legacy table sizes right after the last apply or check.
+    legacy_baseline: Option<Vec<TableInfo>>,
 }
 
 impl PolicyEnforcer {
@@ -171,6 +191,11 @@ impl PolicyEnforcer {
             known: None,
             last: None,
             cache: RenderCache::default(),
+            guard_supported: true,
+            spoof_seen: BTreeMap::new(),
+            ipset_probe: None,
+            legacy_probe: None,
+            legacy_baseline: None,
         }
     }
 
@@ -219,7 +244,7 @@ impl PolicyEnforcer {
         let desired = Desired {
             ruleset: rendered.ruleset,
             generation: inputs.generation,
-            enabled: inputs.config.enabled,
+            handshake: inputs.config.enabled,
             warnings: rendered.warnings,
         };
         let result = self.apply_desired(&desired, start).await;
@@ -290,7 +315,7 @@ impl PolicyEnforcer {
         let r = &desired.ruleset;
         // Before the rules: the CNI must start waiting for endpoint files as
         // soon as enforcement begins, and stop as soon as it ends.
-        self.handshake.set_enabled(desired.enabled)?;
+        self.handshake.set_enabled(desired.handshake)?;
         // Endpoints that are going away lose their file before their chains.
         self.handshake.remove_except(&r.endpoints)?;
 
@@ -339,6 +364,13 @@ impl PolicyEnforcer {
                 self.read_kernel().await?
             }
         };
+        let stripped;
+        let desired = if self.guard_supported {
+            desired
+        } else {
+            stripped = without_guard(desired);
+            &stripped
+        };
         let p = plan(&known, desired);
         if p.is_empty() {
             self.known = Some(known);
@@ -375,6 +407,11 @@ impl PolicyEnforcer {
         }
         stats.restore_time += tools_start.elapsed();
         self.known = Some(KernelState::from_ruleset(desired));
+        // Our own writes are the new baseline (a getsockopt per table).
+        self.legacy_baseline = self
+            .legacy_probe
+            .as_ref()
+            .map(|p| p.fingerprint(&LEGACY_TABLES));
         Ok(())
     }
 
@@ -398,17 +435,32 @@ impl PolicyEnforcer {
             })
     }
 
-    async fn read_kernel(&self) -> Result<KernelState, Error> {
-        let iptables = self
-            .exec
-            .run(
-                &self.tools.iptables_save,
-                &["-t", "filter"],
-                None,
-                self.timeout,
-            )
-            .await
-            .map_err(Error::ReadState)?;
+    async fn read_kernel(&mut self) -> Result<KernelState, Error> {
+        let mut iptables = String::new();
+        for table in Table::ALL {
+            let listing = self
+                .exec
+                .run(
+                    &self.tools.iptables_save,
+                    &["-t", table.as_str()],
+                    None,
+                    self.timeout,
+                )
+                .await;
+            match listing {
+                Ok(text) => iptables.push_str(&text),
+                Err(ExecError::Failed { stderr, .. })
+                    if table == Table::Security && self.guard_supported =>
+                {
+                    // No security table on this host: enforce without the guard.
+                    warn!(
+                        "the security table is not available ({stderr}); running without the fail-closed guard"
+                    );
+                    self.guard_supported = false;
+                }
+                Err(e) => return Err(Error::ReadState(e)),
+            }
+        }
         let ipsets = self
             .exec
             .run(&self.tools.ipset, &["save"], None, self.timeout)
@@ -416,4 +468,130 @@ impl PolicyEnforcer {
             .map_err(Error::ReadState)?;
         Ok(KernelState::parse(&iptables, &ipsets))
     }
+
+    /// The iptables backend of the node's tools (`iptables-save --version`).
+    pub async fn backend(&self) -> Result<Backend, Error> {
+        let out = self
+            .exec
+            .run(
+                &self.tools.iptables_save,
+                &["--version"],
+                None,
+                self.timeout,
+            )
+            .await
+            .map_err(Error::ReadState)?;
+        Ok(watch::backend_of(&out))
+    }
+
+    /// Reads the packet counters of the anti-spoofing drop rules and adds
+    /// what they counted since the last read to
+    /// `canal_policy_spoofed_packets_total` (a rule rewritten meanwhile
+    /// starts again from zero).
+    pub async fn record_spoof_counters(&mut self) -> Result<(), Error> {
+        let Some(last) = &self.last else {
+            return Ok(());
+        };
+        let reasons = last.ruleset.spoof_rules.clone();
+        if reasons.is_empty() {
+            return Ok(());
+        }
+        let save = self
+            .exec
+            .run(
+                &self.tools.iptables_save,
+                &["-c", "-t", Table::Raw.as_str()],
+                None,
+                self.timeout,
+            )
+            .await
+            .map_err(Error::ReadState)?;
+        let counts = rule_packet_counts(&save);
+        for (hash, reason) in &reasons {
+            let Some(&now) = counts.get(hash) else {
+                continue;
+            };
+            let before = self.spoof_seen.get(hash).copied().unwrap_or(0);
+            let delta = if now >= before { now - before } else { now };
+            if delta > 0 {
+                self.metrics
+                    .spoofed_packets
+                    .with_label_values(&[reason.as_str()])
+                    .inc_by(delta);
+            }
+            self.spoof_seen.insert(hash.clone(), now);
+        }
+        self.spoof_seen.retain(|h, _| reasons.contains_key(h));
+        Ok(())
+    }
+
+    /// Whether canal's ipsets differ from what was applied, by their
+    /// headers only (name, type, entry count; one netlink dump, no
+    /// listing): catches `ipset flush`, `destroy`, `add` and `del`, which
+    /// nf_tables does not notify. False when the kernel state is unknown
+    /// (the next sync reads it anyway).
+    pub async fn sets_drifted(&mut self) -> Result<bool, std::io::Error> {
+        let Some(known) = &self.known else {
+            return Ok(false);
+        };
+        let want: BTreeMap<String, (String, usize)> = known
+            .sets
+            .iter()
+            .map(|(n, s)| (n.clone(), (s.set_type.clone(), s.members.len())))
+            .collect();
+        let probe = match &self.ipset_probe {
+            Some(p) => p.clone(),
+            None => {
+                let netns = self.exec.netns().map(Path::to_path_buf);
+                let p = tokio::task::spawn_blocking(move || IpsetProbe::open(netns.as_deref()))
+                    .await
+                    .map_err(std::io::Error::other)??;
+                self.ipset_probe.insert(Arc::new(p)).clone()
+            }
+        };
+        let headers = tokio::task::spawn_blocking(move || probe.headers())
+            .await
+            .map_err(std::io::Error::other)??;
+        let have: BTreeMap<String, (String, usize)> = headers
+            .into_iter()
+            .filter(|h| names::is_owned_set(&h.name))
+            .map(|h| {
+                let count = h.elements.map_or(usize::MAX, |e| e as usize);
+                (h.name, (h.set_type, count))
+            })
+            .collect();
+        Ok(have != want)
+    }
+
+    /// Whether the legacy tables changed since the last apply or check
+    /// (iptables-legacy hosts, which send no change notifications): their
+    /// entry counts and sizes, read without a process. The first call
+    /// records the baseline; every apply moves it.
+    pub async fn legacy_tables_changed(&mut self) -> Result<bool, std::io::Error> {
+        let probe = match &self.legacy_probe {
+            Some(p) => p.clone(),
+            None => {
+                let netns = self.exec.netns().map(Path::to_path_buf);
+                let p = tokio::task::spawn_blocking(move || LegacyProbe::open(netns.as_deref()))
+                    .await
+                    .map_err(std::io::Error::other)??;
+                self.legacy_probe.insert(Arc::new(p)).clone()
+            }
+        };
+        let now = probe.fingerprint(&LEGACY_TABLES);
+        // A change is reported once; the drift check it triggers reads the
+        // tables after this baseline, so nothing in between is missed.
+        let changed = self.legacy_baseline.as_ref().is_some_and(|b| *b != now);
+        self.legacy_baseline = Some(now);
+        Ok(changed)
+    }
+}
+
+/// `ruleset` without the guard's chains and hooks (security table).
+fn without_guard(ruleset: &Ruleset) -> Ruleset {
+    let mut r = ruleset.clone();
+    r.chains
+        .retain(|n, _| names::chain_table(n) != Some(Table::Security));
+    r.hooks.retain(|h| h.table != Table::Security);
+    r
 }

@@ -40,6 +40,18 @@ pub enum ExecError {
     Timeout { program: String, after: Duration },
 }
 
+/// Tells the registry of canal's writers that a child exited, however
+/// `run` returns (also on a timeout, which kills it).
+struct ExitGuard(Option<u32>);
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            super::watch::own_writers().exited(pid);
+        }
+    }
+}
+
 /// Where the tools run.
 #[derive(Clone, Debug, Default)]
 pub struct Exec {
@@ -106,6 +118,13 @@ impl Exec {
             program: program.to_string(),
             source,
         })?;
+        // Before it gets its input (so before it can commit anything): its
+        // changes are ours, not drift (`nsenter` execs the program, keeping the pid).
+        let pid = child.id();
+        if let Some(pid) = pid {
+            super::watch::own_writers().started(pid);
+        }
+        let _exited = ExitGuard(pid);
         let input = child.stdin.take();
         let work = async {
             let feed = async {

@@ -22,7 +22,9 @@ const PROGRAMMING_BUCKETS: &[f64] = &[
 /// What a realized change came from (`object` label values).
 pub const OBJECTS: [&str; 3] = ["node_policy_set", "peer_set", "canal_network"];
 /// Why a sync ran (`trigger` label values).
-pub const TRIGGERS: [&str; 3] = ["change", "retry", "drift_check"];
+pub const TRIGGERS: [&str; 4] = ["change", "retry", "drift_check", "firewall_change"];
+/// How a foreign firewall change was noticed (`source` label values).
+pub const CHANGE_SOURCES: [&str; 4] = ["nftables", "nftables_lost", "ipset", "legacy"];
 /// Watched resources (`resource` label values).
 pub const RESOURCES: [&str; 2] = ["nodepolicyset", "peerset"];
 /// Outcomes of a PeerSet GET (`result` label values).
@@ -75,6 +77,11 @@ pub struct PolicyMetrics {
     pub watch_errors: IntCounterVec,
     /// GETs of PeerSets that became referenced, by result.
     pub peer_set_fetches: IntCounterVec,
+    /// Packets from pods dropped as spoofed, by reason (read from the
+    /// anti-spoofing rules' counters).
+    pub spoofed_packets: IntCounterVec,
+    /// Foreign firewall changes noticed between drift checks, by how.
+    pub firewall_changes: IntCounterVec,
 }
 
 impl PolicyMetrics {
@@ -98,6 +105,8 @@ impl PolicyMetrics {
         registry.register(Box::new(m.watch_events.clone()))?;
         registry.register(Box::new(m.watch_errors.clone()))?;
         registry.register(Box::new(m.peer_set_fetches.clone()))?;
+        registry.register(Box::new(m.spoofed_packets.clone()))?;
+        registry.register(Box::new(m.firewall_changes.clone()))?;
         Ok(m)
     }
 
@@ -209,7 +218,27 @@ impl PolicyMetrics {
                 ),
                 &["result"],
             )?,
+            spoofed_packets: IntCounterVec::new(
+                Opts::new(
+                    "canal_policy_spoofed_packets_total",
+                    "Packets from pods dropped before any policy because their source is not an address canal gave the pod, by reason (rpf: the source does not route back to the pod's interface; source_not_assigned: not one of the pod's addresses; unknown_interface: no pod of this node has the interface).",
+                ),
+                &["reason"],
+            )?,
+            firewall_changes: IntCounterVec::new(
+                Opts::new(
+                    "canal_policy_firewall_changes_total",
+                    "Changes by other programs to canal's firewall tables or sets noticed between drift checks (each triggers an immediate check), by how they were noticed.",
+                ),
+                &["source"],
+            )?,
         };
+        for r in super::antispoof::SpoofReason::ALL {
+            m.spoofed_packets.with_label_values(&[r.as_str()]);
+        }
+        for c in CHANGE_SOURCES {
+            m.firewall_changes.with_label_values(&[c]);
+        }
         for o in OBJECTS {
             m.programming_duration.with_label_values(&[o]);
         }

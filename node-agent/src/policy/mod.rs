@@ -2,7 +2,9 @@
 //! it references become iptables chains and ipsets (Calico's layout with
 //! canal's names, CONTRACTS.md).
 //!
-//! - [`render`]: pure renderer, inputs -> [`Ruleset`].
+//! - [`render`]: pure renderer, inputs -> [`Ruleset`]; with [`antispoof`]
+//!   (the dataplane-neutral source map and its raw-table rules) and
+//!   [`frame`] (dispatch chains, verdict marks, the fail-closed guard).
 //! - [`state`] / [`plan`]: pure kernel-state parsing and diff -> restore batches.
 //! - [`enforcer`]: [`PolicyEnforcer`], the applier the agent's sync loop owns.
 //! - [`handshake`]: the run-dir files canal-cni waits on.
@@ -10,6 +12,8 @@
 //! - [`store`]: pure state of the watched NodePolicySet and PeerSets -> [`PolicyInputs`].
 //! - [`component`]: the agent's policy task (watches, level-triggered sync,
 //!   drift checks, status writes), plugged in as a `NodeComponent`.
+//! - [`watch`] / [`nfnl`]: noticing foreign firewall changes at once
+//!   (nf_tables notifications, ipset headers, legacy table sizes).
 //!
 //! The agent's loop:
 //!
@@ -24,12 +28,18 @@
 //! # let _ = stats; Ok(()) }
 //! ```
 
+pub mod antispoof;
 pub mod component;
 pub mod enforcer;
 pub mod exec;
+pub mod firewall;
+pub mod frame;
 pub mod handshake;
+#[cfg(test)]
+mod hardening_tests;
 pub mod metrics;
 pub mod names;
+pub mod nfnl;
 pub mod plan;
 pub mod render;
 pub mod ruleset;
@@ -40,7 +50,9 @@ mod sim;
 pub mod state;
 pub mod status;
 pub mod store;
+pub mod watch;
 
+pub use antispoof::{SourceMap, Sources, SpoofReason};
 pub use enforcer::{Error, PolicyEnforcer, Retry, SyncStats, Tools};
 pub use exec::{Exec, ExecError};
 pub use metrics::PolicyMetrics;
@@ -49,6 +61,6 @@ pub use render::{
     EnforcementConfig, PolicyInputs, RenderCache, Rendered, Warning, referenced_peer_sets, render,
     render_with,
 };
-pub use ruleset::{Chain, Hook, IpSet, Rule, Ruleset, SetType};
+pub use ruleset::{Chain, Hook, IpSet, Rule, Ruleset, SetType, Table};
 pub use state::KernelState;
 pub use status::{disabled_status, enforced_status};

@@ -4,10 +4,18 @@
 
 use canal_crds::names::short_hash;
 
+use super::ruleset::Table;
+
 /// Hooked from FORWARD at position 1.
 pub const FORWARD_CHAIN: &str = "CANAL-FORWARD";
 /// Hooked from INPUT at position 1.
 pub const INPUT_CHAIN: &str = "CANAL-INPUT";
+/// raw table, hooked from PREROUTING at position 1: anti-spoofing.
+pub const PREROUTING_CHAIN: &str = "CANAL-PREROUTING";
+/// security table, hooked from FORWARD at position 1: the fail-closed guard.
+pub const GUARD_FORWARD_CHAIN: &str = "CANAL-GUARD-FORWARD";
+/// security table, hooked from INPUT at position 1: the fail-closed guard.
+pub const GUARD_INPUT_CHAIN: &str = "CANAL-GUARD-INPUT";
 /// Egress dispatch: `-i <iface> -g CANAL-FW-<iface>`.
 pub const FROM_WL_CHAIN: &str = "CANAL-FROM-WL";
 /// Ingress dispatch: `-o <iface> -g CANAL-TW-<iface>`.
@@ -36,17 +44,44 @@ pub const MAX_SET_LEN: usize = 31;
 /// Longest Linux interface name (IFNAMSIZ - 1).
 pub const MAX_IFACE_LEN: usize = 15;
 
-/// The accept mark a policy chain sets when one of its rules allows the packet.
-/// Within 0x00ff0000, the bits CONTRACTS.md gives to policy enforcement.
-pub const ACCEPT_MARK: u32 = 0x0001_0000;
+/// Set on a packet once its destination pod's ingress policy allowed it
+/// (an ingress policy chain sets it; a pod's not-isolated ingress chain
+/// too). Within 0x00ff0000, the bits CONTRACTS.md gives to policy enforcement.
+pub const INGRESS_MARK: u32 = 0x0001_0000;
+/// Set once the source pod's egress policy allowed the packet.
+pub const EGRESS_MARK: u32 = 0x0002_0000;
+/// Both verdict marks.
+pub const VERDICT_MARKS: u32 = INGRESS_MARK | EGRESS_MARK;
 
 /// Comment prefix of every rule: `canal:<16 hex>` is read back from `iptables-save`.
 pub const COMMENT_PREFIX: &str = "canal:";
 
-/// Whether policy enforcement owns this filter chain (and may delete it when
-/// stale). `CANAL-FWD-ALLOW` and `CANAL-MASQ` belong to the overlay and are
-/// deliberately not matched: `CANAL-FW-` needs the dash after `FW`.
+/// The table of a chain policy enforcement owns, or None when it owns no
+/// chain of that name. `CANAL-FWD-ALLOW` and `CANAL-MASQ` belong to the
+/// overlay and are deliberately not matched: `CANAL-FW-` needs the dash
+/// after `FW`.
+pub fn chain_table(name: &str) -> Option<Table> {
+    match name {
+        PREROUTING_CHAIN => Some(Table::Raw),
+        GUARD_FORWARD_CHAIN | GUARD_INPUT_CHAIN => Some(Table::Security),
+        _ if is_owned_filter_chain(name) => Some(Table::Filter),
+        _ => None,
+    }
+}
+
+/// Whether policy enforcement owns this chain in `table` (and may delete
+/// it when stale).
+pub fn is_owned_chain_in(table: Table, name: &str) -> bool {
+    chain_table(name) == Some(table)
+}
+
+/// Whether policy enforcement owns this chain (in whichever table its name
+/// belongs to).
 pub fn is_owned_chain(name: &str) -> bool {
+    chain_table(name).is_some()
+}
+
+fn is_owned_filter_chain(name: &str) -> bool {
     matches!(
         name,
         FORWARD_CHAIN | INPUT_CHAIN | FROM_WL_CHAIN | TO_WL_CHAIN
@@ -154,6 +189,13 @@ mod tests {
             "CANAL-PO-0123456789abcdef",
         ] {
             assert!(is_owned_chain(owned), "{owned}");
+            assert!(is_owned_chain_in(Table::Filter, owned), "{owned}");
+        }
+        assert_eq!(chain_table(PREROUTING_CHAIN), Some(Table::Raw));
+        assert_eq!(chain_table(GUARD_FORWARD_CHAIN), Some(Table::Security));
+        assert!(!is_owned_chain_in(Table::Filter, GUARD_INPUT_CHAIN));
+        for name in [PREROUTING_CHAIN, GUARD_FORWARD_CHAIN, GUARD_INPUT_CHAIN] {
+            assert!(name.len() <= MAX_CHAIN_LEN);
         }
         for foreign in [
             "CANAL-FWD-ALLOW",

@@ -3,17 +3,19 @@
 //!
 //! 1. `ipset restore` (pre): create new sets, member deltas, swaps; so every
 //!    set a rule will reference exists and is filled before the rule does.
-//! 2. `iptables-restore --noflush`: one transaction that declares (and so
-//!    flushes) every new, changed or stale chain, writes the changed chains
-//!    in full, fixes the hooks and deletes stale chains with `-X` last. The
-//!    kernel swaps it in atomically, so a changed endpoint chain is never
-//!    seen half-written or missing.
+//! 2. `iptables-restore --noflush`: one transaction per table (raw, filter,
+//!    security; the guard in security goes in last and comes out first)
+//!    that declares (and so flushes) every new, changed or stale chain,
+//!    writes the changed chains in full, fixes the hooks and deletes stale
+//!    chains with `-X` last. The kernel swaps each in atomically, so a
+//!    changed endpoint chain is never seen half-written or missing.
 //! 3. `ipset restore` (post): destroy sets no rule references any more.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use super::names;
-use super::ruleset::{Ruleset, SET_MAXELEM};
+use super::ruleset::{Ruleset, SET_MAXELEM, Table};
 use super::state::KernelState;
 
 /// What a plan changes, for logs, metrics and tests.
@@ -154,12 +156,38 @@ fn plan_iptables(
     stats: &mut PlanStats,
     written: &mut Vec<String>,
 ) -> String {
+    let mut tables: BTreeSet<Table> = desired.tables();
+    tables.extend(current.chains.keys().filter_map(|n| names::chain_table(n)));
+    tables.extend(current.hooks.keys().map(|(t, _)| *t));
+    // The guard (security) needs the filter table's verdict marks: it goes
+    // in after the filter chains that set them and out before them, so no
+    // transaction in between drops allowed traffic.
+    let guard_wanted = desired.tables().contains(&Table::Security);
+    let mut order: Vec<Table> = tables.into_iter().collect();
+    if !guard_wanted {
+        order.sort_by_key(|t| *t != Table::Security);
+    }
+    let mut out = String::new();
+    for table in order {
+        out.push_str(&plan_table(table, current, desired, stats, written));
+    }
+    out
+}
+
+/// One table's transaction (empty when the table is in sync).
+fn plan_table(
+    table: Table,
+    current: &KernelState,
+    desired: &Ruleset,
+    stats: &mut PlanStats,
+    written: &mut Vec<String>,
+) -> String {
     let mut declare = String::new();
     let mut rules = String::new();
     let mut hooks = String::new();
     let mut delete = String::new();
 
-    for (name, chain) in &desired.chains {
+    for (name, chain) in desired.table_chains(table) {
         let in_sync = current.chains.get(name).is_some_and(|have| {
             have.len() == chain.rules.len()
                 && have
@@ -179,7 +207,7 @@ fn plan_iptables(
         }
     }
     for name in current.chains.keys() {
-        if !desired.chains.contains_key(name) {
+        if names::chain_table(name) == Some(table) && !desired.chains.contains_key(name) {
             stats.chains_deleted += 1;
             // Declaring flushes it, so its own jumps to other stale chains are
             // gone before any `-X`.
@@ -188,13 +216,31 @@ fn plan_iptables(
         }
     }
 
-    let mut builtins: Vec<&str> = desired.hooks.iter().map(|h| h.builtin).collect();
-    builtins.extend(current.hooks.keys().map(String::as_str));
+    let mut builtins: Vec<&str> = desired
+        .hooks
+        .iter()
+        .filter(|h| h.table == table)
+        .map(|h| h.builtin)
+        .collect();
+    builtins.extend(
+        current
+            .hooks
+            .keys()
+            .filter(|(t, _)| *t == table)
+            .map(|(_, b)| b.as_str()),
+    );
     builtins.sort_unstable();
     builtins.dedup();
     for builtin in builtins {
-        let want = desired.hooks.iter().find(|h| h.builtin == builtin);
-        let have = current.hooks.get(builtin).map(Vec::as_slice).unwrap_or(&[]);
+        let want = desired
+            .hooks
+            .iter()
+            .find(|h| h.table == table && h.builtin == builtin);
+        let have = current
+            .hooks
+            .get(&(table, builtin.to_string()))
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         let in_sync = match want {
             Some(h) => {
                 have.len() == 1
@@ -219,7 +265,7 @@ fn plan_iptables(
     if declare.is_empty() && hooks.is_empty() {
         return String::new();
     }
-    format!("*filter\n{declare}{rules}{hooks}{delete}COMMIT\n")
+    format!("*{table}\n{declare}{rules}{hooks}{delete}COMMIT\n")
 }
 
 #[cfg(test)]
@@ -244,6 +290,7 @@ mod tests {
         let mut h = Chain::default();
         h.push("FORWARD", "-j CANAL-FORWARD", "");
         r.hooks.push(Hook {
+            table: Table::Filter,
             builtin: "FORWARD",
             rule: h.rules[0].clone(),
         });
@@ -333,7 +380,8 @@ mod tests {
     fn hook_moved_to_the_top_and_duplicates_removed() {
         let r = ruleset(&[("CANAL-FORWARD", &["-j DROP"])], &[]);
         let mut k = KernelState::from_ruleset(&r);
-        let hook = k.hooks.get_mut("FORWARD").unwrap();
+        let key = (Table::Filter, "FORWARD".to_string());
+        let hook = k.hooks.get_mut(&key).unwrap();
         hook[0].position = 2;
         let p = plan(&k, &r);
         let args = r.hooks[0].rule.args();
@@ -342,9 +390,9 @@ mod tests {
             format!("*filter\n-D FORWARD {args}\n-I FORWARD 1 {args}\nCOMMIT\n")
         );
         let mut k = KernelState::from_ruleset(&r);
-        let dup = k.hooks["FORWARD"][0].clone();
+        let dup = k.hooks[&key][0].clone();
         k.hooks
-            .get_mut("FORWARD")
+            .get_mut(&key)
             .unwrap()
             .push(crate::policy::state::HookState { position: 5, ..dup });
         let p = plan(&k, &r);
@@ -381,6 +429,42 @@ mod tests {
             p.ipset_pre
                 .starts_with("destroy canal-a\ncreate canal-a hash:net")
         );
+    }
+
+    #[test]
+    fn the_guard_goes_in_after_filter_and_out_before_it() {
+        let mut r = ruleset(
+            &[
+                ("CANAL-FORWARD", &["-j DROP"]),
+                ("CANAL-PREROUTING", &["-j RETURN"]),
+                ("CANAL-GUARD-FORWARD", &["-j DROP"]),
+            ],
+            &[],
+        );
+        let p = plan(&KernelState::default(), &r);
+        let at = |t: &str| {
+            p.iptables
+                .find(t)
+                .unwrap_or_else(|| panic!("{t} in {}", p.iptables))
+        };
+        assert!(at("*raw") < at("*filter") && at("*filter") < at("*security"));
+        assert_eq!(p.iptables.matches("COMMIT").count(), 3);
+        let installed = KernelState::from_ruleset(&r);
+        r.chains.remove("CANAL-GUARD-FORWARD");
+        r.chains.insert("CANAL-FORWARD".into(), {
+            let mut c = Chain::default();
+            c.push("CANAL-FORWARD", "-j ACCEPT", "");
+            c
+        });
+        let p = plan(&installed, &r);
+        let at = |t: &str| {
+            p.iptables
+                .find(t)
+                .unwrap_or_else(|| panic!("{t} in {}", p.iptables))
+        };
+        assert!(at("*security") < at("*filter"), "{}", p.iptables);
+        assert!(p.iptables.contains("-X CANAL-GUARD-FORWARD"));
+        assert!(!p.iptables.contains("*raw"), "raw is in sync");
     }
 
     #[test]

@@ -1,20 +1,26 @@
 //! The pure renderer: a node's NodePolicySet, the PeerSets it references and
 //! the network's policy settings in, the desired [`Ruleset`] out. No I/O.
 //!
-//! Layout (Calico's, with canal's names):
+//! Layout (Calico's, with canal's names; marks: ingress 0x10000, egress 0x20000):
 //!
 //! ```text
+//! raw PREROUTING -> CANAL-PREROUTING  anti-spoofing (see antispoof.rs), also when
+//!                            policy is disabled
 //! FORWARD -> CANAL-FORWARD   (cali+ only) ESTABLISHED,RELATED accept, INVALID drop,
-//!                            -i cali+ -> CANAL-FROM-WL, -o cali+ -> CANAL-TO-WL,
-//!                            then accept what came back from both
+//!                            clear the verdict marks, -i cali+ -> CANAL-FROM-WL,
+//!                            -o cali+ -> CANAL-TO-WL, drop what lacks a verdict
+//!                            mark, then accept from/to pods
 //! INPUT   -> CANAL-INPUT     -i cali+: ESTABLISHED accept, INVALID drop,
-//!                            CANAL-FROM-WL (the pod's egress policy), then
-//!                            defaultEndpointToHostAction
+//!                            CANAL-FROM-WL (the pod's egress policy), drop without
+//!                            the egress mark, then defaultEndpointToHostAction
 //! CANAL-TO-WL / CANAL-FROM-WL  -o/-i <iface> -g CANAL-TW/FW-<iface>; DROP (unknown pod)
-//! CANAL-TW-<iface>           not isolated: RETURN. Isolated: clear the accept
-//!                            mark, per policy `-j CANAL-PI-<hash>` then RETURN if
-//!                            marked, DROP at the end
+//! CANAL-TW-<iface>           not isolated: set the ingress mark. Isolated: clear it,
+//!                            per policy `-j CANAL-PI-<hash>` then RETURN if marked,
+//!                            DROP at the end (CANAL-FW-<iface>: egress, the same)
 //! CANAL-PI/PO-<hash>         one rule per (port group x peer) setting the mark
+//! security FORWARD/INPUT -> CANAL-GUARD-*  new pod traffic without its verdict
+//!                            marks is dropped (frame.rs): fails closed when the
+//!                            filter table is flushed or a hook is gone
 //! ```
 //!
 //! Anything the renderer cannot express safely (a malformed CIDR, a PeerSet
@@ -32,10 +38,10 @@ use canal_crds::{
 };
 use ipnet::{IpNet, Ipv4Net};
 
-use super::names::{
-    self, ACCEPT_MARK, FORWARD_CHAIN, FROM_WL_CHAIN, IFACE_WILDCARD, INPUT_CHAIN, TO_WL_CHAIN,
-};
-use super::ruleset::{Chain, Hook, IpSet, Ruleset, SetType};
+use super::antispoof::{self, SourceMap};
+use super::frame;
+use super::names::{self, EGRESS_MARK, FROM_WL_CHAIN, INGRESS_MARK, TO_WL_CHAIN};
+use super::ruleset::{Chain, IpSet, Ruleset, SetType};
 
 /// The network-wide settings enforcement depends on (from CanalNetwork `default`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +82,10 @@ pub struct PolicyInputs {
     /// PeerSets by name; must hold every set the spec references (a missing
     /// one renders as an empty set: nobody matches until it arrives).
     pub peer_sets: BTreeMap<String, PeerSetSpec>,
+    /// The NodePolicySet does not exist (only possible while policy is
+    /// disabled: enabled, the agent holds): `spec.endpoints` says nothing,
+    /// so anti-spoofing keeps only its reverse-path check.
+    pub endpoints_unknown: bool,
 }
 
 /// Something in the input that was skipped (and therefore matches nothing).
@@ -244,8 +254,16 @@ struct CachedSet<S> {
 /// [`render`] with a cache kept between calls.
 pub fn render_with(inputs: &PolicyInputs, cache: &mut RenderCache) -> Rendered {
     if !inputs.config.enabled {
+        // Anti-spoofing is not NetworkPolicy: it stays.
         *cache = RenderCache::default();
-        return Rendered::default();
+        let mut warnings = BTreeSet::new();
+        let endpoints = valid_endpoints(&inputs.spec, &mut warnings);
+        let mut ruleset = Ruleset::default();
+        add_antispoof(&mut ruleset, inputs, &endpoints, &mut warnings);
+        return Rendered {
+            ruleset,
+            warnings: warnings.into_iter().collect(),
+        };
     }
     let mut r = Renderer {
         inputs,
@@ -291,18 +309,27 @@ impl Direction {
     }
 }
 
-const SET_MARK: &str = "-j MARK --set-xmark";
-
-fn set_accept_mark() -> String {
-    format!("{SET_MARK} {ACCEPT_MARK:#x}/{ACCEPT_MARK:#x}")
+impl Direction {
+    /// The verdict mark of the direction: set when the pod's policy allows.
+    fn mark(self) -> u32 {
+        match self {
+            Direction::Ingress => INGRESS_MARK,
+            Direction::Egress => EGRESS_MARK,
+        }
+    }
 }
 
-fn clear_accept_mark() -> String {
-    format!("{SET_MARK} 0x0/{ACCEPT_MARK:#x}")
+fn set_mark(dir: Direction) -> String {
+    frame::set_mark(dir.mark())
 }
 
-fn if_accepted_return() -> String {
-    format!("-m mark --mark {ACCEPT_MARK:#x}/{ACCEPT_MARK:#x} -j RETURN")
+fn clear_mark(dir: Direction) -> String {
+    frame::clear_mark(dir.mark())
+}
+
+fn if_marked_return(dir: Direction) -> String {
+    let m = dir.mark();
+    format!("-m mark --mark {m:#x}/{m:#x} -j RETURN")
 }
 
 struct Renderer<'a> {
@@ -317,7 +344,7 @@ struct Renderer<'a> {
 impl Renderer<'_> {
     fn ruleset(&mut self) -> Ruleset {
         let spec = &self.inputs.spec;
-        let endpoints = self.valid_endpoints(spec);
+        let endpoints = valid_endpoints(spec, &mut self.warnings);
         let mut policies: BTreeMap<&str, &CompiledPolicy> = BTreeMap::new();
         for p in &spec.policies {
             policies.entry(p.name.as_str()).or_insert(p);
@@ -373,44 +400,20 @@ impl Renderer<'_> {
             chains.insert(name, chain);
         }
 
-        chains.insert(FORWARD_CHAIN.to_string(), forward_chain());
-        chains.insert(
-            INPUT_CHAIN.to_string(),
-            input_chain(self.inputs.config.endpoint_to_host),
-        );
-
-        Ruleset {
-            hooks: vec![hook("FORWARD", FORWARD_CHAIN), hook("INPUT", INPUT_CHAIN)],
+        let mut hooks = Vec::new();
+        for (name, chain, hook) in frame::policy_frame(self.inputs.config.endpoint_to_host) {
+            chains.insert(name, chain);
+            hooks.extend(hook);
+        }
+        let mut ruleset = Ruleset {
+            hooks,
             chains,
             sets: std::mem::take(&mut self.sets),
             endpoints: endpoints.keys().map(|s| s.to_string()).collect(),
-        }
-    }
-
-    fn valid_endpoints<'s>(
-        &mut self,
-        spec: &'s NodePolicySetSpec,
-    ) -> BTreeMap<&'s str, &'s Endpoint> {
-        let mut out: BTreeMap<&str, &Endpoint> = BTreeMap::new();
-        for ep in &spec.endpoints {
-            let pod = format!("{}/{}", ep.namespace, ep.pod);
-            if !names::is_valid_endpoint_iface(&ep.interface) {
-                self.warnings.insert(Warning::InvalidInterface {
-                    pod,
-                    interface: ep.interface.clone(),
-                });
-                continue;
-            }
-            if out.contains_key(ep.interface.as_str()) {
-                self.warnings.insert(Warning::DuplicateInterface {
-                    pod,
-                    interface: ep.interface.clone(),
-                });
-                continue;
-            }
-            out.insert(&ep.interface, ep);
-        }
-        out
+            spoof_rules: BTreeMap::new(),
+        };
+        add_antispoof(&mut ruleset, self.inputs, &endpoints, &mut self.warnings);
+        ruleset
     }
 
     fn endpoint_chain<'p>(
@@ -424,14 +427,20 @@ impl Renderer<'_> {
     ) -> Chain {
         let mut chain = Chain::default();
         if isolating.is_empty() {
+            // The verdict mark is what lets the packet through CANAL-FORWARD
+            // (and the guard): a flushed endpoint chain sets none and fails closed.
             chain.push(
                 chain_name,
-                "-j RETURN",
+                set_mark(dir),
                 &format!("not isolated for {}", dir.as_str()),
             );
             return chain;
         }
-        chain.push(chain_name, clear_accept_mark(), "clear accept mark");
+        chain.push(
+            chain_name,
+            clear_mark(dir),
+            &format!("clear {} mark", dir.as_str()),
+        );
         let mut seen = BTreeSet::new();
         for policy in isolating {
             if !seen.insert(policy.as_str()) {
@@ -452,7 +461,7 @@ impl Renderer<'_> {
             chain.push(chain_name, format!("-j {target}"), policy);
             chain.push(
                 chain_name,
-                if_accepted_return(),
+                if_marked_return(dir),
                 &format!("allowed by {policy}"),
             );
         }
@@ -551,7 +560,7 @@ impl Renderer<'_> {
             let note = format!("{} {} rule {i}", policy.name, dir.as_str());
             for port in &ports {
                 for peer in &peers {
-                    let spec = [port.as_str(), peer.as_str(), &set_accept_mark()]
+                    let spec = [port.as_str(), peer.as_str(), &set_mark(dir)]
                         .iter()
                         .filter(|s| !s.is_empty())
                         .cloned()
@@ -860,6 +869,55 @@ impl Renderer<'_> {
     }
 }
 
+/// The endpoints the renderer programs, by interface: those with a valid
+/// pod interface name, the first of each interface.
+fn valid_endpoints<'s>(
+    spec: &'s NodePolicySetSpec,
+    warnings: &mut BTreeSet<Warning>,
+) -> BTreeMap<&'s str, &'s Endpoint> {
+    let mut out: BTreeMap<&str, &Endpoint> = BTreeMap::new();
+    for ep in &spec.endpoints {
+        let pod = format!("{}/{}", ep.namespace, ep.pod);
+        if !names::is_valid_endpoint_iface(&ep.interface) {
+            warnings.insert(Warning::InvalidInterface {
+                pod,
+                interface: ep.interface.clone(),
+            });
+            continue;
+        }
+        if out.contains_key(ep.interface.as_str()) {
+            warnings.insert(Warning::DuplicateInterface {
+                pod,
+                interface: ep.interface.clone(),
+            });
+            continue;
+        }
+        out.insert(&ep.interface, ep);
+    }
+    out
+}
+
+/// Adds the anti-spoofing layer (raw table) for `endpoints` to `ruleset`.
+fn add_antispoof(
+    ruleset: &mut Ruleset,
+    inputs: &PolicyInputs,
+    endpoints: &BTreeMap<&str, &Endpoint>,
+    warnings: &mut BTreeSet<Warning>,
+) {
+    let map = if inputs.endpoints_unknown {
+        SourceMap::unknown()
+    } else {
+        SourceMap::from_endpoints(endpoints.iter().map(|(i, e)| (*i, *e)), warnings)
+    };
+    let raw = antispoof::render_raw(&map);
+    ruleset
+        .chains
+        .insert(names::PREROUTING_CHAIN.to_string(), raw.chain);
+    ruleset.hooks.extend(raw.hook);
+    ruleset.sets.extend(raw.sets);
+    ruleset.spoof_rules = raw.drops;
+}
+
 /// The set built from a PeerSet's content (`source`; None: the PeerSet is
 /// missing) and the warnings building it gave: from `cache` while the
 /// content is unchanged (most syncs change one PeerSet or none), else built
@@ -899,90 +957,6 @@ fn cached_set<S: Clone + PartialEq>(
         },
     );
     (set, warnings)
-}
-
-fn hook(builtin: &'static str, target: &str) -> Hook {
-    let mut c = Chain::default();
-    c.push(builtin, format!("-j {target}"), "canal policy");
-    Hook {
-        builtin,
-        rule: c.rules[0].clone(),
-    }
-}
-
-fn forward_chain() -> Chain {
-    let n = FORWARD_CHAIN;
-    let w = IFACE_WILDCARD;
-    let mut c = Chain::default();
-    c.push(
-        n,
-        format!("-i {w} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
-        "reply or related, from pod",
-    );
-    c.push(
-        n,
-        format!("-o {w} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
-        "reply or related, to pod",
-    );
-    c.push(
-        n,
-        format!("-i {w} -m conntrack --ctstate INVALID -j DROP"),
-        "invalid, from pod",
-    );
-    c.push(
-        n,
-        format!("-o {w} -m conntrack --ctstate INVALID -j DROP"),
-        "invalid, to pod",
-    );
-    c.push(
-        n,
-        format!("-i {w} -j {FROM_WL_CHAIN}"),
-        "egress policy of the source pod",
-    );
-    c.push(
-        n,
-        format!("-o {w} -j {TO_WL_CHAIN}"),
-        "ingress policy of the destination pod",
-    );
-    c.push(n, format!("-i {w} -j ACCEPT"), "passed policy, from pod");
-    c.push(n, format!("-o {w} -j ACCEPT"), "passed policy, to pod");
-    c
-}
-
-fn input_chain(action: EndpointToHostAction) -> Chain {
-    let n = INPUT_CHAIN;
-    let w = IFACE_WILDCARD;
-    let mut c = Chain::default();
-    c.push(
-        n,
-        format!("-i {w} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
-        "reply or related, from pod",
-    );
-    c.push(
-        n,
-        format!("-i {w} -m conntrack --ctstate INVALID -j DROP"),
-        "invalid, from pod",
-    );
-    c.push(
-        n,
-        format!("-i {w} -j {FROM_WL_CHAIN}"),
-        "egress policy of the pod",
-    );
-    match action {
-        EndpointToHostAction::Accept => c.push(
-            n,
-            format!("-i {w} -j ACCEPT"),
-            "defaultEndpointToHostAction Accept",
-        ),
-        EndpointToHostAction::Drop => c.push(
-            n,
-            format!("-i {w} -j DROP"),
-            "defaultEndpointToHostAction Drop",
-        ),
-        // Return: fall off the end of CANAL-INPUT back into INPUT.
-        EndpointToHostAction::Return => {}
-    }
-    c
 }
 
 /// Parses `a.b.c.d` or `a.b.c.d/len` (v4 or v6).

@@ -83,10 +83,58 @@ fn sanitize_note(note: &str) -> String {
     s
 }
 
+/// The iptables tables canal's policy layers live in, in the order a
+/// forwarded packet meets them: `raw` (anti-spoofing, before conntrack),
+/// `filter` (NetworkPolicy), `security` (the fail-closed guard, after filter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Table {
+    /// `raw`: PREROUTING runs before conntrack, so a dropped packet leaves no state.
+    Raw,
+    /// `filter`: the NetworkPolicy chains.
+    Filter,
+    /// `security`: runs after `filter` on the same hooks.
+    Security,
+}
+
+impl Table {
+    /// Every table, in packet order.
+    pub const ALL: [Table; 3] = [Table::Raw, Table::Filter, Table::Security];
+
+    /// The table's name (`iptables -t <name>`, nf_tables table `ip <name>`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Table::Raw => "raw",
+            Table::Filter => "filter",
+            Table::Security => "security",
+        }
+    }
+
+    /// Parses a table name.
+    pub fn parse(s: &str) -> Option<Table> {
+        Table::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// The built-in chains of the table that may hold canal's hooks.
+    pub fn builtins(self) -> &'static [&'static str] {
+        match self {
+            Table::Raw => &["PREROUTING"],
+            Table::Filter | Table::Security => &["INPUT", "FORWARD", "OUTPUT"],
+        }
+    }
+}
+
+impl std::fmt::Display for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A rule in a built-in chain that sends packets into ours.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hook {
-    /// `FORWARD` or `INPUT`.
+    /// The table of the built-in chain.
+    pub table: Table,
+    /// `FORWARD`, `INPUT` or `PREROUTING`.
     pub builtin: &'static str,
     /// The hook rule (always at position 1).
     pub rule: Rule,
@@ -99,6 +147,9 @@ pub enum SetType {
     HashNet,
     /// (IP, protocol, port) triples (named ports).
     HashIpPort,
+    /// (CIDR, interface) pairs (anti-spoofing: the sources each pod
+    /// interface may send from), matched `src,src`.
+    HashNetIface,
 }
 
 impl SetType {
@@ -107,6 +158,7 @@ impl SetType {
         match self {
             SetType::HashNet => "hash:net",
             SetType::HashIpPort => "hash:ip,port",
+            SetType::HashNetIface => "hash:net,iface",
         }
     }
 
@@ -115,6 +167,7 @@ impl SetType {
         match s {
             "hash:net" => Some(SetType::HashNet),
             "hash:ip,port" => Some(SetType::HashIpPort),
+            "hash:net,iface" => Some(SetType::HashNetIface),
             _ => None,
         }
     }
@@ -159,14 +212,20 @@ impl IpSet {
 /// Everything policy enforcement wants in the kernel.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ruleset {
-    /// Hook rules, one per built-in chain at most.
+    /// Hook rules, one per built-in chain (of a table) at most.
     pub hooks: Vec<Hook>,
-    /// Our chains by name.
+    /// Our chains by name; a chain's table follows from its name
+    /// ([`names::chain_table`](super::names::chain_table)), so names are
+    /// unique across tables.
     pub chains: BTreeMap<String, Chain>,
     /// Our sets by name.
     pub sets: BTreeMap<String, IpSet>,
-    /// Pod interfaces whose endpoint chains this ruleset programs.
+    /// Pod interfaces whose endpoint chains this ruleset programs (none
+    /// while policy is disabled); canal-cni waits for their handshake files.
     pub endpoints: BTreeSet<String>,
+    /// Anti-spoofing rules that reference the spoofed-packet drops, for the
+    /// `canal_policy_spoofed_packets_total` counters: rule hash -> reason.
+    pub spoof_rules: BTreeMap<String, super::antispoof::SpoofReason>,
 }
 
 impl Ruleset {
@@ -180,22 +239,44 @@ impl Ruleset {
         self.sets.values().map(|s| s.members.len()).sum()
     }
 
-    /// The whole ruleset as one `iptables-restore --noflush` transaction into
-    /// an empty table (what a cold start writes; also the golden-test form).
+    /// The chains of one table.
+    pub fn table_chains(&self, table: Table) -> impl Iterator<Item = (&String, &Chain)> {
+        self.chains
+            .iter()
+            .filter(move |(n, _)| super::names::chain_table(n) == Some(table))
+    }
+
+    /// The tables this ruleset writes to.
+    pub fn tables(&self) -> BTreeSet<Table> {
+        let mut out: BTreeSet<Table> = self.hooks.iter().map(|h| h.table).collect();
+        out.extend(
+            self.chains
+                .keys()
+                .filter_map(|n| super::names::chain_table(n)),
+        );
+        out
+    }
+
+    /// The whole ruleset as `iptables-restore --noflush` transactions (one
+    /// per table, in packet order) into empty tables: what a cold start
+    /// writes; also the golden-test form.
     pub fn iptables_restore_text(&self) -> String {
-        let mut out = String::from("*filter\n");
-        for name in self.chains.keys() {
-            let _ = writeln!(out, ":{name} - [0:0]");
-        }
-        for (name, chain) in &self.chains {
-            for rule in chain.rules.iter() {
-                let _ = writeln!(out, "-A {name} {}", rule.args());
+        let mut out = String::new();
+        for table in self.tables() {
+            let _ = writeln!(out, "*{table}");
+            for (name, _) in self.table_chains(table) {
+                let _ = writeln!(out, ":{name} - [0:0]");
             }
+            for (name, chain) in self.table_chains(table) {
+                for rule in chain.rules.iter() {
+                    let _ = writeln!(out, "-A {name} {}", rule.args());
+                }
+            }
+            for hook in self.hooks.iter().filter(|h| h.table == table) {
+                let _ = writeln!(out, "-I {} 1 {}", hook.builtin, hook.rule.args());
+            }
+            out.push_str("COMMIT\n");
         }
-        for hook in &self.hooks {
-            let _ = writeln!(out, "-I {} 1 {}", hook.builtin, hook.rule.args());
-        }
-        out.push_str("COMMIT\n");
         out
     }
 

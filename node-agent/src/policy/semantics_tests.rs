@@ -12,12 +12,12 @@ use super::render::{EnforcementConfig, PolicyInputs, Warning, render};
 use super::ruleset::Ruleset;
 use super::sim::{Ct, Packet, Verdict, walk};
 
-const A: &str = "cali00000000aaa"; // 10.244.1.2
-const B: &str = "cali00000000bbb"; // 10.244.1.3
-const C: &str = "cali00000000ccc"; // 10.244.1.4
-const REMOTE: &str = "10.244.2.9";
+pub(super) const A: &str = "cali00000000aaa"; // 10.244.1.2
+pub(super) const B: &str = "cali00000000bbb"; // 10.244.1.3
+pub(super) const C: &str = "cali00000000ccc"; // 10.244.1.4
+pub(super) const REMOTE: &str = "10.244.2.9";
 
-fn ep(iface: &str, ip: &str, ingress: &[&str], egress: &[&str]) -> Endpoint {
+pub(super) fn ep(iface: &str, ip: &str, ingress: &[&str], egress: &[&str]) -> Endpoint {
     Endpoint {
         namespace: "x".into(),
         pod: iface[4..].to_string(),
@@ -29,7 +29,7 @@ fn ep(iface: &str, ip: &str, ingress: &[&str], egress: &[&str]) -> Endpoint {
     }
 }
 
-fn policy(name: &str, ingress: Vec<Rule>, egress: Vec<Rule>) -> CompiledPolicy {
+pub(super) fn policy(name: &str, ingress: Vec<Rule>, egress: Vec<Rule>) -> CompiledPolicy {
     CompiledPolicy {
         name: name.into(),
         ingress,
@@ -37,18 +37,18 @@ fn policy(name: &str, ingress: Vec<Rule>, egress: Vec<Rule>) -> CompiledPolicy {
     }
 }
 
-fn rule(peers: Option<Vec<Peer>>, ports: Vec<PortMatch>) -> Rule {
+pub(super) fn rule(peers: Option<Vec<Peer>>, ports: Vec<PortMatch>) -> Rule {
     Rule { peers, ports }
 }
 
-fn peer_set(name: &str) -> Peer {
+pub(super) fn peer_set(name: &str) -> Peer {
     Peer {
         peer_set: Some(name.into()),
         ip_block: None,
     }
 }
 
-fn block(cidr: &str, except: &[&str]) -> Peer {
+pub(super) fn block(cidr: &str, except: &[&str]) -> Peer {
     Peer {
         peer_set: None,
         ip_block: Some(IpBlock {
@@ -58,7 +58,7 @@ fn block(cidr: &str, except: &[&str]) -> Peer {
     }
 }
 
-fn port(protocol: Protocol, port: u16) -> PortMatch {
+pub(super) fn port(protocol: Protocol, port: u16) -> PortMatch {
     PortMatch {
         protocol,
         port: Some(port),
@@ -85,7 +85,7 @@ fn named(protocol: Protocol, name: &str, set: Option<&str>) -> PortMatch {
     }
 }
 
-fn ps(ips: &[&str]) -> PeerSetSpec {
+pub(super) fn ps(ips: &[&str]) -> PeerSetSpec {
     PeerSetSpec {
         selector: PeerSelector::default(),
         member_count: ips.len() as u32,
@@ -94,7 +94,7 @@ fn ps(ips: &[&str]) -> PeerSetSpec {
     }
 }
 
-fn inputs(endpoints: Vec<Endpoint>, policies: Vec<CompiledPolicy>) -> PolicyInputs {
+pub(super) fn inputs(endpoints: Vec<Endpoint>, policies: Vec<CompiledPolicy>) -> PolicyInputs {
     PolicyInputs {
         config: EnforcementConfig::default(),
         generation: Some(1),
@@ -103,11 +103,12 @@ fn inputs(endpoints: Vec<Endpoint>, policies: Vec<CompiledPolicy>) -> PolicyInpu
             policies,
         },
         peer_sets: BTreeMap::new(),
+        endpoints_unknown: false,
     }
 }
 
 /// A new connection from `src` to `dst` (either may be a local iface or a remote IP).
-fn fwd(
+pub(super) fn fwd(
     src: (&str, Option<&str>),
     dst: (&str, Option<&str>),
     proto: Protocol,
@@ -122,26 +123,27 @@ fn fwd(
         proto,
         dport,
         ct: Ct::New,
+        rpf_ok: true,
     }
 }
 
-fn a() -> (&'static str, Option<&'static str>) {
+pub(super) fn a() -> (&'static str, Option<&'static str>) {
     ("10.244.1.2", Some(A))
 }
-fn b() -> (&'static str, Option<&'static str>) {
+pub(super) fn b() -> (&'static str, Option<&'static str>) {
     ("10.244.1.3", Some(B))
 }
-fn c() -> (&'static str, Option<&'static str>) {
+pub(super) fn c() -> (&'static str, Option<&'static str>) {
     ("10.244.1.4", Some(C))
 }
-fn remote(ip: &'static str) -> (&'static str, Option<&'static str>) {
+pub(super) fn remote(ip: &'static str) -> (&'static str, Option<&'static str>) {
     (ip, None)
 }
 
 use Protocol::{SCTP, TCP, UDP};
 use Verdict::{Accept, Continue, Drop};
 
-fn check(r: &Ruleset, cases: &[(&str, Packet, Verdict)]) {
+pub(super) fn check(r: &Ruleset, cases: &[(&str, Packet, Verdict)]) {
     let mut failures = Vec::new();
     for (what, p, want) in cases {
         let got = walk(r, p);
@@ -540,7 +542,7 @@ fn unknown_interfaces_are_dropped_other_traffic_untouched() {
     );
 }
 
-fn to_host(iface: &str, src: &str, dport: u16) -> Packet {
+pub(super) fn to_host(iface: &str, src: &str, dport: u16) -> Packet {
     Packet {
         hook: "INPUT",
         iif: Some(iface.into()),
@@ -550,6 +552,7 @@ fn to_host(iface: &str, src: &str, dport: u16) -> Packet {
         proto: TCP,
         dport,
         ct: Ct::New,
+        rpf_ok: true,
     }
 }
 
@@ -593,17 +596,35 @@ fn pod_to_host_applies_egress_then_default_action() {
 }
 
 #[test]
-fn disabled_renders_nothing() {
+fn disabled_keeps_only_antispoofing() {
     let mut inp = inputs(
         vec![ep(A, "10.244.1.2", &["x/deny"], &[])],
         vec![policy("x/deny", vec![], vec![])],
     );
     inp.config.enabled = false;
     let out = render(&inp);
-    assert_eq!(out.ruleset, Ruleset::default());
+    assert!(
+        out.ruleset
+            .hooks
+            .iter()
+            .all(|h| h.table == super::ruleset::Table::Raw),
+        "{:?}",
+        out.ruleset.hooks
+    );
+    assert_eq!(
+        out.ruleset.chains.keys().collect::<Vec<_>>(),
+        vec![super::names::PREROUTING_CHAIN]
+    );
+    let mut spoofed = fwd(a(), remote(REMOTE), TCP, 80);
+    spoofed.src = "10.244.1.3".parse().unwrap();
+    spoofed.rpf_ok = false;
     check(
         &out.ruleset,
-        &[("remote -> a", fwd(remote(REMOTE), a(), TCP, 80), Continue)],
+        &[
+            ("remote -> a", fwd(remote(REMOTE), a(), TCP, 80), Continue),
+            ("a -> remote", fwd(a(), remote(REMOTE), TCP, 80), Continue),
+            ("a spoofing b", spoofed, Drop),
+        ],
     );
 }
 

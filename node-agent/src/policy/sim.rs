@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use canal_crds::Protocol;
 use ipnet::Ipv4Net;
 
-use super::ruleset::{IpSet, Ruleset, SetType};
+use super::ruleset::{IpSet, Ruleset, SetType, Table};
 
 /// Conntrack state of a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +29,8 @@ pub struct Packet {
     pub proto: Protocol,
     pub dport: u16,
     pub ct: Ct,
+    /// Whether the source routes back out of `iif` (`-m rpfilter`).
+    pub rpf_ok: bool,
 }
 
 /// The verdict of canal's chains.
@@ -46,11 +48,33 @@ enum Flow {
     Return,
 }
 
-/// Walks `p` through the hook of its built-in chain.
+/// Walks `p` through canal's hooks as the kernel would: raw PREROUTING
+/// (for a packet that came in on an interface), then filter, then
+/// security on the packet's hook, with one mark across all of them.
 pub fn walk(r: &Ruleset, p: &Packet) -> Verdict {
     let mut mark = 0u32;
-    for hook in r.hooks.iter().filter(|h| h.builtin == p.hook) {
-        match rule(r, &hook.rule.spec, p, &mut mark) {
+    if p.iif.is_some() && walk_hook(r, Table::Raw, "PREROUTING", p, &mut mark) == Verdict::Drop {
+        return Verdict::Drop;
+    }
+    let filter = walk_hook(r, Table::Filter, p.hook, p, &mut mark);
+    if filter == Verdict::Drop {
+        return Verdict::Drop;
+    }
+    // An ACCEPT ends a table, not the packet's way through the next one.
+    match walk_hook(r, Table::Security, p.hook, p, &mut mark) {
+        Verdict::Drop => Verdict::Drop,
+        _ => filter,
+    }
+}
+
+/// Walks `p` through the hooks of one built-in chain of one table.
+fn walk_hook(r: &Ruleset, table: Table, builtin: &str, p: &Packet, mark: &mut u32) -> Verdict {
+    for hook in r
+        .hooks
+        .iter()
+        .filter(|h| h.table == table && h.builtin == builtin)
+    {
+        match rule(r, &hook.rule.spec, p, mark) {
             Some(Flow::Accept) => return Verdict::Accept,
             Some(Flow::Drop) => return Verdict::Drop,
             _ => {}
@@ -78,16 +102,27 @@ fn rule(r: &Ruleset, spec: &str, p: &Packet, mark: &mut u32) -> Option<Flow> {
     let t: Vec<&str> = spec.split_whitespace().collect();
     let mut i = 0;
     let mut proto: Option<Protocol> = None;
+    // `!` before a match option inverts it.
+    let mut negate = false;
+    let matched = |ok: bool, negate: &mut bool| {
+        let ok = ok != *negate;
+        *negate = false;
+        ok
+    };
     while i < t.len() {
         match t[i] {
+            "!" => {
+                negate = true;
+                i += 1;
+            }
             "-i" => {
-                if !iface_match(t[i + 1], p.iif.as_deref()) {
+                if !matched(iface_match(t[i + 1], p.iif.as_deref()), &mut negate) {
                     return None;
                 }
                 i += 2;
             }
             "-o" => {
-                if !iface_match(t[i + 1], p.oif.as_deref()) {
+                if !matched(iface_match(t[i + 1], p.oif.as_deref()), &mut negate) {
                     return None;
                 }
                 i += 2;
@@ -98,7 +133,7 @@ fn rule(r: &Ruleset, spec: &str, p: &Packet, mark: &mut u32) -> Option<Flow> {
                     .or_else(|_| t[i + 1].parse::<Ipv4Addr>().map(Ipv4Net::from))
                     .expect("address");
                 let ip = if t[i] == "-s" { p.src } else { p.dst };
-                if !net.contains(&ip) {
+                if !matched(net.contains(&ip), &mut negate) {
                     return None;
                 }
                 i += 2;
@@ -133,36 +168,58 @@ fn rule(r: &Ruleset, spec: &str, p: &Packet, mark: &mut u32) -> Option<Flow> {
                     i += 4;
                 }
                 "set" => {
-                    assert_eq!(t[i + 2], "--match-set");
+                    let mut j = i + 2;
+                    if t[j] == "!" {
+                        negate = true;
+                        j += 1;
+                    }
+                    assert_eq!(t[j], "--match-set");
                     let set = r
                         .sets
-                        .get(t[i + 3])
-                        .unwrap_or_else(|| panic!("missing set {}", t[i + 3]));
-                    if !set_match(set, t[i + 4], p) {
+                        .get(t[j + 1])
+                        .unwrap_or_else(|| panic!("missing set {}", t[j + 1]));
+                    if !matched(set_match(set, t[j + 2], p), &mut negate) {
                         return None;
                     }
-                    i += 5;
+                    i = j + 3;
                 }
                 "conntrack" => {
-                    assert_eq!(t[i + 2], "--ctstate");
-                    let states: Vec<&str> = t[i + 3].split(',').collect();
+                    let mut j = i + 2;
+                    if t[j] == "!" {
+                        negate = true;
+                        j += 1;
+                    }
+                    assert_eq!(t[j], "--ctstate");
+                    let states: Vec<&str> = t[j + 1].split(',').collect();
                     let have = match p.ct {
                         Ct::New => "NEW",
                         Ct::Established => "ESTABLISHED",
                         Ct::Invalid => "INVALID",
                     };
-                    if !states.contains(&have) {
+                    if !matched(states.contains(&have), &mut negate) {
                         return None;
                     }
-                    i += 4;
+                    i = j + 2;
                 }
                 "mark" => {
-                    assert_eq!(t[i + 2], "--mark");
-                    let (v, m) = value_mask(t[i + 3]);
-                    if *mark & m != v {
+                    let mut j = i + 2;
+                    if t[j] == "!" {
+                        negate = true;
+                        j += 1;
+                    }
+                    assert_eq!(t[j], "--mark");
+                    let (v, m) = value_mask(t[j + 1]);
+                    if !matched(*mark & m == v, &mut negate) {
                         return None;
                     }
-                    i += 4;
+                    i = j + 2;
+                }
+                "rpfilter" => {
+                    assert_eq!(t[i + 2], "--invert");
+                    if p.rpf_ok {
+                        return None;
+                    }
+                    i += 3;
                 }
                 other => panic!("match module {other} in {spec}"),
             },
@@ -238,6 +295,19 @@ fn set_match(set: &IpSet, dir: &str, p: &Packet) -> bool {
         (SetType::HashIpPort, "dst,dst") => {
             let member = format!("{},{}:{}", p.dst, p.proto.as_lower(), p.dport);
             set.members.contains(&member)
+        }
+        (SetType::HashNetIface, "src,src") => {
+            let Some(iif) = p.iif.as_deref() else {
+                return false;
+            };
+            set.members.iter().any(|m| {
+                let (net, iface) = m.split_once(',').expect("net,iface");
+                let net: Ipv4Net = net
+                    .parse()
+                    .or_else(|_| net.parse::<Ipv4Addr>().map(Ipv4Net::from))
+                    .unwrap();
+                iface == iif && net.contains(&p.src)
+            })
         }
         (t, d) => panic!("set type {t:?} with direction {d}"),
     }

@@ -1,17 +1,18 @@
 //! What the kernel holds, as far as policy enforcement is concerned: our
-//! chains (as lists of rule hashes), the hook rules that jump into them, and
-//! our ipsets. Built either by parsing `iptables-save -t filter` and
-//! `ipset save` (on start and on drift checks) or from the ruleset that was
-//! just applied (every other sync, so the hot path never reads the kernel).
+//! chains (as lists of rule hashes) in the raw, filter and security tables,
+//! the hook rules that jump into them, and our ipsets. Built either by
+//! parsing `iptables-save -t <table>` and `ipset save` (on start and on
+//! drift checks) or from the ruleset that was just applied (every other
+//! sync, so the hot path never reads the kernel).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::names::{self, COMMENT_PREFIX};
-use super::ruleset::{Ruleset, SET_MAXELEM};
+use super::ruleset::{Ruleset, SET_MAXELEM, Table};
 
-/// Built-in filter chains that may hold hooks into our chains.
-pub const BUILTINS: [&str; 3] = ["INPUT", "FORWARD", "OUTPUT"];
+/// A built-in chain of a table: where a hook lives.
+pub type HookKey = (Table, String);
 
 /// A rule in a built-in chain that jumps to one of our chains.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,7 +42,7 @@ pub struct KernelState {
     /// Our chains: per rule, its `canal:` hash (None for a rule we did not write).
     pub chains: BTreeMap<String, Vec<Option<String>>>,
     /// Per built-in chain, the rules that jump into our chains.
-    pub hooks: BTreeMap<String, Vec<HookState>>,
+    pub hooks: BTreeMap<HookKey, Vec<HookState>>,
     /// Our sets.
     pub sets: BTreeMap<String, SetState>,
 }
@@ -65,7 +66,7 @@ impl KernelState {
                 .iter()
                 .map(|h| {
                     (
-                        h.builtin.to_string(),
+                        (h.table, h.builtin.to_string()),
                         vec![HookState {
                             position: 1,
                             hash: Some(h.rule.hash.clone()),
@@ -91,45 +92,45 @@ impl KernelState {
         }
     }
 
-    /// Parses `iptables-save -t filter` and `ipset save` output, keeping only
-    /// what policy enforcement owns.
+    /// Parses `iptables-save -t <table>` listings (any number, one after
+    /// the other, with or without `-c` counters) and `ipset save` output,
+    /// keeping only what policy enforcement owns.
     pub fn parse(iptables_save: &str, ipset_save: &str) -> KernelState {
         let mut state = KernelState::default();
-        let mut in_filter = false;
-        let mut builtin_len: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut table: Option<Table> = None;
+        let mut builtin_len: BTreeMap<(Table, &str), usize> = BTreeMap::new();
         for line in iptables_save.lines() {
             let line = line.trim_end();
-            if let Some(table) = line.strip_prefix('*') {
-                in_filter = table == "filter";
+            if let Some(name) = line.strip_prefix('*') {
+                table = Table::parse(name);
                 continue;
             }
-            if !in_filter {
+            let Some(table) = table else {
                 continue;
-            }
+            };
             if let Some(decl) = line.strip_prefix(':') {
                 let name = decl.split_whitespace().next().unwrap_or_default();
-                if names::is_owned_chain(name) {
+                if names::is_owned_chain_in(table, name) {
                     state.chains.entry(name.to_string()).or_default();
                 }
                 continue;
             }
-            let Some(rest) = line.strip_prefix("-A ") else {
+            let Some((_, chain, args)) = split_rule(line) else {
                 continue;
             };
-            let (chain, args) = rest.split_once(' ').unwrap_or((rest, ""));
-            if names::is_owned_chain(chain) {
+            if names::is_owned_chain_in(table, chain) {
                 state
                     .chains
                     .entry(chain.to_string())
                     .or_default()
                     .push(comment_hash(args));
-            } else if let Some(builtin) = BUILTINS.iter().find(|b| **b == chain) {
-                let pos = builtin_len.entry(builtin).or_default();
+            } else if let Some(builtin) = table.builtins().iter().find(|b| **b == chain) {
+                let pos = builtin_len.entry((table, builtin)).or_default();
                 *pos += 1;
-                if jump_target(args).is_some_and(names::is_owned_chain) {
+                if jump_target(args).is_some_and(|t| names::is_owned_chain_in(table, t)) {
                     state
                         .hooks
-                        .entry(builtin.to_string())
+                        .entry((table, builtin.to_string()))
                         .or_default()
                         .push(HookState {
                             position: *pos,
@@ -181,6 +182,44 @@ impl KernelState {
         self.chains.values().map(Vec::len).sum::<usize>()
             + self.hooks.values().map(Vec::len).sum::<usize>()
     }
+}
+
+/// A rule line of `iptables-save` (`[packets:bytes] -A CHAIN ARGS` with
+/// `-c`, `-A CHAIN ARGS` without): (packet count, chain, args).
+fn split_rule(line: &str) -> Option<(Option<u64>, &str, &str)> {
+    let (packets, rest) = match line.strip_prefix('[') {
+        Some(counted) => {
+            let (counters, rest) = counted.split_once("] ")?;
+            let packets = counters.split(':').next().and_then(|p| p.parse().ok());
+            (packets, rest)
+        }
+        None => (None, line),
+    };
+    let rest = rest.strip_prefix("-A ")?;
+    let (chain, args) = rest.split_once(' ').unwrap_or((rest, ""));
+    Some((packets, chain, args))
+}
+
+/// Packet counters of our rules, by rule hash, from `iptables-save -c`
+/// listings (rules without a `canal:` hash or counters are skipped).
+pub fn rule_packet_counts(iptables_save: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let mut table = None;
+    for line in iptables_save.lines() {
+        let line = line.trim_end();
+        if let Some(name) = line.strip_prefix('*') {
+            table = Table::parse(name);
+            continue;
+        }
+        let Some(table) = table else { continue };
+        if let Some((Some(packets), chain, args)) = split_rule(line)
+            && names::is_owned_chain_in(table, chain)
+            && let Some(hash) = comment_hash(args)
+        {
+            out.insert(hash, packets);
+        }
+    }
+    out
 }
 
 /// The target of `-j X` / `-g X` in a rule.
@@ -246,7 +285,7 @@ add canal-b 10.0.0.1,tcp:80\n";
             vec![Some("aaaaaaaaaaaaaaaa".to_string()), None]
         );
         assert!(s.chains["CANAL-PI-0123456789abcdef"].is_empty());
-        let hooks = &s.hooks["FORWARD"];
+        let hooks = &s.hooks[&(Table::Filter, "FORWARD".to_string())];
         assert_eq!(hooks.len(), 1);
         assert_eq!(hooks[0].position, 2);
         assert_eq!(hooks[0].hash.as_deref(), Some("00112233445566aa"));
@@ -263,6 +302,32 @@ add canal-b 10.0.0.1,tcp:80\n";
         assert!(s.sets["canal-a"].members.contains("10.1.0.0/16 nomatch"));
         assert_eq!(s.sets["canal-b"].maxelem, Some(65536));
         assert_eq!(s.rule_count(), 3);
+    }
+
+    #[test]
+    fn parses_every_table_and_counters() {
+        let save = "*raw\n:PREROUTING ACCEPT [0:0]\n:CANAL-PREROUTING - [0:0]\n:CANAL-FORWARD - [0:0]\n\
+[5:300] -A PREROUTING -m comment --comment \"canal:00000000000000aa canal anti-spoofing\" -j CANAL-PREROUTING\n\
+[7:420] -A CANAL-PREROUTING -m comment --comment \"canal:00000000000000bb spoofed\" -i cali+ -m rpfilter --invert -j DROP\n\
+COMMIT\n*security\n:FORWARD ACCEPT [0:0]\n:CANAL-GUARD-FORWARD - [0:0]\n\
+[0:0] -A FORWARD -j ACCEPT\n\
+[0:0] -A FORWARD -m comment --comment \"canal:00000000000000cc guard\" -j CANAL-GUARD-FORWARD\nCOMMIT\n";
+        let s = KernelState::parse(save, "");
+        // A filter chain name in the raw table is not ours.
+        assert_eq!(
+            s.chains.keys().collect::<Vec<_>>(),
+            vec!["CANAL-GUARD-FORWARD", "CANAL-PREROUTING"]
+        );
+        assert_eq!(s.chains["CANAL-PREROUTING"].len(), 1);
+        let guard = &s.hooks[&(Table::Security, "FORWARD".to_string())];
+        assert_eq!(guard[0].position, 2);
+        assert!(
+            s.hooks
+                .contains_key(&(Table::Raw, "PREROUTING".to_string()))
+        );
+        let counts = rule_packet_counts(save);
+        assert_eq!(counts.get("00000000000000bb"), Some(&7));
+        assert_eq!(counts.len(), 1, "hooks are in built-in chains: {counts:?}");
     }
 
     #[test]

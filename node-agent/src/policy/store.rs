@@ -216,9 +216,11 @@ impl PolicyStore {
             uid: view.uid,
             status: view.status,
         });
+        let was_unknown = std::mem::replace(&mut self.inputs.endpoints_unknown, false);
         if same_spec {
-            // A status write (ours) or a metadata change: nothing to program.
-            return false;
+            // A status write (ours) or a metadata change: nothing to program
+            // (unless it had been deleted meanwhile).
+            return was_unknown;
         }
         self.inputs.generation = view.generation;
         self.inputs.spec = view.spec;
@@ -231,6 +233,9 @@ impl PolicyStore {
     /// [`Step::Hold`]). Returns whether anything the next step depends on changed.
     pub fn delete_node_policy_set(&mut self) -> bool {
         let was = self.nps.replace(NpsPresence::Missing);
+        // Enabled, the next step is Hold; disabled, anti-spoofing falls back
+        // to its reverse-path check rather than trusting a vanished list.
+        self.inputs.endpoints_unknown = true;
         was != Some(NpsPresence::Missing)
     }
 
@@ -592,9 +597,15 @@ mod tests {
             ..EnforcementConfig::default()
         };
         assert!(s.set_config(Some(off), Instant::now()));
-        assert_eq!(s.next_step(), Step::Sync, "disabling removes everything");
+        assert_eq!(s.next_step(), Step::Sync, "disabling removes the policy");
+        assert!(
+            s.inputs().endpoints_unknown,
+            "anti-spoofing does not trust a deleted endpoint list"
+        );
         assert!(!s.set_config(Some(off), Instant::now()));
         assert!(!s.set_config(None, Instant::now()));
+        assert!(s.apply_node_policy_set(nps(1, &["ps-a"]), Instant::now()));
+        assert!(!s.inputs().endpoints_unknown, "back again");
     }
 
     #[test]
