@@ -44,6 +44,15 @@ enum Command {
         /// inspection (by default they are stopped; the logs always stay).
         #[arg(long)]
         keep_on_failure: bool,
+        /// The IP families: ipv4, ipv6 (an IPv6-only underlay and pod
+        /// range) or dual (a dual-stack underlay, both ranges, IPv4 first).
+        #[arg(long, default_value = "ipv4")]
+        ip_family: lab::IpFamily,
+        /// NetworkPolicy enforcement (CanalNetwork policy.enabled): on or
+        /// off. Default: on for ipv4; off with IPv6, since pods get no IPv6
+        /// while the policy component does not guard it (policy-families).
+        #[arg(long)]
+        policy: Option<OnOff>,
     },
     /// Check, in about a second, that this machine can run the lab (root,
     /// network namespaces, VXLAN, iptables, ipset, tools, canal's binaries,
@@ -91,6 +100,9 @@ enum Command {
         /// Also print the source address the server saw, or why it failed (stderr).
         #[arg(long, short)]
         verbose: bool,
+        /// The IP family to probe, 4 or 6 (default: the lab's first).
+        #[arg(long)]
+        family: Option<lab::Family>,
     },
     /// Probe every pod pair in parallel and print the truth table.
     Matrix {
@@ -106,6 +118,9 @@ enum Command {
         /// Per-probe timeout in milliseconds.
         #[arg(long, default_value_t = lab::DEFAULT_PROBE_TIMEOUT.as_millis() as u64)]
         timeout_ms: u64,
+        /// The IP family to probe, 4 or 6 (default: the lab's first).
+        #[arg(long)]
+        family: Option<lab::Family>,
     },
     /// (internal) The API forwarder into the node namespaces.
     #[command(name = "__forward", hide = true)]
@@ -126,9 +141,9 @@ enum Command {
         /// Created once every port is bound.
         #[arg(long)]
         ready_file: Option<PathBuf>,
-        /// Address to bind.
+        /// Address to bind, repeated (a pod's IPv4 and IPv6 addresses).
         #[arg(long, default_value = "0.0.0.0")]
-        bind: std::net::Ipv4Addr,
+        bind: Vec<std::net::IpAddr>,
     },
     /// (internal) Forged packets from inside a namespace (anti-spoofing by hand).
     #[command(name = "__spoof", hide = true)]
@@ -149,6 +164,13 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         count: u32,
     },
+}
+
+/// `on` / `off`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Subcommand, Debug)]
@@ -263,8 +285,24 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
             no_controller,
             timeout,
             keep_on_failure,
+            ip_family,
+            policy,
         } => {
             let started = Instant::now();
+            let policy = match policy {
+                Some(OnOff::On) => true,
+                Some(OnOff::Off) => false,
+                None => !ip_family.has_v6(),
+            };
+            if ip_family.has_v6() && policy {
+                eprintln!(
+                    "canal-lab: NetworkPolicy is on: pods get no IPv6 address unless the policy component guards IPv6 (it writes policy-families)"
+                );
+            } else if ip_family.has_v6() {
+                eprintln!(
+                    "canal-lab: NetworkPolicy is off in this {ip_family} lab (--policy on enables it; pods then get IPv6 only where the policy component guards it)"
+                );
+            }
             let opts = UpOptions {
                 nodes,
                 agents: !no_agents,
@@ -272,15 +310,21 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
                 ready_timeout: Duration::from_secs(timeout),
                 progress: true,
                 keep_on_failure,
+                ip_family,
+                policy,
                 ..UpOptions::default()
             };
             let ctx = lab::up(state, &opts).await?;
+            let underlay = match ctx.lab.underlay6 {
+                Some(u6) if ip_family.has_v4() => format!("{} and {u6}", ctx.lab.underlay),
+                Some(u6) => u6.to_string(),
+                None => ctx.lab.underlay.to_string(),
+            };
             println!(
-                "lab up in {:.1}s: {} node(s), API server {}, underlay {}\nkubeconfig: {}\ntry: canal-lab --state-dir {} kubectl -- get nodes -o wide",
+                "lab up in {:.1}s: {} node(s), {ip_family}, API server {}, underlay {underlay}\nkubeconfig: {}\ntry: canal-lab --state-dir {} kubectl -- get nodes -o wide",
                 started.elapsed().as_secs_f64(),
                 nodes,
                 ctx.lab.server,
-                ctx.lab.underlay,
                 state.kubeconfig().display(),
                 state.dir.display()
             );
@@ -380,9 +424,17 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
         Command::Node(NodeCommand::Add { name }) => {
             let ctx = Context::open(state).await?;
             let added = lab::add_node(&ctx, &name, lab::DEFAULT_READY_TIMEOUT).await?;
+            let addresses: Vec<String> = added
+                .node
+                .addresses()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             print!(
                 "node {} added ({}, netns {})",
-                added.node.name, added.node.address, added.node.netns
+                added.node.name,
+                addresses.join(", "),
+                added.node.netns
             );
             if let (Some(annotated), Some(routes)) =
                 (added.annotated_after, added.routes_everywhere_after)
@@ -412,13 +464,15 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
             protocol,
             timeout_ms,
             verbose,
+            family,
         } => {
             let ctx = Context::open(state).await?;
             let target: Target = to.parse()?;
-            let outcome = lab::probe(
+            let outcome = lab::probe_family(
                 &ctx,
                 &from,
                 &target,
+                family,
                 port,
                 protocol,
                 Duration::from_millis(timeout_ms),
@@ -450,6 +504,7 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
             protocol,
             json,
             timeout_ms,
+            family,
         } => {
             let ctx = Context::open(state).await?;
             let run = lab::run_matrix(
@@ -457,6 +512,7 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
                 &MatrixOptions {
                     port,
                     protocol,
+                    family,
                     timeout: Duration::from_millis(timeout_ms),
                     ..MatrixOptions::default()
                 },
@@ -465,7 +521,10 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
             if json {
                 println!("{}", run.matrix.to_json());
             } else {
-                println!("{port}/{protocol} ('.' connected, 'X' blocked; rows: from, columns: to)");
+                let family = family.unwrap_or_else(|| ctx.lab.ip_family.primary());
+                println!(
+                    "{port}/{protocol} over {family} ('.' connected, 'X' blocked; rows: from, columns: to)"
+                );
                 print!("{}", run.matrix.render());
                 println!(
                     "{}/{} pairs connected",
@@ -492,7 +551,7 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
                         .map_err(Error::Lab)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            lab::echo::serve(bind, &ports, ready_file).await?;
+            lab::echo::serve(&bind, &ports, ready_file).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Spoof {
