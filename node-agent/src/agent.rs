@@ -108,6 +108,8 @@ struct FamilyInputs {
     /// podCIDRs were set before the cluster had the family, and Kubernetes
     /// never lets them change), so the family is not programmed here.
     local: Option<LocalNode>,
+    /// Why `local` is None.
+    missing: Option<String>,
     internal_ip: Option<IpAddr>,
     public_ip: Option<IpAddr>,
     peers: Vec<Peer>,
@@ -377,14 +379,21 @@ impl Agent {
         let mut first_missing = None;
         for cluster_cidr in cluster_families(&config) {
             let family = Family::of_net(&cluster_cidr);
-            let local = match facts.local(family) {
-                Ok(local) => Some(local),
-                // The controller writes both families' annotations with
-                // the podCIDRs; a missing one will come.
-                Err(e @ NotProgrammable::NoVtepMac { .. }) => return Err(waiting(e)),
-                Err(e @ NotProgrammable::NoPodCidr { .. }) => {
+            // A family without its podCIDR or VTEP MAC is not programmed
+            // here: the controller publishes none for a subnet in conflict
+            // (and writes both families' annotations with the podCIDRs
+            // otherwise). With no family at all, the node waits.
+            let (local, missing) = match facts.local(family) {
+                Ok(local) => (Some(local), None),
+                Err(e) => {
                     first_missing.get_or_insert(e);
-                    None
+                    let why = match e {
+                        NotProgrammable::NoPodCidr { .. } => format!(
+                            "{e}; a Node whose podCIDRs were set before the CanalNetwork had {family} keeps them, as Kubernetes never lets them change: re-register it to give it one"
+                        ),
+                        NotProgrammable::NoVtepMac { .. } => e.to_string(),
+                    };
+                    (None, Some(why))
                 }
             };
             let f = facts.family(family);
@@ -392,6 +401,7 @@ impl Agent {
                 family,
                 cluster_cidr,
                 local,
+                missing,
                 internal_ip: f.internal_ip,
                 public_ip: f.public_ip,
                 peers: shared.nodes.peers(&self.node_name, family),

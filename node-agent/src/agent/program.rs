@@ -101,10 +101,10 @@ impl Agent {
             self.observe_overlay(inputs, s, &mut report).await;
         }
         for f in &inputs.families {
-            if f.local.is_none() {
+            if let Some(why) = &f.missing {
                 report.note(format!(
-                    "this Node has no {} podCIDR (its podCIDRs were set before the CanalNetwork had {} and Kubernetes does not let them change): its pods get no {} address; re-register the Node to give it one",
-                    f.family, f.family, f.family
+                    "{}: not programmed on this Node ({why}); its pods get no {} address",
+                    f.family, f.family
                 ));
             }
         }
