@@ -10,10 +10,16 @@ pub const PREFIX: &str = "flannel.alpha.coreos.com/";
 pub const BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
 /// Backend data: `{"VNI":1,"VtepMAC":"..."}`.
 pub const BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
+/// IPv6 backend data, same shape: the MAC of `flannel-v6.<VNI>`.
+pub const BACKEND_V6_DATA: &str = "flannel.alpha.coreos.com/backend-v6-data";
 /// The node's underlay (VTEP) address.
 pub const PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
+/// The node's IPv6 underlay (VTEP) address.
+pub const PUBLIC_IPV6: &str = "flannel.alpha.coreos.com/public-ipv6";
 /// Set by a person to publish another address than the InternalIP (NAT).
 pub const PUBLIC_IP_OVERWRITE: &str = "flannel.alpha.coreos.com/public-ip-overwrite";
+/// The same for the IPv6 address.
+pub const PUBLIC_IPV6_OVERWRITE: &str = "flannel.alpha.coreos.com/public-ipv6-overwrite";
 /// "true": the node takes part in the overlay.
 pub const KUBE_SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
 
@@ -32,7 +38,19 @@ pub struct BackendData {
 /// from the node name, so it never changes across agent restarts or
 /// reboots (flannel's random MAC left stale ARP/FDB entries on peers).
 pub fn vtep_mac(node_name: &str) -> [u8; 6] {
-    let digest = Sha256::digest(format!("canal-vtep/{node_name}").as_bytes());
+    derived_mac(&format!("canal-vtep/{node_name}"))
+}
+
+/// The VTEP MAC of a node's IPv6 device `flannel-v6.<VNI>`, derived like
+/// [`vtep_mac`] from another seed: the two devices of a dual-stack node are
+/// two VTEPs and must not share a MAC (a peer's two FDBs would still be
+/// apart, but a bridge or switch learning both would flap).
+pub fn vtep_mac_v6(node_name: &str) -> [u8; 6] {
+    derived_mac(&format!("canal-vtep-v6/{node_name}"))
+}
+
+fn derived_mac(seed: &str) -> [u8; 6] {
+    let digest = Sha256::digest(seed.as_bytes());
     let mut mac = [0u8; 6];
     mac.copy_from_slice(&digest[..6]);
     mac[0] = (mac[0] & 0xfe) | 0x02;
@@ -72,6 +90,10 @@ mod tests {
         assert_ne!(a, vtep_mac("node-2"));
         assert_eq!(a[0] & 0x01, 0, "unicast");
         assert_eq!(a[0] & 0x02, 0x02, "locally administered");
+        let v6 = vtep_mac_v6("node-1");
+        assert_eq!(v6, vtep_mac_v6("node-1"));
+        assert_ne!(v6, a, "the IPv6 VTEP has its own MAC");
+        assert_eq!(v6[0] & 0x03, 0x02, "local unicast");
     }
 
     #[test]

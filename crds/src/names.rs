@@ -34,6 +34,11 @@ pub fn vxlan_device(vni: u32) -> String {
     format!("flannel.{vni}")
 }
 
+/// The IPv6 VXLAN device for a VNI, as flannel names it.
+pub fn vxlan_device_v6(vni: u32) -> String {
+    format!("flannel-v6.{vni}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -263,7 +263,10 @@ async fn served_metrics_match_the_readme_and_the_dashboard() {
                 &text,
                 "agent",
                 &[
-                    ("canal_agent_remote_nodes{route=\"vxlan\"}", 1.0),
+                    (
+                        "canal_agent_remote_nodes{family=\"ipv4\",route=\"vxlan\"}",
+                        1.0,
+                    ),
                     ("canal_policy_programmed_endpoints", 1.0),
                 ],
             )?;

@@ -13,6 +13,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use canal_agent::netns;
+use canal_agent::overlay::family::Family;
 use canal_agent::overlay::netlink::Netlink;
 use canal_crds::{CanalNetworkSpec, annotations};
 use canal_e2e::{ControlPlane, install};
@@ -46,7 +47,7 @@ fn node_object(i: u32) -> Node {
 async fn counts(nl: &Netlink, underlay: u32) -> (usize, usize, usize) {
     match nl.snapshot().await {
         Ok(s) => {
-            let o = s.observe(Some("flannel.1"), underlay);
+            let o = s.observe(Some("flannel.1"), underlay, Family::V4);
             (
                 o.routes.len(),
                 o.neighbours.iter().filter(|n| n.permanent).count(),

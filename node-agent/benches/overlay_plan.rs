@@ -4,27 +4,27 @@
 
 use std::net::Ipv4Addr;
 
-use canal_agent::overlay::desired::{self, Desired, LocalNode, Peer};
+use canal_agent::overlay::desired::{self, Desired, LocalNode, OverlayConfig, Peer};
 use canal_agent::overlay::diff;
 use canal_agent::overlay::model::{
     Dev, Mac, Observed, ObservedFdb, ObservedLink, ObservedNeighbour, ObservedRoute, Underlay,
     VxlanAttrs,
 };
-use canal_crds::{CanalNetworkSpec, NetworkConfig};
+use canal_crds::CanalNetworkSpec;
 use criterion::{BenchmarkId, Criterion, black_box, criterion_group, criterion_main};
 use ipnet::Ipv4Net;
 
-fn config() -> NetworkConfig {
+fn config() -> OverlayConfig {
     let mut spec = CanalNetworkSpec::with_cluster_cidr("10.0.0.0/8");
     spec.node_subnet_length = 24;
-    spec.validate().unwrap()
+    OverlayConfig::new(&spec.validate().unwrap(), "10.0.0.0/8".parse().unwrap())
 }
 
 fn underlay() -> Underlay {
     Underlay {
         index: 2,
         name: "eth0".into(),
-        ip: Ipv4Addr::new(172, 16, 0, 1),
+        ip: Ipv4Addr::new(172, 16, 0, 1).into(),
         mtu: 1500,
         connected: vec!["172.16.0.0/16".parse().unwrap()],
     }
@@ -43,8 +43,10 @@ fn peers(n: u32) -> Vec<Peer> {
         .map(|i| {
             let name = format!("node-{i:05}");
             Peer {
-                subnet: Ipv4Net::new(Ipv4Addr::from((10 << 24) | (i << 8)), 24).unwrap(),
-                public_ip: Ipv4Addr::from((172 << 24) | (17 << 16) | i),
+                subnet: Ipv4Net::new(Ipv4Addr::from((10 << 24) | (i << 8)), 24)
+                    .unwrap()
+                    .into(),
+                public_ip: Ipv4Addr::from((172 << 24) | (17 << 16) | i).into(),
                 vtep_mac: Mac(canal_crds::annotations::vtep_mac(&name)),
                 name,
             }

@@ -13,12 +13,13 @@
 //! sees: `/readyz`, the Node condition `CanalNetworkProgrammed`, and an
 //! Event on the Node when that changes.
 
+pub mod ipv6_gate;
 mod node_status;
 mod program;
 mod watches;
 
-use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -30,12 +31,14 @@ use tracing::Instrument;
 use crate::component::NodeNetwork;
 use crate::masq::Masquerade;
 use crate::metrics::Metrics;
-use crate::nodes::{NodeIndex, ProgrammedCondition};
+use crate::nodes::{NodeIndex, NotProgrammable, ProgrammedCondition};
 use crate::overlay::SyncError;
 use crate::overlay::desired::{Desired, LocalNode, Peer, Skipped};
+use crate::overlay::family::Family;
 use crate::overlay::netlink::{Category, Netlink, NetlinkError};
 use crate::report::{Step, Tracker, Verdict};
 use crate::runfiles::RunDir;
+use ipnet::IpNet;
 use node_status::NodeStatus;
 
 /// Field manager of the agent's writes.
@@ -90,16 +93,55 @@ pub struct Shared {
     pub own_condition: Option<ProgrammedCondition>,
 }
 
+/// The cluster's pod ranges in effect, in the CanalNetwork's order (one
+/// per family).
+pub fn cluster_families(config: &NetworkConfig) -> Vec<IpNet> {
+    vec![IpNet::V4(config.cluster_cidr)]
+}
+
+/// What one sync programs in one family of the cluster.
+#[derive(Debug, Clone)]
+struct FamilyInputs {
+    family: Family,
+    cluster_cidr: IpNet,
+    /// This node in the family; None: it has no subnet of the family (its
+    /// podCIDRs were set before the cluster had the family, and Kubernetes
+    /// never lets them change), so the family is not programmed here.
+    local: Option<LocalNode>,
+    /// Why `local` is None.
+    missing: Option<String>,
+    internal_ip: Option<IpAddr>,
+    public_ip: Option<IpAddr>,
+    peers: Vec<Peer>,
+}
+
 /// What one sync programs.
 #[derive(Debug, Clone)]
 struct Inputs {
-    local: LocalNode,
     uid: Option<String>,
-    internal_ip: Option<Ipv4Addr>,
-    public_ip: Option<Ipv4Addr>,
     canal_is_up: bool,
-    peers: Vec<Peer>,
+    /// The cluster's families, in its order.
+    families: Vec<FamilyInputs>,
     config: NetworkConfig,
+}
+
+impl Inputs {
+    /// The family's inputs when this node programs it.
+    fn programmed(&self, family: Family) -> Option<(&FamilyInputs, &LocalNode)> {
+        self.families
+            .iter()
+            .find(|f| f.family == family)
+            .and_then(|f| Some((f, f.local.as_ref()?)))
+    }
+
+    /// Peers of every programmed family (a dual-stack node counts once).
+    fn peer_count(&self) -> usize {
+        self.families
+            .iter()
+            .map(|f| f.peers.len())
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// The agent's connectivity half.
@@ -119,15 +161,19 @@ pub struct Agent {
     network_tx: watch::Sender<Option<Arc<NodeNetwork>>>,
     // Between syncs.
     last_config: Option<NetworkConfig>,
-    last_desired: Option<Desired>,
+    last_desired: BTreeMap<Family, Desired>,
     last_clean: bool,
-    last_skipped: Vec<Skipped>,
-    /// ifindex of the underlay the overlay was last programmed on (kept
+    last_skipped: BTreeMap<Family, Vec<Skipped>>,
+    /// ifindex of the underlay each family was last programmed on (kept
     /// when the configured interface disappears).
-    last_underlay: Option<u32>,
+    last_underlay: BTreeMap<Family, u32>,
+    /// The families in the network file, as last written (a family whose
+    /// sync fails keeps its entry, like the file as a whole).
+    last_files: BTreeMap<Family, crate::runfiles::FamilyNetwork>,
     waiting: Option<String>,
     config_note: Option<String>,
-    mismatch: Option<String>,
+    /// Per family, the underlay address mismatch last reported.
+    mismatch: BTreeMap<Family, String>,
     condition_patched: Option<Instant>,
     /// Readiness, the node's verdict and its Events.
     tracker: Tracker,
@@ -222,13 +268,14 @@ impl Agent {
             set_network_unavailable: parts.set_network_unavailable,
             network_tx: parts.network_tx,
             last_config: None,
-            last_desired: None,
+            last_desired: BTreeMap::new(),
             last_clean: false,
-            last_skipped: Vec::new(),
-            last_underlay: None,
+            last_skipped: BTreeMap::new(),
+            last_underlay: BTreeMap::new(),
+            last_files: BTreeMap::new(),
             waiting: None,
             config_note: None,
-            mismatch: None,
+            mismatch: BTreeMap::new(),
             condition_patched: None,
             tracker: Tracker::new(parts.resync),
             verdict_written: None,
@@ -327,16 +374,48 @@ impl Agent {
             .nodes
             .get(&self.node_name)
             .ok_or_else(|| format!("waiting for Node {}", self.node_name))?;
-        let local = facts
-            .local()
-            .map_err(|e| format!("waiting for Node {}: {e}", self.node_name))?;
+        let waiting = |e: NotProgrammable| format!("waiting for Node {}: {e}", self.node_name);
+        let mut families = Vec::new();
+        let mut first_missing = None;
+        for cluster_cidr in cluster_families(&config) {
+            let family = Family::of_net(&cluster_cidr);
+            // A family without its podCIDR or VTEP MAC is not programmed
+            // here: the controller publishes none for a subnet in conflict
+            // (and writes both families' annotations with the podCIDRs
+            // otherwise). With no family at all, the node waits.
+            let (local, missing) = match facts.local(family) {
+                Ok(local) => (Some(local), None),
+                Err(e) => {
+                    first_missing.get_or_insert(e);
+                    let why = match e {
+                        NotProgrammable::NoPodCidr { .. } => format!(
+                            "{e}; a Node whose podCIDRs were set before the CanalNetwork had {family} keeps them, as Kubernetes never lets them change: re-register it to give it one"
+                        ),
+                        NotProgrammable::NoVtepMac { .. } => e.to_string(),
+                    };
+                    (None, Some(why))
+                }
+            };
+            let f = facts.family(family);
+            families.push(FamilyInputs {
+                family,
+                cluster_cidr,
+                local,
+                missing,
+                internal_ip: f.internal_ip,
+                public_ip: f.public_ip,
+                peers: shared.nodes.peers(&self.node_name, family),
+            });
+        }
+        if families.iter().all(|f| f.local.is_none()) {
+            return Err(waiting(
+                first_missing.unwrap_or(NotProgrammable::NoPodCidr { family: Family::V4 }),
+            ));
+        }
         let inputs = Inputs {
-            local,
             uid: facts.uid.clone(),
-            internal_ip: facts.internal_ip,
-            public_ip: facts.public_ip,
             canal_is_up: facts.canal_is_up,
-            peers: shared.nodes.peers(&self.node_name),
+            families,
             config,
         };
         let pending = std::mem::take(&mut shared.pending);
@@ -403,7 +482,7 @@ impl Agent {
             if !self.synced_once {
                 self.synced_once = true;
                 tracing::info!(
-                    peers = inputs.peers.len(),
+                    peers = inputs.peer_count(),
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "first full overlay sync done"
                 );
@@ -513,14 +592,19 @@ impl Agent {
     }
 }
 
-/// Pods are routed through the node: IPv4 forwarding must be on (Kubernetes
-/// requires it; the agent turns it on when something left it off).
-fn ensure_ip_forward() -> Result<(), String> {
-    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
-    let current = std::fs::read_to_string(PATH).map_err(|e| format!("reading {PATH}: {e}"))?;
+/// Pods are routed through the node: forwarding of the family must be on
+/// (Kubernetes requires it; the agent turns it on when something left it
+/// off). IPv6 forwarding is turned on only for a cluster with IPv6.
+fn ensure_ip_forward(family: Family) -> Result<(), String> {
+    let path = match family {
+        Family::V4 => "/proc/sys/net/ipv4/ip_forward",
+        Family::V6 => "/proc/sys/net/ipv6/conf/all/forwarding",
+    };
+    let current = std::fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?;
     if current.trim() != "1" {
-        std::fs::write(PATH, "1").map_err(|e| format!("enabling IPv4 forwarding ({PATH}): {e}"))?;
-        tracing::warn!("IPv4 forwarding was off; turned it on ({PATH}=1)");
+        std::fs::write(path, "1")
+            .map_err(|e| format!("enabling {family} forwarding ({path}): {e}"))?;
+        tracing::warn!("{family} forwarding was off; turned it on ({path}=1)");
     }
     Ok(())
 }

@@ -8,34 +8,67 @@
 //! ([`crate::policy::component::PolicyComponent`]); `run_with` takes any set.
 
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use canal_crds::NetworkConfig;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use tokio::sync::watch;
+
+pub use crate::overlay::family::Family;
+
+/// One IP family of this node's pod network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeFamily {
+    /// The family.
+    pub family: Family,
+    /// The family's pod range (one of the CanalNetwork's clusterCIDRs).
+    pub cluster_cidr: IpNet,
+    /// This node's pod subnet of the family.
+    pub node_subnet: IpNet,
+    /// The underlay interface of the family.
+    pub underlay_interface: String,
+    /// This node's underlay address of the family.
+    pub node_ip: IpAddr,
+    /// The family's VXLAN device (`flannel.<VNI>` or `flannel-v6.<VNI>`),
+    /// if the backend uses one.
+    pub vxlan_device: Option<String>,
+}
 
 /// What the connectivity half knows about this node once it has programmed
 /// it; republished whenever any of it changes.
+///
+/// `families` lists every family this node has a subnet of, in the
+/// cluster's order; the single-valued fields are the first family's (the
+/// IPv4 one when the node has one), as before families existed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeNetwork {
     /// This node's name.
     pub node_name: String,
-    /// This node's pod subnet.
-    pub node_subnet: Ipv4Net,
-    /// The validated CanalNetwork `default` in effect (clusterCIDR,
+    /// This node's pod subnet (IPv4 when it has one, else IPv6).
+    pub node_subnet: IpNet,
+    /// The validated CanalNetwork `default` in effect (clusterCIDRs,
     /// `policy.enabled`, `defaultEndpointToHostAction`, ...).
     pub config: NetworkConfig,
-    /// MTU of pod interfaces.
+    /// MTU of pod interfaces (what fits every family's overlay).
     pub pod_mtu: u32,
-    /// The underlay interface.
+    /// The underlay interface (of the first family).
     pub underlay_interface: String,
-    /// This node's underlay address.
-    pub node_ip: Ipv4Addr,
-    /// The VXLAN device, if the backend uses one.
+    /// This node's underlay address (of the first family).
+    pub node_ip: IpAddr,
+    /// The VXLAN device of the first family, if the backend uses one.
     pub vxlan_device: Option<String>,
+    /// Every family, in the cluster's order.
+    pub families: Vec<NodeFamily>,
+}
+
+impl NodeNetwork {
+    /// The family's entry, if this node has a subnet of it.
+    pub fn family(&self, family: Family) -> Option<&NodeFamily> {
+        self.families.iter().find(|f| f.family == family)
+    }
 }
 
 /// Everything a component gets from the agent.

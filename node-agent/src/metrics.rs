@@ -9,14 +9,15 @@ use prometheus::{
 
 use crate::overlay::desired::SkipReason;
 use crate::overlay::diff::Kind;
+use crate::overlay::family::Family;
 use crate::report::Step;
 
 /// The agent's metrics.
 #[derive(Clone)]
 pub struct Metrics {
-    /// Remote nodes programmed, by how they are reached.
+    /// Remote nodes programmed, by family and how they are reached.
     pub remote_nodes: IntGaugeVec,
-    /// Remote nodes left out, by reason.
+    /// Remote nodes left out, by family and reason.
     pub remote_nodes_skipped: IntGaugeVec,
     /// Duration of one full sync.
     pub sync_full_duration: Histogram,
@@ -86,16 +87,16 @@ impl Metrics {
             remote_nodes: IntGaugeVec::new(
                 Opts::new(
                     "canal_agent_remote_nodes",
-                    "Remote nodes whose pod subnet is programmed on this node, by route type (vxlan: via the VXLAN device; direct: a plain route via the node address).",
+                    "Remote nodes whose pod subnet is programmed on this node, by IP family and route type (vxlan: via the VXLAN device; direct: a plain route via the node address).",
                 ),
-                &["route"],
+                &["family", "route"],
             )?,
             remote_nodes_skipped: IntGaugeVec::new(
                 Opts::new(
                     "canal_agent_remote_nodes_skipped",
-                    "Remote nodes that qualify as peers but get no route, by reason.",
+                    "Remote nodes that qualify as peers but get no route, by IP family and reason.",
                 ),
-                &["reason"],
+                &["family", "reason"],
             )?,
             sync_full_duration: Histogram::with_opts(
                 HistogramOpts::new(
@@ -206,11 +207,14 @@ impl Metrics {
         registry.register(Box::new(m.programmed.clone()))?;
 
         // Pre-create every label value so dashboards see zeros, not gaps.
-        for route in ["vxlan", "direct"] {
-            m.remote_nodes.with_label_values(&[route]);
-        }
-        for reason in SkipReason::ALL {
-            m.remote_nodes_skipped.with_label_values(&[reason.as_str()]);
+        for family in Family::ALL {
+            for route in ["vxlan", "direct"] {
+                m.remote_nodes.with_label_values(&[family.as_str(), route]);
+            }
+            for reason in SkipReason::ALL {
+                m.remote_nodes_skipped
+                    .with_label_values(&[family.as_str(), reason.as_str()]);
+            }
         }
         for phase in PHASES {
             m.sync_phase_duration.with_label_values(&[phase]);

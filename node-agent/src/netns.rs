@@ -119,3 +119,36 @@ pub fn handle_in(path: &Path) -> Result<Handle, NetnsError> {
         })
     })
 }
+
+/// Runs `f` on a thread inside the network namespace of `file` (an open
+/// namespace file) and returns what it returns: for what only works from
+/// inside, such as writing a namespace's `/proc/sys/net` (which shows the
+/// namespace of the thread that opens it).
+pub fn run_in<T: Send>(
+    file: &File,
+    path: &Path,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T, NetnsError> {
+    std::thread::scope(|scope| {
+        let joined = std::thread::Builder::new()
+            .name("netns-run".into())
+            .spawn_scoped(scope, || {
+                setns(file, CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Ok(f())
+            })
+            .map_err(|source| NetnsError::Thread {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .join();
+        joined.unwrap_or_else(|_| {
+            Err(NetnsError::Thread {
+                path: path.to_path_buf(),
+                source: std::io::Error::other("the namespace thread panicked"),
+            })
+        })
+    })
+}

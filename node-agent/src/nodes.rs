@@ -4,14 +4,15 @@
 //! way that matters to the overlay. No kube client in here.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use canal_crds::annotations;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::overlay::desired::{LocalNode, Peer};
+use crate::overlay::family::Family;
 use crate::overlay::model::Mac;
 
 /// Node condition the agent sets once the overlay is programmed.
@@ -58,6 +59,20 @@ pub fn programmed_condition(node: &Node) -> Option<ProgrammedCondition> {
         })
 }
 
+/// What a Node says about one IP family.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FamilyFacts {
+    /// The first entry of the family in `spec.podCIDRs`, else
+    /// `spec.podCIDR` when it is of the family (flannel's rule).
+    pub pod_cidr: Option<IpNet>,
+    /// The first `InternalIP` of the family in `status.addresses`.
+    pub internal_ip: Option<IpAddr>,
+    /// VtepMAC of `backend-data` (IPv4) or `backend-v6-data` (IPv6).
+    pub vtep_mac: Option<Mac>,
+    /// The `public-ip` (IPv4) or `public-ipv6` (IPv6) annotation.
+    pub public_ip: Option<IpAddr>,
+}
+
 /// The parts of a Node the overlay needs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeFacts {
@@ -65,20 +80,26 @@ pub struct NodeFacts {
     pub name: String,
     /// Node UID (to address Events to it).
     pub uid: Option<String>,
-    /// First IPv4 entry of `spec.podCIDRs`, else `spec.podCIDR`.
-    pub pod_cidr: Option<Ipv4Net>,
-    /// First `InternalIP` in `status.addresses`.
-    pub internal_ip: Option<Ipv4Addr>,
+    /// The IPv4 facts.
+    pub v4: FamilyFacts,
+    /// The IPv6 facts.
+    pub v6: FamilyFacts,
     /// `kube-subnet-manager: "true"`.
     pub subnet_manager: bool,
-    /// VtepMAC of the `backend-data` annotation.
-    pub vtep_mac: Option<Mac>,
-    /// The `public-ip` annotation.
-    pub public_ip: Option<Ipv4Addr>,
     /// The NetworkUnavailable condition is False with reason CanalIsUp.
     pub canal_is_up: bool,
     /// Annotations or fields that could not be read (for logs).
     pub problems: Vec<String>,
+}
+
+/// The VtepMAC of a `backend-data`-shaped annotation, or why not.
+fn vtep_mac_of(key: &str, data: &str) -> Result<Mac, String> {
+    let short = key.strip_prefix(annotations::PREFIX).unwrap_or(key);
+    match serde_json::from_str::<annotations::BackendData>(data) {
+        Ok(d) => Mac::parse(&d.vtep_mac)
+            .ok_or_else(|| format!("{short} VtepMAC {:?} is not a MAC", d.vtep_mac)),
+        Err(e) => Err(format!("{short} {data:?} does not parse: {e}")),
+    }
 }
 
 impl NodeFacts {
@@ -92,26 +113,31 @@ impl NodeFacts {
         if let Some(spec) = &node.spec {
             let candidates = spec.pod_cidrs.iter().flatten().chain(spec.pod_cidr.iter());
             for text in candidates {
-                match text.parse::<Ipv4Net>() {
+                match text.parse::<IpNet>() {
                     Ok(net) => {
-                        facts.pod_cidr = Some(net.trunc());
-                        break;
+                        let slot = &mut facts.family_mut(Family::of_net(&net)).pod_cidr;
+                        if slot.is_none() {
+                            *slot = Some(net.trunc());
+                        }
                     }
-                    // IPv6 entries are skipped; garbage is reported.
-                    Err(_) if text.contains(':') => {}
                     Err(_) => facts
                         .problems
-                        .push(format!("podCIDR {text:?} is not an IPv4 CIDR")),
+                        .push(format!("podCIDR {text:?} is not a CIDR")),
                 }
             }
         }
         if let Some(status) = &node.status {
-            facts.internal_ip = status
-                .addresses
-                .iter()
-                .flatten()
-                .filter(|a| a.type_ == "InternalIP")
-                .find_map(|a| a.address.parse().ok());
+            for address in status.addresses.iter().flatten() {
+                if address.type_ != "InternalIP" {
+                    continue;
+                }
+                if let Ok(ip) = address.address.parse::<IpAddr>() {
+                    let slot = &mut facts.family_mut(Family::of_addr(&ip)).internal_ip;
+                    if slot.is_none() {
+                        *slot = Some(ip);
+                    }
+                }
+            }
             facts.canal_is_up = status.conditions.iter().flatten().any(|c| {
                 c.type_ == NETWORK_UNAVAILABLE
                     && c.status == "False"
@@ -121,67 +147,104 @@ impl NodeFacts {
         let annotations = node.metadata.annotations.as_ref();
         let get = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
         facts.subnet_manager = get(annotations::KUBE_SUBNET_MANAGER) == Some("true");
-        if let Some(data) = get(annotations::BACKEND_DATA) {
-            match serde_json::from_str::<annotations::BackendData>(data) {
-                Ok(d) => match Mac::parse(&d.vtep_mac) {
-                    Some(mac) => facts.vtep_mac = Some(mac),
-                    None => facts.problems.push(format!(
-                        "backend-data VtepMAC {:?} is not a MAC",
-                        d.vtep_mac
-                    )),
-                },
-                Err(e) => facts
-                    .problems
-                    .push(format!("backend-data {data:?} does not parse: {e}")),
+        for (family, data_key, ip_key) in [
+            (
+                Family::V4,
+                annotations::BACKEND_DATA,
+                annotations::PUBLIC_IP,
+            ),
+            (
+                Family::V6,
+                annotations::BACKEND_V6_DATA,
+                annotations::PUBLIC_IPV6,
+            ),
+        ] {
+            if let Some(data) = get(data_key) {
+                match vtep_mac_of(data_key, data) {
+                    Ok(mac) => facts.family_mut(family).vtep_mac = Some(mac),
+                    Err(e) => facts.problems.push(e),
+                }
             }
-        }
-        if let Some(ip) = get(annotations::PUBLIC_IP) {
-            match ip.parse() {
-                Ok(ip) => facts.public_ip = Some(ip),
-                Err(_) => facts
-                    .problems
-                    .push(format!("public-ip {ip:?} is not an IPv4 address")),
+            if let Some(text) = get(ip_key) {
+                let short = ip_key.strip_prefix(annotations::PREFIX).unwrap_or(ip_key);
+                match text.parse::<IpAddr>() {
+                    Ok(ip) if Family::of_addr(&ip) == family => {
+                        facts.family_mut(family).public_ip = Some(ip);
+                    }
+                    _ => facts
+                        .problems
+                        .push(format!("{short} {text:?} is not an {family} address")),
+                }
             }
         }
         facts
     }
 
-    /// The node as an overlay peer, when it has everything a peer needs.
-    pub fn peer(&self) -> Option<Peer> {
+    /// The facts of one family.
+    pub fn family(&self, family: Family) -> &FamilyFacts {
+        match family {
+            Family::V4 => &self.v4,
+            Family::V6 => &self.v6,
+        }
+    }
+
+    fn family_mut(&mut self, family: Family) -> &mut FamilyFacts {
+        match family {
+            Family::V4 => &mut self.v4,
+            Family::V6 => &mut self.v6,
+        }
+    }
+
+    /// The node as an overlay peer of `family`, when it has everything a
+    /// peer of that family needs.
+    pub fn peer(&self, family: Family) -> Option<Peer> {
         if !self.subnet_manager {
             return None;
         }
+        let f = self.family(family);
         Some(Peer {
             name: self.name.clone(),
-            subnet: self.pod_cidr?,
-            public_ip: self.public_ip?,
-            vtep_mac: self.vtep_mac?,
+            subnet: f.pod_cidr?,
+            public_ip: f.public_ip?,
+            vtep_mac: f.vtep_mac?,
         })
     }
 
-    /// The node as the local node: it needs its subnet and VTEP MAC.
-    pub fn local(&self) -> Result<LocalNode, NotProgrammable> {
-        let subnet = self.pod_cidr.ok_or(NotProgrammable::NoPodCidr)?;
-        let vtep_mac = self.vtep_mac.ok_or(NotProgrammable::NoVtepMac)?;
+    /// The node as the local node of `family`: it needs its subnet and VTEP
+    /// MAC of the family.
+    pub fn local(&self, family: Family) -> Result<LocalNode, NotProgrammable> {
+        let f = self.family(family);
+        let subnet = f.pod_cidr.ok_or(NotProgrammable::NoPodCidr { family })?;
+        let vtep_mac = f.vtep_mac.ok_or(NotProgrammable::NoVtepMac { family })?;
         Ok(LocalNode {
             name: self.name.clone(),
             subnet,
             vtep_mac,
         })
     }
+
+    /// Both families' peer projections (for change detection).
+    fn peers(&self) -> [Option<Peer>; 2] {
+        [self.peer(Family::V4), self.peer(Family::V6)]
+    }
+
+    fn is_peer(&self) -> bool {
+        self.peers().iter().any(Option::is_some)
+    }
 }
 
-/// Why the local node cannot be programmed yet.
+/// Why the local node cannot be programmed (in one family) yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum NotProgrammable {
-    /// No podCIDR (canal-controller assigns it).
-    #[error("the Node has no spec.podCIDR yet (canal-controller assigns it)")]
-    NoPodCidr,
-    /// No backend-data annotation (canal-controller writes it).
+    /// No podCIDR of the family (canal-controller assigns it).
+    #[error("the Node has no {family} spec.podCIDRs entry yet (canal-controller assigns it)")]
+    NoPodCidr { family: Family },
+    /// No backend-data annotation of the family (canal-controller writes it).
     #[error(
-        "the Node has no readable flannel.alpha.coreos.com/backend-data annotation yet (canal-controller writes it)"
+        "the Node has no readable flannel.alpha.coreos.com/{} annotation yet (canal-controller writes it)",
+        if *family == Family::V4 { "backend-data" } else { "backend-v6-data" }
     )]
-    NoVtepMac,
+    NoVtepMac { family: Family },
 }
 
 /// What an index update changed.
@@ -218,7 +281,7 @@ impl NodeIndex {
         let old = self.nodes.get(&facts.name);
         let changed = Changed {
             any: old != Some(&facts),
-            peer: old.and_then(NodeFacts::peer) != facts.peer(),
+            peer: old.map(NodeFacts::peers) != Some(facts.peers()),
         };
         self.nodes.insert(facts.name.clone(), facts);
         changed
@@ -229,7 +292,7 @@ impl NodeIndex {
         match self.nodes.remove(name) {
             Some(old) => Changed {
                 any: true,
-                peer: old.peer().is_some(),
+                peer: old.is_peer(),
             },
             None => Changed::default(),
         }
@@ -254,12 +317,12 @@ impl NodeIndex {
         let new = self.relist.take().unwrap_or_default();
         let mut peers_changed = Vec::new();
         for (name, facts) in &new {
-            if self.nodes.get(name).and_then(NodeFacts::peer) != facts.peer() {
+            if self.nodes.get(name).map(NodeFacts::peers) != Some(facts.peers()) {
                 peers_changed.push(name.clone());
             }
         }
         for (name, facts) in &self.nodes {
-            if !new.contains_key(name) && facts.peer().is_some() {
+            if !new.contains_key(name) && facts.is_peer() {
                 peers_changed.push(name.clone());
             }
         }
@@ -274,12 +337,13 @@ impl NodeIndex {
         self.nodes.get(name)
     }
 
-    /// Every node except `local` that qualifies as a peer, in name order.
-    pub fn peers(&self, local: &str) -> Vec<Peer> {
+    /// Every node except `local` that qualifies as a peer of `family`, in
+    /// name order.
+    pub fn peers(&self, local: &str, family: Family) -> Vec<Peer> {
         self.nodes
             .values()
             .filter(|f| f.name != local)
-            .filter_map(NodeFacts::peer)
+            .filter_map(|f| f.peer(family))
             .collect()
     }
 
@@ -337,35 +401,102 @@ pub(crate) mod tests {
         }
     }
 
-    #[test]
-    fn reads_what_the_controller_writes() {
-        let f = NodeFacts::from_node(&mk_node("n1", "10.244.3.0/24", "192.168.1.3"));
-        assert_eq!(f.pod_cidr, Some("10.244.3.0/24".parse().unwrap()));
-        assert_eq!(f.internal_ip, Some("192.168.1.3".parse().unwrap()));
-        assert_eq!(f.public_ip, f.internal_ip);
-        assert_eq!(f.vtep_mac, Some(Mac(annotations::vtep_mac("n1"))));
-        assert!(f.subnet_manager && f.problems.is_empty() && !f.canal_is_up);
-        let p = f.peer().unwrap();
-        assert_eq!(p.subnet, f.pod_cidr.unwrap());
-        assert_eq!(f.local().unwrap().subnet, p.subnet);
+    /// A dual-stack Node as canal-controller leaves it.
+    pub fn mk_dual_node(name: &str, cidrs: [&str; 2], ips: [&str; 2]) -> Node {
+        let mut n = mk_node(name, cidrs[0], ips[0]);
+        let mac6 = annotations::format_mac(annotations::vtep_mac_v6(name));
+        let anns = n.metadata.annotations.as_mut().unwrap();
+        anns.insert(
+            annotations::BACKEND_V6_DATA.into(),
+            format!(r#"{{"VNI":1,"VtepMAC":"{mac6}"}}"#),
+        );
+        anns.insert(annotations::PUBLIC_IPV6.into(), ips[1].into());
+        n.spec.as_mut().unwrap().pod_cidrs = Some(cidrs.iter().map(|c| c.to_string()).collect());
+        n.status.as_mut().unwrap().addresses = Some(
+            ips.iter()
+                .map(|ip| NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: ip.to_string(),
+                })
+                .collect(),
+        );
+        n
     }
 
     #[test]
-    fn dual_stack_takes_the_ipv4_cidr_and_garbage_is_reported() {
-        let mut n = mk_node("n1", "10.244.3.0/24", "192.168.1.3");
-        n.spec.as_mut().unwrap().pod_cidrs =
-            Some(vec!["fd00:10::/64".into(), "10.244.9.0/24".into()]);
+    fn reads_what_the_controller_writes() {
+        let f = NodeFacts::from_node(&mk_node("n1", "10.244.3.0/24", "192.168.1.3"));
+        assert_eq!(f.v4.pod_cidr, Some("10.244.3.0/24".parse().unwrap()));
+        assert_eq!(f.v4.internal_ip, Some("192.168.1.3".parse().unwrap()));
+        assert_eq!(f.v4.public_ip, f.v4.internal_ip);
+        assert_eq!(f.v4.vtep_mac, Some(Mac(annotations::vtep_mac("n1"))));
+        assert!(f.subnet_manager && f.problems.is_empty() && !f.canal_is_up);
+        let p = f.peer(Family::V4).unwrap();
+        assert_eq!(p.subnet, f.v4.pod_cidr.unwrap());
+        assert_eq!(f.local(Family::V4).unwrap().subnet, p.subnet);
+        assert_eq!(f.peer(Family::V6), None);
         assert_eq!(
-            NodeFacts::from_node(&n).pod_cidr,
-            Some("10.244.9.0/24".parse().unwrap())
+            f.local(Family::V6),
+            Err(NotProgrammable::NoPodCidr { family: Family::V6 })
+        );
+    }
+
+    #[test]
+    fn dual_stack_nodes_are_peers_in_both_families() {
+        let n = mk_dual_node(
+            "n1",
+            ["10.244.3.0/24", "fd00:10:244:3::/64"],
+            ["192.168.1.3", "fd00:30::3"],
+        );
+        let f = NodeFacts::from_node(&n);
+        assert!(f.problems.is_empty(), "{:?}", f.problems);
+        let p6 = f.peer(Family::V6).unwrap();
+        assert_eq!(p6.subnet, "fd00:10:244:3::/64".parse::<IpNet>().unwrap());
+        assert_eq!(p6.public_ip, "fd00:30::3".parse::<IpAddr>().unwrap());
+        assert_eq!(p6.vtep_mac, Mac(annotations::vtep_mac_v6("n1")));
+        assert_ne!(p6.vtep_mac, f.peer(Family::V4).unwrap().vtep_mac);
+        assert_eq!(f.v6.internal_ip, Some(p6.public_ip));
+        // IPv6 first (an IPv6-primary cluster): the order changes nothing.
+        let mut swapped = n.clone();
+        swapped.spec.as_mut().unwrap().pod_cidrs =
+            Some(vec!["fd00:10:244:3::/64".into(), "10.244.3.0/24".into()]);
+        assert_eq!(NodeFacts::from_node(&swapped), f);
+        // An IPv6-only node.
+        let mut v6only = n.clone();
+        v6only.spec.as_mut().unwrap().pod_cidrs = Some(vec!["fd00:10:244:3::/64".into()]);
+        v6only.spec.as_mut().unwrap().pod_cidr = Some("fd00:10:244:3::/64".into());
+        let f = NodeFacts::from_node(&v6only);
+        assert_eq!(f.v4.pod_cidr, None);
+        assert!(f.peer(Family::V6).is_some() && f.peer(Family::V4).is_none());
+    }
+
+    #[test]
+    fn garbage_is_reported_per_family() {
+        let mut n = mk_dual_node(
+            "n1",
+            ["10.244.3.0/24", "fd00:10:244:3::/64"],
+            ["192.168.1.3", "fd00:30::3"],
         );
         let anns = n.metadata.annotations.as_mut().unwrap();
         anns.insert(annotations::BACKEND_DATA.into(), "{not json".into());
         anns.insert(annotations::PUBLIC_IP.into(), "nope".into());
+        // An IPv4 address where the IPv6 one belongs.
+        anns.insert(annotations::PUBLIC_IPV6.into(), "192.168.1.3".into());
+        n.spec.as_mut().unwrap().pod_cidrs = Some(vec!["junk".into(), "10.244.9.0/24".into()]);
         let f = NodeFacts::from_node(&n);
-        assert_eq!(f.problems.len(), 2, "{:?}", f.problems);
-        assert_eq!(f.peer(), None);
-        assert_eq!(f.local(), Err(NotProgrammable::NoVtepMac));
+        assert_eq!(f.problems.len(), 4, "{:?}", f.problems);
+        assert!(
+            f.problems.iter().any(|p| p.contains("public-ipv6")),
+            "{:?}",
+            f.problems
+        );
+        assert_eq!(f.v4.pod_cidr, Some("10.244.9.0/24".parse().unwrap()));
+        assert_eq!(f.peer(Family::V4), None);
+        assert_eq!(f.peer(Family::V6), None);
+        assert_eq!(
+            f.local(Family::V4),
+            Err(NotProgrammable::NoVtepMac { family: Family::V4 })
+        );
     }
 
     #[test]
@@ -376,11 +507,11 @@ pub(crate) mod tests {
             .as_mut()
             .unwrap()
             .remove(annotations::KUBE_SUBNET_MANAGER);
-        assert_eq!(NodeFacts::from_node(&n).peer(), None);
+        assert_eq!(NodeFacts::from_node(&n).peer(Family::V4), None);
         n.spec = None;
         assert_eq!(
-            NodeFacts::from_node(&n).local(),
-            Err(NotProgrammable::NoPodCidr)
+            NodeFacts::from_node(&n).local(Family::V4),
+            Err(NotProgrammable::NoPodCidr { family: Family::V4 })
         );
     }
 
@@ -443,7 +574,7 @@ pub(crate) mod tests {
             }
         );
         let mut moved = n1.clone();
-        moved.public_ip = Some("192.168.1.99".parse().unwrap());
+        moved.v4.public_ip = Some("192.168.1.99".parse().unwrap());
         assert_eq!(
             idx.apply(moved),
             Changed {
@@ -475,7 +606,8 @@ pub(crate) mod tests {
         let (changed, any) = idx.relist_done();
         assert_eq!(changed, vec!["a", "b"]);
         assert!(any && idx.listed());
-        assert_eq!(idx.peers("a").len(), 1);
+        assert_eq!(idx.peers("a", Family::V4).len(), 1);
+        assert_eq!(idx.peers("a", Family::V6).len(), 0);
 
         // b was deleted while the watch was down; c appeared.
         idx.relist_start();
@@ -494,12 +626,33 @@ pub(crate) mod tests {
         assert_eq!(changed, vec!["b", "c"]);
         assert!(any);
         assert_eq!(
-            idx.peers("a")
+            idx.peers("a", Family::V4)
                 .iter()
                 .map(|p| p.name.as_str())
                 .collect::<Vec<_>>(),
             vec!["c"]
         );
         assert_eq!(idx.len(), 2);
+    }
+
+    #[test]
+    fn an_ipv6_change_alone_is_a_peer_change() {
+        let mut idx = NodeIndex::new();
+        let n = mk_dual_node(
+            "n1",
+            ["10.244.1.0/24", "fd00:10:244:1::/64"],
+            ["192.168.1.1", "fd00:30::1"],
+        );
+        let f = NodeFacts::from_node(&n);
+        idx.apply(f.clone());
+        let mut moved = f.clone();
+        moved.v6.public_ip = Some("fd00:30::99".parse().unwrap());
+        assert_eq!(
+            idx.apply(moved),
+            Changed {
+                any: true,
+                peer: true
+            }
+        );
     }
 }

@@ -56,8 +56,11 @@ pub enum Step {
     Neighbour,
     /// Routes to peers' pod subnets.
     Route,
-    /// IPv4 forwarding.
+    /// IP forwarding (IPv4, and IPv6 in a cluster with IPv6).
     Forwarding,
+    /// Turning IPv6 off on pods' host veths where it is not allowed (see
+    /// `agent::ipv6_gate`).
+    PodIpv6,
     /// The masquerade and forward-accept iptables rules.
     Masquerade,
     /// The network file canal-cni reads.
@@ -66,7 +69,7 @@ pub enum Step {
 
 impl Step {
     /// Every step.
-    pub const ALL: [Step; 12] = [
+    pub const ALL: [Step; 13] = [
         Step::Dump,
         Step::Underlay,
         Step::LocalNode,
@@ -77,6 +80,7 @@ impl Step {
         Step::Neighbour,
         Step::Route,
         Step::Forwarding,
+        Step::PodIpv6,
         Step::Masquerade,
         Step::NetworkFile,
     ];
@@ -94,6 +98,7 @@ impl Step {
             Step::Neighbour => "neighbour",
             Step::Route => "route",
             Step::Forwarding => "forwarding",
+            Step::PodIpv6 => "pod_ipv6",
             Step::Masquerade => "masquerade",
             Step::NetworkFile => "network_file",
         }
@@ -112,6 +117,7 @@ impl Step {
             Step::Neighbour => "NeighboursFailed",
             Step::Route => "RoutesFailed",
             Step::Forwarding => "IPForwardingFailed",
+            Step::PodIpv6 => "PodIPv6GateFailed",
             Step::Masquerade => "MasqueradeFailed",
             Step::NetworkFile => "NetworkFileFailed",
         }
@@ -130,6 +136,7 @@ impl Step {
             Step::Neighbour => "neighbours",
             Step::Route => "routes",
             Step::Forwarding => "IP forwarding",
+            Step::PodIpv6 => "pod IPv6 gate",
             Step::Masquerade => "masquerade",
             Step::NetworkFile => "network file",
         }

@@ -330,7 +330,7 @@ async fn two_agents_connect_pods_repair_drift_survive_restarts_and_forget_delete
     }
     assert_eq!(overlay(a), before);
     assert_eq!(conn.echo("after restart"), "after restart");
-    assert!(a.metric("canal_agent_remote_nodes{route=\"vxlan\"}") == Some(3.0));
+    assert!(a.metric("canal_agent_remote_nodes{family=\"ipv4\",route=\"vxlan\"}") == Some(3.0));
 
     // A Node deleted while the agents run disappears everywhere.
     delete_node(&client, "node-c").await;

@@ -54,6 +54,15 @@ enum Command {
         /// With --kubelet: leave canal out (the nodes stay NotReady).
         #[arg(long, requires = "kubelet")]
         no_canal: bool,
+        /// The IP families: ipv4, ipv6 (an IPv6-only underlay and pod
+        /// range) or dual (a dual-stack underlay, both ranges, IPv4 first).
+        #[arg(long, default_value = "ipv4")]
+        ip_family: lab::IpFamily,
+        /// NetworkPolicy enforcement (CanalNetwork policy.enabled): on or
+        /// off. Default: on (both dataplanes guard both families; pods get
+        /// IPv6 once the policy component lists it in policy-families).
+        #[arg(long)]
+        policy: Option<OnOff>,
     },
     /// Check, in about a second, that this machine can run the lab (root,
     /// network namespaces, VXLAN, iptables, ipset, tools, canal's binaries,
@@ -108,6 +117,9 @@ enum Command {
         /// Also print the source address the server saw, or why it failed (stderr).
         #[arg(long, short)]
         verbose: bool,
+        /// The IP family to probe, 4 or 6 (default: the lab's first).
+        #[arg(long)]
+        family: Option<lab::Family>,
     },
     /// Probe every pod pair in parallel and print the truth table.
     Matrix {
@@ -123,6 +135,9 @@ enum Command {
         /// Per-probe timeout in milliseconds.
         #[arg(long, default_value_t = lab::DEFAULT_PROBE_TIMEOUT.as_millis() as u64)]
         timeout_ms: u64,
+        /// The IP family to probe, 4 or 6 (default: the lab's first).
+        #[arg(long)]
+        family: Option<lab::Family>,
     },
     /// Container images for real-kubelet nodes, built without a registry
     /// or a container engine.
@@ -173,9 +188,9 @@ enum Command {
         /// Created once every port is bound.
         #[arg(long)]
         ready_file: Option<PathBuf>,
-        /// Address to bind.
+        /// Address to bind, repeated (a pod's IPv4 and IPv6 addresses).
         #[arg(long, default_value = "0.0.0.0")]
-        bind: std::net::Ipv4Addr,
+        bind: Vec<std::net::IpAddr>,
     },
     /// (internal) Forged packets from inside a namespace (anti-spoofing by hand).
     #[command(name = "__spoof", hide = true)]
@@ -196,6 +211,13 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         count: u32,
     },
+}
+
+/// `on` / `off`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Subcommand, Debug)]
@@ -349,10 +371,16 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
             keep_on_failure,
             kubelet,
             no_canal,
+            ip_family,
+            policy,
         } => {
             let started = Instant::now();
             if kubelet {
                 return real::up(state, nodes, !no_canal, timeout, started).await;
+            }
+            let policy = !matches!(policy, Some(OnOff::Off));
+            if !policy {
+                eprintln!("canal-lab: NetworkPolicy is off in this lab (CanalNetwork policy.enabled=false)");
             }
             let opts = UpOptions {
                 nodes,
@@ -361,15 +389,21 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
                 ready_timeout: Duration::from_secs(timeout),
                 progress: true,
                 keep_on_failure,
+                ip_family,
+                policy,
                 ..UpOptions::default()
             };
             let ctx = lab::up(state, &opts).await?;
+            let underlay = match ctx.lab.underlay6 {
+                Some(u6) if ip_family.has_v4() => format!("{} and {u6}", ctx.lab.underlay),
+                Some(u6) => u6.to_string(),
+                None => ctx.lab.underlay.to_string(),
+            };
             println!(
-                "lab up in {:.1}s: {} node(s), API server {}, underlay {}\nkubeconfig: {}\ntry: canal-lab --state-dir {} kubectl -- get nodes -o wide",
+                "lab up in {:.1}s: {} node(s), {ip_family}, API server {}, underlay {underlay}\nkubeconfig: {}\ntry: canal-lab --state-dir {} kubectl -- get nodes -o wide",
                 started.elapsed().as_secs_f64(),
                 nodes,
                 ctx.lab.server,
-                ctx.lab.underlay,
                 state.kubeconfig().display(),
                 state.dir.display()
             );
@@ -481,9 +515,17 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
         Command::Node(NodeCommand::Add { name }) => {
             let ctx = Context::open(state).await?;
             let added = lab::add_node(&ctx, &name, lab::DEFAULT_READY_TIMEOUT).await?;
+            let addresses: Vec<String> = added
+                .node
+                .addresses()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             print!(
                 "node {} added ({}, netns {})",
-                added.node.name, added.node.address, added.node.netns
+                added.node.name,
+                addresses.join(", "),
+                added.node.netns
             );
             if let (Some(annotated), Some(routes)) =
                 (added.annotated_after, added.routes_everywhere_after)
@@ -513,13 +555,15 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
             protocol,
             timeout_ms,
             verbose,
+            family,
         } => {
             let ctx = Context::open(state).await?;
             let target: Target = to.parse()?;
-            let outcome = lab::probe(
+            let outcome = lab::probe_family(
                 &ctx,
                 &from,
                 &target,
+                family,
                 port,
                 protocol,
                 Duration::from_millis(timeout_ms),
@@ -551,6 +595,7 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
             protocol,
             json,
             timeout_ms,
+            family,
         } => {
             let ctx = Context::open(state).await?;
             let run = lab::run_matrix(
@@ -558,6 +603,7 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
                 &MatrixOptions {
                     port,
                     protocol,
+                    family,
                     timeout: Duration::from_millis(timeout_ms),
                     ..MatrixOptions::default()
                 },
@@ -566,7 +612,10 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
             if json {
                 println!("{}", run.matrix.to_json());
             } else {
-                println!("{port}/{protocol} ('.' connected, 'X' blocked; rows: from, columns: to)");
+                let family = family.unwrap_or_else(|| ctx.lab.ip_family.primary());
+                println!(
+                    "{port}/{protocol} over {family} ('.' connected, 'X' blocked; rows: from, columns: to)"
+                );
                 print!("{}", run.matrix.render());
                 println!(
                     "{}/{} pairs connected",
@@ -622,7 +671,7 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
                         .map_err(Error::Lab)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            lab::echo::serve(bind, &ports, ready_file).await?;
+            lab::echo::serve(&bind, &ports, ready_file).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Spoof {

@@ -2,7 +2,7 @@
 //! on the pod's ports, speaking [`crate::lab::protocol`]. Started as the
 //! hidden `canal-lab __echo` inside the pod's namespace.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,21 +17,22 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 512;
 
-/// Binds every port on `bind`, then creates `ready_file` (so the lab knows
-/// the pod serves), then serves until killed.
+/// Binds every port on every address of `binds` (a pod's IPv4 and IPv6
+/// addresses), then creates `ready_file` (so the lab knows the pod
+/// serves), then serves until killed.
 ///
 /// A host with several addresses must bind the one clients use: a UDP
 /// socket bound to 0.0.0.0 answers from the address of the outgoing route,
 /// which a client's connected socket (and a masquerading node's conntrack
 /// entry) does not accept as the reply.
 pub async fn serve(
-    bind: Ipv4Addr,
+    binds: &[IpAddr],
     ports: &[(u16, Protocol)],
     ready_file: Option<PathBuf>,
 ) -> Result<(), Error> {
     let mut tasks = tokio::task::JoinSet::new();
-    for &(port, protocol) in ports {
-        let addr = SocketAddr::from((bind, port));
+    for (&(port, protocol), &bind) in ports.iter().flat_map(|p| binds.iter().map(move |b| (p, b))) {
+        let addr = SocketAddr::new(bind, port);
         match protocol {
             Protocol::Tcp => {
                 let listener = TcpListener::bind(addr)

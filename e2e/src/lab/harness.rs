@@ -8,10 +8,10 @@ use kube::Client;
 
 use crate::lab::{
     CONFORMANCE_NAMESPACES, CONFORMANCE_PODS, Context, DEFAULT_PROBE_TIMEOUT,
-    DEFAULT_READY_TIMEOUT, DfOutcome, EchoStream, LabNames, MatrixOptions, MatrixRun, NodeAdded,
-    NodeRecord, PodOptions, PodRecord, ProbeOutcome, Protocol, Removed, StateDir, Target,
-    UpOptions, add_node, cleanup, del_node, kernel, kubectl, names, netns, nodes, pods, probe,
-    run_matrix, target_ip, up, wait_programmed,
+    DEFAULT_READY_TIMEOUT, DfOutcome, EchoStream, Family, LabNames, MatrixOptions, MatrixRun,
+    NodeAdded, NodeRecord, PodOptions, PodRecord, ProbeOutcome, Protocol, Removed, StateDir,
+    Target, UpOptions, add_node, cleanup, del_node, kernel, kubectl, names, netns, nodes, pods,
+    probe, probe_family, run_matrix, target_ip, target_ip_of, up, wait_programmed,
 };
 use crate::{Error, process};
 
@@ -197,6 +197,28 @@ impl Lab {
         .await
     }
 
+    /// Probes `to` from `from` in `family`.
+    pub async fn probe_family(
+        &self,
+        from: &str,
+        to: &str,
+        family: Family,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<ProbeOutcome, Error> {
+        let target: Target = to.parse()?;
+        probe_family(
+            &self.ctx,
+            from,
+            &target,
+            Some(family),
+            port,
+            protocol,
+            DEFAULT_PROBE_TIMEOUT,
+        )
+        .await
+    }
+
     /// Probes `to` from `from` with a timeout of its own.
     pub async fn probe_with_timeout(
         &self,
@@ -228,6 +250,25 @@ impl Lab {
         .await
     }
 
+    /// Probes every pod pair in `family`.
+    pub async fn matrix_family(
+        &self,
+        port: u16,
+        protocol: Protocol,
+        family: Family,
+    ) -> Result<MatrixRun, Error> {
+        run_matrix(
+            &self.ctx,
+            &MatrixOptions {
+                port,
+                protocol,
+                family: Some(family),
+                ..MatrixOptions::default()
+            },
+        )
+        .await
+    }
+
     /// Sends a UDP datagram of `payload` bytes with DF set from pod `from`
     /// to the echo server of `to` on `port`.
     pub async fn udp_df(
@@ -237,8 +278,21 @@ impl Lab {
         port: u16,
         payload: usize,
     ) -> Result<DfOutcome, Error> {
+        self.udp_df_family(from, to, None, port, payload).await
+    }
+
+    /// [`Lab::udp_df`] in `family` (None: the primary; IPv6 has no DF bit:
+    /// the datagram is sent unfragmentable, `IPV6_PMTUDISC_DO`).
+    pub async fn udp_df_family(
+        &self,
+        from: &str,
+        to: &str,
+        family: Option<Family>,
+        port: u16,
+        payload: usize,
+    ) -> Result<DfOutcome, Error> {
         let source = self.pod(from)?;
-        let dst = SocketAddr::new(target_ip(&self.ctx, &to.parse()?)?, port);
+        let dst = SocketAddr::new(target_ip_of(&self.ctx, &to.parse()?, family)?, port);
         tokio::task::spawn_blocking(move || {
             probe::udp_df_in(&source.netns, dst, payload, Duration::from_secs(3))
         })

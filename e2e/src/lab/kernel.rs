@@ -1,23 +1,23 @@
-//! What a node's kernel holds (routes, neighbours, FDB), read with
-//! iproute2's JSON output, and the checks `up` and the tests make on it.
-//! Parsing and checks are pure.
+//! What a node's kernel holds (routes, neighbours, FDB) of both IP
+//! families, read with iproute2's JSON output, and the checks `up` and the
+//! tests make on it. Parsing and checks are pure.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
 use crate::Error;
 use crate::lab::netns;
 
-/// One IPv4 route.
+/// One route (either family).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
-    /// Destination (`default` is 0.0.0.0/0).
-    pub dst: Ipv4Net,
+    /// Destination (`default` is 0.0.0.0/0 or ::/0).
+    pub dst: IpNet,
     /// Next hop.
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
     /// Output device.
     pub dev: String,
 }
@@ -49,9 +49,9 @@ pub struct FdbEntry {
 /// A node namespace's routing state.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    /// IPv4 routes of the main table.
+    /// Routes of the main table, both families.
     pub routes: Vec<Route>,
-    /// IPv4 neighbours.
+    /// Neighbours, both families.
     pub neighbours: Vec<Neighbour>,
     /// Bridge FDB entries (VXLAN devices included).
     pub fdb: Vec<FdbEntry>,
@@ -59,7 +59,8 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Routes to `dst` exactly.
-    pub fn route_to(&self, dst: Ipv4Net) -> Option<&Route> {
+    pub fn route_to(&self, dst: impl Into<IpNet>) -> Option<&Route> {
+        let dst = dst.into();
         self.routes.iter().find(|r| r.dst == dst)
     }
 
@@ -68,10 +69,11 @@ impl Snapshot {
     /// MAC or its underlay address.
     pub fn mentions(
         &self,
-        pod_cidr: Ipv4Net,
+        pod_cidr: impl Into<IpNet>,
         vtep_mac: &str,
-        node_address: Ipv4Addr,
+        node_address: impl Into<IpAddr>,
     ) -> Vec<String> {
+        let (pod_cidr, node_address) = (pod_cidr.into(), node_address.into());
         let gateway = pod_cidr.network().to_string();
         let address = node_address.to_string();
         let mut found = Vec::new();
@@ -136,23 +138,27 @@ fn parse_list<T: for<'de> Deserialize<'de>>(json: &str) -> Result<Vec<T>, String
     serde_json::from_str(json).map_err(|e| format!("{e}: {json}"))
 }
 
-/// Parses `ip -j -4 route show`.
-pub fn parse_routes(json: &str) -> Result<Vec<Route>, String> {
+/// Parses `ip -j -4 route show` (or `-6`: `v6` says which, for `default`).
+pub fn parse_routes_of(json: &str, v6: bool) -> Result<Vec<Route>, String> {
     parse_list::<RawRoute>(json)?
         .into_iter()
         .map(|r| {
             let dst = if r.dst == "default" {
-                Ipv4Net::default()
+                if v6 {
+                    IpNet::V6(Ipv6Net::default())
+                } else {
+                    IpNet::V4(Ipv4Net::default())
+                }
             } else if r.dst.contains('/') {
                 r.dst
                     .parse()
                     .map_err(|e| format!("route dst {}: {e}", r.dst))?
             } else {
-                let ip: Ipv4Addr = r
+                let ip: IpAddr = r
                     .dst
                     .parse()
                     .map_err(|e| format!("route dst {}: {e}", r.dst))?;
-                Ipv4Net::from(ip)
+                IpNet::from(ip)
             };
             Ok(Route {
                 dst,
@@ -163,7 +169,12 @@ pub fn parse_routes(json: &str) -> Result<Vec<Route>, String> {
         .collect()
 }
 
-/// Parses `ip -j -4 neigh show`.
+/// Parses `ip -j -4 route show`.
+pub fn parse_routes(json: &str) -> Result<Vec<Route>, String> {
+    parse_routes_of(json, false)
+}
+
+/// Parses `ip -j -4 neigh show` (or `-6`).
 pub fn parse_neighbours(json: &str) -> Result<Vec<Neighbour>, String> {
     Ok(parse_list::<RawNeighbour>(json)?
         .into_iter()
@@ -188,22 +199,38 @@ pub fn parse_fdb(json: &str) -> Result<Vec<FdbEntry>, String> {
         .collect())
 }
 
-/// Reads a namespace's IPv4 routes (main table).
+/// Reads a namespace's routes of both families (main table).
 pub fn routes(netns_name: &str) -> Result<Vec<Route>, Error> {
-    parse_routes(&netns::ip(&[
-        "-n", netns_name, "-j", "-4", "route", "show",
-    ])?)
-    .map_err(|e| Error::Lab(format!("parsing routes of {netns_name}: {e}")))
+    let bad = |e| Error::Lab(format!("parsing routes of {netns_name}: {e}"));
+    let mut routes = parse_routes_of(
+        &netns::ip(&["-n", netns_name, "-j", "-4", "route", "show"])?,
+        false,
+    )
+    .map_err(bad)?;
+    routes.extend(
+        parse_routes_of(
+            &netns::ip(&["-n", netns_name, "-j", "-6", "route", "show"])?,
+            true,
+        )
+        .map_err(bad)?,
+    );
+    Ok(routes)
 }
 
 /// Reads a namespace's routes, neighbours and FDB.
 pub fn snapshot(netns_name: &str) -> Result<Snapshot, Error> {
     let bad = |what: &str, e: String| Error::Lab(format!("parsing {what} of {netns_name}: {e}"));
     let routes = routes(netns_name)?;
-    let neighbours = parse_neighbours(&netns::ip(&[
+    let mut neighbours = parse_neighbours(&netns::ip(&[
         "-n", netns_name, "-j", "-4", "neigh", "show",
     ])?)
     .map_err(|e| bad("neighbours", e))?;
+    neighbours.extend(
+        parse_neighbours(&netns::ip(&[
+            "-n", netns_name, "-j", "-6", "neigh", "show",
+        ])?)
+        .map_err(|e| bad("IPv6 neighbours", e))?,
+    );
     let fdb = parse_fdb(&netns::run(
         std::process::Command::new("bridge").args(["-n", netns_name, "-j", "fdb", "show"]),
     )?)
@@ -220,24 +247,48 @@ pub fn snapshot(netns_name: &str) -> Result<Snapshot, Error> {
 pub struct NodeView {
     /// Node name.
     pub name: String,
-    /// `spec.podCIDR`, once the controller allocated it.
-    pub pod_cidr: Option<Ipv4Net>,
+    /// `spec.podCIDRs`, once the controller allocated them (empty before).
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+/// The podCIDRs of a Node object (`spec.podCIDRs`, else `spec.podCIDR`).
+pub fn pod_cidrs(node: &k8s_openapi::api::core::v1::Node) -> Vec<IpNet> {
+    let Some(spec) = &node.spec else {
+        return Vec::new();
+    };
+    let listed: Vec<IpNet> = spec
+        .pod_cidrs
+        .iter()
+        .flatten()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    if listed.is_empty() {
+        spec.pod_cidr
+            .iter()
+            .filter_map(|c| c.parse().ok())
+            .collect()
+    } else {
+        listed
+    }
 }
 
 /// What keeps the overlay from being complete: nodes without a subnet, and
-/// for every node the other nodes' subnets it has no route to.
+/// for every node the other nodes' subnets (each family's) it has no route
+/// to.
 pub fn missing_routes(nodes: &[NodeView], routes: &BTreeMap<String, Vec<Route>>) -> Vec<String> {
     let mut missing = Vec::new();
     for node in nodes {
-        if node.pod_cidr.is_none() {
+        if node.pod_cidrs.is_empty() {
             missing.push(format!("{} has no podCIDR yet", node.name));
         }
     }
     for node in nodes {
         let table = routes.get(&node.name).map(Vec::as_slice).unwrap_or(&[]);
         for other in nodes.iter().filter(|o| o.name != node.name) {
-            if let Some(cidr) = other.pod_cidr
-                && !table.iter().any(|r| r.dst == cidr)
+            for cidr in other
+                .pod_cidrs
+                .iter()
+                .filter(|c| !table.iter().any(|r| r.dst == **c))
             {
                 missing.push(format!(
                     "{} has no route to {}'s {cidr}",
@@ -271,9 +322,17 @@ mod tests {
     fn routes_parse() {
         let routes = parse_routes(ROUTES).unwrap();
         assert_eq!(routes.len(), 4);
-        assert_eq!(routes[0].dst, Ipv4Net::default());
+        assert_eq!(routes[0].dst, IpNet::V4(Ipv4Net::default()));
         assert_eq!(routes[1].gateway, Some("10.244.2.0".parse().unwrap()));
-        assert_eq!(routes[2].dst, "10.244.1.7/32".parse::<Ipv4Net>().unwrap());
+        assert_eq!(routes[2].dst, "10.244.1.7/32".parse::<IpNet>().unwrap());
+        let v6 = parse_routes_of(
+            r#"[{"dst":"default","gateway":"fd00:30::1","dev":"eth0"},{"dst":"fd00:10:244:2::/64","gateway":"fd00:10:244:2::","dev":"flannel-v6.1"},{"dst":"fd00:10:244:1::5","dev":"cali1"}]"#,
+            true,
+        )
+        .unwrap();
+        assert_eq!(v6[0].dst, IpNet::V6(Ipv6Net::default()));
+        assert_eq!(v6[1].gateway, Some("fd00:10:244:2::".parse().unwrap()));
+        assert_eq!(v6[2].dst.prefix_len(), 128);
         assert!(parse_routes("").unwrap().is_empty());
         assert!(parse_routes("[{\"dst\":\"nonsense\"}]").is_err());
     }
@@ -297,15 +356,15 @@ mod tests {
         let nodes = vec![
             NodeView {
                 name: "node-1".into(),
-                pod_cidr: Some("10.244.1.0/24".parse().unwrap()),
+                pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
             },
             NodeView {
                 name: "node-2".into(),
-                pod_cidr: Some("10.244.2.0/24".parse().unwrap()),
+                pod_cidrs: vec!["10.244.2.0/24".parse().unwrap()],
             },
             NodeView {
                 name: "node-3".into(),
-                pod_cidr: None,
+                pod_cidrs: vec![],
             },
         ];
         let mut routes = BTreeMap::new();
@@ -333,12 +392,13 @@ mod tests {
             fdb: parse_fdb(r#"[{"mac":"0a:58:00:00:00:02","dev":"flannel.1","dst":"172.30.5.12"}]"#)
                 .unwrap(),
         };
-        let cidr = "10.244.2.0/24".parse().unwrap();
-        let addr = "172.30.5.12".parse().unwrap();
+        let cidr: IpNet = "10.244.2.0/24".parse().unwrap();
+        let addr: IpAddr = "172.30.5.12".parse().unwrap();
         assert_eq!(snap.mentions(cidr, "0A:58:00:00:00:02", addr).len(), 3);
-        let other = "10.244.3.0/24".parse().unwrap();
+        let other: IpNet = "10.244.3.0/24".parse().unwrap();
+        let other_addr: IpAddr = "172.30.5.13".parse().unwrap();
         assert!(
-            snap.mentions(other, "0a:58:00:00:00:03", "172.30.5.13".parse().unwrap())
+            snap.mentions(other, "0a:58:00:00:00:03", other_addr)
                 .is_empty()
         );
     }

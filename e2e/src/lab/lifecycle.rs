@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use canal_crds::{CanalNetwork, CanalNetworkSpec};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams};
 
@@ -14,8 +14,8 @@ use crate::binaries::Binaries;
 use crate::control_plane;
 use crate::lab::report::{self, Component, Problem};
 use crate::lab::{
-    Context, LAB_CLUSTER_CIDR, LabRecord, NodeRecord, Removed, StateDir, UpOptions, cleanup,
-    default_bin_dir, forward, kernel, names, nodes, pods, preflight, state,
+    Context, IpFamily, LAB_CLUSTER_CIDR, LabRecord, NodeRecord, Removed, StateDir, UpOptions,
+    cleanup, default_bin_dir, forward, kernel, names, nodes, pods, preflight, state,
 };
 use crate::{Error, install, process};
 
@@ -128,11 +128,7 @@ async fn up_steps(
     std::fs::copy(cp.layout.kubeconfig(), state.kubeconfig())
         .map_err(|e| Error::Io(format!("writing {}", state.kubeconfig().display()), e))?;
     install::install_crds(&client).await?;
-    install::apply_default_network(
-        &client,
-        CanalNetworkSpec::with_cluster_cidr(LAB_CLUSTER_CIDR),
-    )
-    .await?;
+    install::apply_default_network(&client, lab_network(opts.ip_family, opts.policy)?).await?;
 
     let names = state.names();
     let mut ctx = Context {
@@ -141,6 +137,8 @@ async fn up_steps(
             prefix: names.prefix.clone(),
             server: cp.server.clone(),
             underlay: names.underlay(),
+            ip_family: opts.ip_family,
+            underlay6: opts.ip_family.has_v6().then(|| names.underlay6()),
             agents: opts.agents,
             controller: opts.controller,
             bin_dir,
@@ -158,10 +156,15 @@ async fn up_steps(
         opts.nodes,
         ctx.names.prefix
     ));
-    nodes::build_underlay(&ctx.names)?;
+    nodes::build_underlay(&ctx.names, opts.ip_family)?;
     nodes::start_internet_echo(&ctx).await?;
     for i in 1..=opts.nodes {
-        let node = nodes::plan_node(state, &ctx.names, &names::default_node_name(i))?;
+        let node = nodes::plan_node(
+            state,
+            &ctx.names,
+            opts.ip_family,
+            &names::default_node_name(i),
+        )?;
         create_node(&ctx, &node).await?;
     }
     // Always: agents run by hand (`ip netns exec`) use it too.
@@ -200,6 +203,19 @@ async fn up_steps(
         .unwrap_or_default();
     state::write_json(&state.lab_file(), &ctx.lab)?;
     Ok(ctx)
+}
+
+/// The lab's CanalNetwork: the family's ranges (IPv6 nodes get a /64 each),
+/// NetworkPolicy as asked.
+pub fn lab_network(family: IpFamily, policy: bool) -> Result<CanalNetworkSpec, Error> {
+    let mut spec = CanalNetworkSpec::with_cluster_cidr(LAB_CLUSTER_CIDR);
+    if family != IpFamily::Ipv4 {
+        return Err(Error::Lab(format!(
+            "--ip-family {family} needs a CanalNetwork with clusterCIDRs"
+        )));
+    }
+    spec.policy.enabled = policy;
+    Ok(spec)
 }
 
 /// Builds a node's namespace, records it and registers its Node object.
@@ -253,23 +269,21 @@ async fn not_ready(ctx: &Context) -> Result<Readiness, Error> {
         .list(&ListParams::default())
         .await
         .map_err(|e| Error::Kube("listing Nodes".into(), e))?;
-    let cidrs: BTreeMap<String, Option<Ipv4Net>> = objects
+    let cidrs: BTreeMap<String, Vec<IpNet>> = objects
         .items
         .iter()
         .map(|n| {
-            let cidr = n
-                .spec
-                .as_ref()
-                .and_then(|s| s.pod_cidr.as_deref())
-                .and_then(|c| c.parse().ok());
-            (n.metadata.name.clone().unwrap_or_default(), cidr)
+            (
+                n.metadata.name.clone().unwrap_or_default(),
+                kernel::pod_cidrs(n),
+            )
         })
         .collect();
     let views: Vec<kernel::NodeView> = records
         .iter()
         .map(|r| kernel::NodeView {
             name: r.name.clone(),
-            pod_cidr: cidrs.get(&r.name).copied().flatten(),
+            pod_cidrs: cidrs.get(&r.name).cloned().unwrap_or_default(),
         })
         .collect();
 
@@ -326,7 +340,7 @@ async fn not_ready(ctx: &Context) -> Result<Readiness, Error> {
                 ));
             }
         }
-        problems.extend(views.iter().filter(|v| v.pod_cidr.is_none()).map(|v| {
+        problems.extend(views.iter().filter(|v| v.pod_cidrs.is_empty()).map(|v| {
             Problem::new(
                 Component::Controller,
                 format!("{} has no podCIDR yet", v.name),
@@ -527,7 +541,7 @@ pub struct NodeAdded {
 pub async fn add_node(ctx: &Context, name: &str, timeout: Duration) -> Result<NodeAdded, Error> {
     let node = {
         let _lock = ctx.state.lock()?;
-        let node = nodes::plan_node(&ctx.state, &ctx.names, name)?;
+        let node = nodes::plan_node(&ctx.state, &ctx.names, ctx.lab.ip_family, name)?;
         // Record first so a failure below is undone by `del_node`/`down`.
         state::write_json(&ctx.state.node(&node.name).record(), &node)?;
         node
@@ -596,23 +610,26 @@ async fn wait_routes_to(
             .get_opt(&node.name)
             .await
             .map_err(|e| Error::Kube(format!("reading Node {}", node.name), e))?;
+        // Each family's VTEP annotation, next to its podCIDR.
+        let family = ctx.lab.ip_family;
         let has_vtep = object.as_ref().is_some_and(|n| {
-            n.metadata
-                .annotations
-                .as_ref()
-                .is_some_and(|a| a.contains_key(canal_crds::annotations::BACKEND_DATA))
+            n.metadata.annotations.as_ref().is_some_and(|a| {
+                (!family.has_v4() || a.contains_key(canal_crds::annotations::BACKEND_DATA))
+                    && (!family.has_v6()
+                        || a.contains_key(canal_crds::annotations::BACKEND_V6_DATA))
+            })
         });
-        let cidr: Option<Ipv4Net> = object
-            .and_then(|n| n.spec)
-            .and_then(|s| s.pod_cidr)
-            .and_then(|c| c.parse().ok());
+        let cidrs: Vec<IpNet> = object.as_ref().map(kernel::pod_cidrs).unwrap_or_default();
         let mut waiting = vec![];
-        match cidr {
-            Some(cidr) if has_vtep => {
+        match cidrs.len() {
+            n if n == family.families().len() && has_vtep => {
                 let at = *annotated.get_or_insert_with(Instant::now);
                 for other in ctx.state.nodes()?.iter().filter(|o| o.name != node.name) {
-                    if !kernel::routes(&other.netns)?.iter().any(|r| r.dst == cidr) {
-                        waiting.push(format!("{} has no route to {cidr}", other.name));
+                    let routes = kernel::routes(&other.netns)?;
+                    for cidr in &cidrs {
+                        if !routes.iter().any(|r| r.dst == *cidr) {
+                            waiting.push(format!("{} has no route to {cidr}", other.name));
+                        }
                     }
                 }
                 if waiting.is_empty() {

@@ -17,6 +17,7 @@
 pub mod cleanup;
 pub mod cni;
 pub mod echo;
+pub mod family;
 pub mod forward;
 mod harness;
 pub mod kernel;
@@ -43,6 +44,7 @@ use std::time::Duration;
 use kube::Client;
 
 pub use cleanup::Removed;
+pub use family::{Family, IpFamily};
 pub use harness::Lab;
 pub use lifecycle::{NodeAdded, add_node, del_node, down, up, wait_programmed};
 pub use matrix::Matrix;
@@ -52,7 +54,9 @@ pub use probe::{DfOutcome, EchoStream, ProbeOutcome};
 pub use protocol::Protocol;
 pub use state::{DEFAULT_STATE_DIR, LabRecord, NodeRecord, PodPort, PodRecord, StateDir};
 pub use status::status;
-pub use traffic::{MatrixOptions, MatrixRun, Target, probe, run_matrix, target_ip};
+pub use traffic::{
+    MatrixOptions, MatrixRun, Target, probe, probe_family, run_matrix, target_ip, target_ip_of,
+};
 
 use crate::Error;
 use crate::binaries::Binaries;
@@ -114,6 +118,10 @@ pub struct UpOptions {
     /// When `up` fails, leave every process and namespace running for
     /// inspection (otherwise they are stopped; the logs always stay).
     pub keep_on_failure: bool,
+    /// The IP families of the underlay, the CanalNetwork and the pods.
+    pub ip_family: IpFamily,
+    /// The CanalNetwork's `policy.enabled`.
+    pub policy: bool,
 }
 
 impl Default for UpOptions {
@@ -127,6 +135,8 @@ impl Default for UpOptions {
             replace: false,
             progress: false,
             keep_on_failure: false,
+            ip_family: IpFamily::Ipv4,
+            policy: true,
         }
     }
 }

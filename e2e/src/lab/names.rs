@@ -3,10 +3,10 @@
 //! and so that `down` finds a crashed lab's leftovers from the directory
 //! alone. Pure: no I/O.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use sha2::{Digest, Sha256};
 
 /// Linux's limit on interface names (IFNAMSIZ - 1).
@@ -22,6 +22,8 @@ pub const INTERNET_PORT: &str = "veth-inet";
 /// The host outside clusterCIDR that the internet namespace plays (RFC 2544
 /// benchmarking range, never routed on real networks).
 pub const INTERNET_HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The internet host's IPv6 address (the documentation range, never routed).
+pub const INTERNET_HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 /// Port the API server forwarder listens on inside every node namespace
 /// (`https://127.0.0.1:6443`, an address the API server certificate covers).
 pub const NODE_API_PORT: u16 = 6443;
@@ -117,6 +119,29 @@ impl LabNames {
     pub fn node_address(&self, slot: u8) -> Ipv4Addr {
         host(self.underlay(), 10 + u32::from(slot))
     }
+
+    /// The lab's IPv6 underlay (labs with IPv6): a /64 of the ULA
+    /// fd00:30::/32 chosen like [`LabNames::underlay`].
+    pub fn underlay6(&self) -> Ipv6Net {
+        let third = u16::from_str_radix(&self.prefix[2..4], 16).unwrap_or(0);
+        // A /64 is a valid prefix length for every address.
+        Ipv6Net::new(Ipv6Addr::new(0xfd00, 0x30, third, 0, 0, 0, 0, 0), 64).unwrap_or_default()
+    }
+
+    /// The IPv6 underlay's gateway (`::1`, in the internet namespace).
+    pub fn gateway6(&self) -> Ipv6Addr {
+        host6(self.underlay6(), 1)
+    }
+
+    /// The IPv6 underlay address of the node in `slot` (`::11` for slot 1,
+    /// like IPv4's `.11`).
+    pub fn node_address6(&self, slot: u8) -> Ipv6Addr {
+        host6(self.underlay6(), 0x10 + u128::from(slot))
+    }
+}
+
+fn host6(net: Ipv6Net, n: u128) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(net.network()) + n)
 }
 
 fn host(net: Ipv4Net, n: u32) -> Ipv4Addr {
@@ -237,7 +262,16 @@ mod tests {
             assert!(net.contains(&lab.node_address(LAST_SLOT)));
             assert_ne!(lab.node_address(LAST_SLOT), net.broadcast());
             assert_ne!(lab.gateway(), lab.node_address(FIRST_SLOT));
+            let net6 = lab.underlay6();
+            assert!(net6.contains(&lab.gateway6()));
+            assert!(net6.contains(&lab.node_address6(LAST_SLOT)));
+            assert_ne!(lab.gateway6(), lab.node_address6(FIRST_SLOT));
         }
+        let lab = LabNames {
+            prefix: "cl7f0000".into(),
+        };
+        assert_eq!(lab.underlay6().to_string(), "fd00:30:7f::/64");
+        assert_eq!(lab.node_address6(1).to_string(), "fd00:30:7f::11");
     }
 
     #[test]

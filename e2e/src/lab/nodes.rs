@@ -15,6 +15,7 @@ use serde_json::json;
 use crate::Error;
 use crate::certs::Pki;
 use crate::control_plane::{self, Layout};
+use crate::lab::family::IpFamily;
 use crate::lab::names::{self, LabNames};
 use crate::lab::state::{LabRecord, NodeRecord, StateDir};
 use crate::lab::{Context, netns};
@@ -24,8 +25,10 @@ use crate::process;
 pub const KUBELET_MANAGER: &str = "canal-lab-kubelet";
 
 /// Builds the underlay namespace with its bridge, and the internet
-/// namespace on it (the nodes' default gateway, holding [`names::INTERNET_HOST`]).
-pub fn build_underlay(names: &LabNames) -> Result<(), Error> {
+/// namespace on it (the nodes' default gateway, holding
+/// [`names::INTERNET_HOST`]; with IPv6 also the IPv6 gateway and
+/// [`names::INTERNET_HOST6`]).
+pub fn build_underlay(names: &LabNames, family: IpFamily) -> Result<(), Error> {
     let ul = names.underlay_netns();
     netns::add(&ul)?;
     netns::ip(&[
@@ -70,6 +73,34 @@ pub fn build_underlay(names: &LabNames) -> Result<(), Error> {
         "dev",
         "lo",
     ])?;
+    if family.has_v6() {
+        // No duplicate address detection anywhere in the lab: a tentative
+        // address cannot be bound or answer for a second or more.
+        netns::set_sysctl(&inet, "net.ipv6.conf.all.accept_dad", "0")?;
+        netns::set_sysctl(&inet, "net.ipv6.conf.default.accept_dad", "0")?;
+        let gateway6 = format!("{}/{}", names.gateway6(), names.underlay6().prefix_len());
+        netns::ip(&[
+            "-n",
+            &inet,
+            "-6",
+            "addr",
+            "add",
+            &gateway6,
+            "dev",
+            names::NODE_UNDERLAY_IF,
+            "nodad",
+        ])?;
+        netns::ip(&[
+            "-n",
+            &inet,
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/128", names::INTERNET_HOST6),
+            "dev",
+            "lo",
+        ])?;
+    }
     Ok(())
 }
 
@@ -86,6 +117,9 @@ pub async fn start_internet_echo(ctx: &Context) -> Result<(), Error> {
     );
     // The namespace also holds the underlay gateway address.
     cmd.arg("--bind").arg(names::INTERNET_HOST.to_string());
+    if ctx.lab.ip_family.has_v6() {
+        cmd.arg("--bind").arg(names::INTERNET_HOST6.to_string());
+    }
     process::spawn_detached("internet echo server", cmd, &paths.log(), &paths.pid())?;
     wait_file(
         &paths.ready(),
@@ -129,8 +163,13 @@ pub async fn wait_file(ready: &Path, pid: &Path, log: &Path, what: &str) -> Resu
     }
 }
 
-/// Picks a slot and address for a new node.
-pub fn plan_node(state: &StateDir, names: &LabNames, name: &str) -> Result<NodeRecord, Error> {
+/// Picks a slot and addresses for a new node of a lab of `family`.
+pub fn plan_node(
+    state: &StateDir,
+    names: &LabNames,
+    family: IpFamily,
+    name: &str,
+) -> Result<NodeRecord, Error> {
     names::check_node_name(name).map_err(Error::Lab)?;
     let existing = state.nodes()?;
     if existing.iter().any(|n| n.name == name) {
@@ -143,14 +182,17 @@ pub fn plan_node(state: &StateDir, names: &LabNames, name: &str) -> Result<NodeR
         name: name.to_string(),
         slot,
         address: names.node_address(slot),
+        ipv4: family.has_v4(),
+        address6: family.has_v6().then(|| names.node_address6(slot)),
         netns: names.node_netns(name),
         underlay_port: names::underlay_port(slot),
     })
 }
 
 /// Builds a node's namespace: `eth0` on the underlay bridge with its
-/// address, a default route via the internet gateway (proxy ARP for pods'
-/// 169.254.1.1 needs one), and IPv4 forwarding on, as on any Kubernetes node.
+/// address(es), a default route via the internet gateway of each family
+/// (proxy ARP for pods' 169.254.1.1 needs one), and forwarding on, as on
+/// any Kubernetes node.
 pub fn build_node(names: &LabNames, node: &NodeRecord) -> Result<(), Error> {
     let ul = names.underlay_netns();
     netns::add(&node.netns)?;
@@ -169,26 +211,55 @@ pub fn build_node(names: &LabNames, node: &NodeRecord) -> Result<(), Error> {
         "master",
         names::UNDERLAY_BRIDGE,
     ])?;
-    let address = format!("{}/{}", node.address, names.underlay().prefix_len());
-    netns::ip(&[
-        "-n",
-        &node.netns,
-        "addr",
-        "add",
-        &address,
-        "dev",
-        names::NODE_UNDERLAY_IF,
-    ])?;
-    netns::ip(&[
-        "-n",
-        &node.netns,
-        "route",
-        "add",
-        "default",
-        "via",
-        &names.gateway().to_string(),
-    ])?;
-    netns::set_sysctl(&node.netns, "net.ipv4.ip_forward", "1")?;
+    if node.ipv4 {
+        let address = format!("{}/{}", node.address, names.underlay().prefix_len());
+        netns::ip(&[
+            "-n",
+            &node.netns,
+            "addr",
+            "add",
+            &address,
+            "dev",
+            names::NODE_UNDERLAY_IF,
+        ])?;
+        netns::ip(&[
+            "-n",
+            &node.netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &names.gateway().to_string(),
+        ])?;
+        netns::set_sysctl(&node.netns, "net.ipv4.ip_forward", "1")?;
+    }
+    if let Some(address6) = node.address6 {
+        netns::set_sysctl(&node.netns, "net.ipv6.conf.all.accept_dad", "0")?;
+        netns::set_sysctl(&node.netns, "net.ipv6.conf.default.accept_dad", "0")?;
+        let address = format!("{address6}/{}", names.underlay6().prefix_len());
+        netns::ip(&[
+            "-n",
+            &node.netns,
+            "-6",
+            "addr",
+            "add",
+            &address,
+            "dev",
+            names::NODE_UNDERLAY_IF,
+            "nodad",
+        ])?;
+        netns::ip(&[
+            "-n",
+            &node.netns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &names.gateway6().to_string(),
+        ])?;
+        netns::set_sysctl(&node.netns, "net.ipv6.conf.all.forwarding", "1")?;
+    }
     Ok(())
 }
 
@@ -220,11 +291,14 @@ pub async fn register(client: &Client, node: &NodeRecord) -> Result<(), Error> {
     let api: Api<Node> = Api::all(client.clone());
     let now = super::now();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut addresses: Vec<serde_json::Value> = node
+        .addresses()
+        .iter()
+        .map(|ip| json!({"type": "InternalIP", "address": ip.to_string()}))
+        .collect();
+    addresses.push(json!({"type": "Hostname", "address": node.name}));
     let status = json!({
-        "addresses": [
-            {"type": "InternalIP", "address": node.address.to_string()},
-            {"type": "Hostname", "address": node.name},
-        ],
+        "addresses": addresses,
         "conditions": [{
             "type": "Ready",
             "status": "True",

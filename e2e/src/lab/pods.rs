@@ -196,12 +196,15 @@ async fn add_steps(
             .map_err(|e| Error::Lab(format!("CNI ADD task: {e}")))??
     };
     let ips = cni::result_ips(&result);
-    let Some(ip) = ips.iter().find(|ip| ip.is_ipv4()).copied() else {
+    // The runtime takes the result's first address as the pod's primary IP.
+    let Some(ip) = ips.first().copied() else {
         return Err(Error::Lab(format!(
-            "CNI ADD for {} returned no IPv4 address: {result}",
+            "CNI ADD for {} returned no address: {result}",
             opts.key()
         )));
     };
+    // A family of the lab may be missing on purpose: canal-cni gives no
+    // IPv6 where NetworkPolicy is enforced without IPv6 support.
 
     let paths = ctx.state.pod(&opts.namespace, &opts.name);
     std::fs::create_dir_all(&paths.dir)
@@ -213,7 +216,10 @@ async fn add_steps(
         .filter(|p| p.protocol != crate::lab::protocol::Protocol::Sctp)
         .map(|p| format!("{}/{}", p.port, p.protocol))
         .collect();
-    let cmd = nodes::echo_command(ctx, &pod_netns, &listen, &echo.ready());
+    let mut cmd = nodes::echo_command(ctx, &pod_netns, &listen, &echo.ready());
+    for ip in &ips {
+        cmd.arg("--bind").arg(ip.to_string());
+    }
     process::spawn_detached(
         &format!("echo server of {}", opts.key()),
         cmd,
@@ -240,8 +246,8 @@ async fn add_steps(
             "phase": "Running",
             "podIP": ip.to_string(),
             "podIPs": pod_ips,
-            "hostIP": node.address.to_string(),
-            "hostIPs": [{"ip": node.address.to_string()}],
+            "hostIP": node.addresses().first().map(|a| a.to_string()).unwrap_or_default(),
+            "hostIPs": node.addresses().iter().map(|a| json!({"ip": a.to_string()})).collect::<Vec<_>>(),
             "startTime": now,
             "conditions": conditions,
             "containerStatuses": [{

@@ -2,7 +2,7 @@
 //! on a thread of the lab's own (see [`crate::lab::netns::run_in`]).
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -167,9 +167,14 @@ fn udp(dst: SocketAddr, timeout: Duration) -> ProbeOutcome {
 fn connected_udp(dst: SocketAddr) -> std::io::Result<UdpSocket> {
     let ports = udp_ports::SourcePorts::for_netns(netns::current().as_deref());
     let mut last = None;
+    let any: IpAddr = if dst.is_ipv6() {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
     for _ in 0..64 {
         let port = ports.next().map_err(std::io::Error::other)?;
-        match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
+        match UdpSocket::bind((any, port)) {
             Ok(socket) => {
                 socket.connect(dst)?;
                 return Ok(socket);
@@ -210,7 +215,8 @@ pub fn udp_df_in(
 
 fn udp_df_here(dst: SocketAddr, payload: usize, timeout: Duration) -> Result<DfOutcome, Error> {
     let socket = connected_udp(dst).map_err(|e| Error::Io(format!("UDP socket to {dst}"), e))?;
-    set_pmtudisc_do(&socket).map_err(|e| Error::Io("setting IP_MTU_DISCOVER".into(), e))?;
+    set_pmtudisc_do(&socket, dst.is_ipv6())
+        .map_err(|e| Error::Io("setting IP(V6)_MTU_DISCOVER".into(), e))?;
     // Bytes that do not parse as a probe, so the server echoes them.
     let data: Vec<u8> = (0..payload).map(|i| b'a' + (i % 26) as u8).collect();
     let deadline = Instant::now() + timeout;
@@ -220,7 +226,7 @@ fn udp_df_here(dst: SocketAddr, payload: usize, timeout: Duration) -> Result<DfO
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
                 return Ok(DfOutcome::TooBig {
-                    path_mtu: path_mtu(&socket),
+                    path_mtu: path_mtu(&socket, dst.is_ipv6()),
                 });
             }
             Err(e) => return Err(Error::Io(format!("sending {payload} bytes to {dst}"), e)),
@@ -231,7 +237,7 @@ fn udp_df_here(dst: SocketAddr, payload: usize, timeout: Duration) -> Result<DfO
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
                 return Ok(DfOutcome::TooBig {
-                    path_mtu: path_mtu(&socket),
+                    path_mtu: path_mtu(&socket, dst.is_ipv6()),
                 });
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
@@ -241,14 +247,30 @@ fn udp_df_here(dst: SocketAddr, payload: usize, timeout: Duration) -> Result<DfO
     Ok(DfOutcome::Lost)
 }
 
-fn set_pmtudisc_do(socket: &UdpSocket) -> std::io::Result<()> {
-    let value: libc::c_int = libc::IP_PMTUDISC_DO;
+/// Don't Fragment (IPv4), or no local fragmentation (IPv6, whose routers
+/// never fragment): a datagram larger than the path MTU fails with
+/// EMSGSIZE instead of leaving in pieces.
+fn set_pmtudisc_do(socket: &UdpSocket, v6: bool) -> std::io::Result<()> {
+    let (level, name, value) = if v6 {
+        (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DO,
+        )
+    } else {
+        (
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+        )
+    };
+    let value: libc::c_int = value;
     // SAFETY: setsockopt on a descriptor we own with a correctly sized value.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
+            level,
+            name,
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
@@ -260,15 +282,20 @@ fn set_pmtudisc_do(socket: &UdpSocket) -> std::io::Result<()> {
     }
 }
 
-fn path_mtu(socket: &UdpSocket) -> Option<u32> {
+fn path_mtu(socket: &UdpSocket, v6: bool) -> Option<u32> {
+    let (level, name) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_MTU)
+    };
     let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt into a correctly sized local.
     let rc = unsafe {
         libc::getsockopt(
             socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU,
+            level,
+            name,
             (&mut value as *mut libc::c_int).cast(),
             &mut len,
         )

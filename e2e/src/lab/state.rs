@@ -16,15 +16,16 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+use crate::lab::family::{self, Family, IpFamily};
 use crate::lab::names::LabNames;
 use crate::lab::protocol::Protocol;
 
@@ -307,6 +308,12 @@ pub struct LabRecord {
     pub server: String,
     /// The underlay network.
     pub underlay: Ipv4Net,
+    /// The IP families (labs from before families existed: IPv4).
+    #[serde(default)]
+    pub ip_family: IpFamily,
+    /// The IPv6 underlay network (labs with IPv6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay6: Option<Ipv6Net>,
     /// Whether canal-agent and canal-cni run on the nodes.
     pub agents: bool,
     /// Whether canal-controller runs.
@@ -339,12 +346,40 @@ pub struct NodeRecord {
     pub name: String,
     /// Slot on the underlay (fixes the address and the bridge port).
     pub slot: u8,
-    /// Underlay address (the Node's InternalIP).
+    /// IPv4 underlay address of the node's slot (the Node's InternalIP,
+    /// configured on the node when `ipv4` is set).
     pub address: Ipv4Addr,
+    /// Whether the node has its IPv4 address (not in an IPv6-only lab).
+    #[serde(default = "yes")]
+    pub ipv4: bool,
+    /// IPv6 underlay address (labs with IPv6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<Ipv6Addr>,
     /// The node's network namespace.
     pub netns: String,
     /// The bridge port in the underlay namespace.
     pub underlay_port: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl NodeRecord {
+    /// The node's underlay addresses (its InternalIPs), IPv4 first.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        if self.ipv4 {
+            out.push(IpAddr::V4(self.address));
+        }
+        out.extend(self.address6.map(IpAddr::V6));
+        out
+    }
+
+    /// The node's underlay address of `family`.
+    pub fn address_of(&self, family: Family) -> Option<IpAddr> {
+        family::pick(&self.addresses(), family)
+    }
 }
 
 /// One port a pod serves.
@@ -464,6 +499,11 @@ impl PodRecord {
             IpAddr::V4(v4) => Some(*v4),
             IpAddr::V6(_) => None,
         })
+    }
+
+    /// The address of `family`.
+    pub fn ip(&self, family: Family) -> Option<IpAddr> {
+        family::pick(&self.ips, family)
     }
 }
 

@@ -24,14 +24,29 @@ pub async fn status(ctx: &Context) -> Result<(String, bool), Error> {
     )
     .is_some();
     line(cp_up, format!("kube-apiserver {}", ctx.lab.server));
-    line(
-        true,
-        format!(
-            "prefix {}, underlay {} (gateway {}), internet host {}",
-            ctx.lab.prefix,
+    let family = ctx.lab.ip_family;
+    let mut underlays = Vec::new();
+    if family.has_v4() {
+        underlays.push(format!(
+            "underlay {} (gateway {}), internet host {}",
             ctx.lab.underlay,
             ctx.names.gateway(),
             names::INTERNET_HOST
+        ));
+    }
+    if let Some(u6) = ctx.lab.underlay6 {
+        underlays.push(format!(
+            "underlay {u6} (gateway {}), internet host {}",
+            ctx.names.gateway6(),
+            names::INTERNET_HOST6
+        ));
+    }
+    line(
+        true,
+        format!(
+            "prefix {}, {family}: {}",
+            ctx.lab.prefix,
+            underlays.join("; ")
         ),
     );
     if ctx.lab.controller {
@@ -81,18 +96,29 @@ pub async fn status(ctx: &Context) -> Result<(String, bool), Error> {
     }
     let api: Api<Node> = Api::all(ctx.client.clone());
     for node in ctx.state.nodes()? {
-        let cidr = api
+        let cidrs: Vec<String> = api
             .get_opt(&node.name)
             .await
             .ok()
             .flatten()
-            .and_then(|n| n.spec)
-            .and_then(|s| s.pod_cidr)
-            .unwrap_or_else(|| "no podCIDR".into());
+            .map(|n| kernel::pod_cidrs(&n))
+            .unwrap_or_default()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let cidr = if cidrs.is_empty() {
+            "no podCIDR".to_string()
+        } else {
+            cidrs.join(",")
+        };
+        let addresses: Vec<String> = node.addresses().iter().map(ToString::to_string).collect();
         let mut ok = netns::exists(&node.netns);
         let mut text = format!(
             "node {} {} {} netns {}",
-            node.name, node.address, cidr, node.netns
+            node.name,
+            addresses.join(","),
+            cidr,
+            node.netns
         );
         if ctx.lab.agents {
             let ready = nodes::http_get(Some(&node.netns), names::AGENT_METRICS_PORT, "/readyz")

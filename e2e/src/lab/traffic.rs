@@ -7,7 +7,8 @@ use std::time::Duration;
 use crate::Error;
 use crate::lab::probe::probe_in;
 use crate::lab::{
-    Context, DEFAULT_PROBE_TIMEOUT, Matrix, PodRecord, ProbeOutcome, Protocol, matrix, names, pods,
+    Context, DEFAULT_PROBE_TIMEOUT, Family, Matrix, PodRecord, ProbeOutcome, Protocol, matrix,
+    names, pods,
 };
 
 /// A probe's destination.
@@ -15,7 +16,8 @@ use crate::lab::{
 pub enum Target {
     /// A lab pod, `namespace/name`.
     Pod(String),
-    /// The internet host ([`names::INTERNET_HOST`]).
+    /// The internet host ([`names::INTERNET_HOST`], or
+    /// [`names::INTERNET_HOST6`] for IPv6).
     Internet,
     /// Any address.
     Address(IpAddr),
@@ -35,22 +37,36 @@ impl std::str::FromStr for Target {
     }
 }
 
-/// The address of a probe target.
+/// The address of a probe target in the lab's primary family.
 pub fn target_ip(ctx: &Context, target: &Target) -> Result<IpAddr, Error> {
+    target_ip_of(ctx, target, None)
+}
+
+/// The address of a probe target in `family` (None: the lab's primary
+/// family; an address target is what it is).
+pub fn target_ip_of(
+    ctx: &Context,
+    target: &Target,
+    family: Option<Family>,
+) -> Result<IpAddr, Error> {
+    let family = family.unwrap_or_else(|| ctx.lab.ip_family.primary());
     match target {
-        Target::Internet => Ok(IpAddr::V4(names::INTERNET_HOST)),
+        Target::Internet => Ok(match family {
+            Family::V4 => IpAddr::V4(names::INTERNET_HOST),
+            Family::V6 => IpAddr::V6(names::INTERNET_HOST6),
+        }),
         Target::Address(ip) => Ok(*ip),
         Target::Pod(key) => {
             let (ns, name) = pods::parse_key(key)?;
             let pod = ctx.state.load_pod(&ns, &name)?;
-            pod.ipv4()
-                .map(IpAddr::V4)
-                .ok_or_else(|| Error::Lab(format!("pod {key} has no IPv4 address")))
+            pod.ip(family)
+                .ok_or_else(|| Error::Lab(format!("pod {key} has no {family} address")))
         }
     }
 }
 
-/// Probes `target` from the pod `from` (`namespace/name`).
+/// Probes `target` from the pod `from` (`namespace/name`) in the lab's
+/// primary family.
 pub async fn probe(
     ctx: &Context,
     from: &str,
@@ -59,9 +75,22 @@ pub async fn probe(
     protocol: Protocol,
     timeout: Duration,
 ) -> Result<ProbeOutcome, Error> {
+    probe_family(ctx, from, target, None, port, protocol, timeout).await
+}
+
+/// Probes `target` from the pod `from` in `family` (None: the primary).
+pub async fn probe_family(
+    ctx: &Context,
+    from: &str,
+    target: &Target,
+    family: Option<Family>,
+    port: u16,
+    protocol: Protocol,
+    timeout: Duration,
+) -> Result<ProbeOutcome, Error> {
     let (ns, name) = pods::parse_key(from)?;
     let source = ctx.state.load_pod(&ns, &name)?;
-    let dst = SocketAddr::new(target_ip(ctx, target)?, port);
+    let dst = SocketAddr::new(target_ip_of(ctx, target, family)?, port);
     tokio::task::spawn_blocking(move || probe_in(&source.netns, dst, protocol, timeout))
         .await
         .map_err(|e| Error::Lab(format!("probe task: {e}")))?
@@ -78,6 +107,8 @@ pub struct MatrixOptions {
     pub timeout: Duration,
     /// Probes in flight.
     pub concurrency: usize,
+    /// The family to probe (None: the lab's primary family).
+    pub family: Option<Family>,
 }
 
 impl Default for MatrixOptions {
@@ -87,6 +118,7 @@ impl Default for MatrixOptions {
             protocol: Protocol::Tcp,
             timeout: DEFAULT_PROBE_TIMEOUT,
             concurrency: matrix::DEFAULT_CONCURRENCY,
+            family: None,
         }
     }
 }
@@ -103,12 +135,13 @@ pub struct MatrixRun {
 /// Probes every pod pair (self included) in parallel.
 pub async fn run_matrix(ctx: &Context, opts: &MatrixOptions) -> Result<MatrixRun, Error> {
     let pods = ctx.state.pods()?;
+    let family = opts.family.unwrap_or_else(|| ctx.lab.ip_family.primary());
     let mut jobs = Vec::new();
     for from in &pods {
         for to in &pods {
             let ip = to
-                .ipv4()
-                .ok_or_else(|| Error::Lab(format!("pod {} has no IPv4 address", to.key())))?;
+                .ip(family)
+                .ok_or_else(|| Error::Lab(format!("pod {} has no {family} address", to.key())))?;
             jobs.push(matrix::ProbeJob {
                 from: from.key(),
                 netns: from.netns.clone(),

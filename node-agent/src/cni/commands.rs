@@ -5,7 +5,7 @@
 //! ([`super::dataplane`], the IPAM store) before it lets go, so the store
 //! and the kernel agree after every call, whatever runs at the same time.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -18,8 +18,9 @@ use super::ipam::{self, Decision, Store};
 use super::lock::AttachmentLock;
 use super::ownership::{self, AddPlan, Attachment, Refusal};
 use super::result;
-use super::sandbox::{self, SandboxError};
-use crate::runfiles::{NetworkFile, RunDir};
+use super::sandbox::{self, Sandbox, SandboxError};
+use crate::overlay::family::Family;
+use crate::runfiles::{FamilyNetwork, NetworkFile, RunDir};
 
 fn read_network(conf: &NetConf) -> Result<NetworkFile, CniError> {
     let run = RunDir::new(&conf.run_dir);
@@ -114,12 +115,47 @@ fn lock(
         })
 }
 
+/// The families a new pod gets on this node: every family of the network
+/// file, IPv6 only while [`RunDir::ipv6_for_pods`] allows it (fail closed:
+/// no IPv6 where NetworkPolicy could be bypassed over it).
+fn pod_families(conf: &NetConf, network: &NetworkFile) -> Vec<FamilyNetwork> {
+    let run = RunDir::new(&conf.run_dir);
+    let ipv6 = match run.ipv6_for_pods() {
+        Ok(allowed) => allowed,
+        Err(e) => {
+            eprintln!("canal-cni: {e}; the pod gets no IPv6 address");
+            false
+        }
+    };
+    let families: Vec<FamilyNetwork> = network
+        .families()
+        .into_iter()
+        .filter(|f| f.family() == Family::V4 || ipv6)
+        .collect();
+    if !ipv6 && network.family(Family::V6).is_some() {
+        eprintln!(
+            "canal-cni: IPv6 is not given to pods on this node: NetworkPolicy is enforced here and the policy component does not guard IPv6 ({} lists no ipv6)",
+            run.policy_families_file().display()
+        );
+    }
+    families
+}
+
 pub(super) async fn add(env: &CniEnv, stdin: &[u8]) -> Result<serde_json::Value, CniError> {
     let conf = NetConf::parse(stdin)?;
     let v = conf.cni_version.clone();
     env.require(true).map_err(|e| e.in_version(&v))?;
     let network = read_network(&conf)?;
     let mtu = if conf.mtu != 0 { conf.mtu } else { network.mtu };
+    let families = pod_families(&conf, &network);
+    if families.is_empty() {
+        return Err(CniError::new(
+            Code::TryAgainLater,
+            "no address family can be given to pods on this node",
+            "the node has only an IPv6 subnet and IPv6 is not given to pods while NetworkPolicy is enforced without IPv6 support (policy-families)",
+        )
+        .in_version(&v));
+    }
     let netns = PathBuf::from(&env.netns);
     // Before any allocation: a missing or wrong namespace leaves nothing.
     let pod = sandbox::open(&netns).map_err(|e| sandbox_error(&conf, e))?;
@@ -141,7 +177,7 @@ pub(super) async fn add(env: &CniEnv, stdin: &[u8]) -> Result<serde_json::Value,
     if let Some(existing) = ipam::other_interface(&records, &env.container_id, &env.ifname) {
         return Err(refusal_error(&conf, &Refusal::SecondInterface { existing }));
     }
-    let facts = dataplane::inspect(&host, Some(&pod), &host_if, &env.ifname)
+    let facts = dataplane::inspect(&host, Some(&pod.handle), &host_if, &env.ifname)
         .await
         .map_err(|e| dataplane_error(&conf, e))?;
     let plan = ownership::plan_add(
@@ -154,19 +190,19 @@ pub(super) async fn add(env: &CniEnv, stdin: &[u8]) -> Result<serde_json::Value,
     if let AddPlan::Refuse(r) = &plan {
         return Err(refusal_error(&conf, r));
     }
-    let (ip, fresh) = allocate(&conf, &store, &network, env, &host_if)?;
+    let (ips, fresh) = allocate(&conf, &store, &families, env, &host_if)?;
     let spec = PodSpec {
         netns,
         ifname: env.ifname.clone(),
         host_if: host_if.clone(),
-        ip,
+        ips,
         mtu,
         mark: me.mark(),
     };
     let wired = match dataplane::add(&host, &pod, &spec, &plan).await {
         Ok(w) => w,
         Err(e) => {
-            undo_add(&host, &pod, &store, &me, &host_if, &plan, fresh).await;
+            undo_add(&host, &pod.handle, &store, &me, &host_if, &plan, &fresh).await;
             return Err(dataplane_error(&conf, e));
         }
     };
@@ -176,74 +212,106 @@ pub(super) async fn add(env: &CniEnv, stdin: &[u8]) -> Result<serde_json::Value,
     Ok(result::add_result(&v, &wired, conf.legacy_result()))
 }
 
-/// The attachment's address: its record, or a new one recorded now.
-/// Returns it and whether it is new.
+/// The attachment's addresses, one per family of `families` (in that
+/// order): its records, or new ones recorded now. Returns them and the
+/// ones that are new. Records of families the pod no longer gets (IPv6
+/// while it is not allowed) are released.
 fn allocate(
     conf: &NetConf,
     store: &Store,
-    network: &NetworkFile,
+    families: &[FamilyNetwork],
     env: &CniEnv,
     host_if: &str,
-) -> Result<(Ipv4Addr, bool), CniError> {
+) -> Result<(Vec<IpAddr>, Vec<IpAddr>), CniError> {
     let locked = store.lock().map_err(store_error(conf))?;
     let listing = locked.listing().map_err(store_error(conf))?;
     for warning in listing.warnings(store.dir()) {
         eprintln!("{warning}");
     }
     let blocked = listing.blocked();
-    match ipam::decide(
-        network.node_subnet,
-        &listing.records,
-        &blocked,
-        &env.container_id,
-        &env.ifname,
-        locked.last_reserved(),
-    ) {
-        Decision::Existing(ip) => {
-            // A record from before host interfaces were kept gets one, so
-            // GC can find the interface later.
-            let known = listing.records.iter().any(|a| {
-                a.ip == ip && a.container_id == env.container_id && a.host_if.as_deref() == Some(host_if)
-            });
-            if !known {
-                locked
-                    .write_record(ip, &env.container_id, &env.ifname, host_if)
-                    .map_err(store_error(conf))?;
+    let mut ips = Vec::new();
+    let mut fresh = Vec::new();
+    let undo = |fresh: &[IpAddr]| {
+        for ip in fresh {
+            let _ = locked.remove(*ip);
+        }
+    };
+    for f in families {
+        let family = f.family();
+        match ipam::decide(
+            f.node_subnet,
+            &listing.records,
+            &blocked,
+            &env.container_id,
+            &env.ifname,
+            locked.last_reserved(family),
+        ) {
+            Decision::Existing(ip) => {
+                // A record from before host interfaces were kept gets one,
+                // so GC can find the interface later.
+                let known = listing.records.iter().any(|a| {
+                    a.ip == ip
+                        && a.container_id == env.container_id
+                        && a.host_if.as_deref() == Some(host_if)
+                });
+                if !known {
+                    locked
+                        .write_record(ip, &env.container_id, &env.ifname, host_if)
+                        .map_err(store_error(conf))?;
+                }
+                ips.push(ip);
             }
-            Ok((ip, false))
+            Decision::New(ip) => {
+                // Records of this container+interface from an old subnet of
+                // the family go.
+                let reserved = locked
+                    .release_family(&env.container_id, &env.ifname, family, None)
+                    .and_then(|_| locked.reserve(ip, &env.container_id, &env.ifname, host_if));
+                if let Err(e) = reserved {
+                    undo(&fresh);
+                    return Err(store_error(conf)(e));
+                }
+                ips.push(ip);
+                fresh.push(ip);
+            }
+            Decision::OtherInterface(existing) => {
+                undo(&fresh);
+                return Err(refusal_error(conf, &Refusal::SecondInterface { existing }));
+            }
+            Decision::Exhausted => {
+                undo(&fresh);
+                let in_subnet = listing
+                    .records
+                    .iter()
+                    .filter(|a| f.node_subnet.contains(&a.ip))
+                    .count();
+                return Err(CniError::new(
+                    Code::SubnetExhausted,
+                    "no free address in the node's pod subnet",
+                    format!(
+                        "every usable address of {} is allocated ({in_subnet} records, {} unreadable entries held back, in {})",
+                        f.node_subnet,
+                        blocked.len(),
+                        store.dir().display()
+                    ),
+                )
+                .in_version(&conf.cni_version));
+            }
         }
-        Decision::New(ip) => {
-            // Records of this container+interface from an old subnet go.
-            locked
-                .release(&env.container_id, &env.ifname)
-                .map_err(store_error(conf))?;
-            locked
-                .reserve(ip, &env.container_id, &env.ifname, host_if)
-                .map_err(store_error(conf))?;
-            Ok((ip, true))
-        }
-        Decision::OtherInterface(existing) => Err(refusal_error(
-            conf,
-            &Refusal::SecondInterface { existing },
-        )),
-        Decision::Exhausted => Err(CniError::new(
-            Code::SubnetExhausted,
-            "no free address in the node's pod subnet",
-            format!(
-                "every usable address of {} is allocated ({} records, {} unreadable entries held back, in {})",
-                network.node_subnet,
-                listing.records.len(),
-                blocked.len(),
-                store.dir().display()
-            ),
-        )
-        .in_version(&conf.cni_version)),
     }
+    for family in Family::ALL {
+        if !families.iter().any(|f| f.family() == family) {
+            locked
+                .release_family(&env.container_id, &env.ifname, family, None)
+                .map_err(store_error(conf))?;
+        }
+    }
+    Ok((ips, fresh))
 }
 
 /// After a failed ADD: the interface this ADD made (or re-addressed) goes,
-/// and so does an address recorded for it, so no half-made pod stays. A
-/// repeated ADD of a working pod that failed leaves the pod as it was.
+/// and so do the addresses recorded for it now, so no half-made pod stays.
+/// A repeated ADD of a working pod that failed leaves the pod as it was.
 async fn undo_add(
     host: &Handle,
     pod: &Handle,
@@ -251,17 +319,21 @@ async fn undo_add(
     me: &Attachment<'_>,
     host_if: &str,
     plan: &AddPlan,
-    fresh: bool,
+    fresh: &[IpAddr],
 ) {
-    if (!matches!(plan, AddPlan::Keep { .. }) || fresh)
+    if (!matches!(plan, AddPlan::Keep { .. }) || !fresh.is_empty())
         && let Ok(facts) = dataplane::inspect(host, Some(pod), host_if, me.ifname).await
         && let Some(index) = ownership::plan_del(me, facts.host.as_ref(), facts.pod.as_ref())
         && let Err(e) = dataplane::delete_index(host, index, host_if).await
     {
         eprintln!("canal-cni ADD: removing {host_if} after the failure: {e}");
     }
-    if fresh && let Ok(locked) = store.lock() {
-        let _ = locked.release(me.container_id, me.ifname);
+    if !fresh.is_empty()
+        && let Ok(locked) = store.lock()
+    {
+        for ip in fresh {
+            let _ = locked.remove(*ip);
+        }
     }
 }
 
@@ -292,7 +364,7 @@ pub(super) async fn del(env: &CniEnv, stdin: &[u8]) -> Result<(), CniError> {
         .map_err(|e| e.in_version(&conf.cni_version))?;
     // DEL must always be able to clean up: without a usable namespace it
     // still deletes its own host veth and releases its address.
-    let pod = if env.netns.is_empty() {
+    let pod: Option<Sandbox> = if env.netns.is_empty() {
         None
     } else {
         match sandbox::open(Path::new(&env.netns)) {
@@ -313,7 +385,8 @@ pub(super) async fn del(env: &CniEnv, stdin: &[u8]) -> Result<(), CniError> {
     let host_if = env.host_interface();
     let store = Store::new(&conf.data_dir, &conf.name);
     let locks = lock(&conf, &store, env, &host_if)?;
-    let facts = match dataplane::inspect(&host, pod.as_ref(), &host_if, &env.ifname).await {
+    let pod = pod.as_ref().map(|p| &p.handle);
+    let facts = match dataplane::inspect(&host, pod, &host_if, &env.ifname).await {
         Ok(f) => f,
         Err(_) if pod.is_some() => dataplane::inspect(&host, None, &host_if, &env.ifname)
             .await
@@ -389,53 +462,83 @@ pub(super) async fn check(env: &CniEnv, stdin: &[u8]) -> Result<(), CniError> {
     let _locks = lock(&conf, &store, env, &host_if)?;
     let failed =
         |msg: &str, details: String| CniError::new(Code::CheckFailed, msg, details).in_version(&v);
-    // The record is the truth: a cached result whose address has no record
-    // says the pod holds an address that can be handed out again.
-    let record = {
+    // The records are the truth: a cached result whose address has no
+    // record says the pod holds an address that can be handed out again.
+    let records: Vec<ipam::Allocation> = {
         let locked = store.lock().map_err(store_error(&conf))?;
         locked
             .allocations()
             .map_err(store_error(&conf))?
             .into_iter()
-            .find(|a| a.container_id == env.container_id && a.ifname == env.ifname)
+            .filter(|a| a.container_id == env.container_id && a.ifname == env.ifname)
+            .collect()
     };
-    let cached = conf.prev_result.as_ref().and_then(result::prev_ip);
-    let ip = match (record, cached) {
-        (None, cached) => {
-            return Err(failed(
-                "no address is recorded for this container",
-                format!(
-                    "{} {} has no IPAM record in {}{}",
-                    env.container_id,
-                    env.ifname,
-                    store.dir().display(),
-                    cached
-                        .map(|ip| format!(
-                            "; the cached result's {ip} could be handed out to another pod"
-                        ))
-                        .unwrap_or_default()
-                ),
-            ));
+    // Every family the cached result names must agree with its record.
+    let cached = conf
+        .prev_result
+        .as_ref()
+        .map(result::prev_ips)
+        .unwrap_or_default();
+    if records.is_empty() {
+        return Err(failed(
+            "no address is recorded for this container",
+            format!(
+                "{} {} has no IPAM record in {}{}",
+                env.container_id,
+                env.ifname,
+                store.dir().display(),
+                cached
+                    .first()
+                    .map(|ip| format!(
+                        "; the cached result's {ip} could be handed out to another pod"
+                    ))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+    for c in &cached {
+        let family = Family::of_addr(c);
+        match records.iter().find(|r| Family::of_addr(&r.ip) == family) {
+            Some(r) if r.ip != *c => {
+                return Err(failed(
+                    "the cached result differs from the IPAM record",
+                    format!("the cached result says {c}, the record {}", r.ip),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                return Err(failed(
+                    "no address is recorded for this container",
+                    format!(
+                        "the cached result's {c} has no IPAM record in {}; it could be handed out to another pod",
+                        store.dir().display()
+                    ),
+                ));
+            }
         }
-        (Some(r), Some(cached)) if r.ip != cached => {
-            return Err(failed(
-                "the cached result differs from the IPAM record",
-                format!("the cached result says {cached}, the record {}", r.ip),
-            ));
+    }
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for f in network.families() {
+        if let Some(r) = records.iter().find(|r| f.node_subnet.contains(&r.ip)) {
+            ips.push(r.ip);
         }
-        (Some(r), _) => r.ip,
-    };
-    if !network.node_subnet.contains(&ip) {
+    }
+    if let Some(r) = records.iter().find(|r| !ips.contains(&r.ip)) {
+        let subnets: Vec<String> = network
+            .families()
+            .iter()
+            .map(|f| f.node_subnet.to_string())
+            .collect();
         return Err(failed(
             "the pod address is outside the node subnet",
-            format!("{ip} is not in {}", network.node_subnet),
+            format!("{} is not in {}", r.ip, subnets.join(" or ")),
         ));
     }
     let spec = PodSpec {
         netns: PathBuf::from(&env.netns),
         ifname: env.ifname.clone(),
         host_if,
-        ip,
+        ips,
         mtu: if conf.mtu != 0 { conf.mtu } else { network.mtu },
         mark: me.mark(),
     };

@@ -1,7 +1,8 @@
-//! Pod address management from the node subnet, host-local style: one file
-//! per allocated address under `<dataDir>/<network>/`, changed only while
-//! holding an exclusive `flock` on `<dir>/lock`, so concurrent ADDs never
-//! share an address. The choice of address is a pure function.
+//! Pod address management from the node's subnets (one per IP family),
+//! host-local style: one file per allocated address (IPv4 or IPv6) under
+//! `<dataDir>/<network>/`, changed only while holding an exclusive `flock`
+//! on `<dir>/lock`, so concurrent ADDs never share an address. The choice
+//! of address is a pure function, made per family.
 //!
 //! A record is `<container id>\n<ifname>\n<host interface>\n` (host-local's
 //! first two lines; the third lets GC find the interface to remove). An
@@ -14,17 +15,19 @@ use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use nix::fcntl::{Flock, FlockArg};
+
+use crate::overlay::family::{self, Family};
 
 /// One recorded allocation.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Allocation {
     /// The address.
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// Owner container.
     pub container_id: String,
     /// Owner interface.
@@ -39,7 +42,7 @@ pub struct Unreadable {
     /// Its file name (lossy).
     pub name: String,
     /// The address it is named after, if it is: never handed out.
-    pub ip: Option<Ipv4Addr>,
+    pub ip: Option<IpAddr>,
     /// Why it cannot be read.
     pub reason: String,
 }
@@ -55,7 +58,7 @@ pub struct Listing {
 
 impl Listing {
     /// Addresses that are not free although no readable record holds them.
-    pub fn blocked(&self) -> BTreeSet<Ipv4Addr> {
+    pub fn blocked(&self) -> BTreeSet<IpAddr> {
         self.unreadable.iter().filter_map(|u| u.ip).collect()
     }
 
@@ -84,13 +87,14 @@ impl Listing {
 fn is_bookkeeping(name: &OsStr) -> bool {
     name == LOCK_FILE
         || name == LAST_FILE
+        || name == LAST_FILE_V6
         || name == LOCKS_DIR
         // write_atomic's temporary files.
         || name.as_encoded_bytes().starts_with(b".")
 }
 
 /// Parses a record's bytes. Pure.
-pub fn parse_record(ip: Ipv4Addr, bytes: &[u8]) -> Result<Allocation, String> {
+pub fn parse_record(ip: IpAddr, bytes: &[u8]) -> Result<Allocation, String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())?;
     let mut lines = text.lines().map(str::trim);
     let container_id = lines.next().unwrap_or_default();
@@ -115,24 +119,35 @@ pub fn parse_record(ip: Ipv4Addr, bytes: &[u8]) -> Result<Allocation, String> {
     })
 }
 
-/// The addresses pods may get: the subnet minus its network address (the
-/// VXLAN device's), the next one (reserved like host-local's gateway) and
-/// the broadcast address.
-pub fn usable(subnet: Ipv4Net) -> Option<(u32, u32)> {
-    let first = u32::from(subnet.network()).checked_add(2)?;
-    let last = u32::from(subnet.broadcast()).checked_sub(1)?;
+/// The addresses pods may get, as integers: the subnet minus its network
+/// address (the VXLAN device's), the next one (reserved like host-local's
+/// gateway) and the last one (IPv4's broadcast; IPv6 reserves it too, so
+/// both families follow one rule).
+pub fn usable(subnet: IpNet) -> Option<(u128, u128)> {
+    let (network, last) = family::net_bounds(subnet);
+    let first = network.checked_add(2)?;
+    let last = last.checked_sub(1)?;
     (first <= last).then_some((first, last))
+}
+
+/// The address of `family` with this integer value.
+fn addr_of(family: Family, bits: u128) -> IpAddr {
+    match family {
+        // IPv4 bits fit 32 bits: they come from an IPv4 subnet.
+        Family::V4 => IpAddr::V4(Ipv4Addr::from(u32::try_from(bits).unwrap_or(u32::MAX))),
+        Family::V6 => IpAddr::V6(Ipv6Addr::from(bits)),
+    }
 }
 
 /// What ADD should do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// The container+interface already has this address (repeated ADD).
-    Existing(Ipv4Addr),
+    Existing(IpAddr),
     /// The container already has another interface on this network.
     OtherInterface(String),
     /// Take this free address.
-    New(Ipv4Addr),
+    New(IpAddr),
     /// No free address.
     Exhausted,
 }
@@ -149,17 +164,19 @@ pub fn other_interface(
         .map(|a| a.ifname.clone())
 }
 
-/// Decides the address for `container_id`/`ifname`: its existing one, or
-/// round-robin the next free one after `last` (so a released address is not
-/// handed out again at once), never one in `blocked`. A container gets one
-/// interface per network.
+/// Decides the address of `subnet`'s family for `container_id`/`ifname`:
+/// its existing one, or round-robin the next free one after `last` (so a
+/// released address is not handed out again at once), never one in
+/// `blocked`. A container gets one interface per network. The work is
+/// bounded by the number of taken addresses, not the subnet's size (an
+/// IPv6 /64 has 2^64).
 pub fn decide(
-    subnet: Ipv4Net,
+    subnet: IpNet,
     allocations: &[Allocation],
-    blocked: &BTreeSet<Ipv4Addr>,
+    blocked: &BTreeSet<IpAddr>,
     container_id: &str,
     ifname: &str,
-    last: Option<Ipv4Addr>,
+    last: Option<IpAddr>,
 ) -> Decision {
     if let Some(other) = other_interface(allocations, container_id, ifname) {
         return Decision::OtherInterface(other);
@@ -173,22 +190,28 @@ pub fn decide(
     let Some((first, end)) = usable(subnet) else {
         return Decision::Exhausted;
     };
-    let taken: BTreeSet<u32> = allocations
+    let family = Family::of_net(&subnet);
+    let of_family = |ip: &IpAddr| Family::of_addr(ip) == family;
+    let taken: BTreeSet<u128> = allocations
         .iter()
         .map(|a| a.ip)
         .chain(blocked.iter().copied())
-        .map(u32::from)
+        .filter(of_family)
+        .map(family::addr_bits)
         .collect();
     let start = last
-        .map(u32::from)
+        .filter(of_family)
+        .map(family::addr_bits)
         .filter(|l| (first..=end).contains(l))
         .map(|l| if l == end { first } else { l + 1 })
         .unwrap_or(first);
     let count = end - first + 1;
+    // At most taken.len() + 1 steps: every step but the last hits a taken
+    // address.
     (0..count)
         .map(|i| first + (start - first + i) % count)
         .find(|ip| !taken.contains(ip))
-        .map(|ip| Decision::New(Ipv4Addr::from(ip)))
+        .map(|ip| Decision::New(addr_of(family, ip)))
         .unwrap_or(Decision::Exhausted)
 }
 
@@ -219,6 +242,14 @@ pub struct Locked<'a> {
 
 const LOCK_FILE: &str = "lock";
 const LAST_FILE: &str = "last_reserved_ip";
+const LAST_FILE_V6: &str = "last_reserved_ip.v6";
+
+fn last_file(family: Family) -> &'static str {
+    match family {
+        Family::V4 => LAST_FILE,
+        Family::V6 => LAST_FILE_V6,
+    }
+}
 const LOCKS_DIR: &str = "locks";
 
 impl Store {
@@ -286,7 +317,7 @@ impl Locked<'_> {
                 continue;
             }
             let lossy = name.to_string_lossy().into_owned();
-            let Some(ip) = name.to_str().and_then(|n| n.parse::<Ipv4Addr>().ok()) else {
+            let Some(ip) = name.to_str().and_then(|n| n.parse::<IpAddr>().ok()) else {
                 out.unreadable.push(Unreadable {
                     name: lossy,
                     ip: None,
@@ -334,24 +365,25 @@ impl Locked<'_> {
         Ok(self.listing()?.records)
     }
 
-    /// The last address handed out.
-    pub fn last_reserved(&self) -> Option<Ipv4Addr> {
-        std::fs::read_to_string(self.store.dir.join(LAST_FILE))
+    /// The last address of `family` handed out.
+    pub fn last_reserved(&self, family: Family) -> Option<IpAddr> {
+        std::fs::read_to_string(self.store.dir.join(last_file(family)))
             .ok()
             .and_then(|t| t.trim().parse().ok())
+            .filter(|ip| Family::of_addr(ip) == family)
     }
 
     /// Records `ip` for the container+interface and its host veth, and
     /// remembers it as the last address handed out.
     pub fn reserve(
         &self,
-        ip: Ipv4Addr,
+        ip: IpAddr,
         container_id: &str,
         ifname: &str,
         host_if: &str,
     ) -> Result<(), StoreError> {
         self.write_record(ip, container_id, ifname, host_if)?;
-        let last = self.store.dir.join(LAST_FILE);
+        let last = self.store.dir.join(last_file(Family::of_addr(&ip)));
         let mut f = File::create(&last).map_err(self.store.err("writing", last.clone()))?;
         f.write_all(ip.to_string().as_bytes())
             .map_err(self.store.err("writing", last))?;
@@ -362,7 +394,7 @@ impl Locked<'_> {
     /// or the new one).
     pub fn write_record(
         &self,
-        ip: Ipv4Addr,
+        ip: IpAddr,
         container_id: &str,
         ifname: &str,
         host_if: &str,
@@ -377,10 +409,33 @@ impl Locked<'_> {
     }
 
     /// Releases the addresses of the container+interface; returns them.
-    pub fn release(&self, container_id: &str, ifname: &str) -> Result<Vec<Ipv4Addr>, StoreError> {
+    pub fn release(&self, container_id: &str, ifname: &str) -> Result<Vec<IpAddr>, StoreError> {
+        self.release_if(container_id, ifname, |_| true)
+    }
+
+    /// Releases the container+interface's addresses of `family` except
+    /// `keep`; returns them.
+    pub fn release_family(
+        &self,
+        container_id: &str,
+        ifname: &str,
+        family: Family,
+        keep: Option<IpAddr>,
+    ) -> Result<Vec<IpAddr>, StoreError> {
+        self.release_if(container_id, ifname, |ip| {
+            Family::of_addr(&ip) == family && Some(ip) != keep
+        })
+    }
+
+    fn release_if(
+        &self,
+        container_id: &str,
+        ifname: &str,
+        which: impl Fn(IpAddr) -> bool,
+    ) -> Result<Vec<IpAddr>, StoreError> {
         let mut released = Vec::new();
         for a in self.allocations()? {
-            if a.container_id == container_id && a.ifname == ifname {
+            if a.container_id == container_id && a.ifname == ifname && which(a.ip) {
                 self.remove(a.ip)?;
                 released.push(a.ip);
             }
@@ -389,7 +444,7 @@ impl Locked<'_> {
     }
 
     /// Removes one allocation record.
-    pub fn remove(&self, ip: Ipv4Addr) -> Result<(), StoreError> {
+    pub fn remove(&self, ip: IpAddr) -> Result<(), StoreError> {
         let path = self.store.dir.join(ip.to_string());
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError {
@@ -407,12 +462,16 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn net(s: &str) -> Ipv4Net {
+    fn net(s: &str) -> IpNet {
         s.parse().unwrap()
     }
 
-    fn ip(s: &str) -> Ipv4Addr {
+    fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    fn bits(s: &str) -> u128 {
+        family::addr_bits(ip(s))
     }
 
     fn alloc(i: &str, c: &str) -> Allocation {
@@ -424,7 +483,7 @@ mod tests {
         }
     }
 
-    fn none() -> BTreeSet<Ipv4Addr> {
+    fn none() -> BTreeSet<IpAddr> {
         BTreeSet::new()
     }
 
@@ -432,11 +491,11 @@ mod tests {
     fn skips_network_gateway_and_broadcast() {
         assert_eq!(
             usable(net("10.244.1.0/24")),
-            Some((u32::from(ip("10.244.1.2")), u32::from(ip("10.244.1.254"))))
+            Some((bits("10.244.1.2"), bits("10.244.1.254")))
         );
         assert_eq!(
             usable(net("10.244.1.0/30")),
-            Some((u32::from(ip("10.244.1.2")), u32::from(ip("10.244.1.2"))))
+            Some((bits("10.244.1.2"), bits("10.244.1.2")))
         );
         assert_eq!(usable(net("10.244.1.0/31")), None);
         assert_eq!(
@@ -519,23 +578,24 @@ mod tests {
             unreadable in proptest::collection::btree_set(0u32..256, 0..40),
             last in proptest::option::of(0u32..256),
         ) {
-            let subnet = Ipv4Net::new(ip("10.244.1.0"), prefix).unwrap();
-            let base = u32::from(subnet.network());
+            let subnet = IpNet::new(ip("10.244.1.0"), prefix).unwrap();
+            let base = u32::from(ipnet::Ipv4Net::new("10.244.1.0".parse().unwrap(), prefix).unwrap().network());
             let size = 1u32 << (32 - prefix);
+            let at = |o: u32| IpAddr::V4(Ipv4Addr::from(base + o));
             let allocations: Vec<_> = taken
                 .iter()
                 .filter(|o| **o < size)
-                .map(|o| alloc(&Ipv4Addr::from(base + o).to_string(), &format!("c{o}")))
+                .map(|o| alloc(&at(*o).to_string(), &format!("c{o}")))
                 .collect();
-            let blocked: BTreeSet<Ipv4Addr> = unreadable
+            let blocked: BTreeSet<IpAddr> = unreadable
                 .iter()
                 .filter(|o| **o < size)
-                .map(|o| Ipv4Addr::from(base + o))
+                .map(|o| at(*o))
                 .collect();
-            let last = last.filter(|l| *l < size).map(|l| Ipv4Addr::from(base + l));
+            let last = last.filter(|l| *l < size).map(at);
             match decide(subnet, &allocations, &blocked, "new", "eth0", last) {
                 Decision::New(a) => {
-                    let o = u32::from(a) - base;
+                    let o = (family::addr_bits(a) - u128::from(base)) as u32;
                     prop_assert!(o >= 2 && o < size - 1, "{a} reserved");
                     prop_assert!(!allocations.iter().any(|x| x.ip == a), "{a} taken");
                     prop_assert!(!blocked.contains(&a), "{a} unreadable");
@@ -563,7 +623,8 @@ mod tests {
         locked
             .reserve(ip("10.244.1.3"), "c2", "eth0", "cali2")
             .unwrap();
-        assert_eq!(locked.last_reserved(), Some(ip("10.244.1.3")));
+        assert_eq!(locked.last_reserved(Family::V4), Some(ip("10.244.1.3")));
+        assert_eq!(locked.last_reserved(Family::V6), None);
         let with_host = |i, c, h: &str| Allocation {
             host_if: Some(h.into()),
             ..alloc(i, c)
@@ -585,12 +646,12 @@ mod tests {
 
     #[test]
     fn blocked_addresses_are_never_handed_out() {
-        let blocked: BTreeSet<Ipv4Addr> = [ip("10.244.1.2"), ip("10.244.1.3")].into();
+        let blocked: BTreeSet<IpAddr> = [ip("10.244.1.2"), ip("10.244.1.3")].into();
         assert_eq!(
             decide(net("10.244.1.0/24"), &[], &blocked, "c", "eth0", None),
             Decision::New(ip("10.244.1.4"))
         );
-        let all: BTreeSet<Ipv4Addr> = [ip("10.244.1.2")].into();
+        let all: BTreeSet<IpAddr> = [ip("10.244.1.2")].into();
         assert_eq!(
             decide(net("10.244.1.0/30"), &[], &all, "c", "eth0", None),
             Decision::Exhausted
@@ -661,6 +722,96 @@ mod tests {
         assert_eq!(
             locked.release("good", "eth0").unwrap(),
             vec![ip("10.244.1.9")]
+        );
+    }
+
+    #[test]
+    fn ipv6_addresses_come_from_the_ipv6_subnet_and_each_family_is_apart() {
+        let v6 = net("fd00:10:244:1::/64");
+        assert_eq!(
+            usable(v6),
+            Some((
+                bits("fd00:10:244:1::2"),
+                bits("fd00:10:244:1:ffff:ffff:ffff:fffe")
+            ))
+        );
+        let a = [
+            alloc("10.244.1.2", "c1"),
+            alloc("fd00:10:244:1::2", "c1"),
+            alloc("fd00:10:244:1::3", "c2"),
+        ];
+        // Repeated ADD: each family's own record.
+        assert_eq!(
+            decide(v6, &a, &none(), "c1", "eth0", None),
+            Decision::Existing(ip("fd00:10:244:1::2"))
+        );
+        assert_eq!(
+            decide(net("10.244.1.0/24"), &a, &none(), "c1", "eth0", None),
+            Decision::Existing(ip("10.244.1.2"))
+        );
+        // A new container gets the first free one of each family; an IPv4
+        // record never counts against the IPv6 subnet, nor an IPv4 last.
+        assert_eq!(
+            decide(v6, &a, &none(), "c3", "eth0", Some(ip("10.244.1.9"))),
+            Decision::New(ip("fd00:10:244:1::4"))
+        );
+        assert_eq!(
+            decide(net("10.244.1.0/24"), &a, &none(), "c3", "eth0", None),
+            Decision::New(ip("10.244.1.3"))
+        );
+        // Round robin after the last IPv6 one, wrapping at the end of a /64
+        // without walking 2^64 addresses.
+        assert_eq!(
+            decide(
+                v6,
+                &a,
+                &none(),
+                "c3",
+                "eth0",
+                Some(ip("fd00:10:244:1:ffff:ffff:ffff:fffe"))
+            ),
+            Decision::New(ip("fd00:10:244:1::4"))
+        );
+        let small = net("fd00:10:244:1::/126");
+        let full = [alloc("fd00:10:244:1::2", "x")];
+        assert_eq!(
+            decide(small, &full, &none(), "c9", "eth0", None),
+            Decision::Exhausted
+        );
+    }
+
+    #[test]
+    fn ipv6_records_live_next_to_ipv4_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path(), "net");
+        let locked = store.lock().unwrap();
+        locked
+            .reserve(ip("10.244.1.2"), "c1", "eth0", "cali1")
+            .unwrap();
+        locked
+            .reserve(ip("fd00:10:244:1::2"), "c1", "eth0", "cali1")
+            .unwrap();
+        locked
+            .reserve(ip("fd00:10:244:1::3"), "c2", "eth0", "cali2")
+            .unwrap();
+        assert_eq!(locked.last_reserved(Family::V4), Some(ip("10.244.1.2")));
+        assert_eq!(
+            locked.last_reserved(Family::V6),
+            Some(ip("fd00:10:244:1::3"))
+        );
+        let listing = locked.listing().unwrap();
+        assert_eq!(listing.records.len(), 3);
+        assert!(listing.unreadable.is_empty(), "{listing:?}");
+        assert_eq!(
+            locked
+                .release_family("c1", "eth0", Family::V6, None)
+                .unwrap(),
+            vec![ip("fd00:10:244:1::2")]
+        );
+        assert_eq!(locked.allocations().unwrap().len(), 2);
+        assert_eq!(
+            locked.release("c1", "eth0").unwrap(),
+            vec![ip("10.244.1.2")]
         );
     }
 }

@@ -164,6 +164,7 @@ mod tests {
                 mtu: 1450,
                 node_name: "n".into(),
                 node_ip: None,
+                families: Vec::new(),
             })
             .unwrap();
         assert_eq!(run(&env("STATUS"), &conf("")).0, 0);

@@ -13,9 +13,10 @@
 //! marking it) counts as an attachment's only when it is paired with that
 //! attachment's interface in that attachment's own namespace.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use super::result::GATEWAY;
+use super::result::{GATEWAY, GATEWAY_V6};
+use crate::overlay::family::Family;
 
 /// The prefix of every mark.
 pub const MARK_PREFIX: &str = "canal:";
@@ -196,38 +197,44 @@ pub fn plan_del(me: &Attachment, host: Option<&LinkFacts>, pod: Option<&LinkFact
 /// is `ip` (the container's namespace is not known to GC): a veth with
 /// `me`'s mark, or an unmarked veth (made before marks existed) that
 /// carries the node's route to `me`'s recorded address.
-pub fn gc_owns(
-    me: &Attachment,
-    host: &LinkFacts,
-    ip: Ipv4Addr,
-    host_routes: &[RouteFacts],
-) -> bool {
+pub fn gc_owns(me: &Attachment, host: &LinkFacts, ip: IpAddr, host_routes: &[RouteFacts]) -> bool {
     let routes_ip = || {
         host_routes
             .iter()
-            .any(|r| r.dst == Some(ip) && r.prefix == 32 && r.oif == Some(host.index))
+            .any(|r| r.dst == Some(ip) && r.is_host_route() && r.oif == Some(host.index))
     };
     owns(me, host, None) || (host.is_veth && unmarked(host) && routes_ip())
 }
 
-/// A route of the main table.
+/// A route of the main table (either family).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteFacts {
+    /// Its family.
+    pub family: Family,
     /// Destination (None = default).
-    pub dst: Option<Ipv4Addr>,
+    pub dst: Option<IpAddr>,
     /// Prefix length.
     pub prefix: u8,
     /// Gateway.
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
     /// Output interface.
     pub oif: Option<u32>,
 }
 
 impl RouteFacts {
+    /// A /32 (IPv4) or /128 (IPv6) route to one address.
+    pub fn is_host_route(&self) -> bool {
+        self.dst.is_some() && self.prefix == self.family.host_prefix()
+    }
+
     fn describe(&self) -> String {
         let dst = match self.dst {
             None if self.prefix == 0 => "default".to_string(),
-            dst => format!("{}/{}", dst.unwrap_or(Ipv4Addr::UNSPECIFIED), self.prefix),
+            dst => format!(
+                "{}/{}",
+                dst.unwrap_or(self.family.unspecified()),
+                self.prefix
+            ),
         };
         match (self.gateway, self.oif) {
             (Some(gw), _) => format!("{dst} via {gw}"),
@@ -237,13 +244,16 @@ impl RouteFacts {
     }
 }
 
-/// The routes the pod's wiring would collide with: a default route or a
-/// route to the gateway that is not on `ours` (the pod interface, when it
-/// is already canal's).
+/// The routes the pod's wiring would collide with: a default route (of
+/// either family) or a route to a gateway that is not on `ours` (the pod
+/// interface, when it is already canal's).
 pub fn foreign_routes(routes: &[RouteFacts], ours: Option<u32>) -> Vec<String> {
+    let gateways = [IpAddr::V4(GATEWAY), IpAddr::V6(GATEWAY_V6)];
     routes
         .iter()
-        .filter(|r| (r.prefix == 0) || (r.dst == Some(GATEWAY) && r.prefix == 32))
+        .filter(|r| {
+            r.prefix == 0 || (r.is_host_route() && r.dst.is_some_and(|d| gateways.contains(&d)))
+        })
         .filter(|r| ours.is_none() || r.oif != ours)
         .map(RouteFacts::describe)
         .collect()
@@ -363,12 +373,21 @@ mod tests {
     #[test]
     fn add_never_replaces_a_route_it_did_not_make() {
         let default_elsewhere = RouteFacts {
+            family: Family::V4,
             dst: None,
             prefix: 0,
             gateway: Some("10.99.0.254".parse().unwrap()),
             oif: Some(5),
         };
+        let v6_default_elsewhere = RouteFacts {
+            family: Family::V6,
+            dst: None,
+            prefix: 0,
+            gateway: Some("fe80::1".parse().unwrap()),
+            oif: Some(5),
+        };
         let unrelated = RouteFacts {
+            family: Family::V4,
             dst: Some("10.98.0.0".parse().unwrap()),
             prefix: 16,
             gateway: None,
@@ -386,6 +405,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        assert!(matches!(
+            plan_add(&ME, "caliX", None, None, &[v6_default_elsewhere]),
+            AddPlan::Refuse(Refusal::PodRoutesExist { .. })
+        ));
         assert_eq!(
             plan_add(&ME, "caliX", None, None, &[unrelated]),
             AddPlan::Create
@@ -394,9 +417,10 @@ mod tests {
         let host = veth(10, 2, Some("canal:new:eth0"));
         let pod = veth(2, 10, None);
         let ours = RouteFacts {
+            family: Family::V4,
             dst: None,
             prefix: 0,
-            gateway: Some(GATEWAY),
+            gateway: Some(IpAddr::V4(GATEWAY)),
             oif: Some(2),
         };
         assert_eq!(
@@ -407,8 +431,9 @@ mod tests {
 
     #[test]
     fn gc_deletes_marked_veths_and_unmarked_ones_routing_the_address() {
-        let ip: Ipv4Addr = "10.244.1.5".parse().unwrap();
+        let ip: IpAddr = "10.244.1.5".parse().unwrap();
         let route = |oif| RouteFacts {
+            family: Family::V4,
             dst: Some(ip),
             prefix: 32,
             gateway: None,

@@ -1,6 +1,6 @@
 //! The ADD result document, in the shape of the request's CNI version. Pure.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde_json::{Value, json};
 
@@ -8,8 +8,20 @@ use crate::overlay::model::Mac;
 
 /// The pod's gateway: link-local, answered by proxy ARP on the host veth.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The pod's IPv6 gateway: the host veth's own link-local address, the
+/// EUI-64 one of [`HOST_MAC`] (Calico's), which canal-cni also configures
+/// explicitly so it exists whatever the node's `addr_gen_mode`.
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
 /// The MAC every host-side veth gets (Calico's).
 pub const HOST_MAC: Mac = Mac([0xee; 6]);
+
+/// The pod's gateway of `ip`'s family.
+pub fn gateway_for(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(GATEWAY),
+        IpAddr::V6(_) => IpAddr::V6(GATEWAY_V6),
+    }
+}
 
 /// What ADD set up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,22 +36,35 @@ pub struct Wired {
     pub pod_mac: Mac,
     /// CNI_NETNS.
     pub sandbox: String,
-    /// The pod's address.
-    pub ip: Ipv4Addr,
+    /// The pod's addresses, one per family, in the cluster's order.
+    pub ips: Vec<IpAddr>,
     /// Interface MTU.
     pub mtu: u32,
 }
 
 /// The result for `cni_version`: interfaces [host veth, pod interface], the
-/// pod address as /32 with the link-local gateway, and the default route.
+/// pod addresses (/32, /128) with their link-local gateways, and a default
+/// route per family, in the cluster's family order (the runtime takes the
+/// first address as the pod's primary IP).
 pub fn add_result(cni_version: &str, w: &Wired, legacy: bool) -> Value {
-    let mut ip = json!({
-        "address": format!("{}/32", w.ip),
-        "gateway": GATEWAY.to_string(),
-        "interface": 1,
-    });
-    if legacy {
-        ip["version"] = json!("4");
+    let mut ips = Vec::new();
+    let mut routes = Vec::new();
+    for ip in &w.ips {
+        let (prefix, version, default) = match ip {
+            IpAddr::V4(_) => (32, "4", "0.0.0.0/0"),
+            IpAddr::V6(_) => (128, "6", "::/0"),
+        };
+        let gateway = gateway_for(*ip).to_string();
+        let mut entry = json!({
+            "address": format!("{ip}/{prefix}"),
+            "gateway": gateway,
+            "interface": 1,
+        });
+        if legacy {
+            entry["version"] = json!(version);
+        }
+        ips.push(entry);
+        routes.push(json!({"dst": default, "gw": gateway}));
     }
     let mut pod_if = json!({
         "name": w.ifname,
@@ -54,18 +79,23 @@ pub fn add_result(cni_version: &str, w: &Wired, legacy: bool) -> Value {
     json!({
         "cniVersion": cni_version,
         "interfaces": [host_if, pod_if],
-        "ips": [ip],
-        "routes": [{"dst": "0.0.0.0/0", "gw": GATEWAY.to_string()}],
+        "ips": ips,
+        "routes": routes,
         "dns": {},
     })
 }
 
-/// The pod address recorded in a previous result (CHECK), if any.
-pub fn prev_ip(prev: &Value) -> Option<Ipv4Addr> {
-    prev.get("ips")?.as_array()?.iter().find_map(|ip| {
-        let addr = ip.get("address")?.as_str()?;
-        addr.split('/').next()?.parse().ok()
-    })
+/// The pod addresses recorded in a previous result (CHECK).
+pub fn prev_ips(prev: &Value) -> Vec<IpAddr> {
+    let Some(ips) = prev.get("ips").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    ips.iter()
+        .filter_map(|ip| {
+            let addr = ip.get("address")?.as_str()?;
+            addr.split('/').next()?.parse().ok()
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -79,7 +109,7 @@ mod tests {
             ifname: "eth0".into(),
             pod_mac: Mac([2, 0, 0, 0, 0, 9]),
             sandbox: "/var/run/netns/p1".into(),
-            ip: "10.244.1.5".parse().unwrap(),
+            ips: vec!["10.244.1.5".parse().unwrap()],
             mtu: 1450,
         }
     }
@@ -108,7 +138,41 @@ mod tests {
         assert_eq!(r["cniVersion"], "0.4.0");
         let r = add_result("1.1.0", &wired(), false);
         assert_eq!(r["interfaces"][1]["mtu"], 1450);
-        assert_eq!(prev_ip(&r), Some("10.244.1.5".parse().unwrap()));
-        assert_eq!(prev_ip(&json!({})), None);
+        assert_eq!(prev_ips(&r), vec!["10.244.1.5".parse::<IpAddr>().unwrap()]);
+        assert!(prev_ips(&json!({})).is_empty());
+    }
+
+    #[test]
+    fn dual_stack_result_has_an_address_and_a_default_route_per_family() {
+        let mut w = wired();
+        w.ips = vec![
+            "fd00:10:244:1::5".parse().unwrap(),
+            "10.244.1.5".parse().unwrap(),
+        ];
+        let r = add_result("1.0.0", &w, false);
+        assert_eq!(
+            r["ips"],
+            json!([
+                {"address": "fd00:10:244:1::5/128", "gateway": "fe80::ecee:eeff:feee:eeee", "interface": 1},
+                {"address": "10.244.1.5/32", "gateway": "169.254.1.1", "interface": 1},
+            ])
+        );
+        assert_eq!(
+            r["routes"],
+            json!([
+                {"dst": "::/0", "gw": "fe80::ecee:eeff:feee:eeee"},
+                {"dst": "0.0.0.0/0", "gw": "169.254.1.1"},
+            ])
+        );
+        assert_eq!(add_result("0.4.0", &w, true)["ips"][0]["version"], "6");
+        assert_eq!(prev_ips(&r), w.ips);
+        // The IPv6 gateway is the EUI-64 link-local of the host veth's MAC.
+        let mut eui = [0u8; 8];
+        eui[..3].copy_from_slice(&HOST_MAC.0[..3]);
+        eui[3] = 0xff;
+        eui[4] = 0xfe;
+        eui[5..].copy_from_slice(&HOST_MAC.0[3..]);
+        eui[0] ^= 0x02;
+        assert_eq!(&GATEWAY_V6.octets()[8..], &eui);
     }
 }

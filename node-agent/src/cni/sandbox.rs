@@ -43,8 +43,43 @@ fn identity(meta: &std::fs::Metadata) -> (u64, u64) {
     (meta.dev(), meta.ino())
 }
 
-/// A netlink handle inside the container's namespace at `path`.
-pub fn open(path: &Path) -> Result<Handle, SandboxError> {
+/// The container's namespace: a netlink handle inside it, and the open
+/// namespace file that was checked (so what runs inside later is in that
+/// same namespace, whatever the path names by then).
+pub struct Sandbox {
+    /// netlink inside the namespace.
+    pub handle: Handle,
+    file: File,
+    path: PathBuf,
+}
+
+impl Sandbox {
+    /// Writes `value` to `/proc/sys/<key>` inside the namespace (e.g.
+    /// `net/ipv6/conf/eth0/accept_dad`).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<(), SandboxError> {
+        let path = format!("/proc/sys/{key}");
+        crate::netns::run_in(&self.file, &self.path, || std::fs::write(&path, value))?.map_err(
+            |source| SandboxError::Io {
+                path: PathBuf::from(format!("{} (inside {})", path, self.path.display())),
+                source,
+            },
+        )
+    }
+
+    /// Reads `/proc/sys/<key>` inside the namespace (trimmed).
+    pub fn read_sysctl(&self, key: &str) -> Result<String, SandboxError> {
+        let path = format!("/proc/sys/{key}");
+        crate::netns::run_in(&self.file, &self.path, || std::fs::read_to_string(&path))?
+            .map(|s| s.trim().to_string())
+            .map_err(|source| SandboxError::Io {
+                path: PathBuf::from(format!("{} (inside {})", path, self.path.display())),
+                source,
+            })
+    }
+}
+
+/// The container's namespace at `path`, checked.
+pub fn open(path: &Path) -> Result<Sandbox, SandboxError> {
     let io = |source: std::io::Error| SandboxError::Io {
         path: path.to_path_buf(),
         source,
@@ -72,9 +107,11 @@ pub fn open(path: &Path) -> Result<Handle, SandboxError> {
         } => SandboxError::NotNetns(path.to_path_buf()),
         other => SandboxError::Netlink(other),
     })?;
-    // The netlink thread holds its own descriptor of the namespace now.
-    drop(file);
-    Ok(handle)
+    Ok(Sandbox {
+        handle,
+        file,
+        path: path.to_path_buf(),
+    })
 }
 
 #[cfg(test)]

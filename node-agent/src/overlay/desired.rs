@@ -1,39 +1,81 @@
-//! The overlay's desired kernel state, computed from this node, its peers,
-//! the network configuration and the underlay: a pure function, so the same
-//! inputs always give the same device, routes, neighbours and FDB entries.
+//! The overlay's desired kernel state for one IP family, computed from this
+//! node, its peers, the family's network configuration and the underlay: a
+//! pure function, so the same inputs always give the same device, routes,
+//! neighbours and FDB entries.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use canal_crds::{BackendType, NetworkConfig};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
+use super::family::{self, Family};
 use super::model::{Dev, Mac, Route, Underlay, VxlanDevice};
 
-/// VXLAN over IPv4 adds 50 bytes (outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
-pub const VXLAN_OVERHEAD: u32 = 50;
+/// VXLAN over IPv4 adds 50 bytes (outer IPv4 20 + UDP 8 + VXLAN 8 + inner
+/// Ethernet 14); over IPv6 70 ([`Family::vxlan_overhead`]).
+pub const VXLAN_OVERHEAD: u32 = family::VXLAN_OVERHEAD_V4;
 
-/// This node, as the overlay needs it.
+/// The network configuration as one family's overlay needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OverlayConfig {
+    /// The family.
+    pub family: Family,
+    /// The family's pod range.
+    pub cluster_cidr: IpNet,
+    /// Overlay type.
+    pub backend: BackendType,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// VXLAN UDP port.
+    pub port: u16,
+    /// Route directly to same-segment nodes.
+    pub direct_routing: bool,
+    /// Explicit MTU, or None to derive it from the underlay.
+    pub mtu: Option<u32>,
+}
+
+impl OverlayConfig {
+    /// The overlay of `cluster_cidr`'s family with `config`'s backend.
+    pub fn new(config: &NetworkConfig, cluster_cidr: IpNet) -> OverlayConfig {
+        OverlayConfig {
+            family: Family::of_net(&cluster_cidr),
+            cluster_cidr,
+            backend: config.backend,
+            vni: config.vni,
+            port: config.port,
+            direct_routing: config.direct_routing,
+            mtu: config.mtu,
+        }
+    }
+
+    /// The VXLAN device this family's overlay uses.
+    pub fn device_name(&self) -> String {
+        self.family.device_name(self.vni)
+    }
+}
+
+/// This node, as one family's overlay needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalNode {
     /// Node name.
     pub name: String,
-    /// Its pod subnet (`spec.podCIDR`).
-    pub subnet: Ipv4Net,
-    /// Its VTEP MAC (from its `backend-data` annotation).
+    /// Its pod subnet of the family (from `spec.podCIDRs`).
+    pub subnet: IpNet,
+    /// Its VTEP MAC of the family (`backend-data` / `backend-v6-data`).
     pub vtep_mac: Mac,
 }
 
-/// Another node taking part in the overlay.
+/// Another node taking part in one family's overlay.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Peer {
     /// Node name.
     pub name: String,
-    /// Its pod subnet.
-    pub subnet: Ipv4Net,
-    /// Its underlay address (`public-ip` annotation).
-    pub public_ip: Ipv4Addr,
-    /// Its VTEP MAC (`backend-data` annotation).
+    /// Its pod subnet of the family.
+    pub subnet: IpNet,
+    /// Its underlay address of the family (`public-ip` / `public-ipv6`).
+    pub public_ip: IpAddr,
+    /// Its VTEP MAC of the family.
     pub vtep_mac: Mac,
 }
 
@@ -87,17 +129,18 @@ pub struct Skipped {
     pub reason: SkipReason,
 }
 
-/// The overlay as it should be in the kernel.
+/// One family's overlay as it should be in the kernel.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Desired {
-    /// The VXLAN device (None with host-gw).
+    /// The VXLAN device (None with host-gw, or for a family the cluster
+    /// or this node does not have).
     pub device: Option<VxlanDevice>,
     /// One route per programmed peer, by destination.
-    pub routes: BTreeMap<Ipv4Net, Route>,
+    pub routes: BTreeMap<IpNet, Route>,
     /// Permanent neighbours on the VXLAN device: `S0 -> VtepMAC`.
-    pub neighbours: BTreeMap<Ipv4Addr, Mac>,
+    pub neighbours: BTreeMap<IpAddr, Mac>,
     /// FDB entries on the VXLAN device: `VtepMAC -> public IP`.
-    pub fdb: BTreeMap<Mac, Ipv4Addr>,
+    pub fdb: BTreeMap<Mac, IpAddr>,
     /// MTU for pod interfaces (and the VXLAN device).
     pub pod_mtu: u32,
     /// Peers reached through VXLAN.
@@ -115,26 +158,29 @@ pub enum DesiredError {
     #[error("node {node}: podCIDR {subnet} is outside clusterCIDR {cluster_cidr}")]
     LocalSubnetOutsideCluster {
         node: String,
-        subnet: Ipv4Net,
-        cluster_cidr: Ipv4Net,
+        subnet: IpNet,
+        cluster_cidr: IpNet,
     },
 }
 
-/// The MTU pods and the VXLAN device get: the configured MTU, or the
-/// underlay's minus the VXLAN overhead (host-gw: the underlay's).
-pub fn pod_mtu(config: &NetworkConfig, underlay_mtu: u32) -> u32 {
+/// The MTU this family's VXLAN device (and pods, as far as this family
+/// goes) gets: the configured MTU, or the underlay's minus the family's
+/// VXLAN overhead (host-gw: the underlay's).
+pub fn pod_mtu(config: &OverlayConfig, underlay_mtu: u32) -> u32 {
     config.mtu.unwrap_or(match config.backend {
-        BackendType::Vxlan => underlay_mtu.saturating_sub(VXLAN_OVERHEAD),
+        BackendType::Vxlan => underlay_mtu.saturating_sub(config.family.vxlan_overhead()),
         BackendType::HostGw => underlay_mtu,
     })
 }
 
-/// Computes the desired overlay. Peers are taken in name order, so a
-/// conflict (overlap, duplicate MAC) always keeps the same peer.
+/// Computes one family's desired overlay. Peers are taken in name order, so
+/// a conflict (overlap, duplicate MAC) always keeps the same peer; a peer
+/// of another family than the configuration's is skipped as outside the
+/// cluster range.
 pub fn compute(
     local: &LocalNode,
     peers: &[Peer],
-    config: &NetworkConfig,
+    config: &OverlayConfig,
     underlay: &Underlay,
 ) -> Result<Desired, DesiredError> {
     let cluster = config.cluster_cidr;
@@ -149,7 +195,7 @@ pub fn compute(
     let vxlan = config.backend == BackendType::Vxlan;
     let mut out = Desired {
         device: vxlan.then(|| VxlanDevice {
-            name: canal_crds::names::vxlan_device(config.vni),
+            name: config.device_name(),
             vni: config.vni,
             port: config.port,
             local: underlay.ip,
@@ -172,7 +218,7 @@ pub fn compute(
             peer: peer.name.clone(),
             reason,
         };
-        if !cluster.contains(&peer.subnet) {
+        if !cluster.contains(&peer.subnet) || Family::of_addr(&peer.public_ip) != config.family {
             out.skipped.push(skip(SkipReason::OutsideClusterCidr));
             continue;
         }
@@ -227,28 +273,28 @@ pub fn compute(
     Ok(out)
 }
 
-fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+fn overlaps(a: IpNet, b: IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
-/// Disjoint address intervals, for O(log n) overlap checks.
+/// Disjoint address intervals of one family, for O(log n) overlap checks.
 #[derive(Default)]
 struct Intervals {
     /// start -> end (inclusive).
-    by_start: BTreeMap<u32, u32>,
+    by_start: BTreeMap<u128, u128>,
 }
 
 impl Intervals {
-    fn bounds(net: Ipv4Net) -> (u32, u32) {
-        (u32::from(net.network()), u32::from(net.broadcast()))
+    fn bounds(net: IpNet) -> (u128, u128) {
+        family::net_bounds(net)
     }
 
-    fn insert(&mut self, net: Ipv4Net) {
+    fn insert(&mut self, net: IpNet) {
         let (start, end) = Self::bounds(net);
         self.by_start.insert(start, end);
     }
 
-    fn overlaps(&self, net: Ipv4Net) -> bool {
+    fn overlaps(&self, net: IpNet) -> bool {
         let (start, end) = Self::bounds(net);
         // The interval starting at or before `start` may cover it; any
         // interval starting inside [start, end] overlaps it.
@@ -266,17 +312,18 @@ mod tests {
     use super::*;
     use canal_crds::CanalNetworkSpec;
 
-    pub(crate) fn config() -> NetworkConfig {
-        CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16")
+    pub(crate) fn config() -> OverlayConfig {
+        let c = CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16")
             .validate()
-            .unwrap()
+            .unwrap();
+        OverlayConfig::new(&c, "10.244.0.0/16".parse().unwrap())
     }
 
-    fn net(s: &str) -> Ipv4Net {
+    fn net(s: &str) -> IpNet {
         s.parse().unwrap()
     }
 
-    fn ip(s: &str) -> Ipv4Addr {
+    fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
@@ -443,5 +490,117 @@ mod tests {
         assert!(iv.overlaps(net("10.0.6.0/24")));
         assert!(!iv.overlaps(net("10.0.2.0/24")));
         assert!(!iv.overlaps(net("10.0.8.0/24")));
+    }
+
+    fn config_v6() -> OverlayConfig {
+        OverlayConfig {
+            family: Family::V6,
+            cluster_cidr: net("fd00:10:244::/56"),
+            ..config()
+        }
+    }
+
+    fn underlay_v6() -> Underlay {
+        Underlay {
+            index: 7,
+            name: "eth0".into(),
+            ip: ip("fd00:30::1"),
+            mtu: 1500,
+            connected: vec![net("fd00:30::/64")],
+        }
+    }
+
+    #[test]
+    fn ipv6_peer_gets_flannel_v6_device_route_neighbour_and_fdb() {
+        let local = LocalNode {
+            name: "node-a".into(),
+            subnet: net("fd00:10:244:1::/64"),
+            vtep_mac: Mac([0x02, 0, 0, 0, 6, 1]),
+        };
+        let peers = [
+            Peer {
+                name: "node-b".into(),
+                subnet: net("fd00:10:244:2::/64"),
+                public_ip: ip("fd00:30::2"),
+                vtep_mac: Mac([0x02, 0, 0, 0, 6, 2]),
+            },
+            // An IPv4 peer in the IPv6 overlay: never mixed in.
+            peer("node-c", "10.244.3.0/24", "192.168.50.3", 3),
+            // An IPv6 subnet whose node has only an IPv4 underlay address.
+            Peer {
+                subnet: net("fd00:10:244:4::/64"),
+                ..peer("node-d", "10.244.4.0/24", "192.168.50.4", 4)
+            },
+        ];
+        let d = compute(&local, &peers, &config_v6(), &underlay_v6()).unwrap();
+        let dev = d.device.clone().unwrap();
+        assert_eq!(dev.name, "flannel-v6.1");
+        assert_eq!(dev.local, ip("fd00:30::1"));
+        assert_eq!(dev.address, ip("fd00:10:244:1::"));
+        assert_eq!(dev.mtu, 1430, "an IPv6 underlay costs 70 bytes");
+        assert_eq!(
+            d.routes[&net("fd00:10:244:2::/64")],
+            Route {
+                dst: net("fd00:10:244:2::/64"),
+                gateway: ip("fd00:10:244:2::"),
+                dev: Dev::Overlay,
+                onlink: true
+            }
+        );
+        assert_eq!(d.neighbours[&ip("fd00:10:244:2::")], peers[0].vtep_mac);
+        assert_eq!(d.fdb[&peers[0].vtep_mac], ip("fd00:30::2"));
+        let skipped: Vec<_> = d
+            .skipped
+            .iter()
+            .map(|s| (s.peer.as_str(), s.reason))
+            .collect();
+        assert_eq!(
+            skipped,
+            vec![
+                ("node-c", SkipReason::OutsideClusterCidr),
+                ("node-d", SkipReason::OutsideClusterCidr)
+            ]
+        );
+    }
+
+    #[test]
+    fn ipv6_direct_routing_and_host_gw_use_the_ipv6_segment() {
+        let local = LocalNode {
+            name: "node-a".into(),
+            subnet: net("fd00:10:244:1::/64"),
+            vtep_mac: Mac([0x02, 0, 0, 0, 6, 1]),
+        };
+        let near = Peer {
+            name: "node-b".into(),
+            subnet: net("fd00:10:244:2::/64"),
+            public_ip: ip("fd00:30::2"),
+            vtep_mac: Mac([0x02, 0, 0, 0, 6, 2]),
+        };
+        let far = Peer {
+            name: "node-c".into(),
+            subnet: net("fd00:10:244:3::/64"),
+            public_ip: ip("fd00:99::3"),
+            vtep_mac: Mac([0x02, 0, 0, 0, 6, 3]),
+        };
+        let mut cfg = config_v6();
+        cfg.direct_routing = true;
+        let d = compute(&local, &[near.clone(), far.clone()], &cfg, &underlay_v6()).unwrap();
+        assert_eq!(
+            d.routes[&near.subnet],
+            Route {
+                dst: near.subnet,
+                gateway: near.public_ip,
+                dev: Dev::Underlay,
+                onlink: false
+            }
+        );
+        assert_eq!(d.routes[&far.subnet].dev, Dev::Overlay);
+        cfg.backend = BackendType::HostGw;
+        let d = compute(&local, &[near, far], &cfg, &underlay_v6()).unwrap();
+        assert_eq!(
+            (d.device.is_none(), d.routes.len(), d.pod_mtu),
+            (true, 1, 1500)
+        );
+        assert_eq!(d.skipped[0].reason, SkipReason::NotOnSegment);
     }
 }

@@ -3,11 +3,12 @@
 //! nothing to do and established connections are not disturbed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use super::desired::Desired;
+use super::family::Family;
 use super::model::{
     Dev, FdbEntry, Mac, Neighbour, Observed, ObservedFdb, ObservedLink, ObservedRoute, Route,
     VxlanDevice,
@@ -34,9 +35,9 @@ pub enum LinkOp {
     /// Bring the device up.
     SetUp,
     /// Add an address to the device.
-    AddAddress(Ipv4Net),
+    AddAddress(IpNet),
     /// Remove an address from the device.
-    DeleteAddress(Ipv4Net),
+    DeleteAddress(IpNet),
 }
 
 /// Why a link is deleted.
@@ -96,7 +97,7 @@ pub struct Plan {
     /// Routes to delete.
     pub route_deletes: Vec<ObservedRoute>,
     /// Neighbour entries to delete (by destination).
-    pub neighbour_deletes: Vec<Ipv4Addr>,
+    pub neighbour_deletes: Vec<IpAddr>,
     /// FDB entries to delete.
     pub fdb_deletes: Vec<ObservedFdb>,
     /// Neighbour entries to create or replace.
@@ -228,18 +229,20 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         }
     }
 
-    // Routes: keyed by (destination, metric); the desired ones use metric 0.
+    // Routes: keyed by (destination, metric); the desired ones use the
+    // family's default metric (0 for IPv4, 1024 for IPv6).
     let mut routes_ok = BTreeSet::new();
     for have in &observed.routes {
         if fresh_device && have.route.dev == Dev::Overlay {
             continue;
         }
+        let ours = have.priority == Family::of_net(&have.route.dst).default_route_metric();
         match desired.routes.get(&have.route.dst) {
-            Some(want) if have.priority == 0 && have.route == *want => {
+            Some(want) if ours && have.route == *want => {
                 routes_ok.insert(want.dst);
             }
             // Same key, other content: the replace below rewrites it.
-            Some(_) if have.priority == 0 => {}
+            Some(_) if ours => {}
             _ => plan.route_deletes.push(*have),
         }
     }
@@ -297,10 +300,9 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     plan
 }
 
-/// `ip/32`.
-pub fn host_net(ip: Ipv4Addr) -> Ipv4Net {
-    // A /32 is always a valid prefix length.
-    Ipv4Net::new(ip, 32).unwrap_or_else(|_| Ipv4Net::from(ip))
+/// `ip/32` or `ip/128`.
+pub fn host_net(ip: IpAddr) -> IpNet {
+    super::family::host_net(ip)
 }
 
 #[cfg(test)]
@@ -312,17 +314,17 @@ pub(crate) mod sim {
     use crate::overlay::model::{ObservedNeighbour, VxlanAttrs};
 
     /// FDB remotes of one MAC: (dst, permanent).
-    type Remotes = Vec<(Option<Ipv4Addr>, bool)>;
+    type Remotes = Vec<(Option<IpAddr>, bool)>;
 
     /// The overlay's objects in a simulated kernel.
     #[derive(Clone, Debug, Default)]
     pub struct Kernel {
         pub links: BTreeMap<u32, ObservedLink>,
         pub next_index: u32,
-        pub addresses: BTreeMap<u32, BTreeSet<Ipv4Net>>,
+        pub addresses: BTreeMap<u32, BTreeSet<IpNet>>,
         /// (dst, priority) -> (route, oif)
-        pub routes: BTreeMap<(Ipv4Net, u32), (Route, u32)>,
-        pub neighbours: BTreeMap<(u32, Ipv4Addr), (Option<Mac>, bool)>,
+        pub routes: BTreeMap<(IpNet, u32), (Route, u32)>,
+        pub neighbours: BTreeMap<(u32, IpAddr), (Option<Mac>, bool)>,
         pub fdb: BTreeMap<(u32, Mac), Remotes>,
         pub underlay_index: u32,
     }
@@ -347,7 +349,13 @@ pub(crate) mod sim {
             let stale_devices = self
                 .links
                 .values()
-                .filter(|l| l.name != name && l.name.starts_with("flannel.") && l.vxlan.is_some())
+                .filter(|l| {
+                    l.name != name
+                        && crate::overlay::family::Family::ALL
+                            .iter()
+                            .any(|f| f.is_device_name(&l.name) && f.is_device_name(name))
+                        && l.vxlan.is_some()
+                })
                 .map(|l| (l.index, l.name.clone()))
                 .collect();
             let on_dev = |i: u32| Some(i) == dev_index;
@@ -485,7 +493,8 @@ pub(crate) mod sim {
             }
             for r in &plan.route_sets {
                 let o = oif(r.dev);
-                self.routes.insert((r.dst, 0), (*r, o));
+                let metric = Family::of_net(&r.dst).default_route_metric();
+                self.routes.insert((r.dst, metric), (*r, o));
             }
         }
     }
@@ -495,15 +504,21 @@ pub(crate) mod sim {
 mod tests {
     use super::sim::Kernel;
     use super::*;
-    use crate::overlay::desired::{LocalNode, Peer, compute};
+    use crate::overlay::desired::{LocalNode, OverlayConfig, Peer, compute};
+    use crate::overlay::family::Family;
     use crate::overlay::model::{ObservedNeighbour, Underlay, VxlanAttrs};
-    use canal_crds::{BackendType, CanalNetworkSpec, NetworkConfig};
+    use canal_crds::{BackendType, CanalNetworkSpec};
+    use ipnet::Ipv4Net;
     use proptest::prelude::*;
+    use std::net::Ipv4Addr;
+
+    type NetworkConfig = OverlayConfig;
 
     fn config() -> NetworkConfig {
-        CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16")
+        let c = CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16")
             .validate()
-            .unwrap()
+            .unwrap();
+        OverlayConfig::new(&c, "10.244.0.0/16".parse().unwrap())
     }
 
     fn underlay() -> Underlay {
@@ -530,11 +545,13 @@ mod tests {
         let i8 = i as u8;
         Peer {
             name: format!("n{i:04}"),
-            subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, i8, 0), 24).unwrap(),
+            subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, i8, 0), 24)
+                .unwrap()
+                .into(),
             public_ip: if far {
-                Ipv4Addr::new(172, 16, (i >> 8) as u8, i8)
+                Ipv4Addr::new(172, 16, (i >> 8) as u8, i8).into()
             } else {
-                Ipv4Addr::new(192, 168, 0, i8.wrapping_add(1))
+                Ipv4Addr::new(192, 168, 0, i8.wrapping_add(1)).into()
             },
             vtep_mac: Mac([2, 0, 0, 1, (i >> 8) as u8, i8]),
         }
@@ -619,7 +636,7 @@ mod tests {
         for bad in [
             |v: &mut VxlanAttrs| v.vni = 2,
             |v: &mut VxlanAttrs| v.port = 4789,
-            |v: &mut VxlanAttrs| v.local = Some(Ipv4Addr::new(1, 2, 3, 4)),
+            |v: &mut VxlanAttrs| v.local = Some(Ipv4Addr::new(1, 2, 3, 4).into()),
             |v: &mut VxlanAttrs| v.underlay_index = Some(77),
             |v: &mut VxlanAttrs| v.learning = true,
         ] {
@@ -691,7 +708,7 @@ mod tests {
         let mut peers: Vec<_> = (1..=3).map(|i| peer(i, true)).collect();
         let mut k = Kernel::new(2);
         converge(&mut k, &desired(&peers, &config()), "flannel.1");
-        peers[1].public_ip = Ipv4Addr::new(172, 17, 0, 9);
+        peers[1].public_ip = Ipv4Addr::new(172, 17, 0, 9).into();
         let d = desired(&peers, &config());
         let p = plan(&d, &k.observe("flannel.1"));
         assert_eq!(p.fdb_deletes.len(), 1, "old remote removed");
@@ -716,13 +733,16 @@ mod tests {
         let mut o = k.observe("flannel.1");
         o.neighbours[0].permanent = false;
         o.neighbours.push(ObservedNeighbour {
-            ip: Ipv4Addr::new(10, 244, 99, 0),
+            ip: Ipv4Addr::new(10, 244, 99, 0).into(),
             mac: None,
             permanent: false,
         });
         let p = plan(&d, &o);
         assert_eq!(p.neighbour_sets.len(), 1);
-        assert_eq!(p.neighbour_deletes, vec![Ipv4Addr::new(10, 244, 99, 0)]);
+        assert_eq!(
+            p.neighbour_deletes,
+            vec![IpAddr::from(Ipv4Addr::new(10, 244, 99, 0))]
+        );
     }
 
     #[test]
@@ -781,6 +801,45 @@ mod tests {
         assert!(p.route_sets.is_empty());
     }
 
+    #[test]
+    fn ipv6_converges_with_the_kernels_metric_and_a_foreign_metric_goes() {
+        let cfg = OverlayConfig {
+            family: Family::V6,
+            cluster_cidr: "fd00:10:244::/56".parse().unwrap(),
+            ..config()
+        };
+        let local = LocalNode {
+            name: "n0".into(),
+            subnet: "fd00:10:244::/64".parse().unwrap(),
+            vtep_mac: Mac([2, 0, 0, 0, 6, 0]),
+        };
+        let peers: Vec<Peer> = (1..=4u16)
+            .map(|i| Peer {
+                name: format!("n{i}"),
+                subnet: format!("fd00:10:244:{i:x}::/64").parse().unwrap(),
+                public_ip: format!("fd00:30::{i:x}").parse().unwrap(),
+                vtep_mac: Mac([2, 0, 0, 1, 6, i as u8]),
+            })
+            .collect();
+        let underlay = Underlay {
+            index: 2,
+            name: "eth0".into(),
+            ip: "fd00:30::99".parse().unwrap(),
+            mtu: 1500,
+            connected: vec!["fd00:31::/64".parse().unwrap()],
+        };
+        let d = compute(&local, &peers, &cfg, &underlay).unwrap();
+        let mut k = Kernel::new(2);
+        converge(&mut k, &d, "flannel-v6.1");
+        let mut o = k.observe("flannel-v6.1");
+        assert!(o.routes.iter().all(|r| r.priority == 1024));
+        assert!(plan(&d, &o).is_empty());
+        let mut foreign = o.routes[0];
+        foreign.priority = 0;
+        o.routes.push(foreign);
+        assert_eq!(plan(&d, &o).route_deletes, vec![foreign]);
+    }
+
     fn arb_peers() -> impl Strategy<Value = Vec<Peer>> {
         proptest::collection::btree_set(1u16..250, 0..40).prop_flat_map(|ids| {
             let ids: Vec<u16> = ids.into_iter().collect();
@@ -807,7 +866,7 @@ mod tests {
     }
 
     fn name(cfg: &NetworkConfig) -> String {
-        canal_crds::names::vxlan_device(cfg.vni)
+        cfg.device_name()
     }
 
     proptest! {

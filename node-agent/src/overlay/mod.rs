@@ -1,24 +1,25 @@
-//! The VXLAN overlay: pure desired state and diff over plain data
-//! ([`model`], [`desired`], [`diff`], [`snapshot`]) and the thin rtnetlink
-//! shell that dumps the kernel and applies the diff ([`netlink`]).
+//! The VXLAN overlay, once per IP family ([`family`]): pure desired state
+//! and diff over plain data ([`model`], [`desired`], [`diff`],
+//! [`snapshot`]) and the thin rtnetlink shell that dumps the kernel and
+//! applies the diff ([`netlink`]). One dump serves both families.
 
 pub mod desired;
 pub mod diff;
+pub mod family;
 pub mod model;
 pub mod netlink;
 pub mod snapshot;
 
 use std::time::{Duration, Instant};
 
-use canal_crds::NetworkConfig;
-
-use desired::{Desired, DesiredError, LocalNode, Peer};
+use desired::{Desired, DesiredError, LocalNode, OverlayConfig, Peer};
 use diff::Plan;
+use family::Family;
 use model::Underlay;
 use netlink::{Category, Netlink, NetlinkError};
-use snapshot::UnderlayError;
+use snapshot::{Snapshot, UnderlayError};
 
-/// One overlay sync could not run.
+/// One family's overlay sync could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     /// Dumping or changing the VXLAN device failed.
@@ -32,14 +33,49 @@ pub enum SyncError {
     Desired(#[from] DesiredError),
 }
 
-/// What one sync found and did.
+/// What one family's overlay is to be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FamilyPlan {
+    /// Programmed: this node and its peers in that family.
+    Program {
+        /// The family's configuration.
+        config: OverlayConfig,
+        /// This node.
+        local: LocalNode,
+        /// Its peers of the family.
+        peers: Vec<Peer>,
+    },
+    /// Not programmed (the cluster has no range of the family, or this
+    /// node no subnet of it): its VXLAN devices and canal's routes of the
+    /// family go.
+    Remove,
+}
+
+/// The input of one family's sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FamilyInput {
+    /// The family.
+    pub family: Family,
+    /// What to do with it.
+    pub plan: FamilyPlan,
+    /// CanalNetwork `interface`.
+    pub interface: Option<String>,
+    /// ifindex of the underlay this family was last programmed on.
+    pub previous_underlay: Option<u32>,
+}
+
+/// What one family's sync found and did.
 #[derive(Debug)]
 pub struct Synced {
-    /// The underlay in use.
-    pub underlay: Underlay,
+    /// The family.
+    pub family: Family,
+    /// The underlay in use (None: a removed family with no underlay).
+    pub underlay: Option<Underlay>,
     /// Why the configured underlay could not be used (the one in use is
     /// then the one the overlay already sat on).
     pub underlay_error: Option<UnderlayError>,
+    /// Whether the family is programmed (not [`FamilyPlan::Remove`]).
+    pub programmed: bool,
     /// The state programmed.
     pub desired: Desired,
     /// The changes that were needed.
@@ -47,51 +83,90 @@ pub struct Synced {
     /// Changes that failed (retried by the next sync); the others were
     /// applied.
     pub errors: Vec<NetlinkError>,
-    /// The MTU pods should get: the desired one, or, when the kernel refused
-    /// it for the VXLAN device, the MTU the device really has.
+    /// The MTU pods should get as far as this family goes: the desired one,
+    /// or, when the kernel refused it for the VXLAN device, the MTU the
+    /// device really has.
     pub pod_mtu: u32,
-    /// Time spent dumping the kernel.
-    pub dump: Duration,
     /// Time spent computing the desired state and the diff.
     pub compute: Duration,
     /// Time spent applying the diff.
     pub apply: Duration,
 }
 
-/// Dumps the kernel, computes the desired overlay and the diff, and applies
-/// it: one level-triggered pass. Only what leaves nothing to program fails
-/// it as a whole (no dump; this node's own subnet unusable; no underlay at
-/// all); everything else is applied object by object and the failures are
-/// returned in [`Synced::errors`]. An underlay interface that does not exist
-/// (a CanalNetwork `interface` wrong for this node) keeps the underlay in
-/// use, `previous_underlay` (an ifindex) or the existing device's.
-pub async fn sync(
-    nl: &Netlink,
-    local: &LocalNode,
-    peers: &[Peer],
-    config: &NetworkConfig,
-    previous_underlay: Option<u32>,
-) -> Result<Synced, SyncError> {
+/// What one sync of every family did.
+#[derive(Debug)]
+pub struct SyncedAll {
+    /// Time spent dumping the kernel (once for every family).
+    pub dump: Duration,
+    /// One result per input, in the same order.
+    pub families: Vec<Result<Synced, SyncError>>,
+}
+
+/// Dumps the kernel once, then for each family computes the desired overlay
+/// and the diff, and applies it: one level-triggered pass. Only a failed
+/// dump fails it as a whole; a family that cannot be programmed (its own
+/// subnet unusable, no underlay of the family) fails alone, and within a
+/// family everything is applied object by object with the failures in
+/// [`Synced::errors`]. An underlay interface that does not exist (a
+/// CanalNetwork `interface` wrong for this node) keeps the underlay in use,
+/// `previous_underlay` (an ifindex) or the existing device's.
+pub async fn sync(nl: &Netlink, inputs: &[FamilyInput]) -> Result<SyncedAll, NetlinkError> {
     let started = Instant::now();
     let snapshot = nl.snapshot().await?;
-    let dumped = Instant::now();
-    let device_name = canal_crds::names::vxlan_device(config.vni);
-    let (underlay, underlay_error) = match snapshot.underlay(config.interface.as_deref()) {
-        Ok(u) => (u, None),
-        Err(e) => match snapshot.fallback_underlay(previous_underlay, Some(&device_name)) {
-            Some(u) => (u, Some(e)),
-            None => return Err(e.into()),
-        },
+    let dump = started.elapsed();
+    let mut families = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        families.push(sync_family(nl, &snapshot, input).await);
+    }
+    Ok(SyncedAll { dump, families })
+}
+
+async fn sync_family(
+    nl: &Netlink,
+    snapshot: &Snapshot,
+    input: &FamilyInput,
+) -> Result<Synced, SyncError> {
+    let started = Instant::now();
+    let family = input.family;
+    let program = match &input.plan {
+        FamilyPlan::Program {
+            config,
+            local,
+            peers,
+        } => Some((config, local, peers.as_slice())),
+        FamilyPlan::Remove => None,
     };
-    let desired = desired::compute(local, peers, config, &underlay)?;
+    let device_name = program.map(|(config, _, _)| config.device_name());
+    let (underlay, underlay_error) = match snapshot.underlay(input.interface.as_deref(), family) {
+        Ok(u) => (Some(u), None),
+        Err(e) => {
+            match snapshot.fallback_underlay(
+                input.previous_underlay,
+                device_name.as_deref(),
+                family,
+            ) {
+                Some(u) => (Some(u), Some(e)),
+                // A family being removed needs no underlay: its devices go
+                // all the same (canal's routes on an underlay that cannot
+                // be found stay until it can).
+                None if program.is_none() => (None, None),
+                None => return Err(e.into()),
+            }
+        }
+    };
+    let desired = match (program, &underlay) {
+        (Some((config, local, peers)), Some(u)) => desired::compute(local, peers, config, u)?,
+        _ => Desired::default(),
+    };
     let device = desired.device.as_ref().map(|d| d.name.clone());
-    let observed = snapshot.observe(device.as_deref(), underlay.index);
+    let underlay_index = underlay.as_ref().map_or(0, |u| u.index);
+    let observed = snapshot.observe(device.as_deref(), underlay_index, family);
     let plan = diff::plan(&desired, &observed);
     let computed = Instant::now();
     let mut errors = if plan.is_empty() {
         Vec::new()
     } else {
-        nl.apply(&plan, device.as_deref(), underlay.index)
+        nl.apply(&plan, device.as_deref(), underlay_index)
             .await
             .errors
     };
@@ -105,14 +180,15 @@ pub async fn sync(
         }
     }
     Ok(Synced {
+        family,
         underlay,
-        underlay_error,
+        underlay_error: underlay_error.filter(|_| program.is_some()),
+        programmed: program.is_some(),
         desired,
         plan,
         errors,
         pod_mtu,
-        dump: dumped - started,
-        compute: computed - dumped,
+        compute: computed - started,
         apply: computed.elapsed(),
     })
 }

@@ -2,9 +2,9 @@
 //! state, the observed state and the diff between them. No I/O here.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 /// An Ethernet address.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -36,7 +36,8 @@ impl fmt::Debug for Mac {
 
 /// A device the overlay's routes point at, named by its role rather than its
 /// ifindex: the VXLAN device's index is only known once it exists, and the
-/// diff is computed before it is (re)created.
+/// diff is computed before it is (re)created. Every address in one overlay
+/// (desired or observed) is of that overlay's family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Dev {
     /// The VXLAN device `flannel.<VNI>`.
@@ -49,10 +50,10 @@ pub enum Dev {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Route {
     /// A remote node's pod subnet.
-    pub dst: Ipv4Net,
+    pub dst: IpNet,
     /// `S0` (the remote subnet's network address) over VXLAN, or the remote
     /// node's address when routed directly.
-    pub gateway: Ipv4Addr,
+    pub gateway: IpAddr,
     /// Output device.
     pub dev: Dev,
     /// `onlink`: the gateway is not inside any connected subnet (VXLAN).
@@ -63,7 +64,7 @@ pub struct Route {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Neighbour {
     /// The remote subnet's network address.
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// The remote node's VTEP MAC.
     pub mac: Mac,
 }
@@ -74,28 +75,28 @@ pub struct FdbEntry {
     /// The remote node's VTEP MAC.
     pub mac: Mac,
     /// The remote node's underlay address.
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
 }
 
 /// The VXLAN device as it should be.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VxlanDevice {
-    /// `flannel.<VNI>`.
+    /// `flannel.<VNI>` or `flannel-v6.<VNI>`.
     pub name: String,
     /// VXLAN network identifier.
     pub vni: u32,
     /// UDP destination port.
     pub port: u16,
-    /// Underlay source address.
-    pub local: Ipv4Addr,
+    /// Underlay source address (of the device's family).
+    pub local: IpAddr,
     /// ifindex of the underlay interface.
     pub underlay_index: u32,
     /// The node's VTEP MAC.
     pub mac: Mac,
     /// Device MTU.
     pub mtu: u32,
-    /// The node subnet's network address, configured as /32.
-    pub address: Ipv4Addr,
+    /// The node subnet's network address, configured as /32 (/128).
+    pub address: IpAddr,
 }
 
 /// The underlay interface the overlay rides on.
@@ -105,17 +106,19 @@ pub struct Underlay {
     pub index: u32,
     /// Interface name.
     pub name: String,
-    /// Its first IPv4 address: the VTEP source and the node's address.
-    pub ip: Ipv4Addr,
+    /// Its first address of the overlay's family (IPv6: the first that is
+    /// not link-local): the VTEP source and the node's address.
+    pub ip: IpAddr,
     /// Its MTU.
     pub mtu: u32,
-    /// Subnets directly connected through it (same L2 segment).
-    pub connected: Vec<Ipv4Net>,
+    /// Subnets of that family directly connected through it (same L2
+    /// segment; IPv6 link-local excluded).
+    pub connected: Vec<IpNet>,
 }
 
 impl Underlay {
     /// Whether `ip` is on the same L2 segment (inside a connected subnet).
-    pub fn on_segment(&self, ip: Ipv4Addr) -> bool {
+    pub fn on_segment(&self, ip: IpAddr) -> bool {
         self.connected.iter().any(|net| net.contains(&ip))
     }
 }
@@ -144,8 +147,8 @@ pub struct VxlanAttrs {
     pub vni: u32,
     /// Destination port (0 = kernel default 8472 on dumps of old kernels).
     pub port: u16,
-    /// Source address.
-    pub local: Option<Ipv4Addr>,
+    /// Source address (`IFLA_VXLAN_LOCAL` or `IFLA_VXLAN_LOCAL6`).
+    pub local: Option<IpAddr>,
     /// Underlay ifindex.
     pub underlay_index: Option<u32>,
     /// Learning enabled.
@@ -166,7 +169,7 @@ pub struct ObservedRoute {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObservedNeighbour {
     /// Destination.
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// Link-layer address, if resolved.
     pub mac: Option<Mac>,
     /// NUD_PERMANENT.
@@ -179,7 +182,7 @@ pub struct ObservedFdb {
     /// MAC.
     pub mac: Mac,
     /// Remote address (`NDA_DST`).
-    pub dst: Option<Ipv4Addr>,
+    pub dst: Option<IpAddr>,
     /// NUD_PERMANENT (not learned).
     pub permanent: bool,
 }
@@ -189,13 +192,14 @@ pub struct ObservedFdb {
 pub struct Observed {
     /// The link named like the wanted VXLAN device, if any.
     pub device: Option<ObservedLink>,
-    /// Other `flannel.<N>` VXLAN devices (a previous VNI): index and name.
+    /// Other VXLAN devices of the family (`flannel.<N>` or
+    /// `flannel-v6.<N>`: a previous VNI): index and name.
     pub stale_devices: Vec<(u32, String)>,
-    /// IPv4 addresses on the device.
-    pub addresses: Vec<Ipv4Net>,
-    /// Routes on the device, and canal's routes on the underlay.
+    /// Addresses of the family on the device (IPv6 link-local excluded).
+    pub addresses: Vec<IpNet>,
+    /// Routes of the family on the device, and canal's on the underlay.
     pub routes: Vec<ObservedRoute>,
-    /// IPv4 neighbour entries on the device.
+    /// Neighbour entries of the family on the device.
     pub neighbours: Vec<ObservedNeighbour>,
     /// Bridge FDB entries on the device.
     pub fdb: Vec<ObservedFdb>,

@@ -3,12 +3,12 @@
 //! rtnetlink. Requests of one phase are pipelined on the one netlink socket
 //! (many in flight), never one process exec per object.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::{StreamExt, TryStreamExt, stream};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
 };
@@ -110,8 +110,9 @@ impl Netlink {
         &self.handle
     }
 
-    /// Dumps what the overlay needs to decide: all links, IPv4 addresses,
-    /// main-table IPv4 routes, IPv4 neighbours and bridge FDB entries.
+    /// Dumps what the overlay needs to decide: all links, addresses,
+    /// main-table routes and neighbours of both families, and bridge FDB
+    /// entries.
     pub async fn snapshot(&self) -> Result<Snapshot, NetlinkError> {
         let dump_err = |step: &'static str| {
             move |source| NetlinkError {
@@ -137,7 +138,7 @@ impl Netlink {
             .try_collect()
             .await
             .map_err(dump_err("dumping addresses"))?;
-        let routes: Vec<RouteMessage> = self
+        let mut routes: Vec<RouteMessage> = self
             .handle
             .route()
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
@@ -145,7 +146,16 @@ impl Netlink {
             .try_collect()
             .await
             .map_err(dump_err("dumping routes"))?;
-        let neighbours: Vec<NeighbourMessage> = self
+        let routes6: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(dump_err("dumping IPv6 routes"))?;
+        routes.extend(routes6);
+        let mut neighbours: Vec<NeighbourMessage> = self
             .handle
             .neighbours()
             .get()
@@ -154,6 +164,16 @@ impl Netlink {
             .try_collect()
             .await
             .map_err(dump_err("dumping neighbours"))?;
+        let neighbours6: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet6)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(dump_err("dumping IPv6 neighbours"))?;
+        neighbours.extend(neighbours6);
         let fdb: Vec<NeighbourMessage> = self
             .handle
             .neighbours()
@@ -354,9 +374,12 @@ impl Netlink {
         let build = |mtu: Option<u32>| {
             let mut b = LinkVxlan::new(&d.name, d.vni)
                 .dev(d.underlay_index)
-                .local(d.local)
                 .port(d.port)
                 .learning(false);
+            b = match d.local {
+                IpAddr::V4(local) => b.local(local),
+                IpAddr::V6(local) => b.local6(local),
+            };
             if let Some(mtu) = mtu {
                 b = b.mtu(mtu);
             }
@@ -479,12 +502,20 @@ impl Netlink {
             }
             LinkOp::AddAddress(net) => {
                 let index = need("add address")?;
-                let r = self
+                let mut req = self
                     .handle
                     .address()
-                    .add(index, IpAddr::V4(net.addr()), net.prefix_len())
-                    .execute()
-                    .await;
+                    .add(index, net.addr(), net.prefix_len());
+                if net.addr().is_ipv6() {
+                    // No duplicate address detection: nothing answers it
+                    // over the VXLAN device (no flood entry), and a
+                    // tentative address could not source host-to-pod
+                    // traffic for its first second.
+                    req.message_mut()
+                        .attributes
+                        .push(AddressAttribute::Flags(AddressFlags::Nodad));
+                }
+                let r = req.execute().await;
                 // EEXIST: a concurrent writer already added it.
                 match r {
                     Err(e) if errno(&e) == Some(17) => Ok(()),
@@ -509,17 +540,14 @@ impl Netlink {
     }
 
     async fn set_route(&self, r: Route, oif: u32) -> Result<(), NetlinkError> {
-        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(r.dst.network(), r.dst.prefix_len())
-            .gateway(r.gateway)
-            .output_interface(oif)
-            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
+        let mut msg = route_message(r.dst, Some(r.gateway), oif);
+        msg.header.protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
         if r.onlink {
-            b = b.onlink();
+            msg.header.flags |= RouteFlags::Onlink;
         }
         self.handle
             .route()
-            .add(b.build())
+            .add(msg)
             .replace()
             .execute()
             .await
@@ -532,14 +560,9 @@ impl Netlink {
     }
 
     async fn delete_route(&self, r: ObservedRoute, oif: u32) -> Result<(), NetlinkError> {
-        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(r.route.dst.network(), r.route.dst.prefix_len())
-            .output_interface(oif)
-            .priority(r.priority);
-        if !r.route.gateway.is_unspecified() {
-            b = b.gateway(r.route.gateway);
-        }
-        let mut msg = b.build();
+        let gateway = Some(r.route.gateway).filter(|g| !g.is_unspecified());
+        let mut msg = route_message(r.route.dst, gateway, oif);
+        msg.attributes.push(RouteAttribute::Priority(r.priority));
         // Match any protocol/scope/type, like `ip route del`.
         msg.header.protocol = RouteProtocol::Unspec;
         msg.header.scope = RouteScope::NoWhere;
@@ -555,7 +578,7 @@ impl Netlink {
     async fn set_neighbour(&self, index: u32, n: Neighbour) -> Result<(), NetlinkError> {
         self.handle
             .neighbours()
-            .add(index, IpAddr::V4(n.ip))
+            .add(index, n.ip)
             .link_layer_address(&n.mac.0)
             .state(NeighbourState::Permanent)
             .replace()
@@ -569,12 +592,15 @@ impl Netlink {
             })
     }
 
-    async fn delete_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), NetlinkError> {
+    async fn delete_neighbour(&self, index: u32, ip: IpAddr) -> Result<(), NetlinkError> {
         let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Inet;
+        msg.header.family = match ip {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
         msg.header.ifindex = index;
         msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+            .push(NeighbourAttribute::Destination(neighbour_address(ip)));
         gone_is_ok(self.handle.neighbours().del(msg).execute().await).map_err(|source| {
             NetlinkError {
                 step: "deleting neighbour",
@@ -591,7 +617,7 @@ impl Netlink {
             .add_bridge(index, &f.mac.0)
             .flags(NeighbourFlags::Own)
             .state(NeighbourState::Permanent)
-            .destination(IpAddr::V4(f.dst))
+            .destination(f.dst)
             .replace()
             .execute()
             .await
@@ -612,7 +638,7 @@ impl Netlink {
             .push(NeighbourAttribute::LinkLayerAddress(f.mac.0.to_vec()));
         if let Some(dst) = f.dst {
             msg.attributes
-                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+                .push(NeighbourAttribute::Destination(neighbour_address(dst)));
         }
         gone_is_ok(self.handle.neighbours().del(msg).execute().await).map_err(|source| {
             NetlinkError {
@@ -629,16 +655,52 @@ impl Netlink {
     }
 }
 
-fn address_message(index: u32, net: Ipv4Net) -> AddressMessage {
+fn address_message(index: u32, net: IpNet) -> AddressMessage {
     let mut msg = AddressMessage::default();
-    msg.header.family = AddressFamily::Inet;
+    msg.header.family = match net {
+        IpNet::V4(_) => AddressFamily::Inet,
+        IpNet::V6(_) => AddressFamily::Inet6,
+    };
     msg.header.prefix_len = net.prefix_len();
     msg.header.index = index;
-    msg.attributes
-        .push(AddressAttribute::Local(IpAddr::V4(net.addr())));
-    msg.attributes
-        .push(AddressAttribute::Address(IpAddr::V4(net.addr())));
+    // IPv6 addresses carry only IFA_ADDRESS (IFA_LOCAL is IPv4's).
+    if net.addr().is_ipv4() {
+        msg.attributes.push(AddressAttribute::Local(net.addr()));
+    }
+    msg.attributes.push(AddressAttribute::Address(net.addr()));
     msg
+}
+
+fn neighbour_address(ip: IpAddr) -> NeighbourAddress {
+    match ip {
+        IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+        IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+    }
+}
+
+/// A main-table route message to `dst` out of `oif` (via `gateway`), of
+/// `dst`'s family; the caller sets protocol, flags and metric.
+fn route_message(dst: IpNet, gateway: Option<IpAddr>, oif: u32) -> RouteMessage {
+    match dst {
+        IpNet::V4(d) => {
+            let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(d.network(), d.prefix_len())
+                .output_interface(oif);
+            if let Some(IpAddr::V4(g)) = gateway {
+                b = b.gateway(g);
+            }
+            b.build()
+        }
+        IpNet::V6(d) => {
+            let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(d.network(), d.prefix_len())
+                .output_interface(oif);
+            if let Some(IpAddr::V6(g)) = gateway {
+                b = b.gateway(g);
+            }
+            b.build()
+        }
+    }
 }
 
 /// A link message in plain data.
@@ -674,7 +736,8 @@ pub fn parse_link(msg: &LinkMessage) -> LinkInfo {
                                 match a {
                                     InfoVxlan::Id(id) => v.vni = *id,
                                     InfoVxlan::Port(p) => v.port = *p,
-                                    InfoVxlan::Local(ip) => v.local = Some(*ip),
+                                    InfoVxlan::Local(ip) => v.local = Some(IpAddr::V4(*ip)),
+                                    InfoVxlan::Local6(ip) => v.local = Some(IpAddr::V6(*ip)),
                                     InfoVxlan::Link(l) => v.underlay_index = Some(*l),
                                     InfoVxlan::Learning(l) => v.learning = *l,
                                     _ => {}
@@ -691,48 +754,58 @@ pub fn parse_link(msg: &LinkMessage) -> LinkInfo {
     info
 }
 
-/// An IPv4 address message in plain data.
+/// An address message in plain data (IPv4 or IPv6).
 pub fn parse_address(msg: &AddressMessage) -> Option<AddrInfo> {
-    if msg.header.family != AddressFamily::Inet {
+    if !matches!(
+        msg.header.family,
+        AddressFamily::Inet | AddressFamily::Inet6
+    ) {
         return None;
     }
-    // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer on
-    // point-to-point links).
+    // IFA_LOCAL is the interface's own IPv4 address (IFA_ADDRESS is the
+    // peer on point-to-point links); IPv6 has only IFA_ADDRESS.
     let ip = msg
         .attributes
         .iter()
         .find_map(|a| match a {
-            AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+            AddressAttribute::Local(ip) => Some(*ip),
             _ => None,
         })
         .or_else(|| {
             msg.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                AddressAttribute::Address(ip) => Some(*ip),
                 _ => None,
             })
         })?;
     Some(AddrInfo {
         index: msg.header.index,
-        net: Ipv4Net::new(ip, msg.header.prefix_len).ok()?,
+        net: IpNet::new(ip, msg.header.prefix_len).ok()?,
     })
 }
 
-/// An IPv4 route message in plain data (other families: None).
+/// A route message in plain data (IPv4 or IPv6; other families: None).
 pub fn parse_route(msg: &RouteMessage) -> Option<RouteInfo> {
-    if msg.header.address_family != AddressFamily::Inet
+    let family = msg.header.address_family;
+    if !matches!(family, AddressFamily::Inet | AddressFamily::Inet6)
         || msg.header.flags.contains(RouteFlags::Cloned)
     {
         return None;
     }
-    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut dst = if family == AddressFamily::Inet {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    };
     let mut gateway = None;
     let mut oif = None;
     let mut priority = 0;
     let mut table = u32::from(msg.header.table);
     for attr in &msg.attributes {
         match attr {
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = *ip,
-            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = IpAddr::V4(*ip),
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => dst = IpAddr::V6(*ip),
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(IpAddr::V4(*ip)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => gateway = Some(IpAddr::V6(*ip)),
             RouteAttribute::Oif(i) => oif = Some(*i),
             RouteAttribute::Priority(p) => priority = *p,
             RouteAttribute::Table(t) => table = *t,
@@ -740,7 +813,7 @@ pub fn parse_route(msg: &RouteMessage) -> Option<RouteInfo> {
         }
     }
     Some(RouteInfo {
-        dst: Ipv4Net::new(dst, msg.header.destination_prefix_length).ok()?,
+        dst: IpNet::new(dst, msg.header.destination_prefix_length).ok()?,
         gateway,
         oif,
         priority,
@@ -752,16 +825,22 @@ pub fn parse_route(msg: &RouteMessage) -> Option<RouteInfo> {
     .filter(|r| r.table == MAIN_TABLE)
 }
 
-/// An IPv4 neighbour message in plain data.
+/// A neighbour message in plain data (IPv4 or IPv6).
 pub fn parse_neighbour(msg: &NeighbourMessage) -> Option<NeighInfo> {
-    if msg.header.family != AddressFamily::Inet {
+    if !matches!(
+        msg.header.family,
+        AddressFamily::Inet | AddressFamily::Inet6
+    ) {
         return None;
     }
     let mut ip = None;
     let mut mac = None;
     for attr in &msg.attributes {
         match attr {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => ip = Some(*a),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => ip = Some(IpAddr::V4(*a)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                ip = Some(IpAddr::V6(*a))
+            }
             NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::from_slice(l),
             _ => {}
         }
@@ -783,12 +862,24 @@ pub fn parse_fdb(msg: &NeighbourMessage) -> Option<FdbInfo> {
     let mut dst = None;
     for attr in &msg.attributes {
         match attr {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => dst = Some(*a),
-            // In AF_BRIDGE messages the remote address is not typed by family.
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                dst = Some(IpAddr::V4(*a))
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                dst = Some(IpAddr::V6(*a))
+            }
+            // In AF_BRIDGE messages the remote address is not typed by
+            // family: its length says which it is.
             NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
-                dst = <[u8; 4]>::try_from(bytes.as_slice())
-                    .ok()
-                    .map(Ipv4Addr::from)
+                dst = match bytes.len() {
+                    4 => <[u8; 4]>::try_from(bytes.as_slice())
+                        .ok()
+                        .map(|b| IpAddr::V4(Ipv4Addr::from(b))),
+                    16 => <[u8; 16]>::try_from(bytes.as_slice())
+                        .ok()
+                        .map(|b| IpAddr::V6(Ipv6Addr::from(b))),
+                    _ => None,
+                }
             }
             NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::from_slice(l),
             _ => {}

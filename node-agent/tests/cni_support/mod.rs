@@ -9,12 +9,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use canal_agent::runfiles::{NetworkFile, RunDir};
+use canal_agent::runfiles::{FamilyNetwork, NetworkFile, RunDir};
 use serde_json::{Value, json};
 
 use crate::support::Netns;
 
 pub const NODE_IP: &str = "192.168.88.1";
+pub const NODE_IP6: &str = "fd00:88::1";
 pub const NETWORK: &str = "k8s-pod-network";
 
 /// A node: its namespace (underlay veth with a default route, forwarding
@@ -70,8 +71,70 @@ impl Node {
                 mtu,
                 node_name: "node-1".into(),
                 node_ip: Some(NODE_IP.parse().unwrap()),
+                families: Vec::new(),
             })
             .unwrap();
+    }
+
+    /// network.json of a node with these subnets (in this order; IPv4
+    /// ones from 10.244.0.0/16, IPv6 ones from fd00:10:244::/56).
+    pub fn write_families(&self, subnets: &[&str], mtu: u32) {
+        let families = subnets
+            .iter()
+            .map(|s| {
+                let v6 = s.contains(':');
+                FamilyNetwork {
+                    cluster_cidr: if v6 {
+                        "fd00:10:244::/56"
+                    } else {
+                        "10.244.0.0/16"
+                    }
+                    .parse()
+                    .unwrap(),
+                    node_subnet: s.parse().unwrap(),
+                    node_ip: Some(if v6 { NODE_IP6 } else { NODE_IP }.parse().unwrap()),
+                }
+            })
+            .collect();
+        RunDir::new(self.run_dir())
+            .write_network(&NetworkFile::new("node-1", mtu, families).unwrap())
+            .unwrap();
+    }
+
+    /// A dual-stack node: the underlay also has an IPv6 address and route.
+    pub fn dual(subnets: &[&str], mtu: u32) -> Node {
+        let node = Node::new("10.244.5.0/24", mtu);
+        node.ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{NODE_IP6}/64"),
+            "dev",
+            "ul0",
+            "nodad",
+        ]);
+        node.ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "fd00:88::fe",
+            "dev",
+            "ul0",
+        ]);
+        node.ns
+            .sh("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+        node.write_families(subnets, mtu);
+        node
+    }
+
+    /// The node's sysctl `key` (e.g. `net/ipv6/conf/cali.../disable_ipv6`).
+    pub fn sysctl(&self, key: &str) -> String {
+        self.ns
+            .sh("cat", &[&format!("/proc/sys/{key}")])
+            .trim()
+            .to_string()
     }
 
     pub fn conf(&self, extra: Value) -> Value {
@@ -102,7 +165,8 @@ impl Node {
                     let name = e.file_name().to_string_lossy().into_owned();
                     // Regular files only (a symlink is no record canal wrote).
                     let regular = std::fs::symlink_metadata(e.path()).is_ok_and(|m| m.is_file());
-                    if !name.starts_with("10.") || !regular {
+                    let address = name.starts_with("10.") || name.starts_with("fd00:");
+                    if !address || !regular {
                         return None;
                     }
                     let text = std::fs::read_to_string(e.path()).ok()?;
@@ -178,6 +242,35 @@ pub fn addresses_of(ns: &Netns, dev: &str) -> Vec<String> {
         .flatten()
         .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
         .filter_map(|a| a["local"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// The global IPv6 addresses of `dev` (`addr/prefix` and their flags).
+pub fn addresses6_of(ns: &Netns, dev: &str) -> Vec<(String, Vec<String>)> {
+    let out = ns.output("ip", &["-j", "-6", "addr", "show", "dev", dev]);
+    if !out.status.success() {
+        return Vec::new();
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+        .map(|a| {
+            let flags = ["tentative", "dadfailed", "nodad"]
+                .iter()
+                .filter(|f| a[**f].as_bool() == Some(true))
+                .map(|f| f.to_string())
+                .collect();
+            (
+                format!(
+                    "{}/{}",
+                    a["local"].as_str().unwrap_or_default(),
+                    a["prefixlen"]
+                ),
+                flags,
+            )
+        })
         .collect()
 }
 

@@ -1,0 +1,457 @@
+//! Dual-stack and IPv6-only pod networking end to end (issue 14): labs
+//! with a dual-stack or IPv6-only underlay, the real canal-controller,
+//! canal-agent and canal-cni. Every pod pair talks TCP and UDP in every
+//! family of the lab with its own address seen by the server; a node added
+//! later gets a route in every family on every node, and a deleted one
+//! leaves nothing of either family behind; full-size packets cross in each
+//! family and one byte more is refused, never lost or fragmented; and a
+//! pod that has IPv6 cannot use it to get past a NetworkPolicy enabled
+//! live.
+
+mod support;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use canal_crds::annotations::{format_mac, vtep_mac, vtep_mac_v6};
+use canal_e2e::Lab;
+use canal_e2e::lab::family::{CLUSTER_CIDR_V4, CLUSTER_CIDR_V6};
+use canal_e2e::lab::{
+    DfOutcome, Family, IpFamily, Matrix, PodOptions, Protocol, UpOptions, kernel, netns,
+};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::Api;
+use support::{eventually, serial};
+
+async fn lab(name: &str, nodes: u32, ip_family: IpFamily) -> Lab {
+    let started = Instant::now();
+    let lab = Lab::up(
+        Lab::test_state_dir(name),
+        UpOptions {
+            nodes,
+            ip_family,
+            // Pods get IPv6 only where nothing enforces NetworkPolicy
+            // without guarding IPv6 (the policy-families contract).
+            policy: false,
+            ..UpOptions::default()
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{ip_family} lab {name} with {nodes} nodes comes up: {e}"));
+    eprintln!(
+        "lab {name} ({ip_family}): up --nodes {nodes} took {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    lab
+}
+
+async fn pod_cidrs(lab: &Lab, node: &str) -> Vec<IpNet> {
+    let api: Api<Node> = Api::all(lab.client());
+    kernel::pod_cidrs(&api.get(node).await.unwrap())
+}
+
+fn of(cidrs: &[IpNet], family: Family) -> IpNet {
+    *cidrs
+        .iter()
+        .find(|c| match family {
+            Family::V4 => matches!(c, IpNet::V4(_)),
+            Family::V6 => matches!(c, IpNet::V6(_)),
+        })
+        .unwrap_or_else(|| panic!("no {family} podCIDR in {cidrs:?}"))
+}
+
+/// Every pod reaches every pod in `family` on TCP and UDP 80 and 81, and
+/// the server sees the client pod's own address of that family.
+async fn assert_full_mesh(lab: &Lab, family: Family) {
+    let pods: Vec<String> = lab.pods().unwrap().iter().map(|p| p.key()).collect();
+    let expected = Matrix::filled(pods, true);
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        for port in [80, 81] {
+            let run = lab.matrix_family(port, protocol, family).await.unwrap();
+            let mut report = String::new();
+            for ((from, to), outcome) in &run.outcomes {
+                if !outcome.connected {
+                    report.push_str(&format!("  {from} -> {to}: {}\n", outcome.detail));
+                }
+            }
+            assert!(
+                run.matrix.mismatches(&expected).is_empty(),
+                "{port}/{protocol} over {family}:\n{}{report}",
+                Matrix::report(&expected, &run.matrix)
+            );
+            for ((from, to), outcome) in &run.outcomes {
+                let source = lab.pod(from).unwrap().ip(family).unwrap();
+                assert_eq!(
+                    outcome.seen_source.map(|s| s.ip()),
+                    Some(source),
+                    "{from} -> {to} {port}/{protocol} over {family}: the pod's own address"
+                );
+            }
+        }
+    }
+}
+
+/// The cluster order of a Node's podCIDRs and its flannel annotations of
+/// both families, as the real controller wrote them.
+async fn assert_dual_stack_node(lab: &Lab, name: &str) {
+    let api: Api<Node> = Api::all(lab.client());
+    let node = api.get(name).await.unwrap();
+    let spec = node.spec.clone().unwrap();
+    let cidrs = spec.pod_cidrs.clone().unwrap_or_default();
+    assert_eq!(cidrs.len(), 2, "{name}: {cidrs:?}");
+    let v4: IpNet = cidrs[0].parse().unwrap();
+    let v6: IpNet = cidrs[1].parse().unwrap();
+    assert!(
+        CLUSTER_CIDR_V4.parse::<IpNet>().unwrap().contains(&v4)
+            && CLUSTER_CIDR_V6.parse::<IpNet>().unwrap().contains(&v6),
+        "{name}: podCIDRs {cidrs:?} in the clusterCIDRs' order"
+    );
+    assert_eq!(v6.prefix_len(), 64);
+    assert_eq!(spec.pod_cidr.as_deref(), Some(cidrs[0].as_str()));
+    let anns = node.metadata.annotations.unwrap_or_default();
+    let record = lab.node(name).unwrap();
+    assert_eq!(
+        anns.get(canal_crds::annotations::PUBLIC_IPV6),
+        Some(&record.address6.unwrap().to_string())
+    );
+    assert_eq!(
+        anns.get(canal_crds::annotations::PUBLIC_IP),
+        Some(&record.address.to_string())
+    );
+    let v6_data: canal_crds::annotations::BackendData =
+        serde_json::from_str(&anns[canal_crds::annotations::BACKEND_V6_DATA]).unwrap();
+    assert_eq!(v6_data.vtep_mac, format_mac(vtep_mac_v6(name)));
+    assert_eq!(v6_data.vni, 1);
+}
+
+#[tokio::test]
+async fn dual_stack_full_mesh_in_both_families_and_nodes_joining_and_leaving() {
+    let _serial = serial().await;
+    let lab = lab("dual-mesh", 3, IpFamily::Dual).await;
+    for node in ["node-1", "node-2", "node-3"] {
+        assert_dual_stack_node(&lab, node).await;
+    }
+    let pods = lab.add_conformance_pods().await.unwrap();
+    for pod in &pods {
+        let cidrs = pod_cidrs(&lab, &pod.node).await;
+        assert_eq!(pod.ips.len(), 2, "{}: {:?}", pod.key(), pod.ips);
+        for family in [Family::V4, Family::V6] {
+            let ip = pod.ip(family).unwrap();
+            assert!(
+                of(&cidrs, family).contains(&ip),
+                "{}'s {ip} is outside {}'s {family} subnet",
+                pod.key(),
+                pod.node
+            );
+        }
+        assert!(pod.ips[0].is_ipv4(), "the cluster's order: IPv4 first");
+    }
+    for family in [Family::V4, Family::V6] {
+        assert_full_mesh(&lab, family).await;
+    }
+
+    // A node joins: every node gets its subnet of each family (add_node
+    // waits for both), and a pod on it talks both families.
+    let added = lab.add_node("node-4").await.unwrap();
+    eprintln!(
+        "node-4: annotated after {} ms, routes of both families on every node after {} ms",
+        added.annotated_after.unwrap().as_millis(),
+        added.routes_everywhere_after.unwrap().as_millis()
+    );
+    assert_dual_stack_node(&lab, "node-4").await;
+    lab.add_pod(PodOptions::new("x", "d", "node-4"))
+        .await
+        .unwrap();
+    for family in [Family::V4, Family::V6] {
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            for (from, to) in [("x/a", "x/d"), ("x/d", "y/b")] {
+                let o = lab
+                    .probe_family(from, to, family, 80, protocol)
+                    .await
+                    .unwrap();
+                assert!(
+                    o.connected,
+                    "{from} -> {to} {protocol} over {family}: {o:?}"
+                );
+            }
+        }
+    }
+
+    // It leaves: nothing of either family remains on the other nodes.
+    let gone = lab.node("node-4").unwrap();
+    let cidrs = pod_cidrs(&lab, "node-4").await;
+    let v4 = (
+        of(&cidrs, Family::V4),
+        format_mac(vtep_mac("node-4")),
+        IpAddr::V4(gone.address),
+    );
+    let v6 = (
+        of(&cidrs, Family::V6),
+        format_mac(vtep_mac_v6("node-4")),
+        IpAddr::V6(gone.address6.unwrap()),
+    );
+    for other in ["node-1", "node-2", "node-3"] {
+        let snap = lab.kernel(other).unwrap();
+        for (cidr, mac, address) in [&v4, &v6] {
+            assert_eq!(
+                snap.mentions(*cidr, mac, *address).len(),
+                3,
+                "{other} has node-4's route, neighbour and FDB entry for {cidr}: {snap:?}"
+            );
+        }
+    }
+    lab.del_node("node-4").await.unwrap();
+    for other in ["node-1", "node-2", "node-3"] {
+        eventually(
+            &format!("{other} forgetting node-4 in both families"),
+            Duration::from_secs(10),
+            || async {
+                let snap = lab.kernel(other).map_err(|e| e.to_string())?;
+                let left: Vec<String> = [&v4, &v6]
+                    .iter()
+                    .flat_map(|(cidr, mac, address)| snap.mentions(*cidr, mac, *address))
+                    .collect();
+                if left.is_empty() {
+                    Ok(())
+                } else {
+                    Err(left.join("\n"))
+                }
+            },
+        )
+        .await;
+    }
+}
+
+fn pod_mtu(netns_name: &str) -> u32 {
+    let out = netns::ip(&["-n", netns_name, "-j", "link", "show", "eth0"]).unwrap();
+    let links: serde_json::Value = serde_json::from_str(&out).unwrap();
+    links[0]["mtu"].as_u64().unwrap() as u32
+}
+
+/// UDP payload that fills a packet of `mtu` bytes exactly.
+fn full_payload(mtu: u32, family: Family) -> usize {
+    let headers = match family {
+        Family::V4 => 20 + 8,
+        Family::V6 => 40 + 8,
+    };
+    (mtu - headers) as usize
+}
+
+#[tokio::test]
+async fn dual_stack_full_size_packets_cross_in_each_family_and_bigger_ones_are_refused() {
+    let _serial = serial().await;
+    let lab = lab("dual-mtu", 2, IpFamily::Dual).await;
+    lab.add_pods(vec![
+        PodOptions::new("x", "a", "node-1"),
+        PodOptions::new("x", "b", "node-2"),
+    ])
+    .await
+    .unwrap();
+    let a = lab.pod("x/a").unwrap();
+    let mtu = pod_mtu(&a.netns);
+    assert_eq!(
+        mtu, 1430,
+        "pod MTU: what fits both families, the IPv6 underlay's 1500 minus 70"
+    );
+    for family in [Family::V4, Family::V6] {
+        let full = full_payload(mtu, family);
+        assert_eq!(
+            lab.udp_df_family("x/a", "x/b", Some(family), 80, full)
+                .await
+                .unwrap(),
+            DfOutcome::Echoed,
+            "a full-size {family} datagram crosses nodes unfragmented"
+        );
+        assert!(
+            matches!(
+                lab.udp_df_family("x/a", "x/b", Some(family), 80, full + 1)
+                    .await
+                    .unwrap(),
+                DfOutcome::TooBig { .. }
+            ),
+            "one byte more over {family} is refused at the pod"
+        );
+    }
+    // With the pod's MTU raised by hand, IPv6 gets a Packet Too Big from
+    // the node with the overlay's MTU, never a silent loss or a fragment.
+    netns::ip(&["-n", &a.netns, "link", "set", "eth0", "mtu", "1500"]).unwrap();
+    let full = full_payload(mtu, Family::V6);
+    assert_eq!(
+        lab.udp_df_family("x/a", "x/b", Some(Family::V6), 80, full + 1)
+            .await
+            .unwrap(),
+        DfOutcome::TooBig {
+            path_mtu: Some(1430)
+        },
+        "the node reports flannel-v6.1's MTU back"
+    );
+    // IPv4's overlay device has 1450: a 1440-byte DF datagram crosses it.
+    let v4 = full_payload(1450, Family::V4);
+    assert_eq!(
+        lab.udp_df_family("x/a", "x/b", Some(Family::V4), 80, v4)
+            .await
+            .unwrap(),
+        DfOutcome::Echoed
+    );
+    assert_eq!(
+        lab.udp_df_family("x/a", "x/b", Some(Family::V4), 80, v4 + 1)
+            .await
+            .unwrap(),
+        DfOutcome::TooBig {
+            path_mtu: Some(1450)
+        }
+    );
+}
+
+#[tokio::test]
+async fn ipv6_only_full_mesh_mtu_and_nodes_with_no_ipv4_at_all() {
+    let _serial = serial().await;
+    let lab = lab("v6-mesh", 3, IpFamily::Ipv6).await;
+    let api: Api<Node> = Api::all(lab.client());
+    for node in ["node-1", "node-2", "node-3"] {
+        let n = api.get(node).await.unwrap();
+        let cidrs = n.spec.unwrap().pod_cidrs.unwrap_or_default();
+        assert_eq!(cidrs.len(), 1, "{node}: {cidrs:?}");
+        assert!(cidrs[0].contains(':'), "{node}: {cidrs:?}");
+        let anns = n.metadata.annotations.unwrap_or_default();
+        assert!(
+            !anns.contains_key(canal_crds::annotations::BACKEND_DATA),
+            "no IPv4 VTEP"
+        );
+        assert!(anns.contains_key(canal_crds::annotations::BACKEND_V6_DATA));
+        let record = lab.node(node).unwrap();
+        let v4 = netns::ip(&["-n", &record.netns, "-4", "addr", "show", "dev", "eth0"]).unwrap();
+        assert!(!v4.contains("inet "), "{node} has no IPv4 underlay: {v4}");
+        let links = netns::ip(&["-n", &record.netns, "link"]).unwrap();
+        assert!(
+            links.contains("flannel-v6.1") && !links.contains("flannel.1"),
+            "{links}"
+        );
+    }
+    let pods = lab.add_conformance_pods().await.unwrap();
+    for pod in &pods {
+        assert_eq!(pod.ips.len(), 1, "{}: {:?}", pod.key(), pod.ips);
+        assert!(pod.ips[0].is_ipv6());
+    }
+    assert_full_mesh(&lab, Family::V6).await;
+    let a = lab.pod("x/a").unwrap();
+    let mtu = pod_mtu(&a.netns);
+    assert_eq!(mtu, 1430);
+    let full = full_payload(mtu, Family::V6);
+    assert_eq!(
+        lab.udp_df_family("x/a", "x/b", None, 80, full)
+            .await
+            .unwrap(),
+        DfOutcome::Echoed
+    );
+    assert!(matches!(
+        lab.udp_df_family("x/a", "x/b", None, 80, full + 1)
+            .await
+            .unwrap(),
+        DfOutcome::TooBig { .. }
+    ));
+}
+
+/// Reads `net.ipv6.conf.<dev>.disable_ipv6` inside `netns_name`.
+fn ipv6_disabled(netns_name: &str, dev: &str) -> bool {
+    let mut cmd = netns::exec(netns_name, "cat");
+    cmd.arg(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"));
+    netns::run(&mut cmd).is_ok_and(|v| v.trim() == "1")
+}
+
+#[tokio::test]
+async fn ipv6_cannot_bypass_a_network_policy_enabled_live() {
+    let _serial = serial().await;
+    let lab = lab("dual-gate", 2, IpFamily::Dual).await;
+    lab.add_pods(vec![
+        PodOptions::new("x", "a", "node-1"),
+        PodOptions::new("x", "b", "node-2").label("pod", "b"),
+    ])
+    .await
+    .unwrap();
+    for family in [Family::V4, Family::V6] {
+        assert!(
+            lab.probe_family("x/a", "x/b", family, 80, Protocol::Tcp)
+                .await
+                .unwrap()
+                .connected
+        );
+    }
+    // Policy comes on, with a deny-all ingress policy for x/b. The policy
+    // component guards IPv4 only: IPv6 must close before IPv4 policy is
+    // enforced, and stay closed.
+    support::policy::apply_policies(
+        &lab.client(),
+        "metadata: {name: deny-b, namespace: x}\nspec: {podSelector: {matchLabels: {pod: b}}, policyTypes: [Ingress]}\n",
+    )
+    .await;
+    let networks: Api<canal_crds::CanalNetwork> = Api::all(lab.client());
+    networks
+        .patch(
+            canal_crds::DEFAULT_NETWORK_NAME,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&serde_json::json!({"spec": {"policy": {"enabled": true}}})),
+        )
+        .await
+        .unwrap();
+    let patched = Instant::now();
+    let b = lab.pod("x/b").unwrap();
+    let b_host = canal_crds::names::veth_name("x", "b");
+    let node2 = lab.node("node-2").unwrap();
+    // From the patch on: the first moment IPv6 is off on x/b's veth, and
+    // the first moment IPv4 is blocked by the policy. IPv6 must be closed
+    // by the time IPv4 is, and never connect afterwards.
+    let (mut closed, mut v4_blocked) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while v4_blocked.is_none() && Instant::now() < deadline {
+        if closed.is_none() && ipv6_disabled(&node2.netns, &b_host) {
+            closed = Some(patched.elapsed());
+        }
+        let v4 = lab
+            .probe_family("x/a", "x/b", Family::V4, 80, Protocol::Tcp)
+            .await
+            .unwrap();
+        if !v4.connected {
+            v4_blocked = Some(patched.elapsed());
+            assert!(
+                ipv6_disabled(&node2.netns, &b_host),
+                "IPv4 policy enforced while IPv6 is still open on x/b's veth"
+            );
+        }
+        if closed.is_some() {
+            let v6 = lab
+                .probe_family("x/a", "x/b", Family::V6, 80, Protocol::Tcp)
+                .await
+                .unwrap();
+            assert!(
+                !v6.connected,
+                "x/a reached x/b ({:?}) over IPv6 with NetworkPolicy on: {v6:?}",
+                b.ip(Family::V6)
+            );
+        }
+    }
+    let v4_blocked = v4_blocked.expect("the IPv4 policy is enforced within 30 s");
+    eprintln!(
+        "policy on: IPv6 closed on the pod veth after {:?} ms, IPv4 policy enforced after {} ms",
+        closed.map(|c| c.as_millis()),
+        v4_blocked.as_millis()
+    );
+    for _ in 0..5 {
+        let v6 = lab
+            .probe_family("x/a", "x/b", Family::V6, 80, Protocol::Tcp)
+            .await
+            .unwrap();
+        assert!(!v6.connected, "IPv6 reached x/b: {v6:?}");
+    }
+    // Every pod veth on both nodes, not only the isolated pod's.
+    let a_host = canal_crds::names::veth_name("x", "a");
+    assert!(ipv6_disabled(&lab.node("node-1").unwrap().netns, &a_host));
+    // New pods get IPv4 only now.
+    let c = lab
+        .add_pod(PodOptions::new("x", "c", "node-1"))
+        .await
+        .unwrap();
+    assert!(c.ip(Family::V6).is_none(), "{:?}", c.ips);
+    assert!(c.ip(Family::V4).is_some());
+}
