@@ -22,11 +22,7 @@ use serde::{Deserialize, Serialize};
     derive = "Default",
     printcolumn(name = "Endpoints", type_ = "integer", json_path = ".status.endpoints"),
     printcolumn(name = "Rules", type_ = "integer", json_path = ".status.rules"),
-    printcolumn(
-        name = "Dataplane",
-        type_ = "string",
-        json_path = ".status.dataplane"
-    ),
+    printcolumn(name = "Dataplane", type_ = "string", json_path = ".status.dataplane"),
     printcolumn(
         name = "Generation",
         type_ = "integer",

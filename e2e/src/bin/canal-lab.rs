@@ -380,7 +380,9 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
             }
             let policy = !matches!(policy, Some(OnOff::Off));
             if !policy {
-                eprintln!("canal-lab: NetworkPolicy is off in this lab (CanalNetwork policy.enabled=false)");
+                eprintln!(
+                    "canal-lab: NetworkPolicy is off in this lab (CanalNetwork policy.enabled=false)"
+                );
             }
             let opts = UpOptions {
                 nodes,

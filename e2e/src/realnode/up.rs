@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::Error;
 use crate::lab::state::{LabRecord, StateDir, read_json, write_json};
-use crate::lab::{self, Context, cleanup, default_bin_dir, names, nodes};
+use crate::lab::{self, Context, IpFamily, cleanup, default_bin_dir, names, nodes};
 use crate::realnode::cgroups::LabCgroups;
 use crate::realnode::images::{self, Image};
 use crate::realnode::node::{NodeContext, server_url};
@@ -105,7 +105,7 @@ async fn steps(
     // while the control plane starts.
     let images = tokio::task::spawn_blocking(build_images);
 
-    nodes::build_underlay(&names)?;
+    nodes::build_underlay(&names, IpFamily::Ipv4)?;
     let address = control_plane_address(&names);
     let (ctl, client) = control::start(state, &paths, &canal_lab, address).await?;
     progress(
@@ -118,6 +118,8 @@ async fn steps(
             prefix: names.prefix.clone(),
             server: format!("https://127.0.0.1:{}", ctl.api_port),
             underlay: names.underlay(),
+            underlay6: None,
+            ip_family: IpFamily::Ipv4,
             agents: false,
             controller: false,
             bin_dir,
@@ -143,7 +145,7 @@ async fn steps(
     };
     let mut records = Vec::new();
     for i in 1..=opts.nodes {
-        let node = nodes::plan_node(state, &names, &names::default_node_name(i))?;
+        let node = nodes::plan_node(state, &names, IpFamily::Ipv4, &names::default_node_name(i))?;
         write_json(&state.node(&node.name).record(), &node)?;
         nodes::build_node(&names, &node)?;
         records.push(node);
