@@ -214,12 +214,34 @@ pub struct PolicyConfig {
     /// rules are installed and every pod is reachable.
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// What programs NetworkPolicy and masquerade on each node: Auto (the
+    /// default: nftables where the kernel and tools support it and the node
+    /// is not already committed to iptables-legacy), NFTables or IPTables.
+    /// A live change moves every node over with no window in which denied
+    /// traffic passes, and leaves nothing behind in the other.
+    #[serde(default)]
+    pub dataplane: PolicyDataplane,
 }
 
 impl Default for PolicyConfig {
     fn default() -> Self {
-        PolicyConfig { enabled: true }
+        PolicyConfig {
+            enabled: true,
+            dataplane: PolicyDataplane::Auto,
+        }
     }
+}
+
+/// `spec.policy.dataplane`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PolicyDataplane {
+    /// nftables where the node supports it, else iptables.
+    #[default]
+    Auto,
+    /// canal's own nftables table (`inet canal`).
+    NFTables,
+    /// iptables and ipset, through the node's iptables backend.
+    IPTables,
 }
 
 /// Observed state of the pod network, written by the controller.

@@ -19,7 +19,7 @@ pub mod validate;
 
 pub use canal_network::{
     Backend, BackendType, CanalNetwork, CanalNetworkSpec, CanalNetworkStatus, EndpointToHostAction,
-    PolicyConfig,
+    PolicyConfig, PolicyDataplane,
 };
 pub use node_policy_set::{
     CompiledPolicy, Endpoint, IpBlock, NamedPort, NodePolicySet, NodePolicySetSpec,

@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::{IpNet, Ipv4Net};
 use kube::core::{Message, Rule};
 
-use crate::canal_network::{BackendType, CanalNetworkSpec, EndpointToHostAction};
+use crate::canal_network::{BackendType, CanalNetworkSpec, EndpointToHostAction, PolicyDataplane};
 
 /// An address range a cluster CIDR must not overlap, and why: shown to the
 /// person who asked for it.
@@ -243,6 +243,8 @@ pub struct NetworkConfig {
     pub endpoint_to_host: EndpointToHostAction,
     /// NetworkPolicy enforcement on.
     pub policy_enabled: bool,
+    /// `policy.dataplane`.
+    pub policy_dataplane: PolicyDataplane,
 }
 
 impl NetworkConfig {
@@ -306,6 +308,7 @@ impl CanalNetworkSpec {
             interface: self.interface.clone().filter(|i| !i.is_empty()),
             endpoint_to_host: self.default_endpoint_to_host_action,
             policy_enabled: self.policy.enabled,
+            policy_dataplane: self.policy.dataplane,
         })
     }
 }

@@ -34,9 +34,68 @@ fn snapshot(node_ns: &str) -> String {
         let listing =
             netns::run(netns::exec(node_ns, "nft").args(["-s", "list", "table", "inet", table]))
                 .unwrap_or_default();
-        out.push_str(&listing);
+        out.push_str(&normalize_nft(&listing));
     }
     out
+}
+
+/// `nft list` prints objects in creation order and set elements in hash
+/// order; a repair that re-creates the table in another order holds the
+/// same ruleset. Sorts the table's objects and each set's elements.
+fn normalize_nft(listing: &str) -> String {
+    let mut header = Vec::new();
+    let mut blocks: Vec<String> = Vec::new();
+    let mut current: Option<Vec<String>> = None;
+    for line in listing.lines() {
+        let depth = line.len() - line.trim_start_matches('\t').len();
+        match &mut current {
+            None if depth == 1 && line.trim_end().ends_with('{') => {
+                current = Some(vec![line.to_string()]);
+            }
+            None if line.trim().is_empty() => {}
+            None => header.push(line.to_string()),
+            Some(block) => {
+                block.push(line.to_string());
+                if depth == 1 && line.trim() == "}" {
+                    blocks.push(sort_elements(&block.join("\n")));
+                    current = None;
+                }
+            }
+        }
+    }
+    blocks.sort();
+    let closing = header.pop().unwrap_or_default();
+    let mut out = header.join("\n");
+    for b in blocks {
+        out.push('\n');
+        out.push_str(&b);
+    }
+    out.push('\n');
+    out.push_str(&closing);
+    out.push('\n');
+    out
+}
+
+fn sort_elements(block: &str) -> String {
+    let Some(start) = block.find("elements = {") else {
+        return block.to_string();
+    };
+    let open = start + "elements = {".len();
+    let Some(len) = block[open..].find('}') else {
+        return block.to_string();
+    };
+    let mut elements: Vec<&str> = block[open..open + len]
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .collect();
+    elements.sort_unstable();
+    format!(
+        "{} {} {}",
+        &block[..open],
+        elements.join(", "),
+        &block[open + len..]
+    )
 }
 
 fn iptables_snapshot(node_ns: &str) -> String {

@@ -323,8 +323,8 @@ impl Agent {
     }
 
     /// iptables: read back on every periodic resync and whenever the wanted
-    /// rules change (a failed write is retried by every sync). The
-    /// masquerade keeper is IPv4's; an IPv6-only node has nothing for it.
+    /// rules change (a failed write is retried by every sync). A dual-stack
+    /// node masquerades both families; an IPv6-only node runs no keeper.
     async fn sync_masquerade(&mut self, inputs: &Inputs, trigger: &str, report: &mut SyncReport) {
         let Some((f, local)) = inputs.programmed(Family::V4) else {
             return;
@@ -339,8 +339,13 @@ impl Agent {
             cluster_cidr,
             node_subnet,
             masquerade: inputs.config.masquerade,
-            ipv6: None,
-            dataplane: crate::policy::model::DataplaneChoice::Auto,
+            ipv6: inputs.programmed(Family::V6).and_then(|(f6, local6)| {
+                match (f6.cluster_cidr, local6.subnet) {
+                    (ipnet::IpNet::V6(c), ipnet::IpNet::V6(n)) => Some((c, n)),
+                    _ => None,
+                }
+            }),
+            dataplane: inputs.config.policy_dataplane.into(),
         };
         match self.masq.sync(&rules, trigger == "resync").await {
             Ok(outcome) => {

@@ -316,7 +316,20 @@ impl Owner {
         mut network: tokio::sync::watch::Receiver<Option<Arc<crate::component::NodeNetwork>>>,
     ) -> Result<(), ComponentError> {
         let config_of = |n: &Option<Arc<crate::component::NodeNetwork>>| {
-            n.as_deref().map(|n| EnforcementConfig::from(&n.config))
+            n.as_deref().map(|n| {
+                let mut config = EnforcementConfig::from(&n.config);
+                // IPv4 is always guarded (pods of an IPv6-only node have
+                // no IPv4 address to send from); IPv6 once the node has an
+                // IPv6 subnet.
+                config.families = super::model::Families {
+                    v4: true,
+                    v6: n
+                        .families
+                        .iter()
+                        .any(|f| matches!(f.node_subnet, ipnet::IpNet::V6(_))),
+                };
+                config
+            })
         };
         let initial = config_of(&network.borrow_and_update());
         self.store.set_config(initial, Instant::now());

@@ -163,7 +163,18 @@ impl From<&canal_crds::NetworkConfig> for EnforcementConfig {
         EnforcementConfig {
             enabled: c.policy_enabled,
             endpoint_to_host: c.endpoint_to_host,
+            dataplane: c.policy_dataplane.into(),
             ..EnforcementConfig::default()
+        }
+    }
+}
+
+impl From<canal_crds::PolicyDataplane> for DataplaneChoice {
+    fn from(d: canal_crds::PolicyDataplane) -> Self {
+        match d {
+            canal_crds::PolicyDataplane::Auto => DataplaneChoice::Auto,
+            canal_crds::PolicyDataplane::NFTables => DataplaneChoice::NfTables,
+            canal_crds::PolicyDataplane::IPTables => DataplaneChoice::IpTables,
         }
     }
 }

@@ -338,11 +338,18 @@ pub fn plan(current: &NftState, desired: &NftRuleset) -> NftPlan {
             let _ = writeln!(delete_chains, "delete chain {t} {name}");
         }
     }
+    // A stale verdict map goes before the chains: its elements jump to
+    // them, and the kernel refuses (EBUSY) to delete a chain still jumped
+    // to. The rules using the map were flushed above.
+    let mut delete_maps = String::new();
     for (name, set) in &current.sets {
         if !desired.sets.contains_key(name) {
             stats.sets_destroyed += 1;
-            let verb = if set.data.is_some() { "map" } else { "set" };
-            let _ = writeln!(delete_sets, "delete {verb} {t} {name}");
+            if set.data.is_some() {
+                let _ = writeln!(delete_maps, "delete map {t} {name}");
+            } else {
+                let _ = writeln!(delete_sets, "delete set {t} {name}");
+            }
         }
     }
 
@@ -356,6 +363,7 @@ pub fn plan(current: &NftState, desired: &NftRuleset) -> NftPlan {
         rules,
         maps,
         base_rules,
+        delete_maps,
         delete_chains,
         delete_sets,
     ]
@@ -507,6 +515,25 @@ mod tests {
         assert!(at("delete chain inet canal tw-cali1") < at("delete set inet canal ps4-a"));
         assert_eq!(p.stats.chains_deleted, 1);
         assert_eq!(p.stats.sets_destroyed, 1);
+    }
+
+    #[test]
+    fn a_stale_verdict_map_goes_before_the_chains_it_jumps_to() {
+        // policy.enabled turned false: the maps, the endpoint chains and the
+        // forward chain all go in one transaction; the kernel refuses to
+        // delete a chain a map element still jumps to.
+        let r = ruleset();
+        let state = NftState::from_ruleset(&r);
+        let mut off = r.clone();
+        off.sets.remove("to-wl");
+        off.chains.remove("tw-cali1");
+        off.chains.remove("forward");
+        let p = plan(&state, &off);
+        let s = &p.script;
+        let at = |needle: &str| s.find(needle).unwrap_or_else(|| panic!("{needle} in\n{s}"));
+        assert!(at("flush chain inet canal forward") < at("delete map inet canal to-wl"));
+        assert!(at("delete map inet canal to-wl") < at("delete chain inet canal tw-cali1"));
+        assert!(at("delete map inet canal to-wl") < at("delete chain inet canal forward"));
     }
 
     #[test]
