@@ -12,7 +12,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::node_policy_set::{CompiledPolicy, Endpoint, NodePolicySetObjectSpec, NodePolicySetSpec};
+use crate::node_policy_set::{
+    CompiledPolicy, Endpoint, NodePolicySetObjectSpec, NodePolicySetSpec,
+};
 use crate::peer_set::{PeerSetObjectSpec, PeerSetSpec};
 use crate::policy_group::{GroupPolicy, PolicyGroupSpec};
 use crate::sharding::VersionRef;
@@ -128,9 +130,13 @@ pub fn assemble_peer_set<'a>(
     if head.slices.is_empty() {
         return Ok(spec);
     }
-    let slices = resolve(PEER_SET, name, &head.slices, &slice, |s: &PeerSetObjectSpec| {
-        (s.hash.as_str(), s.slice_of.as_deref())
-    })?;
+    let slices = resolve(
+        PEER_SET,
+        name,
+        &head.slices,
+        &slice,
+        |s: &PeerSetObjectSpec| (s.hash.as_str(), s.slice_of.as_deref()),
+    )?;
     let total: usize = slices.iter().map(|s| s.ips.len() + s.ports.len()).sum();
     spec.ips.reserve(total);
     for s in slices {
@@ -250,7 +256,10 @@ pub fn assemble_node<'a>(
         }
         policies.push(CompiledPolicy {
             name: policy.to_string(),
-            ingress: list.iter().flat_map(|p| p.ingress.iter().cloned()).collect(),
+            ingress: list
+                .iter()
+                .flat_map(|p| p.ingress.iter().cloned())
+                .collect(),
             egress: list.iter().flat_map(|p| p.egress.iter().cloned()).collect(),
         });
     }
@@ -268,7 +277,11 @@ pub fn assemble_node<'a>(
     let mut lists: BTreeMap<&[String], (Vec<String>, Vec<String>)> = BTreeMap::new();
     let mut endpoints = Vec::with_capacity(nps.endpoints.len());
     for e in &nps.endpoints {
-        if let Some(g) = e.policy_groups.iter().find(|g| !listed.contains(g.as_str())) {
+        if let Some(g) = e
+            .policy_groups
+            .iter()
+            .find(|g| !listed.contains(g.as_str()))
+        {
             gaps.push(Gap::Invalid {
                 kind: NODE_POLICY_SET,
                 name: name.to_string(),

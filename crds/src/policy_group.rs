@@ -25,11 +25,7 @@ use crate::sharding::VersionRef;
     derive = "PartialEq",
     derive = "Default",
     printcolumn(name = "Namespace", type_ = "string", json_path = ".spec.namespace"),
-    printcolumn(
-        name = "Policies",
-        type_ = "integer",
-        json_path = ".spec.policyCount"
-    ),
+    printcolumn(name = "Policies", type_ = "integer", json_path = ".spec.policyCount"),
     printcolumn(name = "SliceOf", type_ = "string", json_path = ".spec.sliceOf"),
     printcolumn(
         name = "Age",
@@ -105,17 +101,7 @@ impl GroupPolicy {
 
 /// A direction a NetworkPolicy isolates.
 #[derive(
-    JsonSchema,
-    Serialize,
-    Deserialize,
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
+    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
 )]
 pub enum PolicyType {
     /// Ingress.

@@ -36,12 +36,12 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
+use kube::Client;
 use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
-use kube::Client;
 use prometheus::Registry;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -54,7 +54,7 @@ use super::input::{NamespaceInfo, NodeInfo, PodInfo};
 use super::metrics::Metrics;
 use super::objects::Limits;
 pub use super::objects::MANAGED_BY;
-use super::problems::{ConditionView, PUBLISHED, POLICY_PUBLISHED, Problems};
+use super::problems::{ConditionView, POLICY_PUBLISHED, PUBLISHED, Problems};
 use super::summary::{NodeStatus, PolicySummary};
 
 /// Minimum time between two publishes of the index size gauges.
@@ -339,9 +339,10 @@ impl Observed {
         let mut o = Observed::of(g, |n: &NodePolicySet| fingerprint::content(&n.spec));
         if let Ok(nps) = &g.0 {
             o.status = NodeStatus::from_object(nps);
-            o.published = nps.status.as_ref().and_then(|s| {
-                canal_crds::condition::find(&s.conditions, PUBLISHED).cloned()
-            });
+            o.published = nps
+                .status
+                .as_ref()
+                .and_then(|s| canal_crds::condition::find(&s.conditions, PUBLISHED).cloned());
         }
         o
     }
@@ -703,7 +704,12 @@ impl Controller {
             Update::Reset(all) => {
                 let observed = all
                     .iter()
-                    .map(|o| (o.name.clone(), self.if_owned(o.owner.as_deref(), o.fingerprint)))
+                    .map(|o| {
+                        (
+                            o.name.clone(),
+                            self.if_owned(o.owner.as_deref(), o.fingerprint),
+                        )
+                    })
                     .collect();
                 self.index.reset_observed(kind, observed);
                 self.owners.retain(|(k, _), _| *k != kind);

@@ -28,8 +28,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use canal_crds::Protocol;
 use canal_crds::CompiledPolicy;
+use canal_crds::Protocol;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use smallvec::SmallVec;
 
@@ -677,10 +677,12 @@ impl PolicyIndex {
                     if *n == 1 {
                         entry.sum = entry.sum.wrapping_add(h);
                         if entry.shards.add(h, w, h) {
-                            entry.shards.rebuild(entry.members.keys().map(|&(ip, port)| {
-                                let h = fingerprint::port_member(ip, protocol, port);
-                                (h, objects::port_weight(ip, protocol, port), h)
-                            }));
+                            entry
+                                .shards
+                                .rebuild(entry.members.keys().map(|&(ip, port)| {
+                                    let h = fingerprint::port_member(ip, protocol, port);
+                                    (h, objects::port_weight(ip, protocol, port), h)
+                                }));
                         }
                     }
                 } else if let Some(n) = entry.members.get_mut(&(ip, *port)) {
@@ -960,13 +962,11 @@ impl PolicyIndex {
         }
         let compiled = Arc::new(def.compiled);
         let fp = fingerprint::hashed("policy", &(def.ingress, def.egress, &*compiled));
-        let parts = objects::part_keys(
-            &objects::group_parts(
-                &compiled,
-                def.ingress,
-                def.egress,
-                self.limits.policy_part_bytes(),
-            ),
+        let parts = objects::policy_part_keys(
+            &compiled,
+            def.ingress,
+            def.egress,
+            self.limits.policy_part_bytes(),
             fp,
         );
         self.add_parts(group, &parts);
@@ -1294,4 +1294,3 @@ fn pod_fp(
     }
     h.finish()
 }
-

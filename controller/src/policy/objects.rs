@@ -103,6 +103,60 @@ fn json_len<T: Serialize>(v: &T) -> usize {
     c.0
 }
 
+/// What a whole policy serializes as (the same bytes as its one
+/// [`GroupPolicy`] part), without copying its rules.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WholeView<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    policy_types: &'a [PolicyType],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    ingress: &'a [Rule],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    egress: &'a [Rule],
+}
+
+fn types_of(ingress: bool, egress: bool) -> Vec<PolicyType> {
+    let mut types = Vec::new();
+    if ingress {
+        types.push(PolicyType::Ingress);
+    }
+    if egress {
+        types.push(PolicyType::Egress);
+    }
+    types
+}
+
+/// The keys of a compiled policy's parts (see [`group_parts`]); a policy
+/// that fits in one part (nearly all) is measured without being copied.
+pub fn policy_part_keys(
+    compiled: &CompiledPolicy,
+    ingress: bool,
+    egress: bool,
+    part_bytes: usize,
+    policy_fp: Fingerprint,
+) -> smallvec::SmallVec<[PartKey; 1]> {
+    let types = types_of(ingress, egress);
+    let whole = json_len(&WholeView {
+        name: &compiled.name,
+        policy_types: &types,
+        ingress: &compiled.ingress,
+        egress: &compiled.egress,
+    });
+    if whole <= part_bytes {
+        return smallvec::smallvec![PartKey {
+            position: part_position(&compiled.name, 0),
+            weight: whole as u64 + 1,
+            content: Fp::new("part").fp(policy_fp).u64(0).finish(),
+        }];
+    }
+    part_keys(
+        &group_parts(compiled, ingress, egress, part_bytes),
+        policy_fp,
+    )
+}
+
 /// The compiled policy as a PolicyGroup holds it: one part, or, when its
 /// JSON is larger than `part_bytes`, several, each with a subset of its
 /// rules (a rule with many peers is split by peers; every rule allows
@@ -114,13 +168,7 @@ pub fn group_parts(
     egress: bool,
     part_bytes: usize,
 ) -> Vec<GroupPolicy> {
-    let mut types = Vec::new();
-    if ingress {
-        types.push(PolicyType::Ingress);
-    }
-    if egress {
-        types.push(PolicyType::Egress);
-    }
+    let types = types_of(ingress, egress);
     let whole = GroupPolicy {
         name: compiled.name.clone(),
         policy_types: types.clone(),
@@ -183,7 +231,10 @@ fn split_rule(rule: &Rule, room: usize) -> Vec<Rule> {
     let mut used = overhead;
     for peer in peers {
         let len = json_len(peer) + 1;
-        let current = out.last().and_then(|r| r.peers.as_ref()).map_or(0, Vec::len);
+        let current = out
+            .last()
+            .and_then(|r| r.peers.as_ref())
+            .map_or(0, Vec::len);
         if current > 0 && used + len > room {
             out.push(bare.clone());
             used = overhead;
@@ -209,20 +260,29 @@ pub struct PartKey {
 }
 
 /// The keys of a policy's parts (`policy_fp` fingerprints its content).
-pub fn part_keys(parts: &[GroupPolicy], policy_fp: Fingerprint) -> smallvec::SmallVec<[PartKey; 1]> {
+pub fn part_keys(
+    parts: &[GroupPolicy],
+    policy_fp: Fingerprint,
+) -> smallvec::SmallVec<[PartKey; 1]> {
     parts
         .iter()
         .map(|p| PartKey {
             position: part_position(&p.name, p.part),
             weight: json_len(p) as u64 + 1,
-            content: Fp::new("part").fp(policy_fp).u64(u64::from(p.part)).finish(),
+            content: Fp::new("part")
+                .fp(policy_fp)
+                .u64(u64::from(p.part))
+                .finish(),
         })
         .collect()
 }
 
 /// Position of a part: by name, so a policy keeps its slice when its rules change.
 pub fn part_position(name: &str, part: u32) -> u128 {
-    Fp::new("part-position").str(name).u64(u64::from(part)).finish()
+    Fp::new("part-position")
+        .str(name)
+        .u64(u64::from(part))
+        .finish()
 }
 
 /// Why an object was not written.
@@ -232,7 +292,9 @@ pub enum EncodeError {
     #[error("encoding the object: {0}")]
     Json(#[from] serde_json::Error),
     /// The object is larger than canal writes.
-    #[error("{kind} {name} would be {bytes} bytes, over the {limit}-byte limit canal holds every object to")]
+    #[error(
+        "{kind} {name} would be {bytes} bytes, over the {limit}-byte limit canal holds every object to"
+    )]
     TooLarge {
         /// Kind.
         kind: &'static str,
@@ -429,15 +491,39 @@ mod tests {
         let keys = part_keys(&parts, 7);
         assert_eq!(keys.len(), parts.len());
         assert_ne!(keys[0].position, keys[1].position);
+        assert_eq!(policy_part_keys(&compiled, true, true, 16 * 1024, 7), keys);
+        let one = CompiledPolicy {
+            name: "x/small".into(),
+            ingress: vec![Rule::default()],
+            egress: vec![],
+        };
+        assert_eq!(
+            policy_part_keys(&one, true, false, 16 * 1024, 7),
+            part_keys(&group_parts(&one, true, false, 16 * 1024), 7),
+            "the fast path measures exactly what the parts would weigh"
+        );
     }
 
     #[test]
     fn bodies_over_the_limit_are_refused_when_built() {
         let owner = owner_reference("u1");
         let spec = serde_json::json!({"ips": vec!["10.0.0.1"; 10]});
-        let ok = encode("PeerSet", object_metadata("ps-1", None, &owner), &spec, 1, 4096).unwrap();
+        let ok = encode(
+            "PeerSet",
+            object_metadata("ps-1", None, &owner),
+            &spec,
+            1,
+            4096,
+        )
+        .unwrap();
         assert!(ok.body.get().contains(r#""kind":"PeerSet""#));
-        match encode("PeerSet", object_metadata("ps-1", None, &owner), &spec, 1, 100) {
+        match encode(
+            "PeerSet",
+            object_metadata("ps-1", None, &owner),
+            &spec,
+            1,
+            100,
+        ) {
             Err(EncodeError::TooLarge { bytes, limit, .. }) => {
                 assert_eq!(limit, 100);
                 assert!(bytes > 100);

@@ -95,12 +95,7 @@ impl ConditionView {
 
     /// As a Kubernetes condition stamped `now` (or keeping `previous`'s
     /// transition time when the status is the same).
-    pub fn to_condition(
-        &self,
-        type_: &str,
-        previous: Option<&Condition>,
-        now: Time,
-    ) -> Condition {
+    pub fn to_condition(&self, type_: &str, previous: Option<&Condition>, now: Time) -> Condition {
         let mut c = condition::condition(
             type_,
             self.status,
@@ -204,7 +199,11 @@ mod tests {
 
     #[test]
     fn conditions_say_what_cannot_be_written_and_clear_once_said() {
-        assert_eq!(node_condition(&[], false), None, "never said: nothing to say");
+        assert_eq!(
+            node_condition(&[], false),
+            None,
+            "never said: nothing to say"
+        );
         let a = p("pg-a");
         let c = node_condition(&[&a], false).unwrap();
         assert!(!c.status);
@@ -235,9 +234,10 @@ mod tests {
         let first = v.to_condition(PUBLISHED, None, t(10));
         let again = v.to_condition(PUBLISHED, Some(&first), t(20));
         assert_eq!(again.last_transition_time, t(10));
-        let cleared = node_condition(&[], true)
-            .unwrap()
-            .to_condition(PUBLISHED, Some(&again), t(30));
+        let cleared =
+            node_condition(&[], true)
+                .unwrap()
+                .to_condition(PUBLISHED, Some(&again), t(30));
         assert_eq!(cleared.last_transition_time, t(30));
     }
 }

@@ -273,7 +273,10 @@ mod tests {
             assert!(s.is_current(leaf));
         }
         let (first, _) = leaves[0];
-        assert!(!s.is_current(Leaf { depth: first.depth + 1, prefix: first.prefix << 1 }));
+        assert!(!s.is_current(Leaf {
+            depth: first.depth + 1,
+            prefix: first.prefix << 1
+        }));
         assert!(!s.is_current(Leaf::ROOT));
     }
 
@@ -321,8 +324,9 @@ mod tests {
                     prop_assert!(within(l), "{:?} appeared, outside {:?}", l, home);
                 }
             }
-            for (_, s) in &after {
-                prop_assert!(s.weight <= budget.max(10));
+            for (l, s) in &after {
+                // Only the deepest level may hold more (a hash collision).
+                prop_assert!(s.weight <= budget.max(10) || l.depth == DEPTH);
             }
         }
     }

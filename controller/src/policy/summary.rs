@@ -139,7 +139,13 @@ mod tests {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         let none = BTreeSet::new();
-        let s = summarize(["a", "b", "c", "d"].into_iter(), &statuses, &none, true, None);
+        let s = summarize(
+            ["a", "b", "c", "d"].into_iter(),
+            &statuses,
+            &none,
+            true,
+            None,
+        );
         assert_eq!(
             s,
             PolicySummary {

@@ -266,7 +266,10 @@ fn a_node_assembles_from_its_groups_with_parts_merged_and_isolation_per_endpoint
         ],
     );
     s0.slice_of = Some("pg-all".into());
-    let mut s1 = group("s1", vec![gp("x/big", &[Ingress], 0, vec![rule_from("ps-1")])]);
+    let mut s1 = group(
+        "s1",
+        vec![gp("x/big", &[Ingress], 0, vec![rule_from("ps-1")])],
+    );
     s1.slice_of = Some("pg-all".into());
     groups.insert("pg-all-s0".into(), s0);
     groups.insert("pg-all-s1".into(), s1);
@@ -275,7 +278,11 @@ fn a_node_assembles_from_its_groups_with_parts_merged_and_isolation_per_endpoint
         group("h-web", vec![gp("x/web", &[Ingress], 0, vec![])]),
     );
     let nps = NodePolicySetObjectSpec {
-        endpoints: vec![endpoint("a", &["pg-all", "pg-web"]), endpoint("b", &["pg-all"]), endpoint("c", &[])],
+        endpoints: vec![
+            endpoint("a", &["pg-all", "pg-web"]),
+            endpoint("b", &["pg-all"]),
+            endpoint("c", &[]),
+        ],
         policy_groups: vec![
             VersionRef {
                 name: "pg-all".into(),

@@ -193,7 +193,8 @@ impl Controller {
                 return;
             }
         }
-        let full = condition.map(|c| c.to_condition(POLICY_PUBLISHED, network.published.as_ref(), now()));
+        let full =
+            condition.map(|c| c.to_condition(POLICY_PUBLISHED, network.published.as_ref(), now()));
         let api: Api<CanalNetwork> = Api::all(self.client.clone());
         let body = desired.apply_body(canal_crds::DEFAULT_NETWORK_NAME, full.as_ref());
         let pp = PatchParams::apply(FIELD_MANAGER).force();

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use canal_crds::{NodePolicySet, PeerSet, PolicyGroup};
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use tracing::warn;
 
 use super::{Controller, FIELD_MANAGER};
@@ -205,7 +205,8 @@ impl Controller {
                 Ok(Some(fp)) => {
                     self.index.mark_written(kind, &name, Some(fp));
                     self.problems.clear(kind, &name);
-                    self.owners.insert((kind, name.to_string()), Some(owner.uid.clone()));
+                    self.owners
+                        .insert((kind, name.to_string()), Some(owner.uid.clone()));
                     self.metrics
                         .objects_written
                         .with_label_values(&[kind.as_str(), "apply"])

@@ -353,10 +353,7 @@ impl PolicyIndex {
         };
         let mut phases: [Vec<Change>; 4] = Default::default();
         for head in ps {
-            let desired = self
-                .set_by_name
-                .get(&head)
-                .map(|&id| self.desired_set(id));
+            let desired = self.set_by_name.get(&head).map(|&id| self.desired_set(id));
             plan_head(&self.written_ps, &head, desired, &mut phases);
         }
         changes.peer_sets = ordered(phases);

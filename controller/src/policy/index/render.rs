@@ -234,7 +234,9 @@ impl PolicyIndex {
     /// Builds a PolicyGroup head or slice, or None when it should not exist.
     pub fn render_policy_group(&self, name: &str) -> Option<RenderedPolicyGroup> {
         if let Some(&id) = self.group_by_name.get(name) {
-            return self.group_is_written(id).then(|| self.render_group_head(id));
+            return self
+                .group_is_written(id)
+                .then(|| self.render_group_head(id));
         }
         let head = head_of_slice(name)?;
         let &id = self.group_by_name.get(head)?;
@@ -306,7 +308,12 @@ impl PolicyIndex {
 
     fn render_group_slice(&self, id: GroupId, leaf: Leaf) -> RenderedPolicyGroup {
         let g = &self.groups[id];
-        let fp = slice_fp("policygroup-slice", &g.name, leaf, g.shards.leaf_stats(leaf));
+        let fp = slice_fp(
+            "policygroup-slice",
+            &g.name,
+            leaf,
+            g.shards.leaf_stats(leaf),
+        );
         RenderedPolicyGroup {
             spec: PolicyGroupSpec {
                 hash: version(fp),

@@ -42,14 +42,29 @@ fn every_policy_selecting_every_pod() {
         h.store.largest
     );
     assert_eq!(h.store.nps.len(), 100);
-    let heads = h.store.pg.values().filter(|(g, _)| g.slice_of.is_none()).count();
-    assert_eq!(heads, 1, "one selector: one PolicyGroup, shared by every node");
-    assert!(h.store.pg.len() > 10, "sliced: {} objects", h.store.pg.len());
+    let heads = h
+        .store
+        .pg
+        .values()
+        .filter(|(g, _)| g.slice_of.is_none())
+        .count();
+    assert_eq!(
+        heads, 1,
+        "one selector: one PolicyGroup, shared by every node"
+    );
+    assert!(
+        h.store.pg.len() > 10,
+        "sliced: {} objects",
+        h.store.pg.len()
+    );
     let n7 = h.nps("n7");
     assert_eq!(n7.policies.len(), 10_000);
     assert_eq!(n7.endpoints.len(), 100);
-    assert!(n7.endpoints.iter().all(|e| e.ingress_policies.len() == 10_000
-        && e.egress_policies.len() == 10_000));
+    assert!(
+        n7.endpoints
+            .iter()
+            .all(|e| e.ingress_policies.len() == 10_000 && e.egress_policies.len() == 10_000)
+    );
     let set = h.store.peer_sets().into_values().next().unwrap();
     assert_eq!(set.ips.len(), 10_000);
 }
@@ -108,7 +123,10 @@ fn cluster_wide_and_named_port_sets(pods: usize) {
     let ps_writes = writes.iter().filter(|w| w.contains("PeerSet")).count();
     assert!(ps_writes <= 2 * 3, "{writes:?}");
     assert_eq!(
-        writes.iter().filter(|w| w.contains("NodePolicySet")).count(),
+        writes
+            .iter()
+            .filter(|w| w.contains("NodePolicySet"))
+            .count(),
         1,
         "{writes:?}"
     );
@@ -182,7 +200,8 @@ fn what_cannot_be_split_is_refused_and_the_node_keeps_its_version() {
     assert!(h.store.largest <= MAX_OBJECT_BYTES);
     assert_eq!(h.nps("n1"), before, "n1 keeps the version it can assemble");
     assert_eq!(
-        h.index.nodes_depending_on(Kind::PolicyGroup, h.store.pg.keys().next().unwrap()),
+        h.index
+            .nodes_depending_on(Kind::PolicyGroup, h.store.pg.keys().next().unwrap()),
         ["n1"]
     );
     // Fixed: everything is written again.

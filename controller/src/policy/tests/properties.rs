@@ -275,7 +275,11 @@ fn assert_store_current(h: &Harness, when: &str) {
             );
         }
     }
-    assert!(h.store.refused.is_empty(), "{when}: refused {:?}", h.store.refused);
+    assert!(
+        h.store.refused.is_empty(),
+        "{when}: refused {:?}",
+        h.store.refused
+    );
 }
 
 /// Normal limits, or tiny ones that shard every set of more than two

@@ -302,21 +302,13 @@ fn pending_host_network_and_finished_pods() {
     )];
     let h = Harness::new(&w);
     let n1 = h.nps("n1");
-    let eps: Vec<&str> = n1
-        .endpoints
-        .iter()
-        .map(|e| e.pod.as_str())
-        .collect();
+    let eps: Vec<&str> = n1.endpoints.iter().map(|e| e.pod.as_str()).collect();
     assert!(
         eps.contains(&"pending"),
         "a pod is isolated before it has an IP"
     );
     assert!(!eps.contains(&"host") && !eps.contains(&"done"));
-    let pending = n1
-        .endpoints
-        .iter()
-        .find(|e| e.pod == "pending")
-        .unwrap();
+    let pending = n1.endpoints.iter().find(|e| e.pod == "pending").unwrap();
     assert_eq!(pending.ingress_policies, ["x/p"]);
     assert!(
         !h.store.nps.contains_key("n9"),
