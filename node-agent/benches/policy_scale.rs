@@ -164,13 +164,13 @@ fn policy(ns: &str, name: &str, spec: Value) -> Value {
 fn app_policy(ns: &str, name: &str, k: usize, from_app: usize) -> Value {
     let mut peers =
         vec![json!({"podSelector": {"matchLabels": {"app": format!("app-{from_app}")}}})];
-    if k % 4 == 0 {
+    if k.is_multiple_of(4) {
         peers.push(
             json!({"namespaceSelector": {"matchLabels": {"env": "prod"}},
                           "podSelector": {"matchLabels": {"tier": "web"}}}),
         );
     }
-    if k % 5 == 0 {
+    if k.is_multiple_of(5) {
         peers.push(json!({"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.128.0.0/9"]}}));
     }
     let mut spec = json!({
@@ -178,7 +178,7 @@ fn app_policy(ns: &str, name: &str, k: usize, from_app: usize) -> Value {
         "policyTypes": ["Ingress"],
         "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": 8080}, {"protocol": "TCP", "port": "http"}]}]
     });
-    if k % 3 == 0 {
+    if k.is_multiple_of(3) {
         spec["policyTypes"] = json!(["Ingress", "Egress"]);
         spec["egress"] = json!([{"to": [{"podSelector": {"matchLabels": {"tier": "db"}}}],
                                  "ports": [{"protocol": "TCP", "port": "postgres"}]}]);
@@ -1030,7 +1030,10 @@ async fn orchestrate() {
         let name = format!("churn-{i}");
         if i % 3 == 2 {
             let _ = Api::<Pod>::namespaced(client.clone(), "ns-000")
-                .delete(&format!("churn-{}", i - 2), &Default::default())
+                .delete(
+                    &format!("churn-{}", i - 2),
+                    &kube::api::DeleteParams::default().grace_period(0),
+                )
                 .await;
         } else {
             let (obj, _) = c_pod(ns, 0, 1000 + i, "node-00004", 950_000 + i);

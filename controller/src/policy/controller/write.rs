@@ -35,8 +35,15 @@ enum WriteError {
     Api(kube::Error),
 }
 
+/// Names of objects to write.
+type Names = Vec<Arc<str>>;
+
+/// An object name and the outcome of applying it (the fingerprint written,
+/// or None when there was nothing left to write).
+type WriteResult = (Arc<str>, Result<Option<u128>, WriteError>);
+
 /// Applies of slices, applies of heads, deletions.
-fn split(kind: Kind, changes: &[Change]) -> (Vec<Arc<str>>, Vec<Arc<str>>, Vec<Arc<str>>) {
+fn split(kind: Kind, changes: &[Change]) -> (Names, Names, Names) {
     let (mut slices, mut heads, mut deletes) = (Vec::new(), Vec::new(), Vec::new());
     for c in changes {
         match c {
@@ -177,28 +184,27 @@ impl Controller {
         let index = &self.index;
         let client = &self.client;
         let bytes = &self.metrics.object_bytes;
-        let results: Vec<(Arc<str>, Result<Option<u128>, WriteError>)> =
-            futures::stream::iter(names)
-                .map(|name| {
-                    let outgoing = objects::encode_object(index, kind, &name, owner);
-                    async move {
-                        let result = match outgoing {
-                            None => Ok(None),
-                            Some(Err(e)) => Err(WriteError::Encode(e)),
-                            Some(Ok(o)) => {
-                                bytes.observe(o.body.get().len() as f64);
-                                send(client, kind, &name, &o)
-                                    .await
-                                    .map(|()| Some(o.fingerprint))
-                                    .map_err(WriteError::Api)
-                            }
-                        };
-                        (name, result)
-                    }
-                })
-                .buffer_unordered(self.options.write_concurrency.max(1))
-                .collect()
-                .await;
+        let results: Vec<WriteResult> = futures::stream::iter(names)
+            .map(|name| {
+                let outgoing = objects::encode_object(index, kind, &name, owner);
+                async move {
+                    let result = match outgoing {
+                        None => Ok(None),
+                        Some(Err(e)) => Err(WriteError::Encode(e)),
+                        Some(Ok(o)) => {
+                            bytes.observe(o.body.get().len() as f64);
+                            send(client, kind, &name, &o)
+                                .await
+                                .map(|()| Some(o.fingerprint))
+                                .map_err(WriteError::Api)
+                        }
+                    };
+                    (name, result)
+                }
+            })
+            .buffer_unordered(self.options.write_concurrency.max(1))
+            .collect()
+            .await;
         let mut ok = true;
         for (name, result) in results {
             match result {
