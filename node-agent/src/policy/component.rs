@@ -516,7 +516,20 @@ impl Owner {
             Step::Wait(w) => w,
             Step::Hold(h) => h,
             Step::Sync => {
-                self.announced = None;
+                // A newer NodePolicySet that is not consistent yet: the
+                // previous version stays programmed; say what it waits for.
+                let waiting = self.store.waiting_on().map(|w| {
+                    format!(
+                        "keeping generation {:?} programmed; the newest NodePolicySet waits for: {w}",
+                        self.store.inputs().generation
+                    )
+                });
+                if waiting != self.announced {
+                    if let Some(w) = &waiting {
+                        info!("{w}");
+                    }
+                    self.announced = waiting;
+                }
                 return;
             }
         };
