@@ -31,8 +31,9 @@ fn snapshot(node_ns: &str) -> String {
     let mut out = iptables_snapshot(node_ns);
     for table in ["canal", "canal-masq"] {
         // Stateless (no counters), without handles: what canal wrote.
-        let listing = netns::run(netns::exec(node_ns, "nft").args(["-s", "list", "table", "inet", table]))
-            .unwrap_or_default();
+        let listing =
+            netns::run(netns::exec(node_ns, "nft").args(["-s", "list", "table", "inet", table]))
+                .unwrap_or_default();
         out.push_str(&listing);
     }
     out

@@ -908,15 +908,22 @@ async fn dataplane_switch_under_traffic() {
     .await;
     let start = Instant::now();
     let mut switches = Vec::new();
-    for to in [Dataplane::NfTables, Dataplane::IpTables, Dataplane::NfTables] {
+    for to in [
+        Dataplane::NfTables,
+        Dataplane::IpTables,
+        Dataplane::NfTables,
+    ] {
         let t = Instant::now();
         use_dataplane(&lab, to).await;
         switches.push((to, t.elapsed()));
         // Traffic on the new dataplane before the next switch.
         let since = Instant::now();
-        wait_probers("probes after the switch", &all, Duration::from_secs(10), |p| {
-            p.since(since).len() >= 5
-        })
+        wait_probers(
+            "probes after the switch",
+            &all,
+            Duration::from_secs(10),
+            |p| p.since(since).len() >= 5,
+        )
         .await;
         use std::io::{BufRead, BufReader, Write};
         conn.write_all(b"still here\n").unwrap();

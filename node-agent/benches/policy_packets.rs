@@ -59,7 +59,12 @@ fn pod(node: &Netns, iface: &str, ip: &str) -> Pod {
     }
 }
 
-fn inputs(endpoints: usize, client: &Pod, server: &Pod, dataplane: DataplaneChoice) -> PolicyInputs {
+fn inputs(
+    endpoints: usize,
+    client: &Pod,
+    server: &Pod,
+    dataplane: DataplaneChoice,
+) -> PolicyInputs {
     let mut eps: Vec<Endpoint> = (0..endpoints - 2)
         .map(|i| Endpoint {
             namespace: "bench".into(),
@@ -72,7 +77,10 @@ fn inputs(endpoints: usize, client: &Pod, server: &Pod, dataplane: DataplaneChoi
         })
         .collect();
     // The measured pods sort last: the iptables dispatch walks every other first.
-    for (iface, p, name) in [("califfffffffff1", client, "client"), ("califfffffffff2", server, "server")] {
+    for (iface, p, name) in [
+        ("califfffffffff1", client, "client"),
+        ("califfffffffff2", server, "server"),
+    ] {
         eps.push(Endpoint {
             namespace: "bench".into(),
             pod: name.into(),
@@ -99,7 +107,9 @@ fn inputs(endpoints: usize, client: &Pod, server: &Pod, dataplane: DataplaneChoi
     let mut policies: Vec<CompiledPolicy> = (0..50)
         .map(|p| CompiledPolicy {
             name: format!("bench/p-{p}"),
-            ingress: (0..20).map(|k| rule(&format!("ps-{}", (p + k) % 20), 1000 + k as u16)).collect(),
+            ingress: (0..20)
+                .map(|k| rule(&format!("ps-{}", (p + k) % 20), 1000 + k as u16))
+                .collect(),
             egress: vec![],
         })
         .collect();
@@ -115,13 +125,29 @@ fn inputs(endpoints: usize, client: &Pod, server: &Pod, dataplane: DataplaneChoi
     });
     let mut peer_sets: BTreeMap<String, PeerSetSpec> = (0..20)
         .map(|i| {
-            let ips = (0..500).map(|j| format!("10.{}.{}.{}", 100 + i, j / 256, j % 256)).collect();
-            (format!("ps-{i}"), PeerSetSpec { ips, ..PeerSetSpec::default() })
+            let ips = (0..500)
+                .map(|j| format!("10.{}.{}.{}", 100 + i, j / 256, j % 256))
+                .collect();
+            (
+                format!("ps-{i}"),
+                PeerSetSpec {
+                    ips,
+                    ..PeerSetSpec::default()
+                },
+            )
         })
         .collect();
-    let mut clients: Vec<String> = (0..499).map(|j| format!("10.99.{}.{}", j / 256, j % 256)).collect();
+    let mut clients: Vec<String> = (0..499)
+        .map(|j| format!("10.99.{}.{}", j / 256, j % 256))
+        .collect();
     clients.push(client.ip.to_string());
-    peer_sets.insert("ps-clients".into(), PeerSetSpec { ips: clients, ..PeerSetSpec::default() });
+    peer_sets.insert(
+        "ps-clients".into(),
+        PeerSetSpec {
+            ips: clients,
+            ..PeerSetSpec::default()
+        },
+    );
     peer_sets.insert(
         "ps-servers".into(),
         PeerSetSpec {
@@ -152,13 +178,22 @@ fn connections(client: &Pod, server: Ipv4Addr, n: usize) -> (f64, Duration, Dura
         let start = Instant::now();
         for _ in 0..n {
             let t = Instant::now();
-            let mut s = TcpStream::connect_timeout(&SocketAddr::from((server, 80)), Duration::from_secs(2))
-                .expect("an allowed connection");
+            let mut s =
+                TcpStream::connect_timeout(&SocketAddr::from((server, 80)), Duration::from_secs(2))
+                    .expect("an allowed connection");
             let mut buf = [0u8; 2];
             s.read_exact(&mut buf).expect("the server's greeting");
             lat.push(t.elapsed());
             // RST instead of TIME_WAIT: the client's ports do not run out.
-            let _ = s.set_linger(Some(Duration::ZERO));
+            // (SO_LINGER through nix: std's set_linger is unstable.)
+            let _ = nix::sys::socket::setsockopt(
+                &s,
+                nix::sys::socket::sockopt::Linger,
+                &libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                },
+            );
         }
         let rate = n as f64 / start.elapsed().as_secs_f64();
         lat.sort();
@@ -175,17 +210,17 @@ async fn main() {
     let n = env_usize("BENCH_CONNECTIONS", 3000);
     let endpoints = env_usize("BENCH_ENDPOINTS", 250);
     let node = Netns::new("pp-node");
-    node.sh(
-        "sysctl -qw net.ipv4.ip_forward=1 \
+    node.sh("sysctl -qw net.ipv4.ip_forward=1 \
          && ip link add uplink type veth peer name uplink-peer \
          && ip link set uplink up && ip link set uplink-peer up \
          && ip addr add 192.168.255.1/24 dev uplink \
-         && ip route add default via 192.168.255.254 dev uplink onlink",
-    );
+         && ip route add default via 192.168.255.254 dev uplink onlink");
     let client = pod(&node, "califfffffffff1", "10.244.1.2");
     let server = pod(&node, "califfffffffff2", "10.244.1.3");
     let stop = Arc::new(AtomicBool::new(false));
-    let listener = server.ns.run_in(|| TcpListener::bind(("0.0.0.0", 80)).unwrap());
+    let listener = server
+        .ns
+        .run_in(|| TcpListener::bind(("0.0.0.0", 80)).unwrap());
     let s = stop.clone();
     std::thread::spawn(move || {
         for c in listener.incoming() {
@@ -197,7 +232,9 @@ async fn main() {
             }
         }
     });
-    println!("policy_packets benchmark: {endpoints} local endpoints under policy, {n} new TCP connections per dataplane");
+    println!(
+        "policy_packets benchmark: {endpoints} local endpoints under policy, {n} new TCP connections per dataplane"
+    );
     if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
         println!("  machine load average at start: {}", load.trim());
     }
@@ -212,7 +249,10 @@ async fn main() {
         let mut e = PolicyEnforcer::new(run_dir.path(), PolicyMetrics::unregistered().unwrap())
             .with_exec(Exec::in_netns(&node.path).unwrap());
         if let Some(dp) = dp {
-            let s = e.sync(&inputs(endpoints, &client, &server, dp)).await.unwrap();
+            let s = e
+                .sync(&inputs(endpoints, &client, &server, dp))
+                .await
+                .unwrap();
             assert!(s.warnings.is_empty(), "{:?}", s.warnings);
         } else {
             // Both dataplanes emptied (a disabled, endpoint-less enforcer
@@ -238,6 +278,9 @@ async fn main() {
     stop.store(true, Ordering::SeqCst);
     let base = results[0].1;
     for (name, rate) in &results[1..3] {
-        println!("  {name}: {:+.1}% connections/s vs no policy", (rate / base - 1.0) * 100.0);
+        println!(
+            "  {name}: {:+.1}% connections/s vs no policy",
+            (rate / base - 1.0) * 100.0
+        );
     }
 }

@@ -12,8 +12,8 @@
 //! parallel. Everything here is a future owned by the caller, nothing is
 //! spawned: dropping it (a lost Lease) stops every write at once.
 
-pub mod programmed;
 pub mod addresses;
+pub mod programmed;
 pub mod state;
 
 use std::collections::{BTreeSet, HashMap, HashSet};

@@ -42,10 +42,9 @@ impl Dataplane {
 /// Whether canal's policy state is in each dataplane of a node namespace:
 /// (iptables/ipset, nftables).
 pub fn kernel_has(node_ns: &str) -> (bool, bool) {
-    let ipt = netns::run(netns::exec(node_ns, "sh").args([
-        "-c",
-        "iptables-save; ip6tables-save; ipset list -n",
-    ]))
+    let ipt = netns::run(
+        netns::exec(node_ns, "sh").args(["-c", "iptables-save; ip6tables-save; ipset list -n"]),
+    )
     .unwrap_or_default();
     let nft = netns::run(netns::exec(node_ns, "nft").args(["list", "tables"])).unwrap_or_default();
     (
@@ -74,12 +73,16 @@ pub async fn wait_dataplane(lab: &Lab, dataplane: Dataplane, timeout: Duration) 
     eventually("every agent reports the dataplane", timeout, || {
         let api = api.clone();
         async move {
-            let list = api.list(&Default::default()).await.map_err(|e| e.to_string())?;
+            let list = api
+                .list(&Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
             let wrong: Vec<String> = list
                 .items
                 .iter()
                 .filter(|n| {
-                    n.status.as_ref().and_then(|s| s.dataplane.as_deref()) != Some(dataplane.status())
+                    n.status.as_ref().and_then(|s| s.dataplane.as_deref())
+                        != Some(dataplane.status())
                 })
                 .map(|n| format!("{:?}", n.metadata.name))
                 .collect();

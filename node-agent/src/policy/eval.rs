@@ -223,10 +223,20 @@ mod tests {
             .iter()
             .filter_map(|e| Some((Side::Pod(e.interface.clone()), e.ips.first()?.parse().ok()?)))
             .collect();
-        for ip in ["10.244.2.9", "10.244.3.3", "192.0.2.10", "10.0.0.1", "172.16.5.5"] {
+        for ip in [
+            "10.244.2.9",
+            "10.244.3.3",
+            "192.0.2.10",
+            "10.0.0.1",
+            "172.16.5.5",
+        ] {
             ends.push((Side::Remote, ip.parse().unwrap()));
         }
-        for (_, ip) in inputs.peer_sets.values().flat_map(|p| p.ips.iter().map(|i| ((), i))) {
+        for (_, ip) in inputs
+            .peer_sets
+            .values()
+            .flat_map(|p| p.ips.iter().map(|i| ((), i)))
+        {
             if let Ok(ip) = ip.parse() {
                 ends.push((Side::Remote, ip));
             }
@@ -316,6 +326,9 @@ mod tests {
             from: Side::Host,
             ..c
         };
-        assert!(evaluate(&model, &host).allowed, "host traffic is never policed");
+        assert!(
+            evaluate(&model, &host).allowed,
+            "host traffic is never policed"
+        );
     }
 }
