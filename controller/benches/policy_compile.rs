@@ -21,16 +21,18 @@
 //! "Compile" = feeding every object to the index and the flush that yields
 //! every object to write (with its fingerprint), i.e. everything before the
 //! first API request. "Render" = building and serializing every object
-//! one at a time, as the write path does.
+//! one at a time into the request body the write path sends (the size
+//! bound is checked there); `largest object: N bytes` is the biggest body,
+//! NodePolicySet, PolicyGroup or PeerSet head or slice.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use canal_controller::policy::fingerprint;
-use canal_controller::policy::index::{Change, Changes, PolicyIndex};
+use canal_controller::policy::index::{Change, Changes, Kind, PolicyIndex};
 use canal_controller::policy::input::{NamespaceInfo, NodeInfo, PodInfo};
+use canal_controller::policy::objects::{self, EncodeError};
 use canal_crds::{NamedPort, Protocol};
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
@@ -176,11 +178,15 @@ fn full_compile(name: &str, inputs: Inputs) -> PolicyIndex {
         ms(total - t_pol)
     );
     println!(
-        "output: {} NodePolicySets, {} PeerSets to write; {} endpoints, {} policy groups",
+        "output: {} NodePolicySets, {} PolicyGroup objects, {} PeerSet objects to write (heads and slices); {} endpoints, {} policy groups ({} sharded), {} peer sets ({} sharded)",
         changes.node_policy_sets.len(),
+        changes.policy_groups.len(),
         changes.peer_sets.len(),
         stats.endpoints,
-        stats.groups
+        stats.groups,
+        stats.sharded_policy_groups,
+        stats.peer_sets,
+        stats.sharded_peer_sets,
     );
     println!(
         "memory: peak RSS (VmHWM) {:.0} MB after compile; inputs held before compile {:.0} MB",
@@ -193,40 +199,30 @@ fn full_compile(name: &str, inputs: Inputs) -> PolicyIndex {
     }
     // The write path: render + serialize each object once, one at a time.
     let t1 = Instant::now();
-    let mut bytes = 0usize;
-    let mut largest = (0usize, String::new());
-    for c in &changes.peer_sets {
-        if let Change::Apply(n) = c
-            && let Some(r) = index.render_peer_set(n)
-        {
-            let len = serde_json::to_vec(&r.spec).map(|v| v.len()).unwrap_or(0);
-            bytes += len;
-            index.mark_peer_set_written(n, Some(r.fingerprint));
-        }
-    }
-    for c in &changes.node_policy_sets {
-        if let Change::Apply(n) = c
-            && let Some(r) = index.render_node_policy_set(n)
-        {
-            let json = serde_json::to_vec(&r.spec).unwrap_or_default();
-            let _ = fingerprint::content(&r.spec);
-            if json.len() > largest.0 {
-                largest = (json.len(), n.to_string());
-            }
-            bytes += json.len();
-            index.mark_node_policy_set_written(n, Some(r.fingerprint));
-        }
-    }
+    let w = write_all(&mut index, &changes);
     println!(
-        "write path (render + serialize every object, one at a time): {:.0} ms, {:.1} MB of JSON, largest NodePolicySet {} = {:.2} MB; VmHWM now {:.0} MB",
+        "write path (render + encode every request body, one at a time): {:.0} ms, {:.1} MB in {} objects; VmHWM now {:.0} MB",
         ms(t1.elapsed()),
-        bytes as f64 / 1e6,
-        largest.1,
-        largest.0 as f64 / 1e6,
+        w.bytes as f64 / 1e6,
+        w.objects,
         mb(status_kb("VmHWM:"))
     );
+    println!(
+        "largest object: {} bytes ({}; the bound is {} bytes){}",
+        w.largest.0,
+        w.largest.1,
+        canal_crds::MAX_OBJECT_BYTES,
+        if w.refused.is_empty() {
+            String::new()
+        } else {
+            format!("; REFUSED over the bound: {:?}", w.refused)
+        }
+    );
     let again = index.flush();
-    assert!(again.is_empty(), "a second flush must write nothing");
+    assert!(
+        again.is_empty() || !w.refused.is_empty(),
+        "a second flush must write nothing"
+    );
     index
 }
 
@@ -601,7 +597,8 @@ fn scenario_c() {
                   f: &mut dyn FnMut(&mut PolicyIndex, usize)| {
         let mut wall = Vec::with_capacity(N);
         let mut cpu = Vec::with_capacity(N);
-        let (mut nps, mut ps, mut render) = (0usize, 0usize, Duration::ZERO);
+        let (mut nps, mut pg, mut ps, mut render) = (0usize, 0usize, 0usize, Duration::ZERO);
+        let mut largest = 0usize;
         for i in 0..N {
             let (t, c) = (Instant::now(), thread_cpu());
             f(index, i);
@@ -609,16 +606,19 @@ fn scenario_c() {
             cpu.push(thread_cpu().saturating_sub(c));
             wall.push(t.elapsed());
             nps += changes.node_policy_sets.len();
+            pg += changes.policy_groups.len();
             ps += changes.peer_sets.len();
             let t = Instant::now();
-            write_all(index, &changes);
+            let w = write_all(index, &changes);
             render += t.elapsed();
+            largest = largest.max(w.largest.0);
         }
         println!(
-            "{label}: compute (apply + flush) CPU {}; wall {}; writes per event: {:.2} NodePolicySets + {:.2} PeerSets; rendering those {:.0} us/event",
+            "{label}: compute (apply + flush) CPU {}; wall {}; writes per event: {:.2} NodePolicySets + {:.2} PolicyGroup objects + {:.2} PeerSet objects; rendering those {:.0} us/event, largest {largest} bytes",
             percentiles(cpu),
             percentiles(wall),
             nps as f64 / N as f64,
+            pg as f64 / N as f64,
             ps as f64 / N as f64,
             render.as_secs_f64() * 1e6 / N as f64,
         );
@@ -662,21 +662,44 @@ fn pod_by_position(pod_nodes: &[String], ns: &str, app: usize, r: usize) -> PodI
     p
 }
 
-fn write_all(index: &mut PolicyIndex, changes: &Changes) {
-    for c in changes.peer_sets.iter().chain(&changes.node_policy_sets) {
-        let name = match c {
-            Change::Apply(n) | Change::Delete(n) => n.clone(),
-        };
-        if let Some(r) = index.render_peer_set(&name) {
-            let _ = serde_json::to_vec(&r.spec);
-            index.mark_peer_set_written(&name, Some(r.fingerprint));
-        } else if let Some(r) = index.render_node_policy_set(&name) {
-            let _ = serde_json::to_vec(&r.spec);
-            index.mark_node_policy_set_written(&name, Some(r.fingerprint));
-        } else if changes.peer_sets.contains(c) {
-            index.mark_peer_set_written(&name, None);
-        } else {
-            index.mark_node_policy_set_written(&name, None);
+/// What rendering a batch of writes produced.
+#[derive(Default)]
+struct Written {
+    objects: usize,
+    bytes: usize,
+    largest: (usize, String),
+    refused: Vec<String>,
+}
+
+/// Renders and encodes every object a flush asked for (as the controller
+/// does, in its order) and marks it written.
+fn write_all(index: &mut PolicyIndex, changes: &Changes) -> Written {
+    let owner = objects::owner_reference("bench");
+    let mut w = Written::default();
+    for kind in [Kind::PeerSet, Kind::PolicyGroup, Kind::NodePolicySet] {
+        for c in changes.of(kind) {
+            match c {
+                Change::Apply(name) => match objects::encode_object(index, kind, name, &owner) {
+                    Some(Ok(o)) => {
+                        let len = o.body.get().len();
+                        w.objects += 1;
+                        w.bytes += len;
+                        if len > w.largest.0 {
+                            w.largest = (len, format!("{} {name}", kind.as_str()));
+                        }
+                        index.mark_written(kind, name, Some(o.fingerprint));
+                    }
+                    Some(Err(EncodeError::TooLarge { bytes, .. })) => {
+                        w.refused
+                            .push(format!("{} {name} ({bytes} bytes)", kind.as_str()));
+                        index.mark_written(kind, name, None);
+                    }
+                    Some(Err(e)) => panic!("encoding {name}: {e}"),
+                    None => {}
+                },
+                Change::Delete(name) => index.mark_written(kind, name, None),
+            }
         }
     }
+    w
 }

@@ -102,7 +102,7 @@ pub fn derive(a: &Assessment, existing: &CanalNetworkStatus, now: Time) -> Canal
         problems.push((NODES_NOT_PROGRAMMED, msg));
     }
 
-    let mut conditions = existing.conditions.clone();
+    let mut conditions = own_conditions(existing);
     let generation = a.generation;
     match problems.first() {
         None => {
@@ -174,7 +174,7 @@ pub fn ignored(
         canal_crds::DEFAULT_NETWORK_NAME,
         canal_crds::DEFAULT_NETWORK_NAME
     );
-    let mut conditions = existing.conditions.clone();
+    let mut conditions = own_conditions(existing);
     condition::set_condition(
         &mut conditions,
         condition::condition(READY, false, IGNORED, msg.clone(), generation, now.clone()),
@@ -190,6 +190,19 @@ pub fn ignored(
     }
 }
 
+/// The conditions the network controller owns (the conditions map also
+/// holds the policy controller's, which it must not write back).
+fn own_conditions(
+    status: &CanalNetworkStatus,
+) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    status
+        .conditions
+        .iter()
+        .filter(|c| c.type_ == READY || c.type_ == DEGRADED)
+        .cloned()
+        .collect()
+}
+
 /// The part of `status` the network controller owns (the policy
 /// controller's fields cleared), for comparing with a derived status.
 pub fn owned_part(status: &CanalNetworkStatus) -> CanalNetworkStatus {
@@ -197,6 +210,7 @@ pub fn owned_part(status: &CanalNetworkStatus) -> CanalNetworkStatus {
         policy_enforcement: None,
         policy_enforced_nodes: None,
         policy_nodes: None,
+        conditions: own_conditions(status),
         ..status.clone()
     }
 }

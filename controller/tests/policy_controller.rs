@@ -1,15 +1,20 @@
 //! The policy controller against a real kube-apiserver: Nodes, Namespaces,
 //! Pods (nodeName and status.podIP set by the test: there is no kubelet or
-//! scheduler) and NetworkPolicies in; NodePolicySets, PeerSets, Events and
-//! the CanalNetwork summary out. Every wait has a deadline and prints what
-//! it last saw.
+//! scheduler) and NetworkPolicies in; NodePolicySets, PolicyGroups,
+//! PeerSets, Events and the CanalNetwork summary out (read back the way an
+//! agent assembles them). Every wait has a deadline and prints what it last
+//! saw.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use canal_crds::{CanalNetwork, CanalNetworkSpec, NodePolicySet, PeerSet};
+use canal_crds::assemble::{View, assemble_view};
+use canal_crds::{
+    CanalNetwork, CanalNetworkSpec, NodePolicySet, PeerSet, PeerSetObjectSpec, PeerSetSpec,
+    PolicyGroup, PolicyGroupSpec,
+};
 use canal_e2e::ControlPlane;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::events::v1::Event;
@@ -226,9 +231,56 @@ async fn peer_sets(client: &Client) -> Vec<PeerSet> {
         .items
 }
 
-/// name -> resourceVersion of every NodePolicySet and PeerSet.
+async fn policy_groups(client: &Client) -> Vec<PolicyGroup> {
+    Api::<PolicyGroup>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+}
+
+/// Every PeerSet head, assembled with its slices, with its name.
+async fn assembled_sets(client: &Client) -> Result<Vec<(String, PeerSetSpec)>, String> {
+    let all: BTreeMap<String, PeerSetObjectSpec> = peer_sets(client)
+        .await
+        .into_iter()
+        .map(|p| (p.name_any(), p.spec))
+        .collect();
+    let mut out = Vec::new();
+    for (name, head) in all.iter().filter(|(_, s)| s.slice_of.is_none()) {
+        let spec = canal_crds::assemble::assemble_peer_set(name, head, |n| all.get(n))
+            .map_err(|g| format!("PeerSet {name}: {g:?}"))?;
+        out.push((name.clone(), spec));
+    }
+    Ok(out)
+}
+
+/// What a node's agent would program: its NodePolicySet assembled with the
+/// PolicyGroups and PeerSets it needs.
+async fn view(client: &Client, node: &str) -> Result<View, String> {
+    let nps = nps(client, node).await?;
+    let groups: BTreeMap<String, PolicyGroupSpec> = policy_groups(client)
+        .await
+        .into_iter()
+        .map(|g| (g.name_any(), g.spec))
+        .collect();
+    let sets: BTreeMap<String, PeerSetObjectSpec> = peer_sets(client)
+        .await
+        .into_iter()
+        .map(|p| (p.name_any(), p.spec))
+        .collect();
+    assemble_view(node, &nps.spec, &groups, &sets).map_err(|g| format!("{node}: {g:?}"))
+}
+
+/// name -> resourceVersion of every NodePolicySet, PolicyGroup and PeerSet.
 async fn versions(client: &Client) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
+    for g in policy_groups(client).await {
+        out.insert(
+            format!("PolicyGroup/{}", g.name_any()),
+            g.resource_version().unwrap(),
+        );
+    }
     for n in Api::<NodePolicySet>::all(client.clone())
         .list(&ListParams::default())
         .await
@@ -276,6 +328,9 @@ async fn owners(client: &Client) -> BTreeMap<String, Vec<String>> {
     {
         out.insert(format!("NodePolicySet/{}", n.name_any()), refs(&n.metadata));
     }
+    for g in policy_groups(client).await {
+        out.insert(format!("PolicyGroup/{}", g.name_any()), refs(&g.metadata));
+    }
     for p in peer_sets(client).await {
         out.insert(format!("PeerSet/{}", p.name_any()), refs(&p.metadata));
     }
@@ -294,41 +349,39 @@ async fn owned_by_all(client: &Client, uid: &str) -> BTreeMap<String, Vec<String
 /// Waits for the compiled state of the two policies above.
 async fn wait_compiled(client: &Client) {
     wait_for("NodePolicySets and PeerSets of the policies", || async {
-        let n1 = nps(client, "n1").await?;
-        let n2 = nps(client, "n2").await?;
+        let n1 = view(client, "n1").await?.node;
+        let n2 = view(client, "n2").await?.node;
         let xa = n1
-            .spec
             .endpoints
             .iter()
             .find(|e| e.namespace == "x" && e.pod == "a")
-            .ok_or(format!("n1 endpoints {:?}", n1.spec.endpoints))?;
+            .ok_or(format!("n1 endpoints {:?}", n1.endpoints))?;
         if xa.ingress_policies != ["x/allow-b"] || xa.ips != ["10.244.1.2"] {
             return Err(format!("x/a endpoint {xa:?}"));
         }
         if n2
-            .spec
             .policies
             .iter()
             .map(|p| p.name.as_str())
             .collect::<Vec<_>>()
             != ["y/from-x"]
         {
-            return Err(format!("n2 policies {:?}", n2.spec.policies));
+            return Err(format!("n2 policies {:?}", n2.policies));
         }
-        let sets = peer_sets(client).await;
+        let sets = assembled_sets(client).await?;
         let b = sets
             .iter()
-            .find(|s| s.spec.selector.namespace.as_deref() == Some("x"))
+            .find(|(_, s)| s.selector.namespace.as_deref() == Some("x"))
             .ok_or(format!("PeerSets {sets:?}"))?;
-        if b.spec.ips != ["10.244.1.3"] {
-            return Err(format!("x pod=b set {:?}", b.spec));
+        if b.1.ips != ["10.244.1.3"] {
+            return Err(format!("x pod=b set {:?}", b.1));
         }
         let named = sets
             .iter()
-            .find(|s| s.spec.selector.named_port.is_some())
+            .find(|(_, s)| s.selector.named_port.is_some())
             .ok_or("no named-port set")?;
-        if named.spec.member_count != 4 {
-            return Err(format!("named-port set {:?}", named.spec));
+        if named.1.member_count != 4 {
+            return Err(format!("named-port set {:?}", named.1));
         }
         Ok(())
     })
@@ -364,21 +417,20 @@ async fn compiles_a_cluster_rewrites_minimally_and_a_restart_writes_nothing() {
     let synced = ctl.syncs();
     set_pod_ip(&c.client, "x", "b", "10.244.1.9").await;
     wait_for("x/b's new IP in its PeerSet and on n1", || async {
-        let sets = peer_sets(&c.client).await;
+        let sets = assembled_sets(&c.client).await?;
         let b = sets
             .iter()
-            .find(|s| s.spec.selector.namespace.as_deref() == Some("x"))
+            .find(|(_, s)| s.selector.namespace.as_deref() == Some("x"))
             .ok_or("x set missing")?;
-        let n1 = nps(&c.client, "n1").await?;
+        let n1 = view(&c.client, "n1").await?.node;
         let ep = n1
-            .spec
             .endpoints
             .iter()
             .find(|e| e.pod == "b" && e.namespace == "x");
-        if b.spec.ips == ["10.244.1.9"] && ep.is_some_and(|e| e.ips == ["10.244.1.9"]) {
+        if b.1.ips == ["10.244.1.9"] && ep.is_some_and(|e| e.ips == ["10.244.1.9"]) {
             Ok(())
         } else {
-            Err(format!("set {:?}, endpoint {ep:?}", b.spec.ips))
+            Err(format!("set {:?}, endpoint {ep:?}", b.1.ips))
         }
     })
     .await;
@@ -388,14 +440,14 @@ async fn compiles_a_cluster_rewrites_minimally_and_a_restart_writes_nothing() {
         .keys()
         .filter(|k| after.get(*k) != before.get(*k))
         .collect();
-    let sets = peer_sets(&c.client).await;
+    let sets = assembled_sets(&c.client).await.unwrap();
     let mut expected: Vec<String> = sets
         .iter()
-        .filter(|s| {
-            s.spec.ips.contains(&"10.244.1.9".to_string())
-                || s.spec.ports.iter().any(|p| p.ip == "10.244.1.9")
+        .filter(|(_, s)| {
+            s.ips.contains(&"10.244.1.9".to_string())
+                || s.ports.iter().any(|p| p.ip == "10.244.1.9")
         })
-        .map(|s| format!("PeerSet/{}", s.name_any()))
+        .map(|(n, _)| format!("PeerSet/{n}"))
         .collect();
     expected.push("NodePolicySet/n1".into());
     expected.sort();
@@ -510,6 +562,7 @@ async fn compiles_a_cluster_rewrites_minimally_and_a_restart_writes_nothing() {
         "the change made while writes waited is in: {:?}",
         n1.spec.endpoints
     );
+    assert!(view(&c.client, "n1").await.is_ok());
 
     // Deleting a Node deletes its NodePolicySet; deleting the policies
     // garbage-collects every PeerSet.
@@ -523,14 +576,17 @@ async fn compiles_a_cluster_rewrites_minimally_and_a_restart_writes_nothing() {
             .await
             .unwrap();
     }
-    wait_for("n2's NodePolicySet and every PeerSet to go", || async {
-        let v = versions(&c.client).await;
-        if v.keys().collect::<Vec<_>>() == ["NodePolicySet/n1"] {
-            Ok(())
-        } else {
-            Err(format!("{:?}", v.keys()))
-        }
-    })
+    wait_for(
+        "n2's NodePolicySet, every PolicyGroup and PeerSet to go",
+        || async {
+            let v = versions(&c.client).await;
+            if v.keys().collect::<Vec<_>>() == ["NodePolicySet/n1"] {
+                Ok(())
+            } else {
+                Err(format!("{:?}", v.keys()))
+            }
+        },
+    )
     .await;
     ctl.stop().await;
     drop(c.cp);
@@ -651,14 +707,13 @@ async fn invalid_policy_gets_an_event_and_does_not_stop_the_others() {
         Some("0b5e6f1c-1111-4222-8333-944455556666")
     );
     // Skipped: no endpoint names it.
-    let n1 = nps(&c.client, "n1").await.unwrap();
+    let n1 = view(&c.client, "n1").await.unwrap().node;
     assert!(
-        n1.spec
-            .endpoints
+        n1.endpoints
             .iter()
             .all(|e| !e.ingress_policies.contains(&"x/broken".to_string())),
         "{:?}",
-        n1.spec.endpoints
+        n1.endpoints
     );
     ctl.stop().await;
 }
@@ -807,8 +862,9 @@ async fn pod_event(client: &Client, ns: &str, name: &str, reason: &str) -> Strin
     .await
 }
 
-fn endpoint_ips(n: &NodePolicySet, ns: &str, pod: &str) -> Option<Vec<String>> {
-    n.spec
+/// The IPs of a pod's endpoint in a node's assembled view.
+fn endpoint_ips(v: &View, ns: &str, pod: &str) -> Option<Vec<String>> {
+    v.node
         .endpoints
         .iter()
         .find(|e| e.namespace == ns && e.pod == pod)
@@ -871,12 +927,12 @@ async fn contested_and_out_of_range_pod_ips_never_lend_access() {
         "{note}"
     );
     wait_for("the contested IPs to stay with their holders", || async {
-        let n1 = nps(&c.client, "n1").await?;
-        let n2 = nps(&c.client, "n2").await?;
-        let sets = peer_sets(&c.client).await;
-        let b = sets
+        let n1 = view(&c.client, "n1").await?;
+        let n2 = view(&c.client, "n2").await?;
+        let sets = assembled_sets(&c.client).await?;
+        let (_, b) = sets
             .iter()
-            .find(|s| s.spec.selector.namespace.as_deref() == Some("x"))
+            .find(|(_, s)| s.selector.namespace.as_deref() == Some("x"))
             .ok_or("x set missing")?;
         let seen = (
             endpoint_ips(&n1, "x", "evil"),
@@ -884,7 +940,7 @@ async fn contested_and_out_of_range_pod_ips_never_lend_access() {
             endpoint_ips(&n2, "x", "fake"),
             endpoint_ips(&n1, "x", "forged"),
             endpoint_ips(&n1, "x", "outside"),
-            b.spec.ips.clone(),
+            b.ips.clone(),
         );
         let none = Some(Vec::<String>::new());
         if seen
@@ -907,13 +963,13 @@ async fn contested_and_out_of_range_pod_ips_never_lend_access() {
     // x/b goes: x/evil holds 10.244.1.3 now, and the pod=b set no longer.
     pods.delete("b", &DeleteParams::default()).await.unwrap();
     wait_for("the IP handed over to x/evil", || async {
-        let n1 = nps(&c.client, "n1").await?;
-        let sets = peer_sets(&c.client).await;
-        let b = sets
+        let n1 = view(&c.client, "n1").await?;
+        let sets = assembled_sets(&c.client).await?;
+        let (_, b) = sets
             .iter()
-            .find(|s| s.spec.selector.namespace.as_deref() == Some("x"))
+            .find(|(_, s)| s.selector.namespace.as_deref() == Some("x"))
             .ok_or("x set missing")?;
-        let seen = (endpoint_ips(&n1, "x", "evil"), b.spec.ips.clone());
+        let seen = (endpoint_ips(&n1, "x", "evil"), b.ips.clone());
         if seen == (Some(vec!["10.244.1.3".to_string()]), vec![]) {
             Ok(())
         } else {
@@ -928,7 +984,11 @@ async fn contested_and_out_of_range_pod_ips_never_lend_access() {
     let sets = peer_sets(&c.client).await;
     let ns_x = sets
         .iter()
-        .find(|s| s.spec.selector.namespace.is_none() && !s.spec.ips.is_empty())
+        .find(|s| {
+            s.spec.slice_of.is_none()
+                && s.spec.selector.namespace.is_none()
+                && !s.spec.ips.is_empty()
+        })
         .expect("the namespace x set of y/from-x")
         .clone();
     let api: Api<PeerSet> = Api::all(c.client.clone());
@@ -948,5 +1008,152 @@ async fn contested_and_out_of_range_pod_ips_never_lend_access() {
         }
     })
     .await;
+    ctl.stop().await;
+}
+
+/// The `type` condition of a status, as (status, reason, message).
+fn condition_of(
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> Option<(String, String, String)> {
+    conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_over_the_bound_is_reported_and_its_nodes_keep_a_consistent_version() {
+    let c = cluster().await;
+    let networks: Api<CanalNetwork> = Api::all(c.client.clone());
+    // The network controller's condition, which must survive ours.
+    networks
+        .patch_status(
+            "default",
+            &PatchParams::apply("canal-controller").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "canal.dev/v1alpha1", "kind": "CanalNetwork",
+                "metadata": {"name": "default"},
+                "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "Applied",
+                    "message": "", "lastTransitionTime": "2025-01-01T00:00:00Z"}]}
+            })),
+        )
+        .await
+        .unwrap();
+    apply_policy(&c.client, ISOLATE_X_A).await;
+    apply_policy(&c.client, Y_FROM_X).await;
+    let ctl = Running::start(&c.client);
+    wait_compiled(&c.client).await;
+    let n1_before = nps(&c.client, "n1").await.unwrap();
+    let view_before = view(&c.client, "n1").await.unwrap();
+
+    // A policy on x/a (the same selector, so the same PolicyGroup) whose one
+    // ipBlock has 40,000 excepts: about 700 KB compiled, and one peer
+    // cannot be split. The NetworkPolicy itself is stored fine.
+    let excepts: Vec<String> = (0..40_000)
+        .map(|i| format!("10.{}.{}.0/24", i / 256 % 256, i % 256))
+        .collect();
+    let huge = json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "huge", "namespace": "x"},
+        "spec": {"podSelector": {"matchLabels": {"pod": "a"}},
+                 "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": excepts}}]}]}
+    });
+    Api::<NetworkPolicy>::namespaced(c.client.clone(), "x")
+        .patch(
+            "huge",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&huge),
+        )
+        .await
+        .unwrap();
+    let published = wait_for("n1's Published condition to say why", || async {
+        let n1 = nps(&c.client, "n1").await?;
+        let conds = n1.status.map(|s| s.conditions).unwrap_or_default();
+        match condition_of(&conds, "Published") {
+            Some(c) if c.0 == "False" => Ok(c),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(published.1, "ObjectTooLarge");
+    assert!(
+        published.2.contains("over the 524288-byte limit"),
+        "{}",
+        published.2
+    );
+    let network = wait_for("the CanalNetwork PolicyPublished condition", || async {
+        let s = networks
+            .get("default")
+            .await
+            .map_err(|e| e.to_string())?
+            .status
+            .unwrap_or_default();
+        match condition_of(&s.conditions, "PolicyPublished") {
+            Some(c) if c.0 == "False" => Ok(s),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let (_, reason, message) = condition_of(&network.conditions, "PolicyPublished").unwrap();
+    assert_eq!(reason, "ObjectTooLarge");
+    assert!(
+        message.contains("1 node(s)") && message.contains("n1"),
+        "{message}"
+    );
+    assert!(
+        condition_of(&network.conditions, "Ready").is_some(),
+        "the network controller's condition stays: {:?}",
+        network.conditions
+    );
+    assert_eq!(network.policy_enforced_nodes, Some(0));
+    assert_eq!(ctl.metric("canal_policy_unwritable_objects", &[]), 1.0);
+    assert_eq!(ctl.metric("canal_policy_unpublished_nodes", &[]), 1.0);
+    // n1 keeps the version it has, consistent: not rewritten against a
+    // group version the cluster does not hold.
+    let n1 = nps(&c.client, "n1").await.unwrap();
+    assert_eq!(n1.metadata.generation, n1_before.metadata.generation);
+    assert_eq!(view(&c.client, "n1").await.unwrap(), view_before);
+    // Nodes that do not need the object are served as usual.
+    set_pod_ip(&c.client, "y", "b", "10.244.2.9").await;
+    wait_for("y/b's new IP on n2", || async {
+        let n2 = view(&c.client, "n2").await?.node;
+        n2.endpoints
+            .iter()
+            .any(|e| e.ips == ["10.244.2.9"])
+            .then_some(())
+            .ok_or(format!("{:?}", n2.endpoints))
+    })
+    .await;
+
+    // Fixed: everything is written and both conditions say so.
+    Api::<NetworkPolicy>::namespaced(c.client.clone(), "x")
+        .delete("huge", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("n1 Published again", || async {
+        let n1 = nps(&c.client, "n1").await?;
+        let conds = n1.status.map(|s| s.conditions).unwrap_or_default();
+        match condition_of(&conds, "Published") {
+            Some(c) if c.0 == "True" && c.1 == "AllWritten" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    wait_for("PolicyPublished True", || async {
+        let s = networks
+            .get("default")
+            .await
+            .map_err(|e| e.to_string())?
+            .status
+            .unwrap_or_default();
+        match condition_of(&s.conditions, "PolicyPublished") {
+            Some(c) if c.0 == "True" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(ctl.metric("canal_policy_unwritable_objects", &[]), 0.0);
+    assert!(view(&c.client, "n1").await.is_ok());
     ctl.stop().await;
 }

@@ -254,7 +254,11 @@ pub struct CanalNetworkStatus {
 
     /// Ready: the spec is applied. Degraded: something stops it, with a
     /// reason such as InvalidSpec, SubnetExhausted, Conflict or Ignored.
+    /// PolicyPublished (the policy controller's, only after a problem):
+    /// False while an object some nodes need cannot be written. A map keyed
+    /// by type, so each controller owns only its own conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 
     /// The clusterCIDR in effect. Differs from spec.clusterCIDR while a

@@ -4,11 +4,16 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::{CanalNetwork, NodePolicySet, PeerSet};
+use crate::{CanalNetwork, NodePolicySet, PeerSet, PolicyGroup};
 
 /// Every CRD canal defines.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![CanalNetwork::crd(), NodePolicySet::crd(), PeerSet::crd()]
+    vec![
+        CanalNetwork::crd(),
+        NodePolicySet::crd(),
+        PeerSet::crd(),
+        PolicyGroup::crd(),
+    ]
 }
 
 /// The file name `crdgen` uses for a CRD in `charts/canal/crds/`.

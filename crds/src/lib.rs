@@ -9,12 +9,16 @@
 #![allow(clippy::duplicated_attributes)]
 
 pub mod annotations;
+pub mod assemble;
 pub mod canal_network;
 pub mod condition;
 pub mod crd;
 pub mod names;
 pub mod node_policy_set;
 pub mod peer_set;
+pub mod policy_group;
+mod root;
+pub mod sharding;
 pub mod validate;
 
 pub use canal_network::{
@@ -22,10 +26,15 @@ pub use canal_network::{
     PolicyConfig, PolicyDataplane,
 };
 pub use node_policy_set::{
-    CompiledPolicy, Endpoint, IpBlock, NamedPort, NodePolicySet, NodePolicySetSpec,
-    NodePolicySetStatus, Peer, PortMatch, Protocol, Rule,
+    CompiledPolicy, Endpoint, IpBlock, NamedPort, NodeEndpoint, NodePolicySet,
+    NodePolicySetObjectSpec, NodePolicySetSpec, NodePolicySetStatus, Peer, PortMatch, Protocol,
+    Rule,
 };
-pub use peer_set::{NamedPortRef, PeerSelector, PeerSet, PeerSetSpec, PortMember};
+pub use peer_set::{
+    NamedPortRef, PeerSelector, PeerSet, PeerSetObjectSpec, PeerSetSpec, PortMember,
+};
+pub use policy_group::{GroupPolicy, PolicyGroup, PolicyGroupSpec, PolicyType};
+pub use sharding::{MAX_OBJECT_BYTES, VersionRef};
 pub use validate::{NetworkConfig, SpecError};
 
 /// The API group of every canal resource.

@@ -1,23 +1,32 @@
 //! `NodePolicySet`: everything one node's agent needs to enforce
-//! NetworkPolicy: its local endpoints and the compiled policies that select
-//! them. Peers are references to shared `PeerSet`s or literal CIDRs, so a pod
-//! coming or going elsewhere in the cluster never rewrites this object.
+//! NetworkPolicy: its local endpoints and references to the shared
+//! PolicyGroups (compiled policies) that select them. Peers are references to
+//! shared `PeerSet`s or literal CIDRs, so a pod coming or going elsewhere in
+//! the cluster never rewrites this object, and a policy selecting pods on
+//! 5,000 nodes is written once, not once per node.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// The compiled NetworkPolicy of one node (object name = node name).
+use crate::sharding::VersionRef;
+
+/// The spec of a NodePolicySet object (object name = node name): the
+/// node's pods and references to the shared, content-hashed PolicyGroups
+/// whose compiled policies select them. The node's complete policy (what
+/// the agent enforces) is [`NodePolicySetSpec`], assembled by
+/// [`crate::assemble`] from this object and the PolicyGroups it names.
 #[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "canal.dev",
     version = "v1alpha1",
     kind = "NodePolicySet",
+    root = "NodePolicySetSchema",
     status = "NodePolicySetStatus",
     shortname = "nps",
     category = "canal",
-    doc = "NetworkPolicy compiled for one node by canal-controller: the node's pods and the policy rules that apply to them. Named after the node; programmed by that node's canal-agent.",
+    doc = "NetworkPolicy compiled for one node by canal-controller: the node's pods and the PolicyGroups (shared compiled policies) that apply to them. Named after the node; programmed by that node's canal-agent.",
     derive = "PartialEq",
     derive = "Default",
     printcolumn(name = "Endpoints", type_ = "integer", json_path = ".status.endpoints"),
@@ -39,24 +48,116 @@ use serde::{Deserialize, Serialize};
         json_path = ".status.conditions[?(@.type==\"Enforced\")].status"
     ),
     printcolumn(
+        name = "Published",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Published\")].status",
+        priority = 1
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
     )
 )]
 #[serde(rename_all = "camelCase")]
-pub struct NodePolicySetSpec {
+pub struct NodePolicySetObjectSpec {
     /// Pods on this node that are NetworkPolicy endpoints (hostNetwork pods
     /// are not). Every local pod is listed, isolated or not, so the agent can
     /// drop traffic for an interface it does not know yet.
     #[serde(default)]
+    pub endpoints: Vec<NodeEndpoint>,
+    /// The PolicyGroups the endpoints name, each at the version (spec.hash)
+    /// this object was written against. The agent programs this object only
+    /// once it holds every one of them at that version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policy_groups: Vec<VersionRef>,
+    /// Compiled policies written inline (objects written by hand or by
+    /// tools; canal-controller writes policyGroups instead).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<CompiledPolicy>,
+}
+
+crate::root::custom_resource_root!(
+    /// A NodePolicySet object: [`NodePolicySetObjectSpec`] and the agent's status.
+    NodePolicySet,
+    twin = NodePolicySetSchema,
+    spec = NodePolicySetObjectSpec,
+    status = NodePolicySetStatus
+);
+
+/// A pod on this node as the object lists it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeEndpoint {
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Host-side interface of the pod (`cali` + 11 hex characters).
+    pub interface: String,
+    /// Pod IPs; empty until the CNI plugin has assigned one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<String>,
+    /// The pod's named container ports, for ingress rules that name a port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub named_ports: Vec<NamedPort>,
+    /// PolicyGroups (names, each listed in spec.policyGroups) whose
+    /// policies select this pod; their policyTypes say for which directions
+    /// they isolate it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policy_groups: Vec<String>,
+    /// Inline policies (`namespace/name`, in spec.policies) that isolate
+    /// this pod for ingress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress_policies: Vec<String>,
+    /// Inline policies that isolate this pod for egress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_policies: Vec<String>,
+}
+
+impl From<Endpoint> for NodeEndpoint {
+    fn from(e: Endpoint) -> NodeEndpoint {
+        NodeEndpoint {
+            namespace: e.namespace,
+            pod: e.pod,
+            interface: e.interface,
+            ips: e.ips,
+            named_ports: e.named_ports,
+            policy_groups: Vec::new(),
+            ingress_policies: e.ingress_policies,
+            egress_policies: e.egress_policies,
+        }
+    }
+}
+
+/// Everything inline: the form people write by hand.
+impl From<NodePolicySetSpec> for NodePolicySetObjectSpec {
+    fn from(s: NodePolicySetSpec) -> NodePolicySetObjectSpec {
+        NodePolicySetObjectSpec {
+            endpoints: s.endpoints.into_iter().map(NodeEndpoint::from).collect(),
+            policy_groups: Vec::new(),
+            policies: s.policies,
+        }
+    }
+}
+
+/// The complete compiled NetworkPolicy of one node, as its agent enforces
+/// it: every local endpoint with the policies that isolate it, and those
+/// policies' rules. Assembled from a NodePolicySet and the PolicyGroups it
+/// names ([`crate::assemble::assemble_node`]); peers are PeerSet names.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodePolicySetSpec {
+    /// Pods on this node that are NetworkPolicy endpoints.
+    #[serde(default)]
     pub endpoints: Vec<Endpoint>,
-    /// Policies that select at least one endpoint of this node, compiled.
+    /// Policies that select at least one endpoint of this node, compiled,
+    /// one per name.
     #[serde(default)]
     pub policies: Vec<CompiledPolicy>,
 }
 
-/// A pod on this node.
+/// A pod on this node, with the policies that isolate it (the assembled view).
 #[derive(
     JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord,
 )]
@@ -229,8 +330,13 @@ pub struct NodePolicySetStatus {
     /// The metadata.generation the agent has programmed into the kernel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Enforced: the rules of observedGeneration are in the kernel.
+    /// `Enforced` (written by the agent): the rules of observedGeneration
+    /// are in the kernel. `Published` (written by canal-controller, only
+    /// after a problem): False while an object this node needs cannot be
+    /// written, with the reason; the node keeps the rules it has. A map
+    /// keyed by type, so each writer owns only its own conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Local endpoints programmed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -59,10 +59,24 @@ async fn statuses_converged(client: &kube::Client, present: bool) -> bool {
     else {
         return false;
     };
+    let Ok(groups) = Api::<canal_crds::PolicyGroup>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+    else {
+        return false;
+    };
+    let groups: std::collections::BTreeMap<String, canal_crds::PolicyGroupSpec> = groups
+        .items
+        .into_iter()
+        .map(|g| (g.metadata.name.clone().unwrap_or_default(), g.spec))
+        .collect();
     list.items.len() == NODES as usize
         && list.items.iter().all(|nps| {
-            let has = nps
-                .spec
+            let Ok(node) = canal_crds::assemble::assemble_node("", &nps.spec, |n| groups.get(n))
+            else {
+                return false;
+            };
+            let has = node
                 .policies
                 .iter()
                 .any(|p| p.name == format!("lat/{POLICY}"));

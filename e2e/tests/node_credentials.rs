@@ -81,7 +81,7 @@ async fn create_node_policy_set(admin: &Client, name: &str) {
     let api: Api<NodePolicySet> = Api::all(admin.clone());
     api.create(
         &PostParams::default(),
-        &NodePolicySet::new(name, Default::default()),
+        &NodePolicySet::new(name, canal_crds::NodePolicySetSpec::default()),
     )
     .await
     .unwrap();
@@ -341,8 +341,8 @@ async fn grant_everything(admin: &Client) {
                 "metadata": {"name": "too-wide"},
                 "rules": [{"apiGroups": ["", "canal.dev"], "verbs": ["*"],
                            "resources": ["nodes", "nodes/status", "nodepolicysets",
-                                         "nodepolicysets/status", "peersets", "canalnetworks",
-                                         "configmaps"]}]
+                                         "nodepolicysets/status", "peersets", "policygroups",
+                                         "canalnetworks", "configmaps"]}]
             }))
             .unwrap(),
         )
@@ -674,11 +674,23 @@ async fn agent_tokens_write_only_their_own_node() {
             Api::<canal_crds::PeerSet>::all(a1.client.clone())
                 .create(
                     &PostParams::default(),
-                    &canal_crds::PeerSet::new("forged", Default::default()),
+                    &canal_crds::PeerSet::new("forged", canal_crds::PeerSetSpec::default()),
                 )
                 .await,
         ),
         &["never writes canal.dev/peersets"],
+    );
+    t.refused(
+        "node-1 (wide RBAC) -> create a PolicyGroup",
+        outcome(
+            Api::<canal_crds::PolicyGroup>::all(a1.client.clone())
+                .create(
+                    &PostParams::default(),
+                    &canal_crds::PolicyGroup::new("forged", canal_crds::PolicyGroupSpec::default()),
+                )
+                .await,
+        ),
+        &["never writes canal.dev/policygroups"],
     );
     t.refused(
         "node-1 (wide RBAC) -> edit the CanalNetwork",

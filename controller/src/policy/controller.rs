@@ -1,63 +1,67 @@
 //! The policy controller's I/O shell: watches NetworkPolicies, Pods,
-//! Namespaces, Nodes, NodePolicySets, PeerSets and the CanalNetwork,
-//! feeds the pure [`PolicyIndex`], and writes what changed.
+//! Namespaces, Nodes, NodePolicySets, PolicyGroups, PeerSets and the
+//! CanalNetwork, feeds the pure [`PolicyIndex`], and writes what changed.
 //!
 //! One task owns the index. Watch tasks convert each object to the small
 //! input the index needs (dropping the object at once) and send it over a
 //! channel. The owner applies everything that arrived within a short batch
-//! window (bursts coalesce), flushes, and writes: PeerSets first, then
-//! NodePolicySets, then deletions of NodePolicySets, then of PeerSets, so an
-//! agent never sees a reference to a set that does not exist yet. Objects
-//! are rendered one at a time as the writes go out. Nothing is written
-//! until every watch has listed once, so a restart never publishes a
+//! window (bursts coalesce), flushes, and writes ([`write`]): PeerSets,
+//! then PolicyGroups, then NodePolicySets, each kind slices before heads,
+//! then the deletions in the reverse order, so an agent never sees a
+//! reference to an object (or a version of one) not written yet. A head is
+//! written only once all its slices are, and a NodePolicySet only once the
+//! PolicyGroups it names are current; whatever cannot be written (over the
+//! size bound, or refused) is reported on the NodePolicySets of the nodes
+//! that depend on it and on the CanalNetwork ([`publish`]), and those
+//! nodes keep their consistent previous version. Nothing is written until
+//! every watch has listed once, so a restart never publishes a
 //! NodePolicySet built from half the policies.
 //!
-//! Every NodePolicySet and PeerSet is owned by the CanalNetwork `default`
-//! (an ownerReference), so deleting it (`helm uninstall`) lets Kubernetes
+//! Every generated object is owned by the CanalNetwork `default` (an
+//! ownerReference), so deleting it (`helm uninstall`) lets Kubernetes
 //! garbage-collect every generated object, PeerSets included, which no Node
 //! could own. Nothing is written while that CanalNetwork does not exist, and
 //! an object whose owner is not the current CanalNetwork (written by an older
 //! release, or for a CanalNetwork since re-created) is rewritten. A Node's
 //! NodePolicySet is deleted by the controller when the Node goes.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+mod publish;
+mod write;
+
+use std::collections::HashMap;
 use std::time::Duration;
 
-use canal_crds::{CanalNetwork, MANAGED_BY_LABEL, NodePolicySet, PeerSet};
+use canal_crds::{CanalNetwork, NodePolicySet, PeerSet, PolicyGroup};
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Node, ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
+use kube::Client;
+use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::WatchStreamExt;
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
-use kube::{Client, ResourceExt};
 use prometheus::Registry;
-use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::fingerprint::{self, Fingerprint};
-use super::index::{
-    Change, PodIpReport, PolicyIndex, PolicyReport, RenderedNodePolicySet, RenderedPeerSet,
-};
+use super::index::{Kind, PolicyIndex};
 use super::input::{NamespaceInfo, NodeInfo, PodInfo};
 use super::metrics::Metrics;
-use super::summary::{self, NodeStatus, PolicySummary};
+use super::objects::Limits;
+pub use super::objects::MANAGED_BY;
+use super::problems::{ConditionView, POLICY_PUBLISHED, PUBLISHED, Problems};
+use super::summary::{NodeStatus, PolicySummary};
 
 /// Minimum time between two publishes of the index size gauges.
 const SIZES_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Field manager of everything the policy controller writes.
 pub const FIELD_MANAGER: &str = "canal-controller-policy";
-
-/// Value of the managed-by label on NodePolicySets and PeerSets.
-pub const MANAGED_BY: &str = "canal-controller";
 
 /// Tuning of the controller loop.
 #[derive(Clone, Debug)]
@@ -71,10 +75,8 @@ pub struct Options {
     pub retry_backoff: Duration,
     /// Minimum time between two writes of the CanalNetwork summary.
     pub summary_interval: Duration,
-    /// Objects larger than this (serialized) are reported (a warning and
-    /// `canal_policy_errors_total{category="object_too_large"}`) before the
-    /// write is tried; etcd refuses requests over 1.5 MiB by default.
-    pub warn_object_bytes: usize,
+    /// How large objects may be and where they are split into slices.
+    pub limits: Limits,
 }
 
 impl Default for Options {
@@ -84,7 +86,7 @@ impl Default for Options {
             write_concurrency: 8,
             retry_backoff: Duration::from_millis(500),
             summary_interval: Duration::from_millis(500),
-            warn_object_bytes: 1_572_864,
+            limits: Limits::default(),
         }
     }
 }
@@ -128,12 +130,25 @@ pub async fn run(client: Client, registry: &Registry, options: Options) -> Resul
     watches.spawn(
         Resource::NodePolicySets,
         all(),
-        |g: &DeserializeGuard<NodePolicySet>| Some(ObservedNps::from_guard(g)),
+        |g: &DeserializeGuard<NodePolicySet>| Some(ObservedNps(Observed::node_policy_set(g))),
+    );
+    watches.spawn(
+        Resource::PolicyGroups,
+        all(),
+        |g: &DeserializeGuard<PolicyGroup>| {
+            Some(ObservedPg(Observed::of(g, |o: &PolicyGroup| {
+                fingerprint::content(&o.spec)
+            })))
+        },
     );
     watches.spawn(
         Resource::PeerSets,
         all(),
-        |g: &DeserializeGuard<PeerSet>| Some(ObservedPs::from_guard(g)),
+        |g: &DeserializeGuard<PeerSet>| {
+            Some(ObservedPs(Observed::of(g, |o: &PeerSet| {
+                fingerprint::content(&o.spec)
+            })))
+        },
     );
     watches.spawn(
         Resource::CanalNetwork,
@@ -153,13 +168,14 @@ pub async fn run(client: Client, registry: &Registry, options: Options) -> Resul
     );
     let controller = Controller {
         client,
-        index: PolicyIndex::new(),
+        index: PolicyIndex::with_limits(options.limits.clone()),
         metrics,
         options,
         recorder,
         synced: [false; Resource::COUNT],
         first_sync_done: false,
         node_status: HashMap::new(),
+        published: HashMap::new(),
         network: None,
         summary_written_at: None,
         retry_at: None,
@@ -167,8 +183,8 @@ pub async fn run(client: Client, registry: &Registry, options: Options) -> Resul
         busy: Duration::ZERO,
         last_sizes: None,
         sizes_due: None,
-        nps_owners: HashMap::new(),
-        ps_owners: HashMap::new(),
+        owners: HashMap::new(),
+        problems: Problems::default(),
         waiting_for_network: false,
     };
     // `tasks` lives until `run` returns or is dropped; dropping it aborts
@@ -188,12 +204,13 @@ enum Resource {
     Nodes,
     NetworkPolicies,
     NodePolicySets,
+    PolicyGroups,
     PeerSets,
     CanalNetwork,
 }
 
 impl Resource {
-    const COUNT: usize = 7;
+    const COUNT: usize = 8;
 
     fn label(self) -> &'static str {
         match self {
@@ -202,6 +219,7 @@ impl Resource {
             Resource::Nodes => "nodes",
             Resource::NetworkPolicies => "networkpolicies",
             Resource::NodePolicySets => "nodepolicysets",
+            Resource::PolicyGroups => "policygroups",
             Resource::PeerSets => "peersets",
             Resource::CanalNetwork => "canalnetwork",
         }
@@ -212,6 +230,17 @@ impl Resource {
         self != Resource::CanalNetwork
     }
 }
+
+const RESOURCES: [Resource; Resource::COUNT] = [
+    Resource::Namespaces,
+    Resource::Pods,
+    Resource::Nodes,
+    Resource::NetworkPolicies,
+    Resource::NodePolicySets,
+    Resource::PolicyGroups,
+    Resource::PeerSets,
+    Resource::CanalNetwork,
+];
 
 /// A NetworkPolicy, or the identity of one that does not even decode.
 enum PolicyInput {
@@ -255,15 +284,6 @@ impl PolicyInput {
     }
 }
 
-/// A NodePolicySet as the cluster holds it.
-struct ObservedNps {
-    name: String,
-    fingerprint: Option<Fingerprint>,
-    status: NodeStatus,
-    /// UID of its CanalNetwork ownerReference.
-    owner: Option<String>,
-}
-
 /// The UID the object's CanalNetwork ownerReference names, if any.
 fn canal_network_owner(meta: &ObjectMeta) -> Option<String> {
     meta.owner_references
@@ -273,59 +293,64 @@ fn canal_network_owner(meta: &ObjectMeta) -> Option<String> {
         .map(|o| o.uid.clone())
 }
 
-impl ObservedNps {
-    fn from_guard(g: &DeserializeGuard<NodePolicySet>) -> ObservedNps {
-        match &g.0 {
-            Ok(nps) => ObservedNps {
-                name: nps.name_any(),
-                fingerprint: fingerprint::observed(
-                    nps.annotations()
-                        .get(fingerprint::ANNOTATION)
-                        .map(String::as_str),
-                    fingerprint::content(&nps.spec),
-                ),
-                status: NodeStatus::from_object(nps),
-                owner: canal_network_owner(&nps.metadata),
-            },
-            Err(bad) => ObservedNps {
-                name: bad.metadata.name.clone().unwrap_or_default(),
-                fingerprint: None,
-                status: NodeStatus::default(),
-                owner: None,
-            },
-        }
-    }
-}
-
-/// A PeerSet as the cluster holds it.
-struct ObservedPs {
+/// A generated object as the cluster holds it.
+struct Observed {
     name: String,
     fingerprint: Option<Fingerprint>,
     /// UID of its CanalNetwork ownerReference.
     owner: Option<String>,
+    /// NodePolicySets: what the summary needs of the agent's status.
+    status: NodeStatus,
+    /// NodePolicySets: the controller's `Published` condition.
+    published: Option<Condition>,
 }
 
-impl ObservedPs {
-    fn from_guard(g: &DeserializeGuard<PeerSet>) -> ObservedPs {
+impl Observed {
+    fn of<K: kube::Resource>(
+        g: &DeserializeGuard<K>,
+        content: impl Fn(&K) -> Fingerprint,
+    ) -> Observed {
         match &g.0 {
-            Ok(ps) => ObservedPs {
-                name: ps.name_any(),
+            Ok(obj) => Observed {
+                name: obj.meta().name.clone().unwrap_or_default(),
                 fingerprint: fingerprint::observed(
-                    ps.annotations()
-                        .get(fingerprint::ANNOTATION)
+                    obj.meta()
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(fingerprint::ANNOTATION))
                         .map(String::as_str),
-                    fingerprint::content(&ps.spec),
+                    content(obj),
                 ),
-                owner: canal_network_owner(&ps.metadata),
+                owner: canal_network_owner(obj.meta()),
+                status: NodeStatus::default(),
+                published: None,
             },
-            Err(bad) => ObservedPs {
+            Err(bad) => Observed {
                 name: bad.metadata.name.clone().unwrap_or_default(),
                 fingerprint: None,
                 owner: None,
+                status: NodeStatus::default(),
+                published: None,
             },
         }
     }
+
+    fn node_policy_set(g: &DeserializeGuard<NodePolicySet>) -> Observed {
+        let mut o = Observed::of(g, |n: &NodePolicySet| fingerprint::content(&n.spec));
+        if let Ok(nps) = &g.0 {
+            o.status = NodeStatus::from_object(nps);
+            o.published = nps
+                .status
+                .as_ref()
+                .and_then(|s| canal_crds::condition::find(&s.conditions, PUBLISHED).cloned());
+        }
+        o
+    }
 }
+
+struct ObservedNps(Observed);
+struct ObservedPs(Observed);
+struct ObservedPg(Observed);
 
 /// What the controller needs of the CanalNetwork `default`.
 #[derive(Clone, Debug)]
@@ -337,6 +362,8 @@ struct NetworkView {
     /// The pod range in force (status.activeClusterCIDR, else the spec's):
     /// pod IPs outside it are never a pod's identity.
     cluster_cidr: Option<ipnet::IpNet>,
+    /// The `PolicyPublished` condition as stored (for its transition time).
+    published: Option<Condition>,
 }
 
 impl NetworkView {
@@ -353,6 +380,9 @@ impl NetworkView {
                     .unwrap_or(&cn.spec.cluster_cidr)
                     .parse()
                     .ok(),
+                published: cn.status.as_ref().and_then(|s| {
+                    canal_crds::condition::find(&s.conditions, POLICY_PUBLISHED).cloned()
+                }),
             },
             // Unreadable spec: keep summarizing (as if enabled).
             Err(bad) => NetworkView {
@@ -360,6 +390,7 @@ impl NetworkView {
                 policy_enabled: true,
                 summary: None,
                 cluster_cidr: None,
+                published: None,
             },
         }
     }
@@ -371,13 +402,22 @@ enum Update<T> {
     Reset(Vec<T>),
 }
 
+impl<T> Update<T> {
+    fn map<U>(self, f: impl Fn(T) -> U) -> Update<U> {
+        match self {
+            Update::Apply(t) => Update::Apply(f(t)),
+            Update::Delete(t) => Update::Delete(f(t)),
+            Update::Reset(all) => Update::Reset(all.into_iter().map(f).collect()),
+        }
+    }
+}
+
 enum Input {
     Namespace(Update<NamespaceInfo>),
     Pod(Update<PodInfo>),
     Node(Update<NodeInfo>),
     Policy(Update<PolicyInput>),
-    NodePolicySet(Update<ObservedNps>),
-    PeerSet(Update<ObservedPs>),
+    Object(Kind, Update<Observed>),
     Network(Update<NetworkView>),
 }
 
@@ -397,12 +437,20 @@ into_input!(NamespaceInfo, Namespace);
 into_input!(PodInfo, Pod);
 into_input!(NodeInfo, Node);
 into_input!(PolicyInput, Policy);
-into_input!(ObservedNps, NodePolicySet);
-into_input!(ObservedPs, PeerSet);
 into_input!(NetworkView, Network);
+macro_rules! into_object_input {
+    ($t:ident, $kind:expr) => {
+        impl IntoInput for $t {
+            fn wrap(u: Update<Self>) -> Input {
+                Input::Object($kind, u.map(|o| o.0))
+            }
+        }
+    };
+}
+into_object_input!(ObservedNps, Kind::NodePolicySet);
+into_object_input!(ObservedPs, Kind::PeerSet);
+into_object_input!(ObservedPg, Kind::PolicyGroup);
 
-/// Watches one resource, converting objects as they arrive. Initial lists
-/// are buffered and sent as one `Reset`.
 /// Spawns the watch tasks, each feeding the controller's channel.
 struct Watches<'a> {
     client: &'a Client,
@@ -438,6 +486,8 @@ impl Watches<'_> {
     }
 }
 
+/// Watches one resource, converting objects as they arrive. Initial lists
+/// are buffered and sent as one `Reset`.
 async fn watch<K, T>(
     api: Api<K>,
     config: watcher::Config,
@@ -500,6 +550,8 @@ struct Controller {
     synced: [bool; Resource::COUNT],
     first_sync_done: bool,
     node_status: HashMap<String, NodeStatus>,
+    /// The `Published` condition each NodePolicySet shows.
+    published: HashMap<String, Condition>,
     /// None: no CanalNetwork `default` (nothing to summarize into).
     network: Option<NetworkView>,
     summary_written_at: Option<Instant>,
@@ -510,10 +562,11 @@ struct Controller {
     last_sizes: Option<Instant>,
     /// When the size gauges are to be published after a skipped publish.
     sizes_due: Option<Instant>,
-    /// CanalNetwork ownerReference UID of every NodePolicySet / PeerSet
-    /// the cluster holds, so a new CanalNetwork UID finds the objects to rewrite.
-    nps_owners: HashMap<String, Option<String>>,
-    ps_owners: HashMap<String, Option<String>>,
+    /// CanalNetwork ownerReference UID of every generated object the
+    /// cluster holds, so a new CanalNetwork UID finds the objects to rewrite.
+    owners: HashMap<(Kind, String), Option<String>>,
+    /// Objects that cannot be written now.
+    problems: Problems,
     /// "Waiting for the CanalNetwork" was logged.
     waiting_for_network: bool,
 }
@@ -619,55 +672,7 @@ impl Controller {
                     self.mark_synced(Resource::NetworkPolicies);
                 }
             },
-            Input::NodePolicySet(u) => match u {
-                Update::Apply(o) => {
-                    let fp = self.if_owned(o.owner.as_deref(), o.fingerprint);
-                    self.index.observe_node_policy_set(&o.name, fp);
-                    self.node_status.insert(o.name.clone(), o.status);
-                    self.nps_owners.insert(o.name, o.owner);
-                }
-                Update::Delete(o) => {
-                    self.index.observe_node_policy_set_deleted(&o.name);
-                    self.node_status.remove(&o.name);
-                    self.nps_owners.remove(&o.name);
-                }
-                Update::Reset(all) => {
-                    self.node_status = all.iter().map(|o| (o.name.clone(), o.status)).collect();
-                    let observed = all
-                        .iter()
-                        .map(|o| {
-                            let fp = self.if_owned(o.owner.as_deref(), o.fingerprint);
-                            (o.name.clone(), fp)
-                        })
-                        .collect();
-                    self.index.reset_observed_node_policy_sets(observed);
-                    self.nps_owners = all.into_iter().map(|o| (o.name, o.owner)).collect();
-                    self.mark_synced(Resource::NodePolicySets);
-                }
-            },
-            Input::PeerSet(u) => match u {
-                Update::Apply(o) => {
-                    let fp = self.if_owned(o.owner.as_deref(), o.fingerprint);
-                    self.index.observe_peer_set(&o.name, fp);
-                    self.ps_owners.insert(o.name, o.owner);
-                }
-                Update::Delete(o) => {
-                    self.index.observe_peer_set_deleted(&o.name);
-                    self.ps_owners.remove(&o.name);
-                }
-                Update::Reset(all) => {
-                    let observed = all
-                        .iter()
-                        .map(|o| {
-                            let fp = self.if_owned(o.owner.as_deref(), o.fingerprint);
-                            (o.name.clone(), fp)
-                        })
-                        .collect();
-                    self.index.reset_observed_peer_sets(observed);
-                    self.ps_owners = all.into_iter().map(|o| (o.name, o.owner)).collect();
-                    self.mark_synced(Resource::PeerSets);
-                }
-            },
+            Input::Object(kind, u) => self.observe(kind, u),
             Input::Network(u) => {
                 let before = self.owner_uid().map(str::to_string);
                 match u {
@@ -689,6 +694,60 @@ impl Controller {
         self.busy += started.elapsed();
     }
 
+    /// A generated object as watched.
+    fn observe(&mut self, kind: Kind, u: Update<Observed>) {
+        match u {
+            Update::Apply(o) => {
+                let fp = self.if_owned(o.owner.as_deref(), o.fingerprint);
+                self.index.observe(kind, &o.name, fp);
+                if kind == Kind::NodePolicySet {
+                    self.node_status.insert(o.name.clone(), o.status);
+                    match o.published {
+                        Some(c) => self.published.insert(o.name.clone(), c),
+                        None => self.published.remove(&o.name),
+                    };
+                }
+                self.owners.insert((kind, o.name), o.owner);
+            }
+            Update::Delete(o) => {
+                self.index.observe_deleted(kind, &o.name);
+                if kind == Kind::NodePolicySet {
+                    self.node_status.remove(&o.name);
+                    self.published.remove(&o.name);
+                }
+                self.owners.remove(&(kind, o.name));
+            }
+            Update::Reset(all) => {
+                let observed = all
+                    .iter()
+                    .map(|o| {
+                        (
+                            o.name.clone(),
+                            self.if_owned(o.owner.as_deref(), o.fingerprint),
+                        )
+                    })
+                    .collect();
+                self.index.reset_observed(kind, observed);
+                self.owners.retain(|(k, _), _| *k != kind);
+                if kind == Kind::NodePolicySet {
+                    self.node_status = all.iter().map(|o| (o.name.clone(), o.status)).collect();
+                    self.published = all
+                        .iter()
+                        .filter_map(|o| o.published.clone().map(|c| (o.name.clone(), c)))
+                        .collect();
+                }
+                for o in all {
+                    self.owners.insert((kind, o.name), o.owner);
+                }
+                self.mark_synced(match kind {
+                    Kind::NodePolicySet => Resource::NodePolicySets,
+                    Kind::PolicyGroup => Resource::PolicyGroups,
+                    Kind::PeerSet => Resource::PeerSets,
+                });
+            }
+        }
+    }
+
     /// The UID of the CanalNetwork that owns every generated object.
     fn owner_uid(&self) -> Option<&str> {
         self.network.as_ref().and_then(|n| n.uid.as_deref())
@@ -707,27 +766,21 @@ impl Controller {
     /// A (new) CanalNetwork UID: objects owned by anything else are rewritten.
     fn adopt_all(&mut self) {
         let uid = self.owner_uid().map(str::to_string);
-        let stale = |owners: &HashMap<String, Option<String>>| -> Vec<String> {
-            owners
-                .iter()
-                .filter(|(_, o)| **o != uid)
-                .map(|(n, _)| n.clone())
-                .collect()
-        };
-        let (nps, ps) = (stale(&self.nps_owners), stale(&self.ps_owners));
-        if !nps.is_empty() || !ps.is_empty() {
+        let stale: Vec<(Kind, String)> = self
+            .owners
+            .iter()
+            .filter(|(_, o)| **o != uid)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if !stale.is_empty() {
             info!(
-                node_policy_sets = nps.len(),
-                peer_sets = ps.len(),
+                objects = stale.len(),
                 "taking over objects not owned by CanalNetwork {}",
                 canal_crds::DEFAULT_NETWORK_NAME
             );
         }
-        for name in nps {
-            self.index.observe_node_policy_set(&name, None);
-        }
-        for name in ps {
-            self.index.observe_peer_set(&name, None);
+        for (kind, name) in stale {
+            self.index.observe(kind, &name, None);
         }
     }
 
@@ -764,7 +817,7 @@ impl Controller {
         if self.owner_uid().is_none() {
             if !self.waiting_for_network {
                 info!(
-                    "waiting for CanalNetwork {} (it owns every NodePolicySet and PeerSet)",
+                    "waiting for CanalNetwork {} (it owns every object the policy controller writes)",
                     canal_crds::DEFAULT_NETWORK_NAME
                 );
                 self.waiting_for_network = true;
@@ -787,19 +840,19 @@ impl Controller {
                 nodes = s.nodes,
                 peer_sets = s.peer_sets,
                 node_policy_sets_to_write = changes.node_policy_sets.len(),
+                policy_groups_to_write = changes.policy_groups.len(),
                 peer_sets_to_write = changes.peer_sets.len(),
                 "policy index synced"
             );
         }
         self.publish_sizes();
-        if !changes.peer_sets.is_empty() || !changes.node_policy_sets.is_empty() {
+        if changes.writes() > 0 {
             let t = std::time::Instant::now();
-            let ok = self
-                .write(&changes.peer_sets, &changes.node_policy_sets)
-                .await;
+            let ok = self.write(&changes).await;
             self.metrics.sync_seconds.observe(t.elapsed().as_secs_f64());
             debug!(
                 peer_sets = changes.peer_sets.len(),
+                policy_groups = changes.policy_groups.len(),
                 node_policy_sets = changes.node_policy_sets.len(),
                 ms = t.elapsed().as_millis() as u64,
                 "policy objects written"
@@ -816,7 +869,8 @@ impl Controller {
         for report in changes.pod_reports {
             self.publish_pod_event(report).await;
         }
-        self.write_summary().await;
+        let unpublished = self.publish_conditions().await;
+        self.write_summary(&unpublished).await;
         self.metrics.syncs.inc();
     }
 
@@ -847,479 +901,15 @@ impl Controller {
         let at = Instant::now() + self.retry_delay;
         self.retry_at = Some(self.retry_at.map_or(at, |r| r.min(at)));
     }
-
-    /// Writes in the order that never leaves a dangling reference. Returns
-    /// false when some write failed (it will be retried).
-    async fn write(&mut self, peer_sets: &[Change], node_policy_sets: &[Change]) -> bool {
-        let applies = |c: &[Change]| -> Vec<Arc<str>> {
-            c.iter()
-                .filter_map(|c| match c {
-                    Change::Apply(n) => Some(n.clone()),
-                    Change::Delete(_) => None,
-                })
-                .collect()
-        };
-        let deletes = |c: &[Change]| -> Vec<Arc<str>> {
-            c.iter()
-                .filter_map(|c| match c {
-                    Change::Delete(n) => Some(n.clone()),
-                    Change::Apply(_) => None,
-                })
-                .collect()
-        };
-        let mut ok = true;
-        ok &= self.apply_peer_sets(applies(peer_sets)).await;
-        ok &= self.apply_node_policy_sets(applies(node_policy_sets)).await;
-        ok &= self
-            .delete::<NodePolicySet>(deletes(node_policy_sets))
-            .await;
-        ok &= self.delete::<PeerSet>(deletes(peer_sets)).await;
-        ok
-    }
-
-    async fn apply_peer_sets(&mut self, names: Vec<Arc<str>>) -> bool {
-        self.apply_objects::<PeerSet>(
-            names,
-            |index, name, owner| {
-                index
-                    .render_peer_set(name)
-                    .map(|r| encode_peer_set(name, r, owner))
-            },
-            PolicyIndex::mark_peer_set_written,
-            PolicyIndex::retry_peer_set,
-        )
-        .await
-    }
-
-    async fn apply_node_policy_sets(&mut self, names: Vec<Arc<str>>) -> bool {
-        self.apply_objects::<NodePolicySet>(
-            names,
-            |index, name, owner| {
-                index
-                    .render_node_policy_set(name)
-                    .map(|r| encode_node_policy_set(name, r, owner))
-            },
-            PolicyIndex::mark_node_policy_set_written,
-            PolicyIndex::retry_node_policy_set,
-        )
-        .await
-    }
-
-    /// Server-side applies the named objects, `write_concurrency` at a time.
-    /// Each is rendered and encoded just before its request, so at most that
-    /// many exist at once however large the batch.
-    async fn apply_objects<K>(
-        &mut self,
-        names: Vec<Arc<str>>,
-        render: fn(
-            &PolicyIndex,
-            &str,
-            &OwnerReference,
-        ) -> Option<Result<Outgoing, serde_json::Error>>,
-        mark_written: fn(&mut PolicyIndex, &str, Option<Fingerprint>),
-        retry: fn(&mut PolicyIndex, &str),
-    ) -> bool
-    where
-        K: kube::Resource<Scope = kube::core::ClusterResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-        K::DynamicType: Default,
-    {
-        let kind = K::kind(&K::DynamicType::default()).to_string();
-        let Some(uid) = self.owner_uid().map(str::to_string) else {
-            // `sync` checked; a batch without an owner waits for the next.
-            for name in &names {
-                retry(&mut self.index, name);
-            }
-            return false;
-        };
-        let owner = owner_reference(&uid);
-        let api: Api<K> = Api::all(self.client.clone());
-        let pp = PatchParams::apply(FIELD_MANAGER).force();
-        let index = &self.index;
-        let (metrics, limit) = (&self.metrics, self.options.warn_object_bytes);
-        let results: Vec<WriteResult> = futures::stream::iter(names)
-            .map(|name| {
-                let outgoing = render(index, &name, &owner);
-                if let Some(Ok(o)) = &outgoing
-                    && o.body.get().len() > limit
-                {
-                    warn!(
-                        kind = %kind,
-                        name = %name,
-                        bytes = o.body.get().len(),
-                        limit,
-                        "object is larger than etcd accepts by default (1.5 MiB); the write will likely fail"
-                    );
-                    metrics.errors.with_label_values(&["object_too_large"]).inc();
-                }
-                let (api, pp) = (api.clone(), pp.clone());
-                async move {
-                    let result = match outgoing {
-                        None => Ok(None),
-                        Some(Err(e)) => Err(WriteError::Encode(e)),
-                        Some(Ok(o)) => api
-                            .patch(&name, &pp, &Patch::Apply(&*o.body))
-                            .await
-                            .map(|_| Some(o.fingerprint))
-                            .map_err(WriteError::Api),
-                    };
-                    (name, result)
-                }
-            })
-            .buffer_unordered(self.options.write_concurrency.max(1))
-            .collect()
-            .await;
-        let mut ok = true;
-        for (name, result) in results {
-            match result {
-                Ok(Some(fp)) => {
-                    mark_written(&mut self.index, &name, Some(fp));
-                    let owners = if kind == "NodePolicySet" {
-                        &mut self.nps_owners
-                    } else {
-                        &mut self.ps_owners
-                    };
-                    owners.insert(name.to_string(), Some(uid.clone()));
-                    self.metrics
-                        .objects_written
-                        .with_label_values(&[kind.as_str(), "apply"])
-                        .inc();
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    ok = false;
-                    warn!(kind = %kind, name = %name, error = %e, "applying failed; will retry");
-                    self.metrics.errors.with_label_values(&["apply"]).inc();
-                    retry(&mut self.index, &name);
-                }
-            }
-        }
-        ok
-    }
-
-    async fn delete<K>(&mut self, names: Vec<Arc<str>>) -> bool
-    where
-        K: kube::Resource<Scope = kube::core::ClusterResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-        K::DynamicType: Default,
-    {
-        let kind = K::kind(&K::DynamicType::default()).to_string();
-        let api: Api<K> = Api::all(self.client.clone());
-        let results: Vec<(Arc<str>, Result<(), kube::Error>)> = futures::stream::iter(names)
-            .map(|name| {
-                let api = api.clone();
-                async move {
-                    let r = match api.delete(&name, &DeleteParams::default()).await {
-                        Ok(_) => Ok(()),
-                        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-                        Err(e) => Err(e),
-                    };
-                    (name, r)
-                }
-            })
-            .buffer_unordered(self.options.write_concurrency.max(1))
-            .collect()
-            .await;
-        let mut ok = true;
-        for (name, result) in results {
-            let is_nps = kind == "NodePolicySet";
-            match result {
-                Ok(()) => {
-                    if is_nps {
-                        self.index.mark_node_policy_set_written(&name, None);
-                    } else {
-                        self.index.mark_peer_set_written(&name, None);
-                    }
-                    self.metrics
-                        .objects_written
-                        .with_label_values(&[kind.as_str(), "delete"])
-                        .inc();
-                }
-                Err(e) => {
-                    ok = false;
-                    warn!(kind = %kind, name = %name, error = %e, "deleting failed; will retry");
-                    self.metrics.errors.with_label_values(&["delete"]).inc();
-                    if is_nps {
-                        self.index.retry_node_policy_set(&name);
-                    } else {
-                        self.index.retry_peer_set(&name);
-                    }
-                }
-            }
-        }
-        ok
-    }
-
-    async fn publish_event(&mut self, report: PolicyReport) {
-        let reference = ObjectReference {
-            api_version: Some("networking.k8s.io/v1".into()),
-            kind: Some("NetworkPolicy".into()),
-            namespace: Some(report.namespace.clone()),
-            name: Some(report.name.clone()),
-            uid: report.uid.clone(),
-            ..Default::default()
-        };
-        let event = match &report.problem {
-            Some(problem) => {
-                warn!(
-                    namespace = %report.namespace,
-                    name = %report.name,
-                    kept_previous = report.kept_previous,
-                    problem = %problem,
-                    "invalid NetworkPolicy skipped"
-                );
-                self.metrics
-                    .errors
-                    .with_label_values(&["invalid_policy"])
-                    .inc();
-                let outcome = if report.kept_previous {
-                    "the previous valid version stays in force"
-                } else {
-                    "it is not enforced"
-                };
-                KubeEvent {
-                    type_: EventType::Warning,
-                    reason: "InvalidNetworkPolicy".into(),
-                    note: Some(truncate(
-                        &format!(
-                            "canal cannot compile this NetworkPolicy, so {outcome}: {problem}"
-                        ),
-                        1000,
-                    )),
-                    action: "Compile".into(),
-                    secondary: None,
-                }
-            }
-            None => KubeEvent {
-                type_: EventType::Normal,
-                reason: "NetworkPolicyCompiled".into(),
-                note: Some("the NetworkPolicy is valid again and enforced".into()),
-                action: "Compile".into(),
-                secondary: None,
-            },
-        };
-        match self.recorder.publish(&event, &reference).await {
-            Ok(()) => self
-                .metrics
-                .objects_written
-                .with_label_values(&["Event", "create"])
-                .inc(),
-            Err(e) => {
-                warn!(namespace = %report.namespace, name = %report.name, error = %e, "publishing Event failed");
-                self.metrics.errors.with_label_values(&["event"]).inc();
-            }
-        }
-    }
-
-    /// A pod some of whose IPs NetworkPolicy does not use (or uses again).
-    async fn publish_pod_event(&mut self, report: PodIpReport) {
-        let reference = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            namespace: Some(report.namespace.clone()),
-            name: Some(report.name.clone()),
-            uid: report.uid.clone(),
-            ..Default::default()
-        };
-        let event = match &report.problem {
-            Some(problem) => {
-                warn!(namespace = %report.namespace, name = %report.name, problem = %problem, "pod IPs not used for NetworkPolicy");
-                KubeEvent {
-                    type_: EventType::Warning,
-                    reason: "PodIPRefused".into(),
-                    note: Some(truncate(problem, 1000)),
-                    action: "Compile".into(),
-                    secondary: None,
-                }
-            }
-            None => KubeEvent {
-                type_: EventType::Normal,
-                reason: "PodIPAccepted".into(),
-                note: Some(
-                    "every IP of this pod is its own again and used for NetworkPolicy".into(),
-                ),
-                action: "Compile".into(),
-                secondary: None,
-            },
-        };
-        match self.recorder.publish(&event, &reference).await {
-            Ok(()) => self
-                .metrics
-                .objects_written
-                .with_label_values(&["Event", "create"])
-                .inc(),
-            Err(e) => {
-                warn!(namespace = %report.namespace, name = %report.name, error = %e, "publishing Event failed");
-                self.metrics.errors.with_label_values(&["event"]).inc();
-            }
-        }
-    }
-
-    /// Patches the CanalNetwork summary when it differs from what it shows.
-    async fn write_summary(&mut self) {
-        let Some(network) = &self.network else {
-            return;
-        };
-        let desired = summary::summarize(
-            self.index.node_names(),
-            &self.node_status,
-            network.policy_enabled,
-        );
-        if network.summary.as_ref() == Some(&desired) {
-            return;
-        }
-        if let Some(at) = self.summary_written_at {
-            let next = at + self.options.summary_interval;
-            if Instant::now() < next {
-                self.retry_at = Some(self.retry_at.map_or(next, |r| r.min(next)));
-                return;
-            }
-        }
-        let api: Api<CanalNetwork> = Api::all(self.client.clone());
-        let body = desired.apply_body(canal_crds::DEFAULT_NETWORK_NAME);
-        let pp = PatchParams::apply(FIELD_MANAGER).force();
-        self.summary_written_at = Some(Instant::now());
-        match api
-            .patch_status(canal_crds::DEFAULT_NETWORK_NAME, &pp, &Patch::Apply(&body))
-            .await
-        {
-            Ok(_) => {
-                self.metrics
-                    .objects_written
-                    .with_label_values(&["CanalNetworkStatus", "apply"])
-                    .inc();
-                if let Some(n) = &mut self.network {
-                    n.summary = Some(desired);
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, "writing the CanalNetwork policy summary failed; will retry");
-                self.metrics.errors.with_label_values(&["status"]).inc();
-                self.schedule_retry();
-            }
-        }
-    }
 }
 
-const RESOURCES: [Resource; Resource::COUNT] = [
-    Resource::Namespaces,
-    Resource::Pods,
-    Resource::Nodes,
-    Resource::NetworkPolicies,
-    Resource::NodePolicySets,
-    Resource::PeerSets,
-    Resource::CanalNetwork,
-];
-
-/// An object name and the outcome of applying it (the fingerprint written,
-/// or None when there was nothing left to write).
-type WriteResult = (Arc<str>, Result<Option<Fingerprint>, WriteError>);
-
-/// Why one object could not be written.
-#[derive(Debug, thiserror::Error)]
-enum WriteError {
-    /// Building the request body failed.
-    #[error("encoding the object: {0}")]
-    Encode(#[source] serde_json::Error),
-    /// The API server refused or could not be reached.
-    #[error(transparent)]
-    Api(kube::Error),
-}
-
-/// A server-side apply body, serialized once, and the desired-state
-/// fingerprint it carries.
-struct Outgoing {
-    body: Box<RawValue>,
-    fingerprint: Fingerprint,
-}
-
-/// Serializes the spec once: its hash (for the annotation) and the request
-/// body come from the same bytes.
-fn encode<S: serde::Serialize>(
-    kind: &str,
-    mut metadata: ObjectMeta,
-    spec: &S,
-    fingerprint: Fingerprint,
-) -> Result<Outgoing, serde_json::Error> {
-    let spec_json = serde_json::to_string(spec)?;
-    let content = fingerprint::of_bytes(spec_json.as_bytes());
-    metadata.annotations = Some(BTreeMap::from([(
-        fingerprint::ANNOTATION.to_string(),
-        fingerprint::annotation_value(fingerprint, content),
-    )]));
-    let metadata = serde_json::to_string(&metadata)?;
-    let body = format!(
-        r#"{{"apiVersion":"{}/{}","kind":"{kind}","metadata":{metadata},"spec":{spec_json}}}"#,
-        canal_crds::GROUP,
-        canal_crds::VERSION,
-    );
-    Ok(Outgoing {
-        body: RawValue::from_string(body)?,
-        fingerprint,
+/// Whether a condition as stored says the same as a desired one.
+fn same_condition(stored: Option<&Condition>, desired: &ConditionView) -> bool {
+    stored.is_some_and(|c| {
+        (c.status == "True") == desired.status
+            && c.reason == desired.reason
+            && c.message == desired.message
     })
-}
-
-fn managed_metadata(name: &str) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.to_string()),
-        labels: Some(BTreeMap::from([(
-            MANAGED_BY_LABEL.to_string(),
-            MANAGED_BY.to_string(),
-        )])),
-        ..ObjectMeta::default()
-    }
-}
-
-/// The ownerReference every generated object carries: the CanalNetwork
-/// `default` (no blockOwnerDeletion, which would need update rights on it).
-fn owner_reference(uid: &str) -> OwnerReference {
-    OwnerReference {
-        api_version: format!("{}/{}", canal_crds::GROUP, canal_crds::VERSION),
-        kind: "CanalNetwork".into(),
-        name: canal_crds::DEFAULT_NETWORK_NAME.into(),
-        uid: uid.to_string(),
-        controller: Some(true),
-        block_owner_deletion: None,
-    }
-}
-
-fn owned_metadata(name: &str, owner: &OwnerReference) -> ObjectMeta {
-    ObjectMeta {
-        owner_references: Some(vec![owner.clone()]),
-        ..managed_metadata(name)
-    }
-}
-
-/// The PeerSet to apply.
-fn encode_peer_set(
-    name: &str,
-    r: RenderedPeerSet,
-    owner: &OwnerReference,
-) -> Result<Outgoing, serde_json::Error> {
-    encode(
-        "PeerSet",
-        owned_metadata(name, owner),
-        &r.spec,
-        r.fingerprint,
-    )
-}
-
-/// The NodePolicySet to apply.
-fn encode_node_policy_set(
-    name: &str,
-    r: RenderedNodePolicySet,
-    owner: &OwnerReference,
-) -> Result<Outgoing, serde_json::Error> {
-    encode(
-        "NodePolicySet",
-        owned_metadata(name, owner),
-        &r.spec,
-        r.fingerprint,
-    )
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -1336,27 +926,33 @@ fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use canal_crds::{Endpoint, NodePolicySetSpec};
+    use crate::policy::index::RenderedNodePolicySet;
+    use crate::policy::objects::{encode, object_metadata, owner_reference};
+    use canal_crds::{MANAGED_BY_LABEL, NodeEndpoint, NodePolicySetObjectSpec};
+    use kube::ResourceExt;
 
     #[test]
     fn encoded_objects_read_back_as_what_was_written() {
-        let spec = NodePolicySetSpec {
-            endpoints: vec![Endpoint {
+        let spec = NodePolicySetObjectSpec {
+            endpoints: vec![NodeEndpoint {
                 namespace: "x".into(),
                 pod: "a".into(),
                 interface: "cali0123456789a".into(),
                 ips: vec!["10.0.0.1".into()],
-                ..Endpoint::default()
+                ..NodeEndpoint::default()
             }],
-            policies: vec![],
+            ..NodePolicySetObjectSpec::default()
         };
-        let out = encode_node_policy_set(
-            "n1",
-            RenderedNodePolicySet {
-                spec,
-                fingerprint: 42,
-            },
-            &owner_reference("u1"),
+        let r = RenderedNodePolicySet {
+            spec,
+            fingerprint: 42,
+        };
+        let out = encode(
+            "NodePolicySet",
+            object_metadata("n1", None, &owner_reference("u1")),
+            &r.spec,
+            r.fingerprint,
+            canal_crds::MAX_OBJECT_BYTES,
         )
         .unwrap();
         let obj: NodePolicySet = serde_json::from_str(out.body.get()).unwrap();
@@ -1365,7 +961,7 @@ mod tests {
         assert_eq!(obj.owner_references()[0].uid, "u1");
         assert_eq!(obj.owner_references()[0].kind, "CanalNetwork");
         assert_eq!(canal_network_owner(&obj.metadata).as_deref(), Some("u1"));
-        let seen = ObservedNps::from_guard(&DeserializeGuard(Ok(obj.clone())));
+        let seen = Observed::node_policy_set(&DeserializeGuard(Ok(obj.clone())));
         assert_eq!(
             seen.fingerprint,
             Some(42),
@@ -1373,7 +969,7 @@ mod tests {
         );
         let mut edited = obj;
         edited.spec.endpoints.clear();
-        let seen = ObservedNps::from_guard(&DeserializeGuard(Ok(edited)));
+        let seen = Observed::node_policy_set(&DeserializeGuard(Ok(edited)));
         assert_eq!(seen.fingerprint, None, "an edited spec is unknown content");
     }
 

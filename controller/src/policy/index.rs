@@ -30,13 +30,15 @@
 //!   pod's access; the pod gets a Warning Event ([`PodIpReport`]).
 //!
 //! Everything is keyed by small slab ids; strings are interned. No I/O.
+//! Submodules: `pod_ips` (claims), `flush` (what to write), `render`
+//! (the objects).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use canal_crds::CompiledPolicy;
 use canal_crds::Protocol;
-use canal_crds::{CompiledPolicy, Endpoint, NamedPort, NodePolicySetSpec, PeerSetSpec, PortMember};
 use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::jiff::Timestamp;
@@ -48,8 +50,17 @@ use super::compile::{self, PeerKey, PeerRef, PeerScope, PolicyDef};
 use super::fingerprint::{self, Fingerprint, Fp};
 use super::input::{NamespaceInfo, NodeInfo, PodInfo};
 use super::intern::{Interner, Sym};
+use super::objects::{self, Limits, PartKey};
 use super::selector::{Labels, Selector};
+use super::shard::Shards;
 use super::slab::{Id, Slab};
+
+mod flush;
+mod pod_ips;
+mod render;
+
+pub use flush::{Change, Changes, Kind};
+pub use render::{RenderedNodePolicySet, RenderedPeerSet, RenderedPolicyGroup};
 
 type NsId = Id<Namespace>;
 type PodId = Id<Pod>;
@@ -166,11 +177,15 @@ struct Active {
     /// Fingerprint of name, types and rules.
     fp: Fingerprint,
     sets: Vec<SetId>,
+    /// Where the parts of the compiled policy sit in its group's slices.
+    parts: SmallVec<[PartKey; 1]>,
 }
 
 struct Group {
     ns: NsId,
     key: Box<str>,
+    /// The PolicyGroup object's name.
+    name: Arc<str>,
     selector: Selector,
     /// Active policies with this selector, sorted by full name.
     policies: Vec<PolicyId>,
@@ -180,6 +195,10 @@ struct Group {
     fp: Option<Fingerprint>,
     /// Listed in `stale_groups`.
     queued: bool,
+    /// The policies' parts, by slice.
+    shards: Shards,
+    /// Listed in `dirty_groups` (its objects must be compared).
+    dirty: bool,
 }
 
 struct PeerSet {
@@ -192,25 +211,30 @@ struct PeerSet {
     ips: BTreeMap<IpAddr, u32>,
     /// Sum of `fingerprint::ip_member` over the distinct IPs.
     sum: Fingerprint,
+    /// The distinct IPs, by slice.
+    shards: Shards,
     dirty: bool,
 }
 
 /// Members of one (port name, protocol), kept for every named port any pod
 /// declares, so a policy naming it finds its set ready.
-#[derive(Default)]
 struct PortMembers {
     members: BTreeMap<(IpAddr, u16), u32>,
     sum: Fingerprint,
+    /// The distinct members, by slice.
+    shards: Shards,
     set: Option<SetId>,
 }
 
-/// A write the cluster needs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Change {
-    /// Server-side apply the rendered object.
-    Apply(Arc<str>),
-    /// Delete the object.
-    Delete(Arc<str>),
+impl PortMembers {
+    fn new(budget: u64) -> PortMembers {
+        PortMembers {
+            members: BTreeMap::new(),
+            sum: 0,
+            shards: Shards::new(budget),
+            set: None,
+        }
+    }
 }
 
 /// A policy whose validity changed, for an Event.
@@ -241,49 +265,6 @@ pub struct PodIpReport {
     pub problem: Option<String>,
 }
 
-/// What a flush found: the writes, in no particular order within a kind
-/// (the caller applies PeerSets before NodePolicySets and deletes
-/// NodePolicySets before PeerSets), and the policy and pod reports.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Changes {
-    /// PeerSet writes.
-    pub peer_sets: Vec<Change>,
-    /// NodePolicySet writes.
-    pub node_policy_sets: Vec<Change>,
-    /// Policies that became invalid or valid again.
-    pub reports: Vec<PolicyReport>,
-    /// Pods whose IP problem changed.
-    pub pod_reports: Vec<PodIpReport>,
-}
-
-impl Changes {
-    /// Nothing to do.
-    pub fn is_empty(&self) -> bool {
-        self.peer_sets.is_empty()
-            && self.node_policy_sets.is_empty()
-            && self.reports.is_empty()
-            && self.pod_reports.is_empty()
-    }
-}
-
-/// A NodePolicySet ready to write.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RenderedNodePolicySet {
-    /// The spec.
-    pub spec: NodePolicySetSpec,
-    /// Desired-state fingerprint (for the annotation and `mark_written`).
-    pub fingerprint: Fingerprint,
-}
-
-/// A PeerSet ready to write.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RenderedPeerSet {
-    /// The spec.
-    pub spec: PeerSetSpec,
-    /// Desired-state fingerprint.
-    pub fingerprint: Fingerprint,
-}
-
 /// Sizes of the index, for gauges.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -303,11 +284,16 @@ pub struct Stats {
     pub groups: usize,
     /// PeerSets referenced by a policy.
     pub peer_sets: usize,
+    /// PeerSets over their slice budget (written as a head and slices).
+    pub sharded_peer_sets: usize,
+    /// Policy groups over their slice budget.
+    pub sharded_policy_groups: usize,
 }
 
 /// The compiler's state. See the module documentation.
 #[derive(Default)]
 pub struct PolicyIndex {
+    limits: Limits,
     interner: Interner,
     namespaces: Slab<Namespace>,
     ns_by_name: HashMap<Arc<str>, NsId>,
@@ -317,7 +303,9 @@ pub struct PolicyIndex {
     policies: Slab<Policy>,
     policy_by_name: HashMap<Arc<str>, PolicyId>,
     groups: Slab<Group>,
+    group_by_name: HashMap<Arc<str>, GroupId>,
     stale_groups: Vec<GroupId>,
+    dirty_groups: Vec<GroupId>,
     sets: Slab<PeerSet>,
     set_by_name: HashMap<Arc<str>, SetId>,
     nssel_sets: Vec<SetId>,
@@ -325,11 +313,13 @@ pub struct PolicyIndex {
     dirty_nodes: Vec<NodeId>,
     dirty_sets: Vec<SetId>,
     dirty_nps_names: HashSet<Arc<str>>,
+    /// Heads (names) of PeerSets / PolicyGroups to compare again.
     dirty_ps_names: HashSet<Arc<str>>,
-    /// What the cluster holds: name -> desired fingerprint it was written
-    /// with (None: exists, content unknown).
-    written_nps: HashMap<Arc<str>, Option<Fingerprint>>,
-    written_ps: HashMap<Arc<str>, Option<Fingerprint>>,
+    dirty_pg_names: HashSet<Arc<str>>,
+    /// What the cluster holds (see `flush::Written`).
+    written_nps: flush::Written,
+    written_ps: flush::Written,
+    written_pg: flush::Written,
     reports: Vec<PolicyReport>,
     /// Who holds each pod IP.
     claims: IpClaims<PodId>,
@@ -343,6 +333,19 @@ impl PolicyIndex {
     /// An empty index.
     pub fn new() -> PolicyIndex {
         PolicyIndex::default()
+    }
+
+    /// An empty index with these object size limits.
+    pub fn with_limits(limits: Limits) -> PolicyIndex {
+        PolicyIndex {
+            limits,
+            ..PolicyIndex::default()
+        }
+    }
+
+    /// The object size limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     // ----- Namespaces -------------------------------------------------
@@ -589,223 +592,6 @@ impl PolicyIndex {
         self.maybe_forget_namespace(ns);
     }
 
-    // ----- Pod IPs ------------------------------------------------------
-
-    /// The cluster's pod ranges (None: unknown, so not checked). Pods
-    /// holding IPs outside them lose those IPs.
-    pub fn set_cluster_cidrs(&mut self, cidrs: Option<Vec<IpNet>>) {
-        if self.cluster_cidrs == cidrs {
-            return;
-        }
-        self.cluster_cidrs = cidrs;
-        let all: Vec<PodId> = self.pods.iter().map(|(id, _)| id).collect();
-        for id in all {
-            self.reclaim(id);
-        }
-    }
-
-    /// True when `a` holds a contested IP before `b`: a running pod before a
-    /// terminating one, then the older, then by namespace/name, so every
-    /// controller (and every restart) decides the same.
-    fn claims_before(&self, a: PodId, b: PodId) -> bool {
-        let key = |id: PodId| {
-            let p = &self.pods[id];
-            (
-                p.terminating,
-                p.created,
-                self.namespaces[p.ns].name.as_str(),
-                &*p.name,
-            )
-        };
-        key(a) < key(b)
-    }
-
-    /// Why `ip` of pod `id` can never be its address, if so.
-    fn ip_out_of_range(&self, id: PodId, ip: IpAddr) -> Option<String> {
-        let p = &self.pods[id];
-        if let Some(cluster) = &self.cluster_cidrs
-            && !cluster.iter().any(|c| c.contains(&ip))
-        {
-            let shown: Vec<String> = cluster.iter().map(ToString::to_string).collect();
-            return Some(format!(
-                "{ip} lies outside clusterCIDR {}",
-                shown.join(", ")
-            ));
-        }
-        let strict = self.cluster_cidrs.is_some();
-        let Some(node) = p.node.map(|n| &self.nodes[n]) else {
-            return strict.then(|| format!("{ip}: the pod is on no node"));
-        };
-        if node.pod_cidrs.is_empty() {
-            return strict.then(|| format!("{ip}: its node {} has no podCIDR", node.name));
-        }
-        if node.pod_cidrs.iter().any(|c| c.contains(&ip)) {
-            return None;
-        }
-        let shown: Vec<String> = node.pod_cidrs.iter().map(ToString::to_string).collect();
-        Some(format!(
-            "{ip} lies outside the podCIDR {} of its node {}",
-            shown.join(", "),
-            node.name
-        ))
-    }
-
-    /// Gives up every claim of `id`; returns the pods that hold an IP now.
-    fn release_claims(&mut self, id: PodId) -> SmallVec<[PodId; 2]> {
-        let p = &mut self.pods[id];
-        let mask = std::mem::take(&mut p.claimed);
-        let ips: SmallVec<[IpAddr; 2]> = masked(&p.ips, mask).collect();
-        ips.into_iter()
-            .filter_map(|ip| self.claims.release(ip, id))
-            .collect()
-    }
-
-    /// Bit mask of the IPs of `id` it may claim.
-    fn valid_mask(&self, id: PodId) -> u8 {
-        let p = &self.pods[id];
-        if !p.member() {
-            return 0;
-        }
-        p.ips
-            .iter()
-            .take(8)
-            .enumerate()
-            .filter(|(_, ip)| self.ip_out_of_range(id, **ip).is_none())
-            .fold(0, |m, (i, _)| m | (1 << i))
-    }
-
-    /// Re-decides the claims of the unlinked pod `id`, links it, and relinks
-    /// the pods whose holdings changed with it.
-    fn settle_and_link(&mut self, id: PodId) {
-        let mut affected = self.release_claims(id);
-        let valid = self.valid_mask(id);
-        let ips: SmallVec<[IpAddr; 2]> = masked(&self.pods[id].ips, valid).collect();
-        // Split borrow: the order reads the pods, the claims change.
-        let mut claims = std::mem::take(&mut self.claims);
-        for ip in ips {
-            if let Some(displaced) = claims.claim(ip, id, |a, b| self.claims_before(a, b)) {
-                affected.push(displaced);
-            }
-        }
-        self.claims = claims;
-        self.pods[id].claimed = valid;
-        self.refresh_held(id);
-        self.link_pod(id);
-        affected.sort();
-        affected.dedup();
-        for q in affected {
-            if q != id {
-                self.relink(q);
-            }
-        }
-    }
-
-    /// The pod's holdings changed because of another pod.
-    fn relink(&mut self, id: PodId) {
-        self.unlink_pod(id);
-        self.refresh_held(id);
-        self.link_pod(id);
-        self.review(id);
-    }
-
-    /// Validity may have changed (a node's podCIDRs, the cluster's range):
-    /// the claims are decided again when they differ.
-    fn reclaim(&mut self, id: PodId) {
-        self.review(id);
-        if self.valid_mask(id) == self.pods[id].claimed {
-            return;
-        }
-        self.unlink_pod(id);
-        self.settle_and_link(id);
-    }
-
-    fn refresh_held(&mut self, id: PodId) {
-        let p = &self.pods[id];
-        let held = p
-            .ips
-            .iter()
-            .take(8)
-            .enumerate()
-            .filter(|(i, ip)| p.claimed & (1 << i) != 0 && self.claims.holder(**ip) == Some(id))
-            .fold(0u8, |m, (i, _)| m | (1 << i));
-        let held_ips: SmallVec<[IpAddr; 2]> = masked(&p.ips, held).collect();
-        let own_fp = pod_fp(
-            self.namespaces[p.ns].name.as_str(),
-            &p.name,
-            &held_ips,
-            &p.named_ports,
-        );
-        let p = &mut self.pods[id];
-        p.held = held;
-        p.own_fp = own_fp;
-    }
-
-    fn review(&mut self, id: PodId) {
-        let p = &mut self.pods[id];
-        if !p.review_queued {
-            p.review_queued = true;
-            self.ip_review.push(id);
-        }
-    }
-
-    /// Which IPs of pod `id` NetworkPolicy does not use, and why.
-    fn ip_problem(&self, id: PodId) -> Option<String> {
-        let p = &self.pods[id];
-        if !p.member() {
-            return None;
-        }
-        let mut why: Vec<String> = Vec::new();
-        for &ip in p.ips.iter() {
-            if p.held_ips().any(|h| h == ip) {
-                continue;
-            }
-            if let Some(reason) = self.ip_out_of_range(id, ip) {
-                why.push(reason);
-            } else if let Some(h) = self.claims.holder(ip) {
-                let holder = &self.pods[h];
-                why.push(format!(
-                    "{ip} is already held by pod {}/{}, so it counts as that pod's until it lets go",
-                    self.namespaces[holder.ns].name, holder.name
-                ));
-            }
-        }
-        (!why.is_empty()).then(|| {
-            format!(
-                "canal does not use {} of this pod's IPs for NetworkPolicy (it joins no peer set and the pod may not send from it): {}",
-                why.len(),
-                why.join("; ")
-            )
-        })
-    }
-
-    fn pod_reports(&mut self) -> Vec<PodIpReport> {
-        let mut out = Vec::new();
-        for id in std::mem::take(&mut self.ip_review) {
-            let Some(p) = self.pods.get_mut(id) else {
-                continue;
-            };
-            p.review_queued = false;
-            let problem = self.ip_problem(id);
-            let p = &mut self.pods[id];
-            if p.reported != problem {
-                p.reported = problem.clone();
-                out.push(PodIpReport {
-                    namespace: self.namespaces[p.ns].name.to_string(),
-                    name: p.name.to_string(),
-                    uid: p.uid.as_deref().map(str::to_string),
-                    problem,
-                });
-            }
-        }
-        out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        out
-    }
-
-    /// IPs that more than one pod reports.
-    pub fn contested_ips(&self) -> usize {
-        self.claims.contested()
-    }
-
     /// The complete list of Pods (after a watch (re)start).
     pub fn reset_pods(&mut self, all: Vec<PodInfo>) {
         let keep: HashSet<(&str, &str)> = all
@@ -859,7 +645,12 @@ impl PolicyIndex {
         if let Some(node) = endpoint {
             self.nodes[node].pods.push(id);
             for &g in &groups {
-                *self.groups[g].span.entry(node).or_insert(0) += 1;
+                let span = &mut self.groups[g].span;
+                *span.entry(node).or_insert(0) += 1;
+                if span.len() == 1 {
+                    // First endpoint: the PolicyGroup object is now needed.
+                    self.dirty_group(g);
+                }
             }
             self.dirty_node(node);
         }
@@ -883,6 +674,9 @@ impl PolicyIndex {
             self.nodes[node].pods.retain(|&x| x != id);
             for g in groups {
                 span_remove(&mut self.groups[g].span, node);
+                if self.groups[g].span.is_empty() {
+                    self.dirty_group(g);
+                }
             }
             self.dirty_node(node);
         }
@@ -906,7 +700,14 @@ impl PolicyIndex {
             let n = set.ips.entry(ip).or_insert(0);
             *n += 1;
             if *n == 1 {
-                set.sum = set.sum.wrapping_add(fingerprint::ip_member(ip));
+                let h = fingerprint::ip_member(ip);
+                set.sum = set.sum.wrapping_add(h);
+                if set.shards.add(h, objects::ip_weight(ip), h) {
+                    set.shards.rebuild(set.ips.keys().map(|&ip| {
+                        let h = fingerprint::ip_member(ip);
+                        (h, objects::ip_weight(ip), h)
+                    }));
+                }
             }
         }
         if p.held != 0 {
@@ -923,7 +724,9 @@ impl PolicyIndex {
                 *n -= 1;
                 if *n == 0 {
                     set.ips.remove(&ip);
-                    set.sum = set.sum.wrapping_sub(fingerprint::ip_member(ip));
+                    let h = fingerprint::ip_member(ip);
+                    set.sum = set.sum.wrapping_sub(h);
+                    set.shards.remove(h, objects::ip_weight(ip), h);
                 }
             }
         }
@@ -939,22 +742,37 @@ impl PolicyIndex {
             return;
         }
         let mut touched: SmallVec<[SetId; 4]> = SmallVec::new();
+        let budget = self.limits.peer_set_slice_bytes;
         for (name, protocol, port) in p.named_ports.iter() {
             let key = (name.clone(), *protocol);
-            let entry = self.named_ports.entry(key.clone()).or_default();
+            let entry = self
+                .named_ports
+                .entry(key.clone())
+                .or_insert_with(|| PortMembers::new(budget));
+            let protocol = *protocol;
             for ip in p.held_ips() {
-                let h = fingerprint::port_member(ip, *protocol, *port);
+                let h = fingerprint::port_member(ip, protocol, *port);
+                let w = objects::port_weight(ip, protocol, *port);
                 if delta > 0 {
                     let n = entry.members.entry((ip, *port)).or_insert(0);
                     *n += 1;
                     if *n == 1 {
                         entry.sum = entry.sum.wrapping_add(h);
+                        if entry.shards.add(h, w, h) {
+                            entry
+                                .shards
+                                .rebuild(entry.members.keys().map(|&(ip, port)| {
+                                    let h = fingerprint::port_member(ip, protocol, port);
+                                    (h, objects::port_weight(ip, protocol, port), h)
+                                }));
+                        }
                     }
                 } else if let Some(n) = entry.members.get_mut(&(ip, *port)) {
                     *n -= 1;
                     if *n == 0 {
                         entry.members.remove(&(ip, *port));
                         entry.sum = entry.sum.wrapping_sub(h);
+                        entry.shards.remove(h, w, h);
                     }
                 }
             }
@@ -1242,6 +1060,14 @@ impl PolicyIndex {
         }
         let compiled = Arc::new(def.compiled);
         let fp = fingerprint::hashed("policy", &(def.ingress, def.egress, &*compiled));
+        let parts = objects::policy_part_keys(
+            &compiled,
+            def.ingress,
+            def.egress,
+            self.limits.policy_part_bytes(),
+            fp,
+        );
+        self.add_parts(group, &parts);
         self.group_changed(group);
         Active {
             group,
@@ -1250,6 +1076,28 @@ impl PolicyIndex {
             compiled,
             fp,
             sets,
+            parts,
+        }
+    }
+
+    fn add_parts(&mut self, group: GroupId, parts: &[PartKey]) {
+        let g = &mut self.groups[group];
+        let mut rebuild = false;
+        for p in parts {
+            rebuild |= g.shards.add(p.position, p.weight, p.content);
+        }
+        if rebuild {
+            let items: Vec<PartKey> = g
+                .policies
+                .iter()
+                .filter_map(|&p| self.policies[p].active.as_ref())
+                .filter(|a| a.group == group)
+                .flat_map(|a| a.parts.iter().copied())
+                .chain(parts.iter().copied())
+                .collect();
+            self.groups[group]
+                .shards
+                .rebuild(items.into_iter().map(|p| (p.position, p.weight, p.content)));
         }
     }
 
@@ -1260,6 +1108,11 @@ impl PolicyIndex {
         let Some(old) = old else {
             return;
         };
+        if let Some(g) = self.groups.get_mut(old.group) {
+            for p in &old.parts {
+                g.shards.remove(p.position, p.weight, p.content);
+            }
+        }
         if new_group != Some(old.group) {
             self.groups[old.group].policies.retain(|&p| p != id);
             self.group_changed(old.group);
@@ -1273,15 +1126,24 @@ impl PolicyIndex {
     }
 
     fn create_group(&mut self, ns: NsId, key: Box<str>, selector: Selector) -> GroupId {
+        let name: Arc<str> = Arc::from(canal_crds::policy_group::policy_group_name(
+            &self.namespaces[ns].name,
+            &key,
+        ));
         let id = self.groups.insert(Group {
             ns,
             key: key.clone(),
+            name: name.clone(),
             selector,
             policies: Vec::new(),
             span: HashMap::new(),
             fp: None,
             queued: false,
+            shards: Shards::new(self.limits.policy_group_slice_bytes),
+            dirty: false,
         });
+        self.group_by_name.insert(name, id);
+        self.dirty_group(id);
         self.namespaces[ns].groups.insert(key, id);
         let pods: Vec<PodId> = self.namespaces[ns].pods.values().copied().collect();
         for p in pods {
@@ -1315,12 +1177,16 @@ impl PolicyIndex {
             self.dirty_node(n);
         }
         self.namespaces[ns].groups.remove(&key);
+        let name = self.groups[id].name.clone();
+        self.group_by_name.remove(&name);
+        self.dirty_pg_names.insert(name);
         self.groups.remove(id);
     }
 
     /// A group's policy list changed: its fingerprint and every node in
     /// its span must be recomputed.
     fn group_changed(&mut self, id: GroupId) {
+        self.dirty_group(id);
         let group = &mut self.groups[id];
         group.fp = None;
         if !group.queued {
@@ -1347,6 +1213,7 @@ impl PolicyIndex {
             refs: 0,
             ips: BTreeMap::new(),
             sum: 0,
+            shards: Shards::new(self.limits.peer_set_slice_bytes),
             dirty: false,
         });
         self.set_by_name.insert(name, id);
@@ -1377,9 +1244,10 @@ impl PolicyIndex {
                 }
             }
             PeerKey::NamedPort { name, protocol } => {
+                let budget = self.limits.peer_set_slice_bytes;
                 self.named_ports
                     .entry((name.clone(), *protocol))
-                    .or_default()
+                    .or_insert_with(|| PortMembers::new(budget))
                     .set = Some(id);
             }
         }
@@ -1454,367 +1322,6 @@ impl PolicyIndex {
         }
     }
 
-    // ----- What the cluster holds -------------------------------------
-
-    /// A NodePolicySet as watched: `fingerprint` from
-    /// [`fingerprint::observed`] (None: content unknown).
-    pub fn observe_node_policy_set(&mut self, name: &str, fingerprint: Option<Fingerprint>) {
-        observe(
-            &mut self.written_nps,
-            &mut self.dirty_nps_names,
-            name,
-            Some(fingerprint),
-        );
-    }
-
-    /// A NodePolicySet was deleted (watched).
-    pub fn observe_node_policy_set_deleted(&mut self, name: &str) {
-        observe(&mut self.written_nps, &mut self.dirty_nps_names, name, None);
-    }
-
-    /// The complete list of NodePolicySets (after a watch (re)start).
-    pub fn reset_observed_node_policy_sets(&mut self, all: Vec<(String, Option<Fingerprint>)>) {
-        reset_observed(&mut self.written_nps, &mut self.dirty_nps_names, all);
-    }
-
-    /// A PeerSet as watched.
-    pub fn observe_peer_set(&mut self, name: &str, fingerprint: Option<Fingerprint>) {
-        observe(
-            &mut self.written_ps,
-            &mut self.dirty_ps_names,
-            name,
-            Some(fingerprint),
-        );
-    }
-
-    /// A PeerSet was deleted (watched).
-    pub fn observe_peer_set_deleted(&mut self, name: &str) {
-        observe(&mut self.written_ps, &mut self.dirty_ps_names, name, None);
-    }
-
-    /// The complete list of PeerSets (after a watch (re)start).
-    pub fn reset_observed_peer_sets(&mut self, all: Vec<(String, Option<Fingerprint>)>) {
-        reset_observed(&mut self.written_ps, &mut self.dirty_ps_names, all);
-    }
-
-    /// The write of a NodePolicySet succeeded (Some: applied with that
-    /// fingerprint; None: deleted).
-    pub fn mark_node_policy_set_written(&mut self, name: &str, fingerprint: Option<Fingerprint>) {
-        mark_written(&mut self.written_nps, name, fingerprint);
-    }
-
-    /// The write of a PeerSet succeeded.
-    pub fn mark_peer_set_written(&mut self, name: &str, fingerprint: Option<Fingerprint>) {
-        mark_written(&mut self.written_ps, name, fingerprint);
-    }
-
-    /// A write failed: look at the object again on the next flush.
-    pub fn retry_node_policy_set(&mut self, name: &str) {
-        self.dirty_nps_names.insert(Arc::from(name));
-    }
-
-    /// A write failed: look at the object again on the next flush.
-    pub fn retry_peer_set(&mut self, name: &str) {
-        self.dirty_ps_names.insert(Arc::from(name));
-    }
-
-    // ----- Flush and render -------------------------------------------
-
-    fn dirty_node(&mut self, id: NodeId) {
-        let node = &mut self.nodes[id];
-        if !node.dirty {
-            node.dirty = true;
-            self.dirty_nodes.push(id);
-        }
-    }
-
-    fn dirty_set(&mut self, id: SetId) {
-        let set = &mut self.sets[id];
-        if !set.dirty {
-            set.dirty = true;
-            self.dirty_sets.push(id);
-        }
-    }
-
-    /// Compares the desired state of everything touched since the last
-    /// flush with what the cluster holds, and returns the writes needed.
-    pub fn flush(&mut self) -> Changes {
-        for g in std::mem::take(&mut self.stale_groups) {
-            if let Some(fp) = self.groups.get(g).map(|_| self.compute_group_fp(g)) {
-                let group = &mut self.groups[g];
-                group.fp = Some(fp);
-                group.queued = false;
-            }
-        }
-        let mut nps: HashSet<Arc<str>> = std::mem::take(&mut self.dirty_nps_names);
-        for id in std::mem::take(&mut self.dirty_nodes) {
-            if let Some(node) = self.nodes.get_mut(id) {
-                node.dirty = false;
-                nps.insert(node.name.clone());
-            }
-        }
-        let mut ps: HashSet<Arc<str>> = std::mem::take(&mut self.dirty_ps_names);
-        for id in std::mem::take(&mut self.dirty_sets) {
-            if let Some(set) = self.sets.get_mut(id) {
-                set.dirty = false;
-                ps.insert(set.name.clone());
-            }
-        }
-        let mut changes = Changes {
-            reports: std::mem::take(&mut self.reports),
-            pod_reports: self.pod_reports(),
-            ..Changes::default()
-        };
-        for name in nps {
-            let desired = self.desired_node_fp(&name);
-            if let Some(c) = decide(&self.written_nps, name, desired) {
-                changes.node_policy_sets.push(c);
-            }
-        }
-        for name in ps {
-            let desired = self.desired_set_fp(&name);
-            if let Some(c) = decide(&self.written_ps, name, desired) {
-                changes.peer_sets.push(c);
-            }
-        }
-        changes
-            .node_policy_sets
-            .sort_by(|a, b| change_name(a).cmp(change_name(b)));
-        changes
-            .peer_sets
-            .sort_by(|a, b| change_name(a).cmp(change_name(b)));
-        changes
-    }
-
-    fn desired_node_fp(&self, name: &str) -> Option<Fingerprint> {
-        let &id = self.node_by_name.get(name)?;
-        let node = &self.nodes[id];
-        node.exists.then(|| self.node_fp(id))
-    }
-
-    fn desired_set_fp(&self, name: &str) -> Option<Fingerprint> {
-        let &id = self.set_by_name.get(name)?;
-        Some(self.set_fp(id))
-    }
-
-    fn group_fp(&self, id: GroupId) -> Fingerprint {
-        self.groups[id]
-            .fp
-            .unwrap_or_else(|| self.compute_group_fp(id))
-    }
-
-    fn compute_group_fp(&self, id: GroupId) -> Fingerprint {
-        let g = &self.groups[id];
-        let mut h = Fp::new("group");
-        h.str(&self.namespaces[g.ns].name)
-            .str(&g.key)
-            .u64(g.policies.len() as u64);
-        for &p in &g.policies {
-            if let Some(a) = &self.policies[p].active {
-                h.str(&self.policies[p].full_name).fp(a.fp);
-            }
-        }
-        h.finish()
-    }
-
-    /// Endpoints of a node in output order (namespace, pod name).
-    fn sorted_endpoints(&self, id: NodeId) -> Vec<PodId> {
-        let mut eps = self.nodes[id].pods.clone();
-        eps.sort_by(|&a, &b| {
-            let (pa, pb) = (&self.pods[a], &self.pods[b]);
-            (self.namespaces[pa.ns].name.as_str(), &*pa.name)
-                .cmp(&(self.namespaces[pb.ns].name.as_str(), &*pb.name))
-        });
-        eps
-    }
-
-    /// Distinct groups of a node's endpoints, in output order.
-    fn node_groups(&self, eps: &[PodId]) -> Vec<GroupId> {
-        let mut groups: Vec<GroupId> = eps
-            .iter()
-            .flat_map(|&p| self.pods[p].groups.iter().copied())
-            .collect();
-        groups.sort();
-        groups.dedup();
-        groups.sort_by(|&a, &b| {
-            let (ga, gb) = (&self.groups[a], &self.groups[b]);
-            (self.namespaces[ga.ns].name.as_str(), &*ga.key)
-                .cmp(&(self.namespaces[gb.ns].name.as_str(), &*gb.key))
-        });
-        groups
-    }
-
-    /// Order-independent (sums over the endpoints and the distinct
-    /// groups), so no sorting by name is needed to compare.
-    fn node_fp(&self, id: NodeId) -> Fingerprint {
-        let node = &self.nodes[id];
-        let mut endpoints: Fingerprint = 0;
-        let mut groups: SmallVec<[GroupId; 16]> = SmallVec::new();
-        for &p in &node.pods {
-            endpoints = endpoints.wrapping_add(self.endpoint_fp(p));
-            groups.extend(self.pods[p].groups.iter().copied());
-        }
-        groups.sort_unstable();
-        groups.dedup();
-        let group_sum = groups.iter().fold(0 as Fingerprint, |acc, &g| {
-            acc.wrapping_add(self.group_fp(g))
-        });
-        Fp::new("node")
-            .u64(node.pods.len() as u64)
-            .fp(endpoints)
-            .u64(groups.len() as u64)
-            .fp(group_sum)
-            .finish()
-    }
-
-    fn endpoint_fp(&self, id: PodId) -> Fingerprint {
-        let p = &self.pods[id];
-        let mut h = Fp::new("endpoint");
-        h.fp(p.own_fp).u64(p.groups.len() as u64);
-        for &g in &p.groups {
-            h.fp(self.group_fp(g));
-        }
-        h.finish()
-    }
-
-    fn set_fp(&self, id: SetId) -> Fingerprint {
-        let set = &self.sets[id];
-        let (count, sum) = match &set.key {
-            PeerKey::Pods { .. } => (set.ips.len(), set.sum),
-            PeerKey::NamedPort { name, protocol } => self
-                .named_ports
-                .get(&(name.clone(), *protocol))
-                .map(|e| (e.members.len(), e.sum))
-                .unwrap_or((0, 0)),
-        };
-        Fp::new("peerset")
-            .str(&set.name)
-            .fp(set.selector_fp)
-            .u64(count as u64)
-            .fp(sum)
-            .finish()
-    }
-
-    /// Builds the NodePolicySet of a node, or None when it should not exist.
-    pub fn render_node_policy_set(&self, name: &str) -> Option<RenderedNodePolicySet> {
-        let &id = self.node_by_name.get(name)?;
-        let node = &self.nodes[id];
-        if !node.exists {
-            return None;
-        }
-        let eps = self.sorted_endpoints(id);
-        let mut lists: HashMap<&[GroupId], (Vec<String>, Vec<String>)> = HashMap::new();
-        let mut endpoints = Vec::with_capacity(eps.len());
-        for &pid in &eps {
-            let p = &self.pods[pid];
-            let (ingress, egress) = lists
-                .entry(&p.groups[..])
-                .or_insert_with(|| self.policy_names(&p.groups))
-                .clone();
-            endpoints.push(Endpoint {
-                namespace: self.namespaces[p.ns].name.to_string(),
-                pod: p.name.to_string(),
-                interface: canal_crds::names::veth_name(&self.namespaces[p.ns].name, &p.name),
-                ips: p.held_ips().map(|ip| ip.to_string()).collect(),
-                named_ports: p
-                    .named_ports
-                    .iter()
-                    .map(|(name, protocol, port)| NamedPort {
-                        name: name.to_string(),
-                        protocol: *protocol,
-                        port: *port,
-                    })
-                    .collect(),
-                ingress_policies: ingress,
-                egress_policies: egress,
-            });
-        }
-        let mut policies: Vec<&Policy> = self
-            .node_groups(&eps)
-            .into_iter()
-            .flat_map(|g| self.groups[g].policies.iter().map(|&p| &self.policies[p]))
-            .collect();
-        policies.sort_by(|a, b| a.full_name.cmp(&b.full_name));
-        let policies = policies
-            .into_iter()
-            .filter_map(|p| p.active.as_ref().map(|a| (*a.compiled).clone()))
-            .collect();
-        Some(RenderedNodePolicySet {
-            spec: NodePolicySetSpec {
-                endpoints,
-                policies,
-            },
-            fingerprint: self.node_fp(id),
-        })
-    }
-
-    /// Sorted names of the policies of `groups` that isolate for ingress
-    /// and for egress.
-    fn policy_names(&self, groups: &[GroupId]) -> (Vec<String>, Vec<String>) {
-        let mut ingress: Vec<&str> = Vec::new();
-        let mut egress: Vec<&str> = Vec::new();
-        for &g in groups {
-            for &p in &self.groups[g].policies {
-                let policy = &self.policies[p];
-                if let Some(a) = &policy.active {
-                    if a.ingress {
-                        ingress.push(&policy.full_name);
-                    }
-                    if a.egress {
-                        egress.push(&policy.full_name);
-                    }
-                }
-            }
-        }
-        if groups.len() > 1 {
-            ingress.sort_unstable();
-            egress.sort_unstable();
-        }
-        (
-            ingress.into_iter().map(String::from).collect(),
-            egress.into_iter().map(String::from).collect(),
-        )
-    }
-
-    /// Builds a PeerSet, or None when no policy references it.
-    pub fn render_peer_set(&self, name: &str) -> Option<RenderedPeerSet> {
-        let &id = self.set_by_name.get(name)?;
-        let set = &self.sets[id];
-        let mut spec = PeerSetSpec {
-            selector: set.key.peer_selector(),
-            member_count: 0,
-            ips: Vec::new(),
-            ports: Vec::new(),
-        };
-        match &set.key {
-            PeerKey::Pods { .. } => {
-                let ips: Vec<IpAddr> = set.ips.keys().copied().collect();
-                spec.member_count = u32::try_from(ips.len()).unwrap_or(u32::MAX);
-                spec.ips = ips.into_iter().map(|ip| ip.to_string()).collect();
-            }
-            PeerKey::NamedPort { name, protocol } => {
-                let ports: Vec<(IpAddr, u16)> = self
-                    .named_ports
-                    .get(&(name.clone(), *protocol))
-                    .map(|e| e.members.keys().copied().collect())
-                    .unwrap_or_default();
-                spec.member_count = u32::try_from(ports.len()).unwrap_or(u32::MAX);
-                spec.ports = ports
-                    .into_iter()
-                    .map(|(ip, port)| PortMember {
-                        ip: ip.to_string(),
-                        protocol: *protocol,
-                        port,
-                    })
-                    .collect();
-            }
-        }
-        Some(RenderedPeerSet {
-            spec,
-            fingerprint: self.set_fp(id),
-        })
-    }
-
     /// Sizes, for gauges.
     pub fn stats(&self) -> Stats {
         Stats {
@@ -1830,6 +1337,29 @@ impl PolicyIndex {
                 .count(),
             groups: self.groups.len(),
             peer_sets: self.sets.len(),
+            sharded_peer_sets: self
+                .sets
+                .iter()
+                .filter(|(id, _)| self.set_shards(*id).is_some_and(Shards::is_sharded))
+                .count(),
+            sharded_policy_groups: self
+                .groups
+                .iter()
+                .filter(|(_, g)| g.shards.is_sharded())
+                .count(),
+        }
+    }
+
+    /// The slices of a PeerSet's members (None: a named-port set no pod
+    /// declares yet).
+    fn set_shards(&self, id: SetId) -> Option<&Shards> {
+        let set = &self.sets[id];
+        match &set.key {
+            PeerKey::Pods { .. } => Some(&set.shards),
+            PeerKey::NamedPort { name, protocol } => self
+                .named_ports
+                .get(&(name.clone(), *protocol))
+                .map(|e| &e.shards),
         }
     }
 }
@@ -1861,84 +1391,4 @@ fn pod_fp(
         h.str(port_name).u64(*protocol as u64).u64(u64::from(*port));
     }
     h.finish()
-}
-
-fn change_name(c: &Change) -> &str {
-    match c {
-        Change::Apply(n) | Change::Delete(n) => n,
-    }
-}
-
-fn decide(
-    written: &HashMap<Arc<str>, Option<Fingerprint>>,
-    name: Arc<str>,
-    desired: Option<Fingerprint>,
-) -> Option<Change> {
-    match (desired, written.get(&name)) {
-        (Some(d), Some(Some(w))) if d == *w => None,
-        (Some(_), _) => Some(Change::Apply(name)),
-        (None, Some(_)) => Some(Change::Delete(name)),
-        (None, None) => None,
-    }
-}
-
-/// `state`: Some(fp) = the object exists (fp None: unknown content);
-/// None = deleted.
-fn observe(
-    written: &mut HashMap<Arc<str>, Option<Fingerprint>>,
-    dirty: &mut HashSet<Arc<str>>,
-    name: &str,
-    state: Option<Option<Fingerprint>>,
-) {
-    let before = written.get(name).copied();
-    if before == state {
-        return;
-    }
-    let name: Arc<str> = Arc::from(name);
-    match state {
-        Some(fp) => {
-            written.insert(name.clone(), fp);
-        }
-        None => {
-            written.remove(&name);
-        }
-    }
-    dirty.insert(name);
-}
-
-fn reset_observed(
-    written: &mut HashMap<Arc<str>, Option<Fingerprint>>,
-    dirty: &mut HashSet<Arc<str>>,
-    all: Vec<(String, Option<Fingerprint>)>,
-) {
-    let new: HashMap<Arc<str>, Option<Fingerprint>> = all
-        .into_iter()
-        .map(|(name, fp)| (Arc::from(name), fp))
-        .collect();
-    for (name, fp) in written.iter() {
-        if new.get(name) != Some(fp) {
-            dirty.insert(name.clone());
-        }
-    }
-    for (name, fp) in &new {
-        if written.get(name) != Some(fp) {
-            dirty.insert(name.clone());
-        }
-    }
-    *written = new;
-}
-
-fn mark_written(
-    written: &mut HashMap<Arc<str>, Option<Fingerprint>>,
-    name: &str,
-    fingerprint: Option<Fingerprint>,
-) {
-    match fingerprint {
-        Some(fp) => {
-            written.insert(Arc::from(name), Some(fp));
-        }
-        None => {
-            written.remove(name);
-        }
-    }
 }

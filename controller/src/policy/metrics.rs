@@ -22,12 +22,13 @@ pub const ERROR_CATEGORIES: [&str; 7] = [
 
 /// Resources the policy controller watches (label values of
 /// `canal_policy_watch_events_total`).
-pub const WATCHED_RESOURCES: [&str; 7] = [
+pub const WATCHED_RESOURCES: [&str; 8] = [
     "namespaces",
     "pods",
     "nodes",
     "networkpolicies",
     "nodepolicysets",
+    "policygroups",
     "peersets",
     "canalnetwork",
 ];
@@ -39,8 +40,9 @@ pub struct Metrics {
     pub compile_seconds: Histogram,
     /// Writing one batch of changes (all API requests).
     pub sync_seconds: Histogram,
-    /// Objects written, by kind (PeerSet, NodePolicySet, CanalNetworkStatus,
-    /// Event) and operation (apply, delete, create).
+    /// Objects written, by kind (PeerSet, PolicyGroup, NodePolicySet,
+    /// NodePolicySetStatus, CanalNetworkStatus, Event) and operation
+    /// (apply, delete, create).
     pub objects_written: IntCounterVec,
     /// Failures by category (see `Error::category` and the shell).
     pub errors: IntCounterVec,
@@ -48,6 +50,13 @@ pub struct Metrics {
     pub watch_events: IntCounterVec,
     /// Completed passes of flush + writes (each after all watches listed).
     pub syncs: IntCounter,
+    /// Serialized size of every object written (request bodies).
+    pub object_bytes: Histogram,
+    /// Objects that cannot be written now (over the size bound, refused).
+    pub unwritable_objects: IntGauge,
+    /// Nodes whose policy needs one of those objects (they keep the
+    /// policy they have).
+    pub unpublished_nodes: IntGauge,
     sizes: IndexSizes,
 }
 
@@ -84,7 +93,7 @@ impl Metrics {
             sync_seconds: Histogram::with_opts(
                 HistogramOpts::new(
                     "canal_policy_sync_duration_seconds",
-                    "Time to write one batch of changed PeerSets and NodePolicySets to the API server.",
+                    "Time to write one batch of changed PeerSets, PolicyGroups and NodePolicySets to the API server.",
                 )
                 .buckets(buckets),
             )?,
@@ -113,6 +122,23 @@ impl Metrics {
                 "canal_policy_syncs_total",
                 "Completed passes of compiling and writing the objects that changed.",
             )?,
+            object_bytes: Histogram::with_opts(
+                HistogramOpts::new(
+                    "canal_policy_object_bytes",
+                    "Serialized size of each NodePolicySet, PolicyGroup and PeerSet (head or slice) written.",
+                )
+                .buckets(vec![
+                    1024.0, 4096.0, 16384.0, 65536.0, 131072.0, 262144.0, 524288.0,
+                ]),
+            )?,
+            unwritable_objects: IntGauge::new(
+                "canal_policy_unwritable_objects",
+                "Objects the policy controller cannot write (over the size bound or refused by the API server).",
+            )?,
+            unpublished_nodes: IntGauge::new(
+                "canal_policy_unpublished_nodes",
+                "Nodes whose policy needs an object that cannot be written; they keep the policy they have.",
+            )?,
             sizes: IndexSizes::new()?,
         };
         // Every label value exists from the start, so `rate()` and alerts
@@ -120,6 +146,9 @@ impl Metrics {
         for (kind, op) in [
             ("NodePolicySet", "apply"),
             ("NodePolicySet", "delete"),
+            ("NodePolicySetStatus", "apply"),
+            ("PolicyGroup", "apply"),
+            ("PolicyGroup", "delete"),
             ("PeerSet", "apply"),
             ("PeerSet", "delete"),
             ("CanalNetworkStatus", "apply"),
@@ -163,6 +192,9 @@ impl Metrics {
             Box::new(self.errors.clone()),
             Box::new(self.watch_events.clone()),
             Box::new(self.syncs.clone()),
+            Box::new(self.object_bytes.clone()),
+            Box::new(self.unwritable_objects.clone()),
+            Box::new(self.unpublished_nodes.clone()),
             Box::new(self.sizes.clone()),
         ]
     }
@@ -182,7 +214,7 @@ struct IndexSizes {
 
 impl IndexSizes {
     fn new() -> Result<IndexSizes, prometheus::Error> {
-        let defs: [(&str, &str, StatFn); 8] = [
+        let defs: [(&str, &str, StatFn); 10] = [
             (
                 "canal_policy_peer_sets",
                 "PeerSets referenced by NetworkPolicies.",
@@ -220,8 +252,18 @@ impl IndexSizes {
             ),
             (
                 "canal_policy_selector_groups",
-                "Distinct NetworkPolicy pod selectors.",
+                "Distinct NetworkPolicy pod selectors (one PolicyGroup each while they select a pod).",
                 |s| s.groups,
+            ),
+            (
+                "canal_policy_sharded_peer_sets",
+                "PeerSets too large for one object, written as a head and slices.",
+                |s| s.sharded_peer_sets,
+            ),
+            (
+                "canal_policy_sharded_policy_groups",
+                "PolicyGroups too large for one object, written as a head and slices.",
+                |s| s.sharded_policy_groups,
             ),
         ];
         let mut gauges = Vec::new();

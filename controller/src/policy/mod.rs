@@ -1,5 +1,7 @@
 //! NetworkPolicy compilation: NetworkPolicies, Pods, Namespaces and Nodes
-//! in; one NodePolicySet per node and one PeerSet per distinct peer out.
+//! in; one NodePolicySet per node, one PolicyGroup per distinct policy pod
+//! selector and one PeerSet per distinct peer out, each large one split
+//! into a head and slices of bounded size ([`shard`], [`objects`]).
 //!
 //! The pure core ([`index::PolicyIndex`], [`compile`], [`selector`]) has no
 //! kube client in it; the controller shell ([`controller`]) watches the API,
@@ -13,7 +15,10 @@ pub mod index;
 pub mod input;
 pub mod intern;
 pub mod metrics;
+pub mod objects;
+pub mod problems;
 pub mod selector;
+pub mod shard;
 pub mod slab;
 pub mod summary;
 

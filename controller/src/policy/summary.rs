@@ -1,11 +1,14 @@
 //! "Enforced on N of M nodes": the CanalNetwork `default` status summary of
 //! what the agents report in their NodePolicySet statuses.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use canal_crds::condition::{ENFORCED, is_true};
 use canal_crds::{CanalNetworkStatus, NodePolicySet};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use serde_json::json;
+
+use super::problems::{ConditionView, POLICY_PUBLISHED};
 
 /// What the summary needs of one NodePolicySet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -35,7 +38,8 @@ impl NodeStatus {
     }
 }
 
-/// The three status fields the policy controller owns on CanalNetwork.
+/// The status fields the policy controller owns on CanalNetwork: three
+/// counters and, once anything could not be written, its own condition.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicySummary {
     /// e.g. "3/3 nodes", or "disabled".
@@ -44,6 +48,8 @@ pub struct PolicySummary {
     pub policy_enforced_nodes: u32,
     /// Nodes (each has a NodePolicySet).
     pub policy_nodes: u32,
+    /// The `PolicyPublished` condition (None: never needed).
+    pub published: Option<ConditionView>,
 }
 
 impl PolicySummary {
@@ -53,37 +59,47 @@ impl PolicySummary {
             policy_enforcement: status.policy_enforcement.clone()?,
             policy_enforced_nodes: status.policy_enforced_nodes?,
             policy_nodes: status.policy_nodes?,
+            published: ConditionView::find(&status.conditions, POLICY_PUBLISHED),
         })
     }
 
     /// The server-side apply body for the status subresource: a JSON object
-    /// with only these fields (CONTRACTS.md).
-    pub fn apply_body(&self, name: &str) -> serde_json::Value {
+    /// with only these fields (CONTRACTS.md). The condition, when there is
+    /// one, is one entry of the conditions map the network controller
+    /// shares (keyed by type, so neither touches the other's).
+    pub fn apply_body(&self, name: &str, condition: Option<&Condition>) -> serde_json::Value {
+        let mut status = json!({
+            "policyEnforcement": self.policy_enforcement,
+            "policyEnforcedNodes": self.policy_enforced_nodes,
+            "policyNodes": self.policy_nodes,
+        });
+        if let Some(c) = condition {
+            status["conditions"] = json!([c]);
+        }
         json!({
             "apiVersion": format!("{}/{}", canal_crds::GROUP, canal_crds::VERSION),
             "kind": "CanalNetwork",
             "metadata": { "name": name },
-            "status": {
-                "policyEnforcement": self.policy_enforcement,
-                "policyEnforcedNodes": self.policy_enforced_nodes,
-                "policyNodes": self.policy_nodes,
-            }
+            "status": status,
         })
     }
 }
 
 /// Summarizes the statuses of the NodePolicySets of the existing `nodes`.
 /// A node whose NodePolicySet is missing or not yet programmed counts as
-/// not enforced.
+/// not enforced, and so does one whose policy needs an object that cannot
+/// be written (`unpublished`: it enforces an older policy).
 pub fn summarize<'a>(
     nodes: impl Iterator<Item = &'a str>,
     statuses: &HashMap<String, NodeStatus>,
+    unpublished: &BTreeSet<String>,
     enabled: bool,
+    published: Option<ConditionView>,
 ) -> PolicySummary {
     let (mut total, mut enforced) = (0u32, 0u32);
     for node in nodes {
         total += 1;
-        if statuses.get(node).is_some_and(NodeStatus::is_enforced) {
+        if statuses.get(node).is_some_and(NodeStatus::is_enforced) && !unpublished.contains(node) {
             enforced += 1;
         }
     }
@@ -95,6 +111,7 @@ pub fn summarize<'a>(
         },
         policy_enforced_nodes: enforced,
         policy_nodes: total,
+        published,
     }
 }
 
@@ -121,16 +138,27 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        let s = summarize(["a", "b", "c", "d"].into_iter(), &statuses, true);
+        let none = BTreeSet::new();
+        let s = summarize(
+            ["a", "b", "c", "d"].into_iter(),
+            &statuses,
+            &none,
+            true,
+            None,
+        );
         assert_eq!(
             s,
             PolicySummary {
                 policy_enforcement: "1/4 nodes".into(),
                 policy_enforced_nodes: 1,
-                policy_nodes: 4
+                policy_nodes: 4,
+                published: None,
             }
         );
-        let off = summarize(["a"].into_iter(), &statuses, false);
+        let blocked = BTreeSet::from(["a".to_string()]);
+        let s = summarize(["a", "b"].into_iter(), &statuses, &blocked, true, None);
+        assert_eq!(s.policy_enforced_nodes, 0, "a enforces an older policy");
+        let off = summarize(["a"].into_iter(), &statuses, &none, false, None);
         assert_eq!(off.policy_enforcement, "disabled");
     }
 
@@ -140,8 +168,9 @@ mod tests {
             policy_enforcement: "2/3 nodes".into(),
             policy_enforced_nodes: 2,
             policy_nodes: 3,
+            published: None,
         }
-        .apply_body("default");
+        .apply_body("default", None);
         let status = body["status"].as_object().unwrap();
         let mut keys: Vec<&String> = status.keys().collect();
         keys.sort();

@@ -9,8 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use canal_crds::assemble::{assemble_node, assemble_peer_set};
 use canal_crds::condition::{ENFORCED, is_true};
-use canal_crds::{NodePolicySet, PeerSet};
+use canal_crds::{NodePolicySet, PeerSet, PeerSetObjectSpec, PolicyGroup, PolicyGroupSpec};
 use canal_e2e::Lab;
 use canal_e2e::lab::matrix::{ProbeJob, run_probes};
 use canal_e2e::lab::prober::Prober;
@@ -128,15 +129,24 @@ async fn convergence_gaps(client: &kube::Client, model: &Cluster) -> Vec<String>
         Ok(l) => l.items,
         Err(e) => return vec![format!("listing NodePolicySets: {e}")],
     };
-    let sets: BTreeMap<String, PeerSet> = match Api::<PeerSet>::all(client.clone()).list(&lp).await
-    {
-        Ok(l) => l
-            .items
-            .into_iter()
-            .map(|p| (p.metadata.name.clone().unwrap_or_default(), p))
-            .collect(),
-        Err(e) => return vec![format!("listing PeerSets: {e}")],
-    };
+    let sets: BTreeMap<String, PeerSetObjectSpec> =
+        match Api::<PeerSet>::all(client.clone()).list(&lp).await {
+            Ok(l) => l
+                .items
+                .into_iter()
+                .map(|p| (p.metadata.name.clone().unwrap_or_default(), p.spec))
+                .collect(),
+            Err(e) => return vec![format!("listing PeerSets: {e}")],
+        };
+    let groups: BTreeMap<String, PolicyGroupSpec> =
+        match Api::<PolicyGroup>::all(client.clone()).list(&lp).await {
+            Ok(l) => l
+                .items
+                .into_iter()
+                .map(|g| (g.metadata.name.clone().unwrap_or_default(), g.spec))
+                .collect(),
+            Err(e) => return vec![format!("listing PolicyGroups: {e}")],
+        };
     let by_node: BTreeMap<String, &NodePolicySet> = npss
         .iter()
         .map(|n| (n.metadata.name.clone().unwrap_or_default(), n))
@@ -157,8 +167,15 @@ async fn convergence_gaps(client: &kube::Client, model: &Cluster) -> Vec<String>
             let ips = pod.ip.iter().map(Ipv4Addr::to_string).collect();
             want.insert(pod.key(), (ips, ingress, egress));
         }
-        let have: BTreeMap<String, EndpointView> = nps
-            .spec
+        // What the agent assembles from the NodePolicySet and its groups.
+        let assembled = match assemble_node(node, &nps.spec, |n| groups.get(n)) {
+            Ok(a) => a,
+            Err(g) => {
+                gaps.push(format!("{node}: not consistent yet: {g:?}"));
+                continue;
+            }
+        };
+        let have: BTreeMap<String, EndpointView> = assembled
             .endpoints
             .iter()
             .map(|e| {
@@ -178,7 +195,7 @@ async fn convergence_gaps(client: &kube::Client, model: &Cluster) -> Vec<String>
             ));
         }
         // PeerSets it references hold what their selectors match.
-        for policy in &nps.spec.policies {
+        for policy in &assembled.policies {
             for rule in policy.ingress.iter().chain(&policy.egress) {
                 let names = rule
                     .peers
@@ -187,19 +204,26 @@ async fn convergence_gaps(client: &kube::Client, model: &Cluster) -> Vec<String>
                     .filter_map(|p| p.peer_set.clone())
                     .chain(rule.ports.iter().filter_map(|p| p.named_port_set.clone()));
                 for name in names {
-                    let Some(set) = sets.get(&name) else {
+                    let Some(head) = sets.get(&name) else {
                         gaps.push(format!("{node} references missing PeerSet {name}"));
                         continue;
                     };
-                    let (ips, ports) = model.peer_set_members(&set.spec.selector);
-                    let mut have_ips = set.spec.ips.clone();
+                    let set = match assemble_peer_set(&name, head, |n| sets.get(n)) {
+                        Ok(s) => s,
+                        Err(g) => {
+                            gaps.push(format!("PeerSet {name} not consistent yet: {g:?}"));
+                            continue;
+                        }
+                    };
+                    let (ips, ports) = model.peer_set_members(&set.selector);
+                    let mut have_ips = set.ips.clone();
                     have_ips.sort_by_key(|ip| ip.parse::<Ipv4Addr>().ok());
-                    let mut have_ports = set.spec.ports.clone();
+                    let mut have_ports = set.ports.clone();
                     have_ports.sort();
                     if have_ips != ips || have_ports != ports {
                         gaps.push(format!(
                             "PeerSet {name} ({:?}): expected {ips:?} {ports:?}, has {have_ips:?} {have_ports:?}",
-                            set.spec.selector
+                            set.selector
                         ));
                     }
                 }

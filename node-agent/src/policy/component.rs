@@ -1,6 +1,7 @@
 //! canal-agent's NetworkPolicy task, plugged in as a [`NodeComponent`]:
-//! watches this node's NodePolicySet (field selector on its name) and the
-//! PeerSets, feeds the pure [`PolicyStore`], and runs one level-triggered
+//! watches this node's NodePolicySet (field selector on its name), the
+//! PolicyGroups and the PeerSets, feeds the pure [`PolicyStore`] (which
+//! assembles only consistent versions of them), and runs one level-triggered
 //! [`PolicyEnforcer::sync`] whenever the inputs changed, once every list is
 //! complete. It also runs the periodic drift check, writes the
 //! NodePolicySet status (field manager `canal-agent`, only when it changed)
@@ -13,7 +14,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use canal_crds::{NodePolicySet, NodePolicySetStatus, PeerSet, PeerSetSpec};
+use canal_crds::{
+    NodePolicySet, NodePolicySetStatus, PeerSet, PeerSetObjectSpec, PolicyGroup, PolicyGroupSpec,
+};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -31,7 +34,7 @@ use super::firewall::{Monitor, Schedule, Wake};
 use super::metrics::PolicyMetrics;
 use super::render::EnforcementConfig;
 use super::status::{disabled_status, enforced_status};
-use super::store::{NodePolicySetView, PolicyStore, Step};
+use super::store::{Fetched, NodePolicySetView, PolicyStore, Shared, Step};
 use super::watch::{self, Backend};
 use crate::agent::FIELD_MANAGER;
 use crate::component::{ComponentContext, ComponentError, ComponentFuture, NodeComponent};
@@ -87,44 +90,86 @@ impl NodeComponent for PolicyComponent {
 }
 
 /// What the watch tasks and GETs report to the owner task.
-enum Input {
+pub enum Input {
+    /// This node's NodePolicySet (None: it does not decode).
     NodePolicySet(Event<Option<NodePolicySetView>>),
-    PeerSet(Event<(String, Option<PeerSetSpec>)>),
-    Fetched(String, Result<Option<PeerSetSpec>, ()>),
+    /// A PolicyGroup (None: it does not decode).
+    PolicyGroup(Event<(String, Option<PolicyGroupSpec>)>),
+    /// A PeerSet (None: it does not decode).
+    PeerSet(Event<(String, Option<PeerSetObjectSpec>)>),
+    /// The result of a GET.
+    Fetched(Fetched),
 }
 
-async fn run(ctx: ComponentContext, options: Options) -> Result<(), ComponentError> {
-    let metrics = PolicyMetrics::register(&ctx.registry)?;
-    let enforcer = PolicyEnforcer::new(&ctx.run_dir, metrics.clone());
-    let (tx, rx) = mpsc::channel(1024);
+/// The NodePolicySet as the store needs it. The status keeps only the
+/// agent's own condition: canal-controller's `Published` condition is its
+/// own entry of the conditions map, and the agent's status writes must not
+/// carry (and so take over) a copy of it.
+pub fn node_policy_set_view(guard: DeserializeGuard<NodePolicySet>) -> Option<NodePolicySetView> {
+    match guard.0 {
+        Ok(nps) => Some(NodePolicySetView {
+            uid: nps.metadata.uid,
+            generation: nps.metadata.generation,
+            spec: nps.spec,
+            status: nps.status.map(|mut s| {
+                s.conditions
+                    .retain(|c| c.type_ == canal_crds::condition::ENFORCED);
+                s
+            }),
+        }),
+        Err(bad) => {
+            error!(
+                "NodePolicySet {} cannot be decoded ({}); keeping what is programmed",
+                bad.metadata.name.unwrap_or_default(),
+                bad.error
+            );
+            None
+        }
+    }
+}
+
+/// Starts the agent's policy watches (its NodePolicySet, every PolicyGroup
+/// and PeerSet), each sending converted events with their arrival time.
+pub fn spawn_watches(
+    client: &kube::Client,
+    node_name: &str,
+    tx: &mpsc::Sender<(Instant, Input)>,
+    metrics: &PolicyMetrics,
+) -> JoinSet<()> {
     let mut watches = JoinSet::new();
-    let nps_api: Api<DeserializeGuard<NodePolicySet>> = Api::all(ctx.client.clone());
-    let by_name = watcher::Config::default().fields(&format!("metadata.name={}", ctx.node_name));
+    let nps_api: Api<DeserializeGuard<NodePolicySet>> = Api::all(client.clone());
+    let by_name = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
     watches.spawn(watch(
         nps_api,
         by_name,
         tx.clone(),
         metrics.clone(),
         "nodepolicyset",
-        |guard: DeserializeGuard<NodePolicySet>| match guard.0 {
-            Ok(nps) => Some(NodePolicySetView {
-                uid: nps.metadata.uid,
-                generation: nps.metadata.generation,
-                spec: nps.spec,
-                status: nps.status,
-            }),
-            Err(bad) => {
-                error!(
-                    "NodePolicySet {} cannot be decoded ({}); keeping what is programmed",
-                    bad.metadata.name.unwrap_or_default(),
-                    bad.error
-                );
-                None
-            }
-        },
+        node_policy_set_view,
         Input::NodePolicySet,
     ));
-    let ps_api: Api<DeserializeGuard<PeerSet>> = Api::all(ctx.client.clone());
+    let pg_api: Api<DeserializeGuard<PolicyGroup>> = Api::all(client.clone());
+    watches.spawn(watch(
+        pg_api,
+        watcher::Config::default(),
+        tx.clone(),
+        metrics.clone(),
+        "policygroup",
+        |guard: DeserializeGuard<PolicyGroup>| match guard.0 {
+            Ok(pg) => (pg.metadata.name.unwrap_or_default(), Some(pg.spec)),
+            Err(bad) => {
+                let name = bad.metadata.name.unwrap_or_default();
+                warn!(
+                    policy_group = %name,
+                    "PolicyGroup cannot be decoded ({}); the nodes that use it keep their previous policy",
+                    bad.error
+                );
+                (name, None)
+            }
+        },
+        Input::PolicyGroup,
+    ));
+    let ps_api: Api<DeserializeGuard<PeerSet>> = Api::all(client.clone());
     watches.spawn(watch(
         ps_api,
         watcher::Config::default(),
@@ -145,6 +190,74 @@ async fn run(ctx: ComponentContext, options: Options) -> Result<(), ComponentErr
         },
         Input::PeerSet,
     ));
+    watches
+}
+
+/// Applies one input to the store; returns whether the inputs changed.
+pub fn apply_input(s: &mut PolicyStore, at: Instant, input: Input) -> bool {
+    match input {
+        Input::NodePolicySet(event) => match event {
+            Event::Apply(Some(v)) => s.apply_node_policy_set(v, at),
+            Event::Delete(Some(_)) => s.delete_node_policy_set(),
+            Event::Init => {
+                s.node_policy_set_relist_start();
+                false
+            }
+            Event::InitApply(Some(v)) => {
+                s.node_policy_set_relist_apply(v);
+                false
+            }
+            Event::InitDone => s.node_policy_set_relist_done(at),
+            // Undecodable: already logged; keep what is programmed.
+            Event::Apply(None) | Event::Delete(None) | Event::InitApply(None) => false,
+        },
+        Input::PolicyGroup(event) => match event {
+            Event::Apply((name, Some(spec))) => s.apply_policy_group(&name, spec, at),
+            // Undecodable: as if missing; the nodes that name it wait.
+            Event::Apply((name, None)) | Event::Delete((name, _)) => {
+                s.delete_policy_group(&name, at)
+            }
+            Event::Init => {
+                s.relist_start(Shared::PolicyGroup);
+                false
+            }
+            Event::InitApply((name, spec)) => {
+                if let Some(spec) = spec {
+                    s.policy_group_relist_apply(&name, spec);
+                }
+                false
+            }
+            Event::InitDone => s.relist_done(Shared::PolicyGroup, at),
+        },
+        Input::PeerSet(event) => match event {
+            Event::Apply((name, Some(spec))) => s.apply_peer_set(&name, spec, at),
+            // An undecodable set matches nobody, like a missing one.
+            Event::Apply((name, None)) | Event::Delete((name, _)) => s.delete_peer_set(&name, at),
+            Event::Init => {
+                s.relist_start(Shared::PeerSet);
+                false
+            }
+            Event::InitApply((name, spec)) => {
+                if let Some(spec) = spec {
+                    s.peer_set_relist_apply(&name, spec);
+                }
+                false
+            }
+            Event::InitDone => {
+                let changed = s.relist_done(Shared::PeerSet, at);
+                info!(held = s.objects_held(Shared::PeerSet), "listed PeerSets");
+                changed
+            }
+        },
+        Input::Fetched(result) => s.fetched(result, at),
+    }
+}
+
+async fn run(ctx: ComponentContext, options: Options) -> Result<(), ComponentError> {
+    let metrics = PolicyMetrics::register(&ctx.registry)?;
+    let enforcer = PolicyEnforcer::new(&ctx.run_dir, metrics.clone());
+    let (tx, rx) = mpsc::channel(1024);
+    let mut watches = spawn_watches(&ctx.client, &ctx.node_name, &tx, &metrics);
     let owner = Owner {
         recorder: Recorder::new(
             ctx.client.clone(),
@@ -153,7 +266,7 @@ async fn run(ctx: ComponentContext, options: Options) -> Result<(), ComponentErr
                 instance: Some(ctx.node_name.clone()),
             },
         ),
-        peer_sets: Api::all(ctx.client.clone()),
+        client: ctx.client.clone(),
         status: StatusWriter::new(Api::all(ctx.client.clone()), &ctx.node_name),
         node_name: ctx.node_name.clone(),
         store: PolicyStore::new(),
@@ -219,49 +332,77 @@ fn map_event<K, T>(event: Event<K>, f: impl Fn(K) -> T) -> Event<T> {
     }
 }
 
-/// GETs a PeerSet that became referenced; retries a few times itself.
-async fn fetch(
-    api: Api<DeserializeGuard<PeerSet>>,
-    name: String,
-    tx: mpsc::Sender<(Instant, Input)>,
-    metrics: PolicyMetrics,
-) {
+/// GETs one object; retries a few times itself. Err: every attempt failed.
+async fn get_spec<K, S>(
+    api: Api<DeserializeGuard<K>>,
+    kind: Shared,
+    name: &str,
+    metrics: &PolicyMetrics,
+    spec: fn(K) -> S,
+) -> Result<Option<S>, ()>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
     let mut backoff = Duration::from_millis(100);
     let mut attempt = 0;
-    let result = loop {
+    loop {
         attempt += 1;
-        match api.get_opt(&name).await {
-            Ok(Some(DeserializeGuard(Ok(ps)))) => {
+        match api.get_opt(name).await {
+            Ok(Some(DeserializeGuard(Ok(obj)))) => {
                 metrics.peer_set_fetches.with_label_values(&["found"]).inc();
-                break Ok(Some(ps.spec));
+                return Ok(Some(spec(obj)));
             }
             Ok(Some(DeserializeGuard(Err(bad)))) => {
                 metrics.peer_set_fetches.with_label_values(&["found"]).inc();
-                warn!(peer_set = %name, "PeerSet cannot be decoded ({}); it matches nobody", bad.error);
-                break Ok(None);
+                warn!(
+                    kind = kind.as_str(),
+                    name, "cannot be decoded ({}); as if missing", bad.error
+                );
+                return Ok(None);
             }
             Ok(None) => {
                 metrics
                     .peer_set_fetches
                     .with_label_values(&["not_found"])
                     .inc();
-                break Ok(None);
+                return Ok(None);
             }
             Err(e) => {
                 metrics.peer_set_fetches.with_label_values(&["error"]).inc();
                 if attempt >= 5 {
-                    warn!(peer_set = %name, "getting PeerSet: {e} (asking again)");
-                    break Err(());
+                    warn!(kind = kind.as_str(), name, "getting it: {e} (asking again)");
+                    return Err(());
                 }
-                debug!(peer_set = %name, "getting PeerSet: {e} (retrying)");
+                debug!(kind = kind.as_str(), name, "getting it: {e} (retrying)");
                 tokio::time::sleep(backoff).await;
                 backoff *= 2;
             }
         }
+    }
+}
+
+/// GETs an object that became needed and reports it to the owner.
+async fn fetch(
+    client: kube::Client,
+    kind: Shared,
+    name: String,
+    tx: mpsc::Sender<(Instant, Input)>,
+    metrics: PolicyMetrics,
+) {
+    let result = match kind {
+        Shared::PolicyGroup => Fetched::PolicyGroup(
+            name.clone(),
+            get_spec(Api::all(client), kind, &name, &metrics, |o: PolicyGroup| {
+                o.spec
+            })
+            .await,
+        ),
+        Shared::PeerSet => Fetched::PeerSet(
+            name.clone(),
+            get_spec(Api::all(client), kind, &name, &metrics, |o: PeerSet| o.spec).await,
+        ),
     };
-    let _ = tx
-        .send((Instant::now(), Input::Fetched(name, result)))
-        .await;
+    let _ = tx.send((Instant::now(), Input::Fetched(result))).await;
 }
 
 /// Why the owner syncs.
@@ -292,7 +433,7 @@ impl Trigger {
 /// The task that owns the store and the enforcer.
 struct Owner {
     recorder: Recorder,
-    peer_sets: Api<DeserializeGuard<PeerSet>>,
+    client: kube::Client,
     status: StatusWriter,
     node_name: String,
     store: PolicyStore,
@@ -346,10 +487,11 @@ impl Owner {
                 monitored = self.enforcer.active();
                 monitor = self.monitor().await;
             }
-            for name in self.store.take_fetches() {
+            for (kind, name) in self.store.take_fetches() {
                 tokio::spawn(
                     fetch(
-                        self.peer_sets.clone(),
+                        self.client.clone(),
+                        kind,
                         name,
                         self.tx.clone(),
                         self.metrics.clone(),
@@ -470,7 +612,20 @@ impl Owner {
             Step::Wait(w) => w,
             Step::Hold(h) => h,
             Step::Sync => {
-                self.announced = None;
+                // A newer NodePolicySet that is not consistent yet: the
+                // previous version stays programmed; say what it waits for.
+                let waiting = self.store.waiting_on().map(|w| {
+                    format!(
+                        "keeping generation {:?} programmed; the newest NodePolicySet waits for: {w}",
+                        self.store.inputs().generation
+                    )
+                });
+                if waiting != self.announced {
+                    if let Some(w) = &waiting {
+                        info!("{w}");
+                    }
+                    self.announced = waiting;
+                }
                 return;
             }
         };
@@ -487,47 +642,7 @@ impl Owner {
 
     /// Applies one input to the store; returns whether the inputs changed.
     fn apply(&mut self, at: Instant, input: Input) -> bool {
-        let s = &mut self.store;
-        match input {
-            Input::NodePolicySet(event) => match event {
-                Event::Apply(Some(v)) => s.apply_node_policy_set(v, at),
-                Event::Delete(Some(_)) => s.delete_node_policy_set(),
-                Event::Init => {
-                    s.node_policy_set_relist_start();
-                    false
-                }
-                Event::InitApply(Some(v)) => {
-                    s.node_policy_set_relist_apply(v);
-                    false
-                }
-                Event::InitDone => s.node_policy_set_relist_done(at),
-                // Undecodable: already logged; keep what is programmed.
-                Event::Apply(None) | Event::Delete(None) | Event::InitApply(None) => false,
-            },
-            Input::PeerSet(event) => match event {
-                Event::Apply((name, Some(spec))) => s.apply_peer_set(&name, spec, at),
-                // An undecodable set matches nobody, like a missing one.
-                Event::Apply((name, None)) | Event::Delete((name, _)) => {
-                    s.delete_peer_set(&name, at)
-                }
-                Event::Init => {
-                    s.peer_set_relist_start();
-                    false
-                }
-                Event::InitApply((name, spec)) => {
-                    if let Some(spec) = spec {
-                        s.peer_set_relist_apply(&name, spec);
-                    }
-                    false
-                }
-                Event::InitDone => {
-                    let changed = s.peer_set_relist_done(at);
-                    info!(held = s.peer_sets_held(), "listed PeerSets");
-                    changed
-                }
-            },
-            Input::Fetched(name, result) => s.fetched(&name, result),
-        }
+        apply_input(&mut self.store, at, input)
     }
 
     /// One sync (or drift check) and what follows it: metrics, status,

@@ -1,24 +1,36 @@
-//! What the agent knows of its NodePolicySet and the PeerSets it references:
-//! the [`PolicyInputs`] of the next sync, kept up to date from watch events
-//! and GET results in arrival order. Pure (no kube, no I/O): the shell
-//! ([`super::component`]) feeds it and asks [`PolicyStore::next_step`] what
-//! to do.
+//! What the agent knows of its NodePolicySet, the PolicyGroups it names and
+//! the PeerSets their rules reference: the [`PolicyInputs`] of the next
+//! sync, kept up to date from watch events and GET results in arrival
+//! order. Pure (no kube, no I/O): the shell ([`super::component`]) feeds it
+//! and asks [`PolicyStore::next_step`] what to do.
 //!
-//! Only PeerSets the NodePolicySet references are kept, as plain specs, so
-//! an agent's memory follows its own node's policies rather than the
-//! cluster's. A PeerSet that becomes referenced after its watch event went
-//! by (the controller writes PeerSets before the NodePolicySets that name
-//! them) is fetched with a GET; the sync waits for that GET, so a new rule
-//! is never programmed with an empty peer set by mistake. Watch events always
-//! win over GET results that were in flight when they arrived: the watch
-//! delivers every later version, so the store converges on the newest.
+//! **Only consistent views are programmed.** Large objects are a head and
+//! slices, and a NodePolicySet names each PolicyGroup with the hash of the
+//! version it was written against. The raw objects are kept as they arrive;
+//! the inputs change only when they assemble ([`canal_crds::assemble`])
+//! into a complete version: a NodePolicySet whose every PolicyGroup (and
+//! its every slice) is held at the referenced hash, and whose PeerSets are
+//! each held whole (or known not to exist); a PeerSet whose every slice is
+//! held at the hash its head lists. Until then the last consistent version
+//! stays programmed, so the kernel never holds half of a new version
+//! against half of an old one, whatever order the watches deliver in.
+//!
+//! Only objects the node needs are kept, so an agent's memory follows its
+//! own node's policies rather than the cluster's. An object that becomes
+//! needed after its watch event went by (the controller writes slices and
+//! sets before the heads and NodePolicySets that name them) is fetched with
+//! a GET. Watch events always win over GET results that were in flight
+//! when they arrived: the watch delivers every later version.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use canal_crds::{NodePolicySetSpec, NodePolicySetStatus, PeerSetSpec};
+use canal_crds::assemble::{assemble_node, assemble_peer_set, referenced_peer_sets};
+use canal_crds::{
+    NodePolicySetObjectSpec, NodePolicySetStatus, PeerSetObjectSpec, PolicyGroupSpec, VersionRef,
+};
 
-use super::render::{EnforcementConfig, PolicyInputs, referenced_peer_sets};
+use super::render::{EnforcementConfig, PolicyInputs};
 
 /// The node's NodePolicySet as the store needs it.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -27,9 +39,9 @@ pub struct NodePolicySetView {
     pub uid: Option<String>,
     /// `metadata.generation` (moves only when the spec changes).
     pub generation: Option<i64>,
-    /// The compiled policy.
-    pub spec: NodePolicySetSpec,
-    /// The status currently stored (the agent's last write, as the API has it).
+    /// The object's spec (endpoints and the PolicyGroups they use).
+    pub spec: NodePolicySetObjectSpec,
+    /// The status currently stored (the agent's part of it).
     pub status: Option<NodePolicySetStatus>,
 }
 
@@ -37,7 +49,7 @@ pub struct NodePolicySetView {
 /// label of the realization metric).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Cause {
-    /// The NodePolicySet's spec changed (or appeared).
+    /// The NodePolicySet's spec (or a PolicyGroup it names) changed.
     NodePolicySet,
     /// A referenced PeerSet changed.
     PeerSet,
@@ -59,8 +71,8 @@ impl Cause {
 /// What the shell should do next.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
-    /// The inputs are incomplete (a list has not finished, a GET is in
-    /// flight): do not sync yet.
+    /// The inputs are incomplete (a list has not finished, no consistent
+    /// version has been seen yet): do not sync yet.
     Wait(String),
     /// Enforcement is on but the NodePolicySet does not exist: leave the
     /// kernel as it is (nothing is torn down because an object vanished).
@@ -69,33 +81,134 @@ pub enum Step {
     Sync,
 }
 
-/// A referenced PeerSet the store does not hold.
+/// The kinds of shared objects the store holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Shared {
+    /// PolicyGroup heads and slices.
+    PolicyGroup,
+    /// PeerSet heads and slices.
+    PeerSet,
+}
+
+impl Shared {
+    /// The Kubernetes kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Shared::PolicyGroup => "PolicyGroup",
+            Shared::PeerSet => "PeerSet",
+        }
+    }
+}
+
+/// A needed object the store does not hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Missing {
     /// A GET is needed.
     NeedFetch,
     /// A GET is in flight.
     Fetching,
-    /// It does not exist (the list or a GET said so); it renders as an
-    /// empty set until a watch event brings it.
+    /// It does not exist (the list or a GET said so), until a watch event
+    /// brings it. A missing PeerSet head renders as an empty set; anything
+    /// else missing keeps the previous consistent version programmed.
     Absent,
+}
+
+/// What heads and slices of both kinds have in common.
+trait Piece {
+    fn slice_of(&self) -> Option<&str>;
+    fn slices(&self) -> &[VersionRef];
+}
+
+impl Piece for PolicyGroupSpec {
+    fn slice_of(&self) -> Option<&str> {
+        self.slice_of.as_deref()
+    }
+    fn slices(&self) -> &[VersionRef] {
+        &self.slices
+    }
+}
+
+impl Piece for PeerSetObjectSpec {
+    fn slice_of(&self) -> Option<&str> {
+        self.slice_of.as_deref()
+    }
+    fn slices(&self) -> &[VersionRef] {
+        &self.slices
+    }
+}
+
+/// The objects of one kind as watched (only the needed ones are kept once
+/// the NodePolicySet is known).
+#[derive(Debug)]
+struct Objects<T> {
+    held: BTreeMap<String, T>,
+    listed: bool,
+    relist: Option<BTreeMap<String, T>>,
+}
+
+impl<T> Default for Objects<T> {
+    fn default() -> Self {
+        Objects {
+            held: BTreeMap::new(),
+            listed: false,
+            relist: None,
+        }
+    }
+}
+
+/// Needed heads and slices: the heads asked for, the slices they list,
+/// and slices that name a needed head (written before the head that will
+/// list them).
+fn needed<T: Piece>(objects: &Objects<T>, heads: &BTreeSet<String>) -> BTreeSet<String> {
+    let mut out = heads.clone();
+    for h in heads {
+        if let Some(head) = objects.held.get(h) {
+            out.extend(head.slices().iter().map(|r| r.name.clone()));
+        }
+    }
+    for (name, obj) in &objects.held {
+        if obj.slice_of().is_some_and(|h| heads.contains(h)) {
+            out.insert(name.clone());
+        }
+    }
+    out
 }
 
 /// The watched state, ready to render.
 #[derive(Debug, Default)]
 pub struct PolicyStore {
-    /// Spec, generation, referenced PeerSets and config of the next sync.
+    /// The last consistent view (spec, generation, PeerSets) and config.
     inputs: PolicyInputs,
     config_known: bool,
+    /// A consistent NodePolicySet version has been assembled.
+    have_view: bool,
+    /// (uid, generation) of the NodePolicySet the inputs hold.
+    programmed: Option<(Option<String>, Option<i64>)>,
+    /// What [`PolicyStore::prune`] last found needed: heads and slices of
+    /// each kind (events for anything else are dropped at once).
+    keep_groups: BTreeSet<String>,
+    keep_sets: BTreeSet<String>,
+    wanted_groups: BTreeSet<String>,
+    wanted_sets: BTreeSet<String>,
     /// None: the NodePolicySet has not been listed yet.
     nps: Option<NpsPresence>,
     nps_relist: Option<Option<NodePolicySetView>>,
-    peer_sets_listed: bool,
-    peer_relist: Option<BTreeMap<String, PeerSetSpec>>,
-    /// PeerSets the spec references (valid once the NodePolicySet is listed).
-    referenced: BTreeSet<String>,
-    missing: BTreeMap<String, Missing>,
-    /// Changes observed and not yet programmed, with the earliest time each.
+    /// The newest NodePolicySet spec seen (maybe not consistent yet).
+    latest: Option<NodePolicySetView>,
+    groups: Objects<PolicyGroupSpec>,
+    sets: Objects<PeerSetObjectSpec>,
+    missing: BTreeMap<(Shared, String), Missing>,
+    /// The NodePolicySet or a PolicyGroup changed since the last assembly.
+    node_dirty: bool,
+    /// PeerSet heads whose head or slices changed since the last assembly.
+    dirty_sets: BTreeSet<String>,
+    /// When the newest unprogrammed change of each kind was first seen.
+    node_since: Option<Instant>,
+    set_since: BTreeMap<String, Instant>,
+    /// Why the newest NodePolicySet is not programmed yet.
+    waiting_on: Option<String>,
+    /// Changes programmed into the inputs and not yet synced, with the
+    /// earliest time each was observed.
     pending: BTreeMap<Cause, Instant>,
 }
 
@@ -127,9 +240,23 @@ impl PolicyStore {
         }
     }
 
-    /// Number of PeerSets held.
+    /// Number of PeerSets in the inputs.
     pub fn peer_sets_held(&self) -> usize {
         self.inputs.peer_sets.len()
+    }
+
+    /// Objects (heads and slices) held of a kind.
+    pub fn objects_held(&self, kind: Shared) -> usize {
+        match kind {
+            Shared::PolicyGroup => self.groups.held.len(),
+            Shared::PeerSet => self.sets.held.len(),
+        }
+    }
+
+    /// Why the newest NodePolicySet is not programmed yet (None: it is, or
+    /// there is none).
+    pub fn waiting_on(&self) -> Option<&str> {
+        self.waiting_on.as_deref()
     }
 
     /// What to do next.
@@ -142,7 +269,10 @@ impl PolicyStore {
         let Some(nps) = &self.nps else {
             return Step::Wait("waiting for the NodePolicySet list".into());
         };
-        if !self.peer_sets_listed {
+        if !self.groups.listed {
+            return Step::Wait("waiting for the PolicyGroup list".into());
+        }
+        if !self.sets.listed {
             return Step::Wait("waiting for the PeerSet list".into());
         }
         if !self.inputs.config.enabled {
@@ -155,17 +285,10 @@ impl PolicyStore {
                     .into(),
             );
         }
-        let in_flight: Vec<&str> = self
-            .missing
-            .iter()
-            .filter(|(_, m)| **m != Missing::Absent)
-            .map(|(n, _)| n.as_str())
-            .collect();
-        if !in_flight.is_empty() {
+        if !self.have_view {
             return Step::Wait(format!(
-                "fetching {} newly referenced PeerSet(s): {}",
-                in_flight.len(),
-                in_flight.join(", ")
+                "waiting for a consistent NodePolicySet: {}",
+                self.waiting_on.as_deref().unwrap_or("assembling")
             ));
         }
         Step::Sync
@@ -208,13 +331,14 @@ impl PolicyStore {
 
     /// The NodePolicySet was created or changed. Returns whether the inputs changed.
     pub fn apply_node_policy_set(&mut self, view: NodePolicySetView, at: Instant) -> bool {
-        let same_spec = matches!(&self.nps, Some(NpsPresence::Present { uid, .. })
-            if *uid == view.uid)
-            && self.inputs.generation == view.generation
-            && (view.generation.is_some() || self.inputs.spec == view.spec);
+        let same_spec = self.latest.as_ref().is_some_and(|l| {
+            l.uid == view.uid
+                && l.generation == view.generation
+                && (view.generation.is_some() || l.spec == view.spec)
+        });
         self.nps = Some(NpsPresence::Present {
-            uid: view.uid,
-            status: view.status,
+            uid: view.uid.clone(),
+            status: view.status.clone(),
         });
         let was_unknown = std::mem::replace(&mut self.inputs.endpoints_unknown, false);
         if same_spec {
@@ -222,11 +346,10 @@ impl PolicyStore {
             // (unless it had been deleted meanwhile).
             return was_unknown;
         }
-        self.inputs.generation = view.generation;
-        self.inputs.spec = view.spec;
-        self.update_references();
-        self.changed(Cause::NodePolicySet, at);
-        true
+        self.latest = Some(view);
+        self.node_dirty = true;
+        self.node_since.get_or_insert(at);
+        self.settle()
     }
 
     /// The NodePolicySet was deleted. The kernel keeps what it has (see
@@ -255,384 +378,507 @@ impl PolicyStore {
             Some(view) => self.apply_node_policy_set(view, at),
             None => {
                 let first = self.nps.is_none();
-                self.delete_node_policy_set() || first
+                let changed = self.delete_node_policy_set() || first;
+                self.settle() || changed
             }
         }
     }
 
-    /// Recomputes the referenced PeerSets after a spec change: drops sets no
-    /// longer referenced, asks for the ones not held.
-    fn update_references(&mut self) {
-        self.referenced = referenced_peer_sets(&self.inputs.spec);
-        let referenced = &self.referenced;
-        self.inputs.peer_sets.retain(|n, _| referenced.contains(n));
-        self.missing.retain(|n, _| referenced.contains(n));
-        if !self.peer_sets_listed || self.peer_relist.is_some() {
-            // The running list brings them.
-            return;
+    // ----- shared objects ----------------------------------------------------
+
+    fn objects_mut(&mut self, kind: Shared) -> &mut dyn ObjectsMut {
+        match kind {
+            Shared::PolicyGroup => &mut self.groups,
+            Shared::PeerSet => &mut self.sets,
         }
-        for name in &self.referenced {
-            if !self.inputs.peer_sets.contains_key(name) {
-                self.missing
-                    .entry(name.clone())
-                    .or_insert(Missing::NeedFetch);
+    }
+
+    /// Marks what an object change affects.
+    fn touched(&mut self, kind: Shared, name: &str, head: Option<&str>, at: Instant) {
+        match kind {
+            Shared::PolicyGroup => {
+                self.node_dirty = true;
+                self.node_since.get_or_insert(at);
+            }
+            Shared::PeerSet => {
+                let head = head.unwrap_or(name).to_string();
+                self.set_since.entry(head.clone()).or_insert(at);
+                self.dirty_sets.insert(head);
+                // A NodePolicySet waiting for this set's version.
+                self.node_dirty = true;
             }
         }
     }
 
-    fn wants(&self, name: &str) -> bool {
-        // Before the NodePolicySet is listed every set might be needed.
-        self.nps.is_none() || self.referenced.contains(name)
-    }
-
-    // ----- PeerSets --------------------------------------------------------
-
-    /// A PeerSet was created or changed. Returns whether the inputs changed.
-    pub fn apply_peer_set(&mut self, name: &str, spec: PeerSetSpec, at: Instant) -> bool {
-        if !self.wants(name) {
+    /// A PolicyGroup was created or changed. Returns whether the inputs changed.
+    pub fn apply_policy_group(&mut self, name: &str, spec: PolicyGroupSpec, at: Instant) -> bool {
+        let head = spec.slice_of.clone();
+        if !self.may_need(Shared::PolicyGroup, name, head.as_deref()) {
+            self.groups.held.remove(name);
             return false;
         }
-        let was_missing = self.missing.remove(name).is_some();
-        if self.inputs.peer_sets.get(name) == Some(&spec) {
-            return was_missing;
+        if self.groups.held.get(name) == Some(&spec) {
+            return self
+                .missing
+                .remove(&(Shared::PolicyGroup, name.to_string()))
+                .is_some()
+                && self.settle();
         }
-        self.inputs.peer_sets.insert(name.to_string(), spec);
-        self.changed(Cause::PeerSet, at);
-        true
+        self.missing
+            .remove(&(Shared::PolicyGroup, name.to_string()));
+        self.groups.held.insert(name.to_string(), spec);
+        self.touched(Shared::PolicyGroup, name, head.as_deref(), at);
+        self.settle()
+    }
+
+    /// A PeerSet (head or slice) was created or changed. Returns whether the inputs changed.
+    pub fn apply_peer_set(&mut self, name: &str, spec: PeerSetObjectSpec, at: Instant) -> bool {
+        let head = spec.slice_of.clone();
+        if !self.may_need(Shared::PeerSet, name, head.as_deref()) {
+            self.sets.held.remove(name);
+            return false;
+        }
+        if self.sets.held.get(name) == Some(&spec) {
+            return self
+                .missing
+                .remove(&(Shared::PeerSet, name.to_string()))
+                .is_some()
+                && self.settle();
+        }
+        self.missing.remove(&(Shared::PeerSet, name.to_string()));
+        self.sets.held.insert(name.to_string(), spec);
+        self.touched(Shared::PeerSet, name, head.as_deref(), at);
+        self.settle()
+    }
+
+    /// An object was deleted. Returns whether the inputs changed.
+    pub fn delete_object(&mut self, kind: Shared, name: &str, at: Instant) -> bool {
+        let removed = self.objects_mut(kind).remove(name);
+        let key = (kind, name.to_string());
+        let listed = self.nps.is_some() && self.groups.listed && self.sets.listed;
+        let was_missing = self.missing.contains_key(&key);
+        if !listed || (removed.is_none() && !was_missing) {
+            return false;
+        }
+        self.missing.insert(key, Missing::Absent);
+        let head = removed.flatten();
+        self.touched(kind, name, head.as_deref(), at);
+        self.settle()
+    }
+
+    /// A PolicyGroup was deleted. Returns whether the inputs changed.
+    pub fn delete_policy_group(&mut self, name: &str, at: Instant) -> bool {
+        self.delete_object(Shared::PolicyGroup, name, at)
     }
 
     /// A PeerSet was deleted. Returns whether the inputs changed.
     pub fn delete_peer_set(&mut self, name: &str, at: Instant) -> bool {
-        if !self.wants(name) {
-            return false;
-        }
-        let held = self.inputs.peer_sets.remove(name).is_some();
-        if self.nps.is_some() && self.peer_sets_listed {
-            self.missing.insert(name.to_string(), Missing::Absent);
-        }
-        if held {
-            self.changed(Cause::PeerSet, at);
-        }
-        held
+        self.delete_object(Shared::PeerSet, name, at)
     }
 
-    /// A (re)list of PeerSets starts.
-    pub fn peer_set_relist_start(&mut self) {
-        self.peer_relist = Some(BTreeMap::new());
+    /// A (re)list of a kind starts.
+    pub fn relist_start(&mut self, kind: Shared) {
+        self.objects_mut(kind).relist_start();
     }
 
-    /// One PeerSet of the running list. Every set is kept until the list is
-    /// done: the NodePolicySet may start referencing it meanwhile.
-    pub fn peer_set_relist_apply(&mut self, name: &str, spec: PeerSetSpec) {
-        self.peer_relist
+    /// One PolicyGroup of the running list.
+    pub fn policy_group_relist_apply(&mut self, name: &str, spec: PolicyGroupSpec) {
+        self.groups
+            .relist
             .get_or_insert_with(BTreeMap::new)
             .insert(name.to_string(), spec);
     }
 
-    /// The list is complete: it replaces what the store held. Returns
-    /// whether the inputs changed.
-    pub fn peer_set_relist_done(&mut self, at: Instant) -> bool {
-        let mut listed = self.peer_relist.take().unwrap_or_default();
-        if self.nps.is_some() {
-            let referenced = &self.referenced;
-            listed.retain(|n, _| referenced.contains(n));
-            // The list is authoritative: whatever it lacks does not exist,
-            // and GETs still in flight are superseded.
-            self.missing = self
-                .referenced
-                .iter()
-                .filter(|n| !listed.contains_key(*n))
-                .map(|n| (n.clone(), Missing::Absent))
-                .collect();
-        }
-        let first = !self.peer_sets_listed;
-        self.peer_sets_listed = true;
-        if listed == self.inputs.peer_sets {
-            return first;
-        }
-        self.inputs.peer_sets = listed;
-        self.changed(Cause::PeerSet, at);
-        true
+    /// One PeerSet of the running list. Every object is kept until the list
+    /// is done: the NodePolicySet may start needing it meanwhile.
+    pub fn peer_set_relist_apply(&mut self, name: &str, spec: PeerSetObjectSpec) {
+        self.sets
+            .relist
+            .get_or_insert_with(BTreeMap::new)
+            .insert(name.to_string(), spec);
     }
 
-    /// Referenced PeerSets to GET now; they count as in flight until
+    /// The list of a kind is complete: it replaces what the store held (the
+    /// list is authoritative: whatever it lacks does not exist, and GETs
+    /// still in flight are superseded). Returns whether the inputs changed.
+    pub fn relist_done(&mut self, kind: Shared, at: Instant) -> bool {
+        let first = self.objects_mut(kind).relist_done();
+        self.missing.retain(|(k, _), _| *k != kind);
+        self.mark_listed_missing(kind);
+        match kind {
+            Shared::PolicyGroup => {
+                self.node_dirty = true;
+                self.node_since.get_or_insert(at);
+            }
+            Shared::PeerSet => {
+                let all: Vec<String> = self.inputs.peer_sets.keys().cloned().collect();
+                for name in all {
+                    self.set_since.entry(name.clone()).or_insert(at);
+                    self.dirty_sets.insert(name);
+                }
+                self.node_dirty = true;
+            }
+        }
+        self.settle() || first
+    }
+
+    /// PeerSet shorthand of [`relist_start`](Self::relist_start).
+    pub fn peer_set_relist_start(&mut self) {
+        self.relist_start(Shared::PeerSet);
+    }
+
+    /// PeerSet shorthand of [`relist_done`](Self::relist_done).
+    pub fn peer_set_relist_done(&mut self, at: Instant) -> bool {
+        self.relist_done(Shared::PeerSet, at)
+    }
+
+    /// After a list: what is needed and was not listed does not exist.
+    fn mark_listed_missing(&mut self, kind: Shared) {
+        if self.nps.is_none() {
+            return;
+        }
+        let names: Vec<String> = match kind {
+            Shared::PolicyGroup => needed(&self.groups, &self.wanted_group_heads())
+                .into_iter()
+                .filter(|n| !self.groups.held.contains_key(n))
+                .collect(),
+            Shared::PeerSet => needed(&self.sets, &self.wanted_set_heads())
+                .into_iter()
+                .filter(|n| !self.sets.held.contains_key(n))
+                .collect(),
+        };
+        for n in names {
+            self.missing.insert((kind, n), Missing::Absent);
+        }
+    }
+
+    /// Objects to GET now; they count as in flight until
     /// [`fetched`](Self::fetched) reports them.
-    pub fn take_fetches(&mut self) -> Vec<String> {
+    pub fn take_fetches(&mut self) -> Vec<(Shared, String)> {
         let mut out = Vec::new();
-        for (name, state) in &mut self.missing {
+        for ((kind, name), state) in &mut self.missing {
             if *state == Missing::NeedFetch {
                 *state = Missing::Fetching;
-                out.push(name.clone());
+                out.push((*kind, name.clone()));
             }
         }
         out
     }
 
     /// The result of a GET started by [`take_fetches`](Self::take_fetches):
-    /// the spec, None when it does not exist, Err when the GET failed (it
+    /// the object, None when it does not exist, Err when the GET failed (it
     /// is asked for again). Ignored when a watch event or list settled the
-    /// set meanwhile. Returns whether the inputs changed.
-    pub fn fetched(&mut self, name: &str, result: Result<Option<PeerSetSpec>, ()>) -> bool {
-        if self.missing.get(name) != Some(&Missing::Fetching) {
+    /// object meanwhile. Returns whether the inputs changed.
+    pub fn fetched(&mut self, result: Fetched, at: Instant) -> bool {
+        let key = result.key();
+        if self.missing.get(&key) != Some(&Missing::Fetching) {
             return false;
         }
         match result {
-            Ok(Some(spec)) => {
-                self.missing.remove(name);
-                self.inputs.peer_sets.insert(name.to_string(), spec);
-                // Realization time counts from the NodePolicySet change that
-                // referenced it, already pending.
-                true
+            Fetched::PolicyGroup(name, Ok(Some(spec))) => self.apply_policy_group(&name, spec, at),
+            Fetched::PeerSet(name, Ok(Some(spec))) => self.apply_peer_set(&name, spec, at),
+            Fetched::PolicyGroup(_, Ok(None)) | Fetched::PeerSet(_, Ok(None)) => {
+                self.missing.insert(key.clone(), Missing::Absent);
+                let (kind, name) = key;
+                self.touched(kind, &name, None, at);
+                self.settle()
             }
-            Ok(None) => {
-                self.missing.insert(name.to_string(), Missing::Absent);
-                true
-            }
-            Err(()) => {
-                self.missing.insert(name.to_string(), Missing::NeedFetch);
+            Fetched::PolicyGroup(_, Err(())) | Fetched::PeerSet(_, Err(())) => {
+                self.missing.insert(key, Missing::NeedFetch);
                 false
             }
         }
     }
+
+    // ----- assembly ----------------------------------------------------------
+
+    /// PolicyGroup heads the newest NodePolicySet names.
+    fn wanted_group_heads(&self) -> BTreeSet<String> {
+        self.latest
+            .iter()
+            .flat_map(|l| l.spec.policy_groups.iter().map(|r| r.name.clone()))
+            .collect()
+    }
+
+    /// PeerSet heads the programmed policy, the newest NodePolicySet's
+    /// inline policies and the held PolicyGroups reference.
+    fn wanted_set_heads(&self) -> BTreeSet<String> {
+        let mut out = referenced_peer_sets(&self.inputs.spec);
+        let inline = self.latest.iter().flat_map(|l| l.spec.policies.iter());
+        let grouped = self
+            .groups
+            .held
+            .values()
+            .flat_map(|g| g.policies.iter().map(|p| (&p.ingress, &p.egress)));
+        let rules = inline
+            .map(|p| (&p.ingress, &p.egress))
+            .chain(grouped)
+            .flat_map(|(i, e)| i.iter().chain(e.iter()));
+        for rule in rules {
+            for peer in rule.peers.iter().flatten() {
+                out.extend(peer.peer_set.iter().cloned());
+            }
+            for port in &rule.ports {
+                out.extend(port.named_port_set.iter().cloned());
+            }
+        }
+        out
+    }
+
+    /// Asks for what is needed and not held (once the lists are done).
+    fn request(&mut self, kind: Shared, names: impl IntoIterator<Item = String>) {
+        if self.nps.is_none() || !self.groups.listed || !self.sets.listed {
+            // The running lists bring them.
+            return;
+        }
+        for n in names {
+            let held = match kind {
+                Shared::PolicyGroup => self.groups.held.contains_key(&n),
+                Shared::PeerSet => self.sets.held.contains_key(&n),
+            };
+            if !held {
+                self.missing.entry((kind, n)).or_insert(Missing::NeedFetch);
+            }
+        }
+    }
+
+    /// A PeerSet as the inputs should have it: Some(Some) assembled,
+    /// Some(None) known not to exist (renders empty), None not known yet.
+    fn settled_set(&self, name: &str) -> Option<Option<canal_crds::PeerSetSpec>> {
+        match self.sets.held.get(name) {
+            Some(head) if head.slice_of.is_none() => {
+                assemble_peer_set(name, head, |n| self.sets.held.get(n))
+                    .ok()
+                    .map(Some)
+            }
+            _ => (self.missing.get(&(Shared::PeerSet, name.to_string())) == Some(&Missing::Absent))
+                .then_some(None),
+        }
+    }
+
+    /// Moves the inputs to the newest consistent versions, asks for what is
+    /// missing, and drops what is not needed. Returns whether the inputs
+    /// changed.
+    fn settle(&mut self) -> bool {
+        let mut changed = false;
+        let lists_done = self.nps.is_some() && self.groups.listed && self.sets.listed;
+        if self.node_dirty && lists_done {
+            self.node_dirty = false;
+            changed |= self.settle_node();
+        }
+        if lists_done {
+            changed |= self.settle_sets();
+            self.prune();
+        }
+        changed
+    }
+
+    fn settle_node(&mut self) -> bool {
+        let Some(latest) = &self.latest else {
+            return false;
+        };
+        if self.have_view
+            && latest.generation.is_some()
+            && self.programmed == Some((latest.uid.clone(), latest.generation))
+        {
+            self.waiting_on = None;
+            return false;
+        }
+        let name = "this node";
+        let assembled = assemble_node(name, &latest.spec, |n| self.groups.held.get(n));
+        let view = match assembled {
+            Ok(view) => view,
+            Err(gaps) => {
+                self.waiting_on = Some(
+                    gaps.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                );
+                let names: Vec<String> = gaps.iter().map(|g| g.object().1.to_string()).collect();
+                self.request(Shared::PolicyGroup, names);
+                return false;
+            }
+        };
+        // Its PeerSets must be settled too, or the new rules would start
+        // with sets that are not there yet.
+        let sets = referenced_peer_sets(&view);
+        let mut unsettled = Vec::new();
+        let mut resolved = BTreeMap::new();
+        for s in &sets {
+            match self.settled_set(s) {
+                Some(Some(spec)) => {
+                    resolved.insert(s.clone(), spec);
+                }
+                Some(None) => {}
+                None => unsettled.push(s.clone()),
+            }
+        }
+        if !unsettled.is_empty() {
+            self.waiting_on = Some(format!(
+                "PeerSet(s) not complete yet: {}",
+                unsettled.join(", ")
+            ));
+            let mut ask: Vec<String> = Vec::new();
+            for s in &unsettled {
+                match self.sets.held.get(s) {
+                    Some(head) => ask.extend(head.slices.iter().map(|r| r.name.clone())),
+                    None => ask.push(s.clone()),
+                }
+            }
+            self.request(Shared::PeerSet, ask);
+            self.node_dirty = true;
+            return false;
+        }
+        let (uid, generation) = self
+            .latest
+            .as_ref()
+            .map(|l| (l.uid.clone(), l.generation))
+            .unwrap_or_default();
+        self.waiting_on = None;
+        self.have_view = true;
+        self.programmed = Some((uid, generation));
+        self.inputs.generation = generation;
+        self.inputs.spec = view;
+        let sets_changed = self.inputs.peer_sets != resolved;
+        self.inputs.peer_sets = resolved;
+        let at = self.node_since.take().unwrap_or_else(Instant::now);
+        self.changed(Cause::NodePolicySet, at);
+        if sets_changed {
+            self.changed(Cause::PeerSet, at);
+        }
+        for s in &sets {
+            self.dirty_sets.remove(s);
+            self.set_since.remove(s);
+        }
+        // A new generation: even with the same content it is what the
+        // status reports as programmed.
+        true
+    }
+
+    /// Updates the programmed view's PeerSets that changed and are whole.
+    fn settle_sets(&mut self) -> bool {
+        let referenced = referenced_peer_sets(&self.inputs.spec);
+        let mut changed = false;
+        let dirty: Vec<String> = std::mem::take(&mut self.dirty_sets).into_iter().collect();
+        for name in dirty {
+            if !referenced.contains(&name) {
+                self.set_since.remove(&name);
+                continue;
+            }
+            match self.settled_set(&name) {
+                Some(Some(spec)) => {
+                    if self.inputs.peer_sets.get(&name) != Some(&spec) {
+                        self.inputs.peer_sets.insert(name.clone(), spec);
+                        let at = self.set_since.remove(&name).unwrap_or_else(Instant::now);
+                        self.changed(Cause::PeerSet, at);
+                        changed = true;
+                    } else {
+                        self.set_since.remove(&name);
+                    }
+                }
+                Some(None) => {
+                    if self.inputs.peer_sets.remove(&name).is_some() {
+                        let at = self.set_since.remove(&name).unwrap_or_else(Instant::now);
+                        self.changed(Cause::PeerSet, at);
+                        changed = true;
+                    }
+                }
+                None => {
+                    // Not whole yet: the previous version stays programmed.
+                    let ask: Vec<String> = match self.sets.held.get(&name) {
+                        Some(head) => head.slices.iter().map(|r| r.name.clone()).collect(),
+                        None => vec![name.clone()],
+                    };
+                    self.request(Shared::PeerSet, ask);
+                }
+            }
+        }
+        changed
+    }
+
+    /// Drops objects nobody needs, and requests needed heads not held.
+    fn prune(&mut self) {
+        let group_heads = self.wanted_group_heads();
+        let keep_groups = needed(&self.groups, &group_heads);
+        self.groups.held.retain(|n, _| keep_groups.contains(n));
+        self.request(Shared::PolicyGroup, group_heads.iter().cloned());
+        let set_heads = self.wanted_set_heads();
+        let keep_sets = needed(&self.sets, &set_heads);
+        self.sets.held.retain(|n, _| keep_sets.contains(n));
+        self.request(Shared::PeerSet, set_heads.iter().cloned());
+        self.missing.retain(|(kind, n), _| match kind {
+            Shared::PolicyGroup => keep_groups.contains(n),
+            Shared::PeerSet => keep_sets.contains(n),
+        });
+        self.keep_groups = keep_groups;
+        self.keep_sets = keep_sets;
+        self.wanted_groups = group_heads;
+        self.wanted_sets = set_heads;
+    }
+
+    /// Whether an object event can matter: before the lists are done
+    /// anything might; after, only what the last assembly needed, slices of
+    /// needed heads, and objects being waited for.
+    fn may_need(&self, kind: Shared, name: &str, slice_of: Option<&str>) -> bool {
+        if self.nps.is_none() || !self.groups.listed || !self.sets.listed {
+            return true;
+        }
+        let (keep, heads) = match kind {
+            Shared::PolicyGroup => (&self.keep_groups, &self.wanted_groups),
+            Shared::PeerSet => (&self.keep_sets, &self.wanted_sets),
+        };
+        keep.contains(name)
+            || slice_of.is_some_and(|h| heads.contains(h))
+            || self.missing.contains_key(&(kind, name.to_string()))
+    }
+}
+
+/// The outcome of a GET the shell started.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Fetched {
+    /// A PolicyGroup (None: not found; Err: the GET failed).
+    PolicyGroup(String, Result<Option<PolicyGroupSpec>, ()>),
+    /// A PeerSet.
+    PeerSet(String, Result<Option<PeerSetObjectSpec>, ()>),
+}
+
+impl Fetched {
+    fn key(&self) -> (Shared, String) {
+        match self {
+            Fetched::PolicyGroup(n, _) => (Shared::PolicyGroup, n.clone()),
+            Fetched::PeerSet(n, _) => (Shared::PeerSet, n.clone()),
+        }
+    }
+}
+
+/// The kind-independent operations on [`Objects`].
+trait ObjectsMut {
+    /// Removes an object; Some(its head, if a slice) when it was held.
+    fn remove(&mut self, name: &str) -> Option<Option<String>>;
+    fn relist_start(&mut self);
+    /// Returns whether this was the first list.
+    fn relist_done(&mut self) -> bool;
+}
+
+impl<T: Piece> ObjectsMut for Objects<T> {
+    fn remove(&mut self, name: &str) -> Option<Option<String>> {
+        self.held
+            .remove(name)
+            .map(|o| o.slice_of().map(str::to_string))
+    }
+
+    fn relist_start(&mut self) {
+        self.relist = Some(BTreeMap::new());
+    }
+
+    fn relist_done(&mut self) -> bool {
+        self.held = self.relist.take().unwrap_or_default();
+        let first = !self.listed;
+        self.listed = true;
+        first
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use canal_crds::{CompiledPolicy, Endpoint, Peer, PeerSelector, Rule};
-
-    fn spec_referencing(sets: &[&str]) -> NodePolicySetSpec {
-        NodePolicySetSpec {
-            endpoints: vec![Endpoint {
-                namespace: "x".into(),
-                pod: "a".into(),
-                interface: "cali0123456789a".into(),
-                ips: vec!["10.244.1.2".into()],
-                ingress_policies: vec!["x/p".into()],
-                ..Endpoint::default()
-            }],
-            policies: vec![CompiledPolicy {
-                name: "x/p".into(),
-                ingress: vec![Rule {
-                    peers: Some(
-                        sets.iter()
-                            .map(|s| Peer {
-                                peer_set: Some(s.to_string()),
-                                ip_block: None,
-                            })
-                            .collect(),
-                    ),
-                    ports: vec![],
-                }],
-                egress: vec![],
-            }],
-        }
-    }
-
-    fn nps(generation: i64, sets: &[&str]) -> NodePolicySetView {
-        NodePolicySetView {
-            uid: Some("u1".into()),
-            generation: Some(generation),
-            spec: spec_referencing(sets),
-            status: None,
-        }
-    }
-
-    fn ps(ips: &[&str]) -> PeerSetSpec {
-        PeerSetSpec {
-            selector: PeerSelector::default(),
-            member_count: ips.len() as u32,
-            ips: ips.iter().map(|s| s.to_string()).collect(),
-            ports: vec![],
-        }
-    }
-
-    /// A store with config known, both lists done, the NodePolicySet
-    /// referencing `sets` and every set held.
-    fn listed(sets: &[&str]) -> PolicyStore {
-        let now = Instant::now();
-        let mut s = PolicyStore::new();
-        s.set_config(Some(EnforcementConfig::default()), now);
-        s.node_policy_set_relist_start();
-        s.node_policy_set_relist_apply(nps(1, sets));
-        s.peer_set_relist_start();
-        for name in sets {
-            s.peer_set_relist_apply(name, ps(&["10.0.0.1"]));
-        }
-        s.peer_set_relist_apply("unrelated", ps(&["10.9.9.9"]));
-        s.node_policy_set_relist_done(now);
-        s.peer_set_relist_done(now);
-        s
-    }
-
-    #[test]
-    fn waits_for_config_and_both_lists_then_syncs() {
-        let now = Instant::now();
-        let mut s = PolicyStore::new();
-        assert!(matches!(s.next_step(), Step::Wait(w) if w.contains("overlay")));
-        s.set_config(Some(EnforcementConfig::default()), now);
-        assert!(matches!(s.next_step(), Step::Wait(w) if w.contains("NodePolicySet list")));
-        s.peer_set_relist_start();
-        s.peer_set_relist_apply("ps-a", ps(&["10.0.0.1"]));
-        s.peer_set_relist_apply("unrelated", ps(&["10.0.0.2"]));
-        assert!(s.peer_set_relist_done(now));
-        assert_eq!(
-            s.peer_sets_held(),
-            2,
-            "kept until the NodePolicySet is known"
-        );
-        assert!(matches!(s.next_step(), Step::Wait(_)));
-        s.node_policy_set_relist_start();
-        s.node_policy_set_relist_apply(nps(3, &["ps-a"]));
-        assert!(s.node_policy_set_relist_done(now));
-        assert_eq!(s.next_step(), Step::Sync);
-        assert_eq!(
-            s.inputs().peer_sets.keys().collect::<Vec<_>>(),
-            ["ps-a"],
-            "unreferenced sets are dropped"
-        );
-        assert_eq!(s.inputs().generation, Some(3));
-        assert_eq!(
-            s.take_pending().keys().copied().collect::<Vec<_>>(),
-            [Cause::NodePolicySet, Cause::PeerSet, Cause::Network]
-        );
-        assert!(s.pending().is_empty());
-    }
-
-    #[test]
-    fn status_only_updates_change_nothing() {
-        let mut s = listed(&["ps-a"]);
-        s.take_pending();
-        let mut v = nps(1, &["ps-a"]);
-        v.status = Some(NodePolicySetStatus {
-            observed_generation: Some(1),
-            ..NodePolicySetStatus::default()
-        });
-        assert!(!s.apply_node_policy_set(v, Instant::now()));
-        assert!(s.pending().is_empty());
-        assert_eq!(
-            s.node_policy_set().unwrap().1.unwrap().observed_generation,
-            Some(1),
-            "the stored status is kept for the next status write"
-        );
-    }
-
-    #[test]
-    fn a_newly_referenced_set_is_fetched_before_the_next_sync() {
-        let mut s = listed(&["ps-a"]);
-        // The controller wrote ps-b before the NodePolicySet naming it; the
-        // store dropped it then.
-        assert!(!s.apply_peer_set("ps-b", ps(&["10.0.0.7"]), Instant::now()));
-        assert!(s.apply_node_policy_set(nps(2, &["ps-a", "ps-b"]), Instant::now()));
-        assert!(matches!(s.next_step(), Step::Wait(w) if w.contains("ps-b")));
-        assert_eq!(s.take_fetches(), ["ps-b"]);
-        assert!(s.take_fetches().is_empty(), "one GET at a time");
-        assert!(matches!(s.next_step(), Step::Wait(_)));
-        assert!(s.fetched("ps-b", Ok(Some(ps(&["10.0.0.7"])))));
-        assert_eq!(s.next_step(), Step::Sync);
-        assert_eq!(s.inputs().peer_sets["ps-b"].ips, ["10.0.0.7"]);
-    }
-
-    #[test]
-    fn failed_fetches_are_asked_for_again_and_absent_sets_render_empty() {
-        let mut s = listed(&["ps-a"]);
-        s.apply_node_policy_set(nps(2, &["ps-a", "ps-b"]), Instant::now());
-        assert_eq!(s.take_fetches(), ["ps-b"]);
-        assert!(!s.fetched("ps-b", Err(())));
-        assert_eq!(s.take_fetches(), ["ps-b"]);
-        assert!(s.fetched("ps-b", Ok(None)));
-        assert_eq!(s.next_step(), Step::Sync, "an absent set does not block");
-        assert!(!s.inputs().peer_sets.contains_key("ps-b"));
-        // It appears later through the watch.
-        assert!(s.apply_peer_set("ps-b", ps(&["10.0.0.8"]), Instant::now()));
-        assert_eq!(s.inputs().peer_sets["ps-b"].ips, ["10.0.0.8"]);
-    }
-
-    #[test]
-    fn a_watch_event_wins_over_a_get_in_flight() {
-        let mut s = listed(&["ps-a"]);
-        s.apply_node_policy_set(nps(2, &["ps-a", "ps-b"]), Instant::now());
-        assert_eq!(s.take_fetches(), ["ps-b"]);
-        assert!(s.apply_peer_set("ps-b", ps(&["10.0.0.9"]), Instant::now()));
-        assert!(!s.fetched("ps-b", Ok(Some(ps(&["10.0.0.1"])))));
-        assert_eq!(s.inputs().peer_sets["ps-b"].ips, ["10.0.0.9"]);
-        // A delete seen while a GET is in flight also wins.
-        s.apply_node_policy_set(nps(3, &["ps-a", "ps-c"]), Instant::now());
-        assert_eq!(s.take_fetches(), ["ps-c"]);
-        assert!(!s.delete_peer_set("ps-c", Instant::now()));
-        assert!(!s.fetched("ps-c", Ok(Some(ps(&["10.0.0.1"])))));
-        assert!(!s.inputs().peer_sets.contains_key("ps-c"));
-        assert_eq!(s.next_step(), Step::Sync);
-    }
-
-    #[test]
-    fn member_changes_of_referenced_sets_only() {
-        let mut s = listed(&["ps-a"]);
-        s.take_pending();
-        assert!(!s.apply_peer_set("unrelated", ps(&["10.1.1.1"]), Instant::now()));
-        assert!(!s.delete_peer_set("unrelated", Instant::now()));
-        assert!(s.pending().is_empty());
-        assert!(
-            !s.apply_peer_set("ps-a", ps(&["10.0.0.1"]), Instant::now()),
-            "same members"
-        );
-        assert!(s.apply_peer_set("ps-a", ps(&["10.0.0.1", "10.0.0.2"]), Instant::now()));
-        assert_eq!(
-            s.pending().keys().copied().collect::<Vec<_>>(),
-            [Cause::PeerSet]
-        );
-        assert!(s.delete_peer_set("ps-a", Instant::now()));
-        assert_eq!(s.next_step(), Step::Sync);
-        assert!(s.inputs().peer_sets.is_empty());
-    }
-
-    #[test]
-    fn a_deleted_node_policy_set_holds_the_kernel_unless_policy_is_disabled() {
-        let mut s = listed(&["ps-a"]);
-        assert!(s.delete_node_policy_set());
-        assert!(matches!(s.next_step(), Step::Hold(_)));
-        assert!(s.node_policy_set().is_none());
-        let off = EnforcementConfig {
-            enabled: false,
-            ..EnforcementConfig::default()
-        };
-        assert!(s.set_config(Some(off), Instant::now()));
-        assert_eq!(s.next_step(), Step::Sync, "disabling removes the policy");
-        assert!(
-            s.inputs().endpoints_unknown,
-            "anti-spoofing does not trust a deleted endpoint list"
-        );
-        assert!(!s.set_config(Some(off), Instant::now()));
-        assert!(!s.set_config(None, Instant::now()));
-        assert!(s.apply_node_policy_set(nps(1, &["ps-a"]), Instant::now()));
-        assert!(!s.inputs().endpoints_unknown, "back again");
-    }
-
-    #[test]
-    fn a_relist_is_authoritative_and_keeps_sets_referenced_meanwhile() {
-        let mut s = listed(&["ps-a"]);
-        s.take_pending();
-        s.peer_set_relist_start();
-        s.peer_set_relist_apply("ps-a", ps(&["10.0.0.1"]));
-        s.peer_set_relist_apply("ps-b", ps(&["10.0.0.5"]));
-        // The NodePolicySet starts referencing ps-b while the list runs.
-        s.apply_node_policy_set(nps(2, &["ps-a", "ps-b", "ps-gone"]), Instant::now());
-        assert!(s.take_fetches().is_empty(), "the running list brings them");
-        assert!(s.peer_set_relist_done(Instant::now()));
-        assert_eq!(s.inputs().peer_sets["ps-b"].ips, ["10.0.0.5"]);
-        assert!(!s.inputs().peer_sets.contains_key("ps-gone"));
-        assert_eq!(s.next_step(), Step::Sync);
-        assert!(s.take_fetches().is_empty());
-    }
-
-    #[test]
-    fn pending_keeps_the_earliest_observation() {
-        let t0 = Instant::now();
-        let t1 = t0 + std::time::Duration::from_millis(5);
-        let mut s = listed(&["ps-a"]);
-        s.take_pending();
-        s.apply_peer_set("ps-a", ps(&["10.0.0.2"]), t0);
-        s.apply_peer_set("ps-a", ps(&["10.0.0.3"]), t1);
-        assert_eq!(s.pending()[&Cause::PeerSet], t0);
-    }
-}
+mod tests;

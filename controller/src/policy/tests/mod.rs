@@ -3,6 +3,7 @@
 //! an agent enforces), an independent reference evaluator of the
 //! NetworkPolicy semantics, table tests and property tests.
 
+mod bounds;
 mod pod_ips;
 mod properties;
 mod reference;
@@ -11,88 +12,196 @@ mod scenarios;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use canal_crds::{NamedPort, NodePolicySetSpec, PeerSetSpec, Protocol};
+use canal_crds::assemble::{assemble_node, assemble_peer_set};
+use canal_crds::{
+    NamedPort, NodePolicySet, NodePolicySetObjectSpec, NodePolicySetSpec, PeerSet,
+    PeerSetObjectSpec, PeerSetSpec, PolicyGroup, PolicyGroupSpec, Protocol,
+};
 use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::ResourceExt;
 
 use super::fingerprint::{self, Fingerprint};
-use super::index::{Change, Changes, PodIpReport, PolicyIndex, PolicyReport};
+use super::index::{Change, Changes, Kind, PodIpReport, PolicyIndex, PolicyReport};
 use super::input::{NamespaceInfo, NodeInfo, PodInfo};
+use super::objects::{self, EncodeError, Limits};
 
-/// The objects of the simulated API server, with the annotation the
-/// controller writes.
+/// The objects of the simulated API server (specs as a watch decodes them
+/// from the request bodies), with the annotation the controller writes.
 #[derive(Clone, Debug, Default)]
 pub struct Store {
-    pub nps: BTreeMap<String, (NodePolicySetSpec, String)>,
-    pub ps: BTreeMap<String, (PeerSetSpec, String)>,
+    pub nps: BTreeMap<String, (NodePolicySetObjectSpec, String)>,
+    pub pg: BTreeMap<String, (PolicyGroupSpec, String)>,
+    pub ps: BTreeMap<String, (PeerSetObjectSpec, String)>,
     pub writes: Vec<String>,
+    /// Size of the largest request body written.
+    pub largest: usize,
+    /// Objects the size bound refused.
+    pub refused: Vec<String>,
+}
+
+/// Applies of slices, applies of heads, deletions (as the controller splits them).
+fn split(kind: Kind, changes: &[Change]) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let (mut slices, mut heads, mut deletes) = (Vec::new(), Vec::new(), Vec::new());
+    for c in changes {
+        match c {
+            Change::Apply(n) if kind.head_of(n) != &**n => slices.push(n.to_string()),
+            Change::Apply(n) => heads.push(n.to_string()),
+            Change::Delete(n) => deletes.push(n.to_string()),
+        }
+    }
+    (slices, heads, deletes)
 }
 
 impl Store {
-    /// Carries out a flush's changes the way the controller does.
+    /// Carries out a flush's changes the way the controller does: the same
+    /// order, the same holds, the same request bodies (size bound included).
     pub fn apply(&mut self, index: &mut PolicyIndex, changes: &Changes) {
-        for c in &changes.peer_sets {
-            if let Change::Apply(name) = c {
-                let r = index
-                    .render_peer_set(name)
-                    .expect("flush asked to apply a known set");
-                let ann =
-                    fingerprint::annotation_value(r.fingerprint, fingerprint::content(&r.spec));
-                self.ps.insert(name.to_string(), (r.spec, ann));
-                index.mark_peer_set_written(name, Some(r.fingerprint));
-                self.writes.push(format!("apply PeerSet {name}"));
+        let mut deletes = Vec::new();
+        for kind in [Kind::PeerSet, Kind::PolicyGroup] {
+            let (slices, heads, dels) = split(kind, changes.of(kind));
+            for n in slices {
+                self.put(index, kind, &n);
             }
-        }
-        for c in &changes.node_policy_sets {
-            match c {
-                Change::Apply(name) => {
-                    let r = index
-                        .render_node_policy_set(name)
-                        .expect("flush asked to apply a known node");
-                    let ann =
-                        fingerprint::annotation_value(r.fingerprint, fingerprint::content(&r.spec));
-                    self.nps.insert(name.to_string(), (r.spec, ann));
-                    index.mark_node_policy_set_written(name, Some(r.fingerprint));
-                    self.writes.push(format!("apply NodePolicySet {name}"));
-                }
-                Change::Delete(name) => {
-                    self.nps.remove(&**name);
-                    index.mark_node_policy_set_written(name, None);
-                    self.writes.push(format!("delete NodePolicySet {name}"));
+            for n in heads {
+                if index.slices_current(kind, &n) {
+                    self.put(index, kind, &n);
+                } else {
+                    index.retry(kind, &n);
                 }
             }
+            deletes.push((kind, dels));
         }
-        for c in &changes.peer_sets {
-            if let Change::Delete(name) = c {
-                self.ps.remove(&**name);
-                index.mark_peer_set_written(name, None);
-                self.writes.push(format!("delete PeerSet {name}"));
+        let (_, heads, dels) = split(Kind::NodePolicySet, changes.of(Kind::NodePolicySet));
+        for n in heads {
+            if index.groups_not_current(&n).is_empty() {
+                self.put(index, Kind::NodePolicySet, &n);
+            } else {
+                index.retry(Kind::NodePolicySet, &n);
             }
         }
+        for n in dels {
+            self.remove(index, Kind::NodePolicySet, &n);
+        }
+        for (kind, dels) in deletes.into_iter().rev() {
+            for n in dels {
+                let head = kind.head_of(&n).to_string();
+                if head == n
+                    || index.desired_fingerprint(kind, &head).is_none()
+                    || index.is_current(kind, &head)
+                {
+                    self.remove(index, kind, &n);
+                } else {
+                    index.retry(kind, &n);
+                }
+            }
+        }
+    }
+
+    fn put(&mut self, index: &mut PolicyIndex, kind: Kind, name: &str) {
+        let owner = objects::owner_reference("test-uid");
+        let out = match objects::encode_object(index, kind, name, &owner) {
+            None => return,
+            Some(Err(EncodeError::TooLarge { .. })) => {
+                self.refused.push(format!("{} {name}", kind.as_str()));
+                index.retry(kind, name);
+                return;
+            }
+            Some(Err(e)) => panic!("encoding {name}: {e}"),
+            Some(Ok(o)) => o,
+        };
+        let body = out.body.get();
+        self.largest = self.largest.max(body.len());
+        let ann = |a: &BTreeMap<String, String>| a[fingerprint::ANNOTATION].clone();
+        match kind {
+            Kind::NodePolicySet => {
+                let o: NodePolicySet = serde_json::from_str(body).unwrap();
+                self.nps
+                    .insert(name.into(), (o.spec.clone(), ann(o.annotations())));
+            }
+            Kind::PolicyGroup => {
+                let o: PolicyGroup = serde_json::from_str(body).unwrap();
+                self.pg
+                    .insert(name.into(), (o.spec.clone(), ann(o.annotations())));
+            }
+            Kind::PeerSet => {
+                let o: PeerSet = serde_json::from_str(body).unwrap();
+                self.ps
+                    .insert(name.into(), (o.spec.clone(), ann(o.annotations())));
+            }
+        }
+        index.mark_written(kind, name, Some(out.fingerprint));
+        self.writes.push(format!("apply {} {name}", kind.as_str()));
+    }
+
+    fn remove(&mut self, index: &mut PolicyIndex, kind: Kind, name: &str) {
+        match kind {
+            Kind::NodePolicySet => {
+                self.nps.remove(name);
+            }
+            Kind::PolicyGroup => {
+                self.pg.remove(name);
+            }
+            Kind::PeerSet => {
+                self.ps.remove(name);
+            }
+        }
+        index.mark_written(kind, name, None);
+        self.writes.push(format!("delete {} {name}", kind.as_str()));
     }
 
     /// What a watch of the store reports to a (restarted) controller.
-    pub fn observed_nps(&self) -> Vec<(String, Option<Fingerprint>)> {
-        self.nps
-            .iter()
-            .map(|(n, (spec, ann))| {
-                (
-                    n.clone(),
-                    fingerprint::observed(Some(ann), fingerprint::content(spec)),
-                )
-            })
-            .collect()
+    pub fn observed(&self, kind: Kind) -> Vec<(String, Option<Fingerprint>)> {
+        fn of<T: serde::Serialize>(
+            m: &BTreeMap<String, (T, String)>,
+        ) -> Vec<(String, Option<Fingerprint>)> {
+            m.iter()
+                .map(|(n, (spec, ann))| {
+                    (
+                        n.clone(),
+                        fingerprint::observed(Some(ann), fingerprint::content(spec)),
+                    )
+                })
+                .collect()
+        }
+        match kind {
+            Kind::NodePolicySet => of(&self.nps),
+            Kind::PolicyGroup => of(&self.pg),
+            Kind::PeerSet => of(&self.ps),
+        }
     }
 
-    pub fn observed_ps(&self) -> Vec<(String, Option<Fingerprint>)> {
+    /// Every kind as observed, into a restarted index.
+    pub fn observe_all(&self, index: &mut PolicyIndex) {
+        for kind in [Kind::NodePolicySet, Kind::PolicyGroup, Kind::PeerSet] {
+            index.reset_observed(kind, self.observed(kind));
+        }
+    }
+
+    /// A node's policy as its agent assembles it from the store.
+    pub fn node(&self, node: &str) -> Option<NodePolicySetSpec> {
+        let (spec, _) = self.nps.get(node)?;
+        Some(
+            assemble_node(node, spec, |n| self.pg.get(n).map(|(s, _)| s))
+                .unwrap_or_else(|gaps| panic!("NodePolicySet {node} is inconsistent: {gaps:?}")),
+        )
+    }
+
+    /// A PeerSet's members as an agent assembles them.
+    pub fn peer_set(&self, name: &str) -> Option<PeerSetSpec> {
+        let (head, _) = self.ps.get(name)?;
+        Some(
+            assemble_peer_set(name, head, |n| self.ps.get(n).map(|(s, _)| s))
+                .unwrap_or_else(|gaps| panic!("PeerSet {name} is inconsistent: {gaps:?}")),
+        )
+    }
+
+    /// Every PeerSet (heads only), assembled.
+    pub fn peer_sets(&self) -> BTreeMap<String, PeerSetSpec> {
         self.ps
             .iter()
-            .map(|(n, (spec, ann))| {
-                (
-                    n.clone(),
-                    fingerprint::observed(Some(ann), fingerprint::content(spec)),
-                )
-            })
+            .filter(|(_, (s, _))| s.slice_of.is_none())
+            .map(|(n, _)| (n.clone(), self.peer_set(n).unwrap_or_default()))
             .collect()
     }
 }
@@ -109,7 +218,12 @@ pub struct World {
 impl World {
     /// A fresh index fed with everything.
     pub fn index(&self) -> PolicyIndex {
-        let mut index = PolicyIndex::new();
+        self.index_with(Limits::default())
+    }
+
+    /// A fresh index with these size limits, fed with everything.
+    pub fn index_with(&self, limits: Limits) -> PolicyIndex {
+        let mut index = PolicyIndex::with_limits(limits);
         index.reset_nodes(self.nodes.clone());
         index.reset_namespaces(self.namespaces.clone());
         index.reset_pods(self.pods.clone());
@@ -128,8 +242,12 @@ pub struct Harness {
 
 impl Harness {
     pub fn new(world: &World) -> Harness {
+        Harness::with_limits(world, Limits::default())
+    }
+
+    pub fn with_limits(world: &World, limits: Limits) -> Harness {
         let mut h = Harness {
-            index: world.index(),
+            index: world.index_with(limits),
             store: Store::default(),
             reports: Vec::new(),
             reports_pods: Vec::new(),
@@ -148,13 +266,11 @@ impl Harness {
         self.store.writes[before..].to_vec()
     }
 
-    pub fn nps(&self, node: &str) -> &NodePolicySetSpec {
-        &self
-            .store
-            .nps
-            .get(node)
+    /// A node's policy as its agent assembles it.
+    pub fn nps(&self, node: &str) -> NodePolicySetSpec {
+        self.store
+            .node(node)
             .unwrap_or_else(|| panic!("no NodePolicySet {node}; have {:?}", self.store.nps.keys()))
-            .0
     }
 }
 
@@ -229,6 +345,7 @@ pub fn enforced(
     let dst_ip = *dst.ips.first()?;
     let (src_nps, src_ep) = endpoint(store, src)?;
     let (dst_nps, dst_ep) = endpoint(store, dst)?;
+    let (src_nps, dst_nps) = (&src_nps, &dst_nps);
     let egress_ok = src_ep.egress_policies.is_empty()
         || src_ep.egress_policies.iter().any(|name| {
             let p = src_nps
@@ -281,24 +398,20 @@ pub fn enforced(
     Some(egress_ok && ingress_ok)
 }
 
-fn endpoint<'a>(
-    store: &'a Store,
-    pod: &PodInfo,
-) -> Option<(&'a NodePolicySetSpec, &'a canal_crds::Endpoint)> {
-    let nps = &store.nps.get(pod.node.as_deref()?)?.0;
+fn endpoint(store: &Store, pod: &PodInfo) -> Option<(NodePolicySetSpec, canal_crds::Endpoint)> {
+    let nps = store.node(pod.node.as_deref()?)?;
     let ep = nps
         .endpoints
         .iter()
-        .find(|e| e.namespace == pod.namespace && e.pod == pod.name)?;
+        .find(|e| e.namespace == pod.namespace && e.pod == pod.name)?
+        .clone();
     Some((nps, ep))
 }
 
-fn peer_set<'a>(store: &'a Store, name: &str) -> &'a PeerSetSpec {
-    &store
-        .ps
-        .get(name)
+fn peer_set(store: &Store, name: &str) -> PeerSetSpec {
+    store
+        .peer_set(name)
         .unwrap_or_else(|| panic!("a rule references PeerSet {name}, which was never written"))
-        .0
 }
 
 fn peers_match(store: &Store, peers: Option<&[canal_crds::Peer]>, ip: IpAddr) -> bool {

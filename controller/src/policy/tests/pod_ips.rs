@@ -18,23 +18,23 @@ fn aged(mut p: PodInfo, secs: i64) -> PodInfo {
     p
 }
 
-/// Everything an agent would see: (endpoint pod -> IPs) per node, and the
-/// IPs of every PeerSet selecting `pod=<label>`.
+/// Everything an agent would see (the objects as it assembles them from
+/// heads, groups and slices): (endpoint pod -> IPs) per node, and the IPs
+/// of every PeerSet selecting `pod=<label>`.
 fn endpoint_ips(h: &Harness) -> BTreeMap<String, Vec<String>> {
     h.store
         .nps
-        .values()
-        .flat_map(|(spec, _)| spec.endpoints.iter())
-        .map(|e| (format!("{}/{}", e.namespace, e.pod), e.ips.clone()))
+        .keys()
+        .filter_map(|node| h.store.node(node))
+        .flat_map(|spec| spec.endpoints.into_iter())
+        .map(|e| (format!("{}/{}", e.namespace, e.pod), e.ips))
         .collect()
 }
 
 fn set_ips(h: &Harness, label: &str) -> Vec<String> {
-    let sets: Vec<&PeerSetSpec> = h
-        .store
-        .ps
+    let all = h.store.peer_sets();
+    let sets: Vec<&PeerSetSpec> = all
         .values()
-        .map(|(s, _)| s)
         .filter(|s| {
             serde_json::to_string(&s.selector)
                 .unwrap()
@@ -245,6 +245,89 @@ fn ips_outside_the_nodes_pod_cidr_or_the_cluster_are_no_identity() {
     assert_eq!(h.reports_pods.len(), n);
 }
 
+/// Tiny slices: every PeerSet of more than two members is a head and slices.
+fn sharding() -> Limits {
+    Limits {
+        peer_set_slice_bytes: 30,
+        ..Limits::default()
+    }
+}
+
+#[test]
+fn a_sharded_peer_set_holds_only_held_ips_in_its_slices() {
+    // Many clients, so the pod=client set is sliced; x/fake (a client)
+    // reports x/victim's IP and x/thief (no client) reports a client's.
+    let mut w = world();
+    for i in 10..40 {
+        w.pods.push(aged(
+            pod(
+                "x",
+                &format!("c{i}"),
+                "n2",
+                &format!("10.0.1.{i}"),
+                &[("pod", "client")],
+            ),
+            2,
+        ));
+    }
+    w.pods.push(aged(
+        pod("x", "victim", "n2", "10.0.0.7", &[("pod", "other")]),
+        1,
+    ));
+    let mut h = Harness::with_limits(&w, sharding());
+    h.index.apply_pod(aged(
+        pod("x", "fake", "n2", "10.0.0.7", &[("pod", "client")]),
+        5,
+    ));
+    h.index.apply_pod(aged(
+        pod("x", "thief", "n1", "10.0.1.20", &[("pod", "nobody")]),
+        5,
+    ));
+    h.sync();
+    let slices = h
+        .store
+        .ps
+        .values()
+        .filter(|(s, _)| s.slice_of.is_some())
+        .count();
+    assert!(slices > 1, "the client set is sliced ({slices} slices)");
+    let ips = set_ips(&h, "client");
+    assert_eq!(ips.len(), 31, "{ips:?}");
+    assert!(
+        !ips.contains(&"10.0.0.7".to_string()),
+        "victim's IP: {ips:?}"
+    );
+    for (spec, _) in h.store.ps.values() {
+        assert!(
+            !spec.ips.contains(&"10.0.0.7".to_string()),
+            "no head or slice holds a contested IP: {spec:?}"
+        );
+    }
+    assert_eq!(endpoint_ips(&h)["x/fake"], Vec::<String>::new());
+    assert_eq!(endpoint_ips(&h)["x/thief"], Vec::<String>::new());
+    assert_eq!(endpoint_ips(&h)["x/c20"], vec!["10.0.1.20"]);
+
+    // The victim goes: its IP is x/fake's now, in one slice of the set
+    // (the head and that slice rewritten consistently).
+    h.index.delete_pod("x", "victim");
+    let writes = h.sync();
+    assert!(
+        writes.iter().any(|w| w.starts_with("apply PeerSet")),
+        "{writes:?}"
+    );
+    let ips = set_ips(&h, "client");
+    assert_eq!(ips.len(), 32, "{ips:?}");
+    assert!(ips.contains(&"10.0.0.7".to_string()), "{ips:?}");
+    let holding = h
+        .store
+        .ps
+        .values()
+        .filter(|(s, _)| s.ips.contains(&"10.0.0.7".to_string()))
+        .count();
+    assert_eq!(holding, 1, "in exactly one slice");
+    assert_eq!(endpoint_ips(&h)["x/fake"], vec!["10.0.0.7"]);
+}
+
 // ----- properties -----------------------------------------------------------
 
 fn contested_pod(i: usize) -> impl Strategy<Value = PodInfo> {
@@ -314,12 +397,14 @@ proptest! {
     /// it selects the holder. Applying the pods in any order, or as one
     /// relist, gives the same objects.
     #[test]
-    fn a_contested_ip_is_exactly_one_pods(w in contested_world(), order in Just(()).prop_perturb(|_, mut rng| {
+    fn a_contested_ip_is_exactly_one_pods(w in contested_world(), sharded in any::<bool>(), order in Just(()).prop_perturb(|_, mut rng| {
         let mut v: Vec<usize> = (0..8).collect();
         for i in (1..v.len()).rev() { v.swap(i, (rng.next_u32() as usize) % (i + 1)); }
         v
     })) {
-        let h = Harness::new(&w);
+        // Inline sets, or sets sliced as finely as they go.
+        let l = if sharded { sharding() } else { Limits::default() };
+        let h = Harness::with_limits(&w, l.clone());
         let mut holders: BTreeMap<String, String> = BTreeMap::new();
         for (pod, ips) in endpoint_ips(&h) {
             for ip in ips {
@@ -329,7 +414,7 @@ proptest! {
         for (ip, pod) in &holders {
             prop_assert_eq!(Some(pod.clone()), expected_holder(&w, ip), "holder of {}", ip);
         }
-        for (spec, _) in h.store.ps.values() {
+        for spec in h.store.peer_sets().values() {
             for ip in &spec.ips {
                 let holder = expected_holder(&w, ip).unwrap();
                 let p = w.pods.iter().find(|p| format!("{}/{}", p.namespace, p.name) == holder).unwrap();
@@ -339,7 +424,7 @@ proptest! {
         // Another order, one event at a time, ends in the same objects.
         let mut w2 = w.clone();
         w2.pods.clear();
-        let mut h2 = Harness::new(&w2);
+        let mut h2 = Harness::with_limits(&w2, l);
         for &i in order.iter().filter(|&&i| i < w.pods.len()) {
             h2.index.apply_pod(w.pods[i].clone());
             h2.sync();
@@ -349,7 +434,7 @@ proptest! {
         }
         h2.sync();
         prop_assert_eq!(endpoint_ips(&h2), endpoint_ips(&h));
-        let sets = |h: &Harness| h.store.ps.iter().map(|(k, (s, _))| (k.clone(), s.ips.clone())).collect::<BTreeMap<_, _>>();
+        let sets = |h: &Harness| h.store.peer_sets().into_iter().map(|(k, s)| (k, s.ips)).collect::<BTreeMap<_, _>>();
         prop_assert_eq!(sets(&h2), sets(&h));
     }
 }

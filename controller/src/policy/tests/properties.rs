@@ -246,36 +246,61 @@ fn world() -> impl Strategy<Value = World> {
     })
 }
 
-/// Every object the index wants is in the store with its current content.
+/// Every object the index wants is in the store with its current content,
+/// and nothing else is.
 fn assert_store_current(h: &Harness, when: &str) {
-    for node in h.index.node_names() {
-        let want = h.index.render_node_policy_set(node).unwrap().spec;
-        let have = h.store.nps.get(node).map(|(s, _)| s);
-        assert_eq!(have, Some(&want), "{when}: NodePolicySet {node} is stale");
+    let owner = objects::owner_reference("test-uid");
+    for kind in [Kind::NodePolicySet, Kind::PolicyGroup, Kind::PeerSet] {
+        let want = h.index.desired_names(kind);
+        let have: Vec<String> = match kind {
+            Kind::NodePolicySet => h.store.nps.keys().cloned().collect(),
+            Kind::PolicyGroup => h.store.pg.keys().cloned().collect(),
+            Kind::PeerSet => h.store.ps.keys().cloned().collect(),
+        };
+        assert_eq!(have, want, "{when}: {} objects", kind.as_str());
+        for name in &want {
+            let fp = objects::encode_object(&h.index, kind, name, &owner)
+                .unwrap()
+                .unwrap()
+                .fingerprint;
+            let ann = match kind {
+                Kind::NodePolicySet => &h.store.nps[name].1,
+                Kind::PolicyGroup => &h.store.pg[name].1,
+                Kind::PeerSet => &h.store.ps[name].1,
+            };
+            assert!(
+                ann.starts_with(&format!("{fp:032x}")),
+                "{when}: {} {name} is stale",
+                kind.as_str()
+            );
+        }
     }
-    for name in h.index.peer_set_names() {
-        let want = h.index.render_peer_set(name).unwrap().spec;
-        let have = h.store.ps.get(name).map(|(s, _)| s);
-        assert_eq!(have, Some(&want), "{when}: PeerSet {name} is stale");
-    }
-    assert_eq!(
-        h.store.nps.len(),
-        h.index.node_names().count(),
-        "{when}: extra NodePolicySets"
+    assert!(
+        h.store.refused.is_empty(),
+        "{when}: refused {:?}",
+        h.store.refused
     );
-    assert_eq!(
-        h.store.ps.len(),
-        h.index.peer_set_names().count(),
-        "{when}: extra PeerSets"
-    );
+}
+
+/// Normal limits, or tiny ones that shard every set of more than two
+/// members and every group of more than one small policy.
+fn limits() -> impl Strategy<Value = Limits> {
+    prop_oneof![
+        Just(Limits::default()),
+        Just(Limits {
+            peer_set_slice_bytes: 30,
+            policy_group_slice_bytes: 300,
+            ..Limits::default()
+        }),
+    ]
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
     #[test]
-    fn compiled_objects_enforce_the_reference_semantics(w in world()) {
-        let h = Harness::new(&w);
+    fn compiled_objects_enforce_the_reference_semantics(w in world(), l in limits()) {
+        let h = Harness::with_limits(&w, l);
         let m = mismatches(&w, &h.store);
         prop_assert!(m.is_empty(), "{} mismatches:\n{}\nworld: {:#?}", m.len(), m.join("\n"), w.policies);
         assert_store_current(&h, "initial");
@@ -286,8 +311,9 @@ proptest! {
         a in world(),
         b in world(),
         order in Just([0usize, 1, 2, 3]).prop_shuffle(),
+        l in limits(),
     ) {
-        let mut h = Harness::new(&a);
+        let mut h = Harness::with_limits(&a, l.clone());
         for step in order {
             match step {
                 0 => h.index.reset_nodes(b.nodes.clone()),
@@ -298,24 +324,18 @@ proptest! {
             h.sync();
             assert_store_current(&h, &format!("after step {step}"));
         }
-        let fresh = Harness::new(&b);
-        prop_assert_eq!(&h.store.nps.keys().collect::<Vec<_>>(), &fresh.store.nps.keys().collect::<Vec<_>>());
-        for (name, (spec, _)) in &fresh.store.nps {
-            prop_assert_eq!(&h.store.nps[name].0, spec, "NodePolicySet {}", name);
-        }
-        prop_assert_eq!(&h.store.ps.keys().collect::<Vec<_>>(), &fresh.store.ps.keys().collect::<Vec<_>>());
-        for (name, (spec, _)) in &fresh.store.ps {
-            prop_assert_eq!(&h.store.ps[name].0, spec, "PeerSet {}", name);
-        }
+        let fresh = Harness::with_limits(&b, l.clone());
+        prop_assert_eq!(&h.store.nps, &fresh.store.nps);
+        prop_assert_eq!(&h.store.pg, &fresh.store.pg);
+        prop_assert_eq!(&h.store.ps, &fresh.store.ps);
         let m = mismatches(&b, &h.store);
         prop_assert!(m.is_empty(), "{}", m.join("\n"));
 
         // A restarted controller that sees these objects writes nothing.
-        let mut restarted = b.index();
-        restarted.reset_observed_node_policy_sets(h.store.observed_nps());
-        restarted.reset_observed_peer_sets(h.store.observed_ps());
+        let mut restarted = b.index_with(l);
+        h.store.observe_all(&mut restarted);
         let changes = restarted.flush();
-        prop_assert!(changes.node_policy_sets.is_empty() && changes.peer_sets.is_empty(), "{:?}", changes);
+        prop_assert!(changes.writes() == 0, "{:?}", changes);
     }
 
     #[test]
@@ -324,8 +344,9 @@ proptest! {
         victim in 0usize..8,
         event in 0usize..7,
         label in prop::sample::select(vec!["a", "b", "c"]),
+        l in limits(),
     ) {
-        let mut h = Harness::new(&w);
+        let mut h = Harness::with_limits(&w, l);
         let mut w2 = w.clone();
         let i = victim % w.pods.len();
         let p = &mut w2.pods[i];

@@ -301,35 +301,26 @@ fn pending_host_network_and_finished_pods() {
         "metadata: {namespace: x, name: p}\nspec: {podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{podSelector: {matchLabels: {pod: a}}}]}]}",
     )];
     let h = Harness::new(&w);
-    let eps: Vec<&str> = h
-        .nps("n1")
-        .endpoints
-        .iter()
-        .map(|e| e.pod.as_str())
-        .collect();
+    let n1 = h.nps("n1");
+    let eps: Vec<&str> = n1.endpoints.iter().map(|e| e.pod.as_str()).collect();
     assert!(
         eps.contains(&"pending"),
         "a pod is isolated before it has an IP"
     );
     assert!(!eps.contains(&"host") && !eps.contains(&"done"));
-    let pending = h
-        .nps("n1")
-        .endpoints
-        .iter()
-        .find(|e| e.pod == "pending")
-        .unwrap();
+    let pending = n1.endpoints.iter().find(|e| e.pod == "pending").unwrap();
     assert_eq!(pending.ingress_policies, ["x/p"]);
     assert!(
         !h.store.nps.contains_key("n9"),
         "no Node object, no NodePolicySet"
     );
-    let set = h.store.ps.values().next().unwrap();
+    let set = h.store.peer_sets().into_values().next().unwrap();
     assert_eq!(
-        set.0.ips,
+        set.ips,
         ["10.0.0.1", "10.0.1.10"],
         "members: running pods with IPs, never hostNetwork or finished ones"
     );
-    assert_eq!(set.0.member_count, 2);
+    assert_eq!(set.member_count, 2);
 }
 
 #[test]
@@ -400,15 +391,18 @@ fn rules_on_a_node_depend_only_on_policies_selecting_its_pods() {
         )));
     }
     let mut h = Harness::new(&w);
-    assert_eq!(*h.nps("n1"), n1_before);
+    assert_eq!(h.nps("n1"), n1_before);
     assert_eq!(h.nps("n3").policies.len(), 200);
-    // Adding one more policy elsewhere writes n3 and its PeerSet only.
+    assert_eq!(h.store.pg.len(), 1, "one selector, one shared PolicyGroup");
+    // Adding one more policy elsewhere writes its PeerSet, the group and n3.
     h.index.apply_policy(&np(
         "metadata: {namespace: far, name: extra}\nspec: {podSelector: {matchLabels: {app: f}}, ingress: [{from: [{podSelector: {matchLabels: {n: extra}}}]}]}",
     ));
     let writes = h.sync();
-    assert_eq!(writes.len(), 2, "{writes:?}");
-    assert!(writes.contains(&"apply NodePolicySet n3".to_string()));
+    assert_eq!(writes.len(), 3, "{writes:?}");
+    assert!(writes[0].starts_with("apply PeerSet "), "{writes:?}");
+    assert!(writes[1].starts_with("apply PolicyGroup "), "{writes:?}");
+    assert_eq!(writes[2], "apply NodePolicySet n3");
 }
 
 #[test]
@@ -446,14 +440,25 @@ fn policy_delete_garbage_collects_its_peer_sets_after_the_nodes_stop_using_them(
         .filter(|(_, (s, _))| s.selector.namespace.as_deref() != Some("y"))
         .map(|(n, _)| n.clone())
         .collect();
+    let x_group = h
+        .store
+        .pg
+        .iter()
+        .find(|(_, (g, _))| g.namespace == "x")
+        .map(|(n, _)| n.clone())
+        .unwrap();
     h.index.delete_policy("x", "p");
     let writes = h.sync();
     let mut expected = vec![
         "apply NodePolicySet n1".to_string(),
         "apply NodePolicySet n2".to_string(),
+        format!("delete PolicyGroup {x_group}"),
     ];
     expected.extend(x_sets.iter().map(|n| format!("delete PeerSet {n}")));
-    assert_eq!(writes, expected, "nodes first, then the sets they used");
+    assert_eq!(
+        writes, expected,
+        "nodes first, then the group and the sets they used"
+    );
     assert_eq!(h.store.ps.len(), 1);
 }
 
@@ -519,27 +524,23 @@ fn restart_writes_nothing_and_tampering_is_repaired() {
     // A new controller: the world, plus what the watches of NodePolicySets
     // and PeerSets report.
     let mut restarted = w.index();
-    restarted.reset_observed_node_policy_sets(h.store.observed_nps());
-    restarted.reset_observed_peer_sets(h.store.observed_ps());
+    h.store.observe_all(&mut restarted);
     let changes = restarted.flush();
-    assert!(
-        changes.node_policy_sets.is_empty() && changes.peer_sets.is_empty(),
-        "{changes:?}"
-    );
+    assert_eq!(changes.writes(), 0, "{changes:?}");
 
     // Someone edits n1's spec: the content no longer matches the annotation.
     let mut store = h.store.clone();
-    store.nps.get_mut("n1").unwrap().0.policies.clear();
-    restarted.reset_observed_node_policy_sets(store.observed_nps());
+    store.nps.get_mut("n1").unwrap().0.policy_groups.clear();
+    restarted.reset_observed(Kind::NodePolicySet, store.observed(Kind::NodePolicySet));
     let changes = restarted.flush();
     assert_eq!(changes.node_policy_sets, [Change::Apply("n1".into())]);
     store.apply(&mut restarted, &changes);
     assert_eq!(store.nps["n1"], h.store.nps["n1"]);
 
     // A stray object nobody wants is deleted; a deleted one is recreated.
-    restarted.observe_peer_set("ps-stray", None);
+    restarted.observe(Kind::PeerSet, "ps-stray", None);
     store.ps.remove(&first_set(&h));
-    restarted.observe_peer_set_deleted(&first_set(&h));
+    restarted.observe_deleted(Kind::PeerSet, &first_set(&h));
     let changes = restarted.flush();
     assert_eq!(
         changes.peer_sets,
@@ -590,7 +591,10 @@ fn namespace_labels_move_pods_in_and_out_of_namespace_selector_sets() {
     w.namespaces[1] = ns("y", &[("ns", "y"), ("team", "blue")]);
     h.index.apply_namespace(w.namespaces[1].clone());
     assert_eq!(h.sync(), [format!("apply PeerSet {set}")]);
-    assert_eq!(h.store.ps[&set].0.ips, ["10.0.0.4", "10.0.0.5", "10.0.0.6"]);
+    assert_eq!(
+        h.store.peer_set(&set).unwrap().ips,
+        ["10.0.0.4", "10.0.0.5", "10.0.0.6"]
+    );
     let m = mismatches(&w, &h.store);
     assert!(m.is_empty(), "{}", m.join("\n"));
     h.index.delete_namespace("y");
