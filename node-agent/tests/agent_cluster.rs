@@ -207,10 +207,12 @@ async fn two_agents_connect_pods_repair_drift_survive_restarts_and_forget_delete
         assert_eq!(network["nodeSubnet"], node.cidr.as_str());
         assert_eq!(network["clusterCIDR"], "10.244.0.0/16");
         assert_eq!(network["mtu"], 1450);
+        // Masquerade is where the dataplane is (Auto: nftables here).
+        let iptables = node.ns.sh("iptables-save", &["-t", "nat"]);
+        let nft = node.ns.sh("nft", &["list", "tables"]);
         assert!(
-            node.ns
-                .sh("iptables-save", &["-t", "nat"])
-                .contains("-j CANAL-MASQ")
+            iptables.contains("-j CANAL-MASQ") || nft.contains("table inet canal-masq"),
+            "no masquerade rules in iptables or nftables:\n{iptables}\n{nft}"
         );
     }
     let api: Api<Node> = Api::all(client.clone());

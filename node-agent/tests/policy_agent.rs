@@ -204,12 +204,10 @@ async fn agent_programs_its_node_policy_set_reports_status_adopts_on_restart_and
     let cp = ControlPlane::start().await.expect("control plane");
     let client = cp.client();
     install::install_crds(&client).await.unwrap();
-    install::apply_default_network(
-        &client,
-        CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16"),
-    )
-    .await
-    .unwrap();
+    // This test reads iptables and ipset (policy_nft.rs covers nftables).
+    let mut spec = CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16");
+    spec.policy.dataplane = canal_crds::PolicyDataplane::IPTables;
+    install::apply_default_network(&client, spec).await.unwrap();
     create_node(&client, NODE, "10.244.1.0/24", "192.168.93.11").await;
     let node = node_ns(
         &cp,
