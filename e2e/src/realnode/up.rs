@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::Error;
+use crate::lab::family::IpFamily;
 use crate::lab::state::{LabRecord, StateDir, read_json, write_json};
 use crate::lab::{self, Context, cleanup, default_bin_dir, names, nodes};
 use crate::realnode::cgroups::LabCgroups;
@@ -105,7 +106,8 @@ async fn steps(
     // while the control plane starts.
     let images = tokio::task::spawn_blocking(build_images);
 
-    nodes::build_underlay(&names)?;
+    // The real-kubelet lab is IPv4 only (issue 14 leaves it for later).
+    nodes::build_underlay(&names, IpFamily::Ipv4)?;
     let address = control_plane_address(&names);
     let (ctl, client) = control::start(state, &paths, &canal_lab, address).await?;
     progress(
@@ -118,6 +120,8 @@ async fn steps(
             prefix: names.prefix.clone(),
             server: format!("https://127.0.0.1:{}", ctl.api_port),
             underlay: names.underlay(),
+            ip_family: IpFamily::Ipv4,
+            underlay6: None,
             agents: false,
             controller: false,
             bin_dir,
@@ -143,7 +147,7 @@ async fn steps(
     };
     let mut records = Vec::new();
     for i in 1..=opts.nodes {
-        let node = nodes::plan_node(state, &names, &names::default_node_name(i))?;
+        let node = nodes::plan_node(state, &names, IpFamily::Ipv4, &names::default_node_name(i))?;
         write_json(&state.node(&node.name).record(), &node)?;
         nodes::build_node(&names, &node)?;
         records.push(node);
