@@ -126,7 +126,7 @@ pub struct CanalNetworkSpec {
         default,
         skip_serializing_if = "Vec::is_empty"
     )]
-    #[schemars(length(max = 2))]
+    #[schemars(length(max = 2), inner(length(min = 4, max = 43)))]
     #[x_kube(validation = crate::validate::cidrs_shape_rule())]
     #[x_kube(validation = crate::validate::cidrs_families_rule())]
     #[x_kube(validation = crate::validate::cidrs_min_prefix_rule(4, crate::validate::MIN_PREFIX_V4))]

@@ -316,7 +316,18 @@ impl Owner {
         mut network: tokio::sync::watch::Receiver<Option<Arc<crate::component::NodeNetwork>>>,
     ) -> Result<(), ComponentError> {
         let config_of = |n: &Option<Arc<crate::component::NodeNetwork>>| {
-            n.as_deref().map(|n| EnforcementConfig::from(&n.config))
+            n.as_deref().map(|n| EnforcementConfig {
+                // IPv6 is guarded where the node has an IPv6 subnet (IPv4
+                // is always rendered).
+                families: crate::policy::model::Families {
+                    v4: true,
+                    v6: n
+                        .families
+                        .iter()
+                        .any(|f| f.family == crate::overlay::family::Family::V6),
+                },
+                ..EnforcementConfig::from(&n.config)
+            })
         };
         let initial = config_of(&network.borrow_and_update());
         self.store.set_config(initial, Instant::now());
