@@ -573,7 +573,7 @@ impl State {
                 if missing.len() == self.allocs.len() {
                     // No family of the cluster at all: nothing to publish.
                     problems.push(format!(
-                        "podCIDRs {} hold no range of family {}",
+                        "podCIDRs {} have no {} entry",
                         view.pod_cidrs.join(","),
                         missing
                             .iter()
