@@ -10,6 +10,9 @@ use ipnet::IpNet;
 use crate::node_view::same_family;
 use crate::status::RefusedChange;
 
+/// A range and its node subnet length.
+pub type RangePlan = (IpNet, u8);
+
 /// One family's plan in force: range, subnet length, subnets allocated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InForce {
@@ -30,7 +33,7 @@ pub struct NextPlans {
     pub refused: Vec<RefusedChange>,
     /// Changes applied (for an Event): (from, to), None for a family
     /// added or removed.
-    pub applied: Vec<(Option<(IpNet, u8)>, Option<(IpNet, u8)>)>,
+    pub applied: Vec<(Option<RangePlan>, Option<RangePlan>)>,
 }
 
 /// Decides the plans in force given those in force now and those wanted.
