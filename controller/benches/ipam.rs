@@ -10,13 +10,13 @@ use canal_controller::network::state::{NetworkObject, State};
 use canal_controller::node_view::NodeView;
 use canal_crds::{CanalNetworkSpec, CanalNetworkStatus};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 const NODES: usize = 5_000;
 
-fn cluster() -> Ipv4Net {
+fn cluster() -> IpNet {
     "10.0.0.0/8".parse().unwrap()
 }
 
@@ -58,7 +58,7 @@ fn allocator(c: &mut Criterion) {
             i += 1;
         })
     });
-    let held: Vec<(String, Ipv4Net)> = fragmented()
+    let held: Vec<(String, IpNet)> = fragmented()
         .holdings()
         .map(|(o, s)| (o.to_string(), s))
         .collect();

@@ -1,6 +1,8 @@
 //! Node subnet allocator: hands out `subnet_len` subnets of a cluster CIDR to
 //! named owners (Nodes), adopts subnets that owners already hold, and frees
-//! them again. Pure data, no I/O.
+//! them again. Pure data, no I/O. One allocator serves one family; a
+//! dual-stack cluster has one per range. Addresses are handled as `u128`
+//! so both families share the code.
 //!
 //! The cluster CIDR is cut into `2^(subnet_len - prefix)` slots. Free slots
 //! are kept as a set of maximal disjoint ranges (`start -> end`, end
@@ -18,34 +20,38 @@
 //! already holds it keeps it: podCIDRs never change).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
+
+/// Most bits a node subnet may be longer than its cluster CIDR: slots are
+/// counted in a u64 (IPv4 never gets near; IPv6 validation allows 32).
+pub const MAX_SLOT_BITS: u8 = 48;
 
 /// Why a subnet could not be allocated or adopted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IpamError {
     /// The cluster CIDR and subnet length do not describe a usable plan.
     #[error(
-        "node subnet length /{subnet_len} must be longer than the cluster CIDR {cluster} and at most /32"
+        "node subnet length /{subnet_len} must be longer than the cluster CIDR {cluster}, fit the family and be at most 48 bits longer"
     )]
-    Plan { cluster: Ipv4Net, subnet_len: u8 },
+    Plan { cluster: IpNet, subnet_len: u8 },
     /// Every subnet is taken.
     #[error("all {total} /{subnet_len} subnets of {cluster} are allocated")]
     Exhausted {
-        cluster: Ipv4Net,
+        cluster: IpNet,
         subnet_len: u8,
         total: u64,
     },
     /// The subnet lies (partly) outside the cluster CIDR.
     #[error("{subnet} is not inside the cluster CIDR {cluster}")]
-    Outside { subnet: Ipv4Net, cluster: Ipv4Net },
+    Outside { subnet: IpNet, cluster: IpNet },
     /// The subnet overlaps one held by another owner.
     #[error("{subnet} overlaps {other_subnet} of {other}")]
     Taken {
-        subnet: Ipv4Net,
+        subnet: IpNet,
         other: String,
-        other_subnet: Ipv4Net,
+        other_subnet: IpNet,
     },
 }
 
@@ -57,13 +63,13 @@ struct Holding {
     len: u32,
     /// The subnet as the owner holds it (may differ from the slot run for
     /// an adopted subnet longer than subnet_len).
-    subnet: Ipv4Net,
+    subnet: IpNet,
 }
 
 /// The allocator. See the module documentation.
 #[derive(Debug, Clone)]
 pub struct Allocator {
-    cluster: Ipv4Net,
+    cluster: IpNet,
     subnet_len: u8,
     total: u64,
     /// Free ranges, start slot -> end slot (exclusive). Maximal: two ranges
@@ -82,9 +88,12 @@ pub struct Allocator {
 
 impl Allocator {
     /// An empty allocator for `subnet_len` subnets of `cluster`.
-    pub fn new(cluster: Ipv4Net, subnet_len: u8) -> Result<Allocator, IpamError> {
+    pub fn new(cluster: IpNet, subnet_len: u8) -> Result<Allocator, IpamError> {
         let cluster = cluster.trunc();
-        if subnet_len <= cluster.prefix_len() || subnet_len > 32 {
+        if subnet_len <= cluster.prefix_len()
+            || subnet_len > cluster.max_prefix_len()
+            || subnet_len - cluster.prefix_len() > MAX_SLOT_BITS
+        {
             return Err(IpamError::Plan {
                 cluster,
                 subnet_len,
@@ -107,7 +116,7 @@ impl Allocator {
     }
 
     /// The cluster CIDR.
-    pub fn cluster(&self) -> Ipv4Net {
+    pub fn cluster(&self) -> IpNet {
         self.cluster
     }
 
@@ -136,24 +145,32 @@ impl Allocator {
 
     /// Holds back the subnets containing `addresses` (those outside the
     /// cluster CIDR are ignored), replacing what was held back before.
-    pub fn set_reserved(&mut self, addresses: impl IntoIterator<Item = Ipv4Addr>) {
-        let base = u32::from(self.cluster.network());
-        let shift = 32 - self.subnet_len;
+    pub fn set_reserved(&mut self, addresses: impl IntoIterator<Item = IpAddr>) {
         self.reserved = addresses
             .into_iter()
             .filter(|a| self.cluster.contains(a))
-            .map(|a| u64::from(u32::from(a) - base) >> shift)
+            .map(|a| self.slot_of(a))
             .collect();
     }
 
+    /// The slot holding `address` (inside the cluster CIDR).
+    fn slot_of(&self, address: IpAddr) -> u64 {
+        let offset = to_u128(address) - to_u128(self.cluster.network());
+        // Below 2^MAX_SLOT_BITS: the offset is inside the cluster CIDR.
+        (offset >> self.host_bits()) as u64
+    }
+
+    /// Address bits of one node subnet.
+    fn host_bits(&self) -> u8 {
+        self.cluster.max_prefix_len() - self.subnet_len
+    }
+
     /// The subnet of the allocation plan that contains `address`.
-    pub fn subnet_containing(&self, address: Ipv4Addr) -> Option<Ipv4Net> {
+    pub fn subnet_containing(&self, address: IpAddr) -> Option<IpNet> {
         if !self.cluster.contains(&address) {
             return None;
         }
-        let slot = u64::from(u32::from(address) - u32::from(self.cluster.network()))
-            >> (32 - self.subnet_len);
-        Some(self.slot_subnet(slot))
+        Some(self.slot_subnet(self.slot_of(address)))
     }
 
     fn is_free(&self, slot: u64) -> bool {
@@ -175,18 +192,18 @@ impl Allocator {
     }
 
     /// The subnet `owner` holds.
-    pub fn subnet_of(&self, owner: &str) -> Option<Ipv4Net> {
+    pub fn subnet_of(&self, owner: &str) -> Option<IpNet> {
         let start = self.by_owner.get(owner)?;
         self.held.get(start).map(|h| h.subnet)
     }
 
     /// Every (owner, subnet), in address order.
-    pub fn holdings(&self) -> impl Iterator<Item = (&str, Ipv4Net)> {
+    pub fn holdings(&self) -> impl Iterator<Item = (&str, IpNet)> {
         self.held.values().map(|h| (h.owner.as_str(), h.subnet))
     }
 
     /// Gives `owner` a free subnet, or the one it already holds.
-    pub fn allocate(&mut self, owner: &str) -> Result<Ipv4Net, IpamError> {
+    pub fn allocate(&mut self, owner: &str) -> Result<IpNet, IpamError> {
         if let Some(subnet) = self.subnet_of(owner) {
             return Ok(subnet);
         }
@@ -215,7 +232,7 @@ impl Allocator {
     /// other owner's; it may be shorter or longer than the subnet length, in
     /// which case every slot it touches is reserved. An owner that held
     /// another subnet gives that one up.
-    pub fn claim(&mut self, owner: &str, subnet: Ipv4Net) -> Result<(), IpamError> {
+    pub fn claim(&mut self, owner: &str, subnet: IpNet) -> Result<(), IpamError> {
         let subnet = subnet.trunc();
         if !self.cluster.contains(&subnet) {
             return Err(IpamError::Outside {
@@ -251,7 +268,7 @@ impl Allocator {
     }
 
     /// Frees what `owner` holds and returns it.
-    pub fn release(&mut self, owner: &str) -> Option<Ipv4Net> {
+    pub fn release(&mut self, owner: &str) -> Option<IpNet> {
         let start = self.by_owner.remove(owner)?;
         let holding = self.held.remove(&start)?;
         self.give_back(start, u64::from(holding.len));
@@ -259,7 +276,7 @@ impl Allocator {
     }
 
     /// The owner of a subnet overlapping `subnet`, if any.
-    pub fn owner_overlapping(&self, subnet: Ipv4Net) -> Option<(&str, Ipv4Net)> {
+    pub fn owner_overlapping(&self, subnet: IpNet) -> Option<(&str, IpNet)> {
         if !self.cluster.contains(&subnet) {
             return None;
         }
@@ -269,20 +286,21 @@ impl Allocator {
             .map(|h| (h.owner.as_str(), h.subnet))
     }
 
-    fn slot_subnet(&self, slot: u64) -> Ipv4Net {
-        let base = u64::from(u32::from(self.cluster.network()));
-        let addr = base + (slot << (32 - self.subnet_len));
-        // Provably infallible: slot < total keeps addr inside the cluster CIDR
-        // (a u32) and subnet_len <= 32 was checked in new().
-        Ipv4Net::new(Ipv4Addr::from(addr as u32), self.subnet_len).expect("prefix length <= 32")
+    fn slot_subnet(&self, slot: u64) -> IpNet {
+        let base = to_u128(self.cluster.network());
+        let addr = base + (u128::from(slot) << self.host_bits());
+        let ip = match self.cluster {
+            // slot < total keeps addr inside the cluster CIDR, a u32.
+            IpNet::V4(_) => IpAddr::V4(Ipv4Addr::from(addr as u32)),
+            IpNet::V6(_) => IpAddr::V6(Ipv6Addr::from(addr)),
+        };
+        // Provably infallible: subnet_len <= the family's length (new()).
+        IpNet::new(ip, self.subnet_len).expect("prefix length fits the family")
     }
 
     /// Slot run covering `subnet` (which lies inside the cluster CIDR).
-    fn slots_of(&self, subnet: Ipv4Net) -> (u64, u64) {
-        let base = u64::from(u32::from(self.cluster.network()));
-        let offset = u64::from(u32::from(subnet.network())) - base;
-        let shift = 32 - self.subnet_len;
-        let start = offset >> shift;
+    fn slots_of(&self, subnet: IpNet) -> (u64, u64) {
+        let start = self.slot_of(subnet.network());
         let len = if subnet.prefix_len() >= self.subnet_len {
             1
         } else {
@@ -372,14 +390,63 @@ impl Allocator {
     }
 }
 
+/// An address as a number (IPv4 in the low 32 bits).
+fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
 
-    fn net(s: &str) -> Ipv4Net {
+    use ipnet::Ipv4Net;
+
+    fn net(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv6_subnets_allocate_claim_and_hold_back_like_ipv4() {
+        let mut a = Allocator::new(net("fd00:10:244::/56"), 64).unwrap();
+        assert_eq!(a.total(), 256);
+        assert_eq!(a.allocate("a"), Ok(net("fd00:10:244::/64")));
+        assert_eq!(a.allocate("b"), Ok(net("fd00:10:244:1::/64")));
+        // An adopted /64 and a conflicting claim.
+        assert_eq!(a.claim("c", net("fd00:10:244:ff::/64")), Ok(()));
+        assert!(matches!(
+            a.claim("d", net("fd00:10:244:ff::/64")),
+            Err(IpamError::Taken { .. })
+        ));
+        assert!(matches!(
+            a.claim("d", net("fd00:10:245::/64")),
+            Err(IpamError::Outside { .. })
+        ));
+        // A Node address inside the range holds its /64 back.
+        a.set_reserved(["fd00:10:244:2::7".parse().unwrap()]);
+        assert_eq!(a.allocate("e"), Ok(net("fd00:10:244:3::/64")));
+        assert_eq!(
+            a.subnet_containing("fd00:10:244:2::7".parse().unwrap()),
+            Some(net("fd00:10:244:2::/64"))
+        );
+        // The other family never matches.
+        assert_eq!(a.subnet_containing("10.0.0.1".parse().unwrap()), None);
+        assert!(matches!(
+            a.claim("f", net("10.244.0.0/24")),
+            Err(IpamError::Outside { .. })
+        ));
+        // A /32 of /64s is 2^32 slots (the validation limit); the top one works.
+        let mut big = Allocator::new(net("2001:db8::/32"), 64).unwrap();
+        assert_eq!(big.total(), 1 << 32);
+        assert_eq!(big.claim("top", net("2001:db8:ffff:ffff::/64")), Ok(()));
+        assert_eq!(big.allocated(), 1);
+        // Beyond what a u64 slot count holds: refused, not wrapped.
+        assert!(Allocator::new(net("fd00::/8"), 120).is_err());
+        assert!(Allocator::new(net("fd00::/56"), 129).is_err());
     }
 
     #[test]
@@ -557,12 +624,12 @@ mod tests {
                     Op::Release(o) => { a.release(&format!("n{o}")); }
                     Op::Claim(o, addr, len) => {
                         // Mostly inside the cluster CIDR, sometimes not.
-                        let addr = if addr % 5 == 0 { addr } else { u32::from(cluster.network()) | (addr & 0xff) };
-                        let subnet = Ipv4Net::new(Ipv4Addr::from(addr), len).unwrap().trunc();
+                        let addr = if addr % 5 == 0 { addr } else { (to_u128(cluster.network()) as u32) | (addr & 0xff) };
+                        let subnet = IpNet::V4(Ipv4Net::new(Ipv4Addr::from(addr), len).unwrap().trunc());
                         let _ = a.claim(&format!("n{o}"), subnet);
                     }
                 }
-                let held: Vec<(String, Ipv4Net)> =
+                let held: Vec<(String, IpNet)> =
                     a.holdings().map(|(o, s)| (o.to_string(), s)).collect();
                 for (i, (o1, s1)) in held.iter().enumerate() {
                     prop_assert!(cluster.contains(s1), "{s1} of {o1} outside {cluster}");
@@ -590,9 +657,9 @@ mod tests {
                 a.allocate(&format!("tmp{i}")).unwrap();
                 if i % 3 != 0 { a.release(&format!("tmp{i}")); }
             }
-            let addrs: Vec<Ipv4Addr> = addrs.iter().map(|o| Ipv4Addr::new(10, 7, 0, *o as u8)).collect();
+            let addrs: Vec<IpAddr> = addrs.iter().map(|o| IpAddr::V4(Ipv4Addr::new(10, 7, 0, *o as u8))).collect();
             a.set_reserved(addrs.iter().copied());
-            let held_back: BTreeSet<u32> = addrs.iter().map(|ip| u32::from(*ip) >> 4).collect();
+            let held_back: BTreeSet<u32> = addrs.iter().map(|ip| (to_u128(*ip) as u32) >> 4).collect();
             let mut n = 0;
             while let Ok(s) = a.allocate(&format!("n{n}")) {
                 n += 1;
@@ -602,7 +669,7 @@ mod tests {
             }
             prop_assert_eq!(a.free(), 0);
             prop_assert_eq!(a.allocated() + a.reserved_free(), a.total());
-            let reserved_and_free = held_back.len() as u64 - a.holdings().filter(|(_, s)| held_back.contains(&(u32::from(s.network()) >> 4))).count() as u64;
+            let reserved_and_free = held_back.len() as u64 - a.holdings().filter(|(_, s)| held_back.contains(&((to_u128(s.network()) as u32) >> 4))).count() as u64;
             prop_assert_eq!(a.reserved_free(), reserved_and_free);
         }
 
@@ -631,7 +698,7 @@ mod tests {
         for i in (0..5_000).step_by(2) {
             a.release(&format!("n{i}"));
         }
-        let mut seen: BTreeSet<Ipv4Net> = a.holdings().map(|(_, s)| s).collect();
+        let mut seen: BTreeSet<IpNet> = a.holdings().map(|(_, s)| s).collect();
         for i in 0..2_500 {
             assert!(seen.insert(a.allocate(&format!("m{i}")).unwrap()));
         }

@@ -3,7 +3,8 @@
 //! name or an error message.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// Metric name prefix.
@@ -43,12 +44,12 @@ pub struct Metrics {
     pub api_writes: IntCounterVec,
     /// Events published or dropped.
     pub events: IntCounterVec,
-    /// Subnets allocated to Nodes.
-    pub subnets_allocated: IntGauge,
-    /// Subnets free.
-    pub subnets_free: IntGauge,
-    /// Subnets in the cluster CIDR.
-    pub subnets_capacity: IntGauge,
+    /// Subnets allocated to Nodes, by family (IPv4, IPv6).
+    pub subnets_allocated: IntGaugeVec,
+    /// Subnets free, by family.
+    pub subnets_free: IntGaugeVec,
+    /// Subnets in the cluster range, by family.
+    pub subnets_capacity: IntGaugeVec,
     /// Nodes waiting for a subnet.
     pub pending_nodes: IntGauge,
     /// Nodes whose podCIDR cannot be used.
@@ -120,17 +121,26 @@ impl Metrics {
                 ),
                 &["result"],
             )?,
-            subnets_allocated: IntGauge::new(
-                name("subnets_allocated"),
-                "Node subnets allocated from the clusterCIDR in force.",
+            subnets_allocated: IntGaugeVec::new(
+                Opts::new(
+                    name("subnets_allocated"),
+                    "Node subnets allocated from the cluster range in force, by family (IPv4, IPv6).",
+                ),
+                &["family"],
             )?,
-            subnets_free: IntGauge::new(
-                name("subnets_free"),
-                "Node subnets still free in the clusterCIDR in force.",
+            subnets_free: IntGaugeVec::new(
+                Opts::new(
+                    name("subnets_free"),
+                    "Node subnets still free in the cluster range in force, by family.",
+                ),
+                &["family"],
             )?,
-            subnets_capacity: IntGauge::new(
-                name("subnets_capacity"),
-                "Node subnets the clusterCIDR in force holds in total.",
+            subnets_capacity: IntGaugeVec::new(
+                Opts::new(
+                    name("subnets_capacity"),
+                    "Node subnets the cluster range in force holds in total, by family.",
+                ),
+                &["family"],
             )?,
             pending_nodes: IntGauge::new(
                 name("pending_nodes"),
@@ -203,12 +213,14 @@ mod tests {
         m.reconciles.with_label_values(&[kind::NODE]).inc();
         m.error(kind::NODE, "kube_api");
         m.leader.set(1);
+        m.subnets_free.with_label_values(&["IPv6"]).set(3);
         let mut out = Vec::new();
         TextEncoder::new().encode(&r.gather(), &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("canal_controller_reconciles_total{kind=\"node\"} 1"));
         assert!(text.contains("canal_controller_leader 1"));
         assert!(text.contains("# HELP canal_controller_subnets_free"));
+        assert!(text.contains("canal_controller_subnets_free{family=\"IPv6\"} 3"));
         assert!(
             Metrics::register(&r).is_err(),
             "a second registration is refused"

@@ -3,7 +3,7 @@
 //! worth kilobytes, and the controller holds every Node of the cluster.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::api::core::v1::Node;
@@ -31,6 +31,11 @@ pub struct NodeView {
     /// Every IPv4 InternalIP and ExternalIP in status.addresses, in order
     /// (a Node address inside clusterCIDR is a conflict, whichever kind).
     pub addresses: Vec<(AddressKind, Ipv4Addr)>,
+    /// The first IPv6 InternalIP in status.addresses (flannel's
+    /// `public-ipv6`).
+    pub internal_ipv6: Option<Ipv6Addr>,
+    /// Every IPv6 InternalIP and ExternalIP, in order.
+    pub addresses_v6: Vec<Ipv6Addr>,
     /// The field manager that wrote the InternalIP (from managedFields),
     /// named in the Event when the overlay address moves.
     pub addresses_writer: Option<String>,
@@ -64,6 +69,40 @@ impl AddressKind {
 
 /// Prefix of the annotations canal-controller writes besides flannel's.
 pub const CANAL_ANNOTATION_PREFIX: &str = "canal.dev/";
+
+/// Every pod subnet of a Node (one per family).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodCidrs {
+    /// spec.podCIDR(s) unset: the Node waits for an allocation.
+    Unset,
+    /// The subnets, in spec.podCIDRs order.
+    Set(Vec<IpNet>),
+    /// Set but unusable.
+    Invalid {
+        /// What the Node shows.
+        value: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+}
+
+impl PodCidrs {
+    /// The subnet of `cluster`'s family.
+    pub fn of_family(&self, cluster: &IpNet) -> Option<IpNet> {
+        match self {
+            PodCidrs::Set(nets) => nets.iter().find(|n| same_family(n, cluster)).copied(),
+            _ => None,
+        }
+    }
+}
+
+/// Both IPv4 or both IPv6.
+pub fn same_family(a: &IpNet, b: &IpNet) -> bool {
+    matches!(
+        (a, b),
+        (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))
+    )
+}
 
 /// The Node's pod subnet as the controller reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +145,28 @@ impl NodeView {
                 Some((kind, a.address.parse::<Ipv4Addr>().ok()?))
             })
             .collect();
+        let mut internal_ipv6 = None;
+        let mut addresses_v6 = Vec::new();
+        for a in node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            let internal = a.type_ == "InternalIP";
+            if !internal && a.type_ != "ExternalIP" {
+                continue;
+            }
+            if let Ok(ip) = a.address.parse::<Ipv6Addr>() {
+                if internal && internal_ipv6.is_none() {
+                    internal_ipv6 = Some(ip);
+                }
+                if !addresses_v6.contains(&ip) {
+                    addresses_v6.push(ip);
+                }
+            }
+        }
         let internal_ip = addresses
             .iter()
             .find(|(k, _)| *k == AddressKind::Internal)
@@ -122,6 +183,8 @@ impl NodeView {
             pod_cidrs: spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default(),
             internal_ip,
             addresses,
+            internal_ipv6,
+            addresses_v6,
             // The manager that set the InternalIP's value owns exactly this
             // field (a changed value changes hands).
             addresses_writer: writer(
@@ -193,6 +256,53 @@ impl NodeView {
             value: shown,
             reason: "no IPv4 entry (canal's overlay is IPv4)".into(),
         }
+    }
+
+    /// Every pod subnet, in spec.podCIDRs order (spec.podCIDR alone when
+    /// podCIDRs is empty): what the per-family allocators claim.
+    pub fn pod_subnets(&self) -> PodCidrs {
+        let entries: Vec<&String> = if self.pod_cidrs.is_empty() {
+            self.pod_cidr.iter().collect()
+        } else {
+            self.pod_cidrs.iter().collect()
+        };
+        if entries.is_empty() {
+            return PodCidrs::Unset;
+        }
+        let shown = entries
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut out: Vec<IpNet> = Vec::new();
+        for entry in &entries {
+            let reason = match entry.parse::<IpNet>() {
+                Ok(net) if net.trunc() != net => {
+                    format!("{net} has host bits set (network is {})", net.trunc())
+                }
+                Ok(net) if out.iter().any(|o| same_family(o, &net)) => {
+                    format!(
+                        "more than one {} entry",
+                        canal_crds::validate::family_name(&net)
+                    )
+                }
+                Ok(net) => {
+                    out.push(net);
+                    continue;
+                }
+                Err(_) => format!("{entry:?} is not a CIDR"),
+            };
+            return PodCidrs::Invalid {
+                value: shown,
+                reason,
+            };
+        }
+        PodCidrs::Set(out)
+    }
+
+    /// The IPv6 underlay address to publish (first IPv6 InternalIP).
+    pub fn ipv6_address(&self) -> Option<IpAddr> {
+        self.internal_ipv6.map(IpAddr::V6)
     }
 
     /// Sort key that serves waiting Nodes oldest first (and decides which
@@ -285,6 +395,28 @@ mod tests {
         assert_eq!(v.addresses_writer.as_deref(), Some("kubectl-patch"));
         assert_eq!(v.overwrite_writer.as_deref(), Some("kubectl-annotate"));
         assert_eq!(v.annotations.len(), 2, "flannel and canal keys are kept");
+    }
+
+    #[test]
+    fn reads_every_family_of_pod_subnets() {
+        let mut v = NodeView::default();
+        assert_eq!(v.pod_subnets(), PodCidrs::Unset);
+        v.pod_cidr = Some("fd00::/64".into());
+        let n = |s: &str| s.parse::<IpNet>().unwrap();
+        assert_eq!(v.pod_subnets(), PodCidrs::Set(vec![n("fd00::/64")]));
+        v.pod_cidrs = vec!["fd00::/64".into(), "10.0.1.0/24".into()];
+        let got = v.pod_subnets();
+        assert_eq!(got, PodCidrs::Set(vec![n("fd00::/64"), n("10.0.1.0/24")]));
+        assert_eq!(got.of_family(&n("10.0.0.0/8")), Some(n("10.0.1.0/24")));
+        assert_eq!(got.of_family(&n("fd00::/8")), Some(n("fd00::/64")));
+        v.pod_cidrs = vec!["fd00::/64".into(), "fd01::/64".into()];
+        assert!(
+            matches!(v.pod_subnets(), PodCidrs::Invalid { reason, .. } if reason.contains("more than one IPv6"))
+        );
+        v.pod_cidrs = vec!["fd00::1/64".into()];
+        assert!(
+            matches!(v.pod_subnets(), PodCidrs::Invalid { reason, .. } if reason.contains("host bits"))
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use canal_crds::CanalNetworkStatus;
 use canal_crds::condition::{self, DEGRADED, READY};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 /// Ready reason when everything is applied.
@@ -30,8 +30,8 @@ const NAMES_SHOWN: usize = 5;
 /// The address plan in force and its usage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActivePlan {
-    /// clusterCIDR in force.
-    pub cluster_cidr: Ipv4Net,
+    /// The range in force (clusterCIDR or a clusterCIDRs entry).
+    pub cluster_cidr: IpNet,
     /// nodeSubnetLength in force.
     pub node_subnet_length: u8,
     /// Subnets in total.
@@ -46,9 +46,10 @@ pub struct ActivePlan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefusedChange {
     /// The plan in force.
-    pub active: (Ipv4Net, u8),
-    /// The plan the spec asks for.
-    pub wanted: (Ipv4Net, u8),
+    pub active: (IpNet, u8),
+    /// The plan the spec asks for in that family (None: the family is
+    /// removed from the spec).
+    pub wanted: Option<(IpNet, u8)>,
     /// Subnets allocated from the plan in force.
     pub allocated: u64,
 }
@@ -62,8 +63,10 @@ pub struct Assessment {
     pub invalid_spec: Option<String>,
     /// A refused address plan change.
     pub refused: Option<RefusedChange>,
-    /// The plan in force.
+    /// The plan in force of the primary family.
     pub active: Option<ActivePlan>,
+    /// The plans in force, primary first (one per family).
+    pub families: Vec<ActivePlan>,
     /// Nodes waiting for a subnet, oldest first.
     pub waiting: Vec<String>,
     /// Nodes whose podCIDR cannot be used: (name, why), by name.
@@ -150,7 +153,24 @@ pub fn derive(a: &Assessment, existing: &CanalNetworkStatus, now: Time) -> Canal
         observed_generation: generation,
         conditions,
         active_cluster_cidr: a.active.as_ref().map(|p| p.cluster_cidr.to_string()),
-        active_node_subnet_length: a.active.as_ref().map(|p| p.node_subnet_length),
+        active_node_subnet_length: plan_of(a, false).map(|p| p.node_subnet_length),
+        active_cluster_cidrs: a
+            .families
+            .iter()
+            .map(|p| p.cluster_cidr.to_string())
+            .collect(),
+        active_node_subnet_length_v6: plan_of(a, true).map(|p| p.node_subnet_length),
+        family_subnets: a
+            .families
+            .iter()
+            .map(|p| canal_crds::canal_network::FamilySubnets {
+                family: canal_crds::validate::family_name(&p.cluster_cidr).to_string(),
+                cluster_cidr: p.cluster_cidr.to_string(),
+                total: p.total,
+                allocated: p.allocated,
+                free: p.free,
+            })
+            .collect(),
         total_subnets: a.active.as_ref().map(|p| p.total),
         allocated_subnets: a.active.as_ref().map(|p| p.allocated),
         free_subnets: a.active.as_ref().map(|p| p.free),
@@ -222,18 +242,44 @@ pub fn reason(status: &CanalNetworkStatus) -> Option<&str> {
         .map(|c| c.reason.as_str())
 }
 
+/// The plan in force of one family (IPv6 or IPv4).
+fn plan_of(a: &Assessment, v6: bool) -> Option<&ActivePlan> {
+    let found = a
+        .families
+        .iter()
+        .find(|p| matches!(p.cluster_cidr, IpNet::V6(_)) == v6);
+    // Assessments built before families existed carry only `active`.
+    match (found, &a.active) {
+        (Some(p), _) => Some(p),
+        (None, Some(p))
+            if a.families.is_empty() && matches!(p.cluster_cidr, IpNet::V6(_)) == v6 =>
+        {
+            Some(p)
+        }
+        _ => None,
+    }
+}
+
 fn refused_message(r: &RefusedChange) -> String {
     let (from_cidr, from_len) = r.active;
-    let (to_cidr, to_len) = r.wanted;
+    let len_field = match from_cidr {
+        IpNet::V4(_) => "nodeSubnetLength",
+        IpNet::V6(_) => "nodeSubnetLengthV6",
+    };
     let mut what = Vec::new();
-    if from_cidr != to_cidr {
-        what.push(format!("clusterCIDR {from_cidr} -> {to_cidr}"));
-    }
-    if from_len != to_len {
-        what.push(format!("nodeSubnetLength {from_len} -> {to_len}"));
+    match r.wanted {
+        Some((to_cidr, to_len)) => {
+            if from_cidr != to_cidr {
+                what.push(format!("clusterCIDR {from_cidr} -> {to_cidr}"));
+            }
+            if from_len != to_len {
+                what.push(format!("{len_field} {from_len} -> {to_len}"));
+            }
+        }
+        None => what.push(format!("removing the range {from_cidr}")),
     }
     format!(
-        "the change of {} is refused: {} Node subnet(s) are allocated from {from_cidr} and a Node's podCIDR cannot change once set, so nothing allocated was touched and clusterCIDR {from_cidr} with nodeSubnetLength {from_len} stays in force. To apply it, drain and delete every Node (their subnets are freed and the new plan applies by itself) or create a new cluster; to cancel, set spec.clusterCIDR back to {from_cidr} and spec.nodeSubnetLength to {from_len}",
+        "the change of {} is refused: {} Node subnet(s) are allocated from {from_cidr} and a Node's podCIDR cannot change once set, so nothing allocated was touched and clusterCIDR {from_cidr} with {len_field} {from_len} stays in force. To apply it, drain and delete every Node (their subnets are freed and the new plan applies by itself) or create a new cluster; to cancel, set spec.clusterCIDR (or its clusterCIDRs entry) back to {from_cidr} and spec.{len_field} to {from_len}",
         what.join(" and "),
         r.allocated
     )
@@ -370,7 +416,7 @@ mod tests {
 
         a.refused = Some(RefusedChange {
             active: ("10.244.0.0/16".parse().unwrap(), 24),
-            wanted: ("10.245.0.0/16".parse().unwrap(), 24),
+            wanted: Some(("10.245.0.0/16".parse().unwrap(), 24)),
             allocated: 3,
         });
         let s = derive(&a, &s, at(2));

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use canal_crds::NetworkConfig;
 use canal_crds::annotations::{self, BackendData};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde_json::json;
 
 use crate::network::addresses::{Overlay, PREVIOUS_PUBLIC_IP, PUBLIC_IP_CHANGED_AT};
@@ -41,26 +41,59 @@ pub fn desired_annotations(
     config: &NetworkConfig,
     overlay: &Overlay,
 ) -> BTreeMap<String, String> {
-    let data = BackendData {
-        vni: config.vni,
-        vtep_mac: annotations::format_mac(annotations::vtep_mac(&node.name)),
-    };
+    desired_family_annotations(node, config, overlay, config.ipv4().is_some(), false)
+}
+
+/// flannel's annotations for the families the Node takes part in: the
+/// IPv4 ones (`backend-data`, `public-ip`) when `v4`, the IPv6 ones
+/// (`backend-v6-data` with the MAC of `flannel-v6.<VNI>`, `public-ipv6`)
+/// when `v6`, like flannel's kube subnet manager with EnableIPv4/EnableIPv6.
+pub fn desired_family_annotations(
+    node: &NodeView,
+    config: &NetworkConfig,
+    overlay: &Overlay,
+    v4: bool,
+    v6: bool,
+) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     out.insert(
         annotations::BACKEND_TYPE.to_string(),
         config.backend.as_str().to_string(),
     );
-    // Serializing a struct of a u32 and a String cannot fail.
-    out.insert(
-        annotations::BACKEND_DATA.to_string(),
-        serde_json::to_string(&data).unwrap_or_default(),
-    );
+    for (on, key, mac) in [
+        (
+            v4,
+            annotations::BACKEND_DATA,
+            annotations::vtep_mac(&node.name),
+        ),
+        (
+            v6,
+            annotations::BACKEND_V6_DATA,
+            annotations::vtep_mac_v6(&node.name),
+        ),
+    ] {
+        if !on {
+            continue;
+        }
+        let data = BackendData {
+            vni: config.vni,
+            vtep_mac: annotations::format_mac(mac),
+        };
+        // Serializing a struct of a u32 and a String cannot fail.
+        out.insert(
+            key.to_string(),
+            serde_json::to_string(&data).unwrap_or_default(),
+        );
+    }
     out.insert(
         annotations::KUBE_SUBNET_MANAGER.to_string(),
         "true".to_string(),
     );
-    if let Some(ip) = &overlay.public_ip {
+    if let Some(ip) = overlay.public_ip.as_ref().filter(|_| v4) {
         out.insert(annotations::PUBLIC_IP.to_string(), ip.clone());
+    }
+    if let Some(ip) = overlay.public_ipv6.as_ref().filter(|_| v6) {
+        out.insert(annotations::PUBLIC_IPV6.to_string(), ip.clone());
     }
     if let Some((previous, at)) = &overlay.history {
         out.insert(PREVIOUS_PUBLIC_IP.to_string(), previous.clone());
@@ -69,10 +102,11 @@ pub fn desired_annotations(
     out
 }
 
-/// The complete apply for `node` holding `subnet`.
+/// The complete apply for `node` holding `subnets` (one per family of the
+/// cluster it has, in the cluster's order).
 pub fn desired(
     node: &NodeView,
-    subnet: Ipv4Net,
+    subnets: &[IpNet],
     config: &NetworkConfig,
     overlay: &Overlay,
 ) -> NodeApply {
@@ -86,13 +120,24 @@ pub fn desired(
             };
             (existing.clone(), list)
         }
-        None => (subnet.to_string(), vec![subnet.to_string()]),
+        None => {
+            let list: Vec<String> = subnets.iter().map(ToString::to_string).collect();
+            (list.first().cloned().unwrap_or_default(), list)
+        }
+    };
+    // A family takes part when the cluster has it and the Node a subnet of it.
+    let has = |v6: bool| {
+        subnets.iter().any(|s| matches!(s, IpNet::V6(_)) == v6)
+            && config
+                .ranges
+                .iter()
+                .any(|r| matches!(r.cidr, IpNet::V6(_)) == v6)
     };
     NodeApply {
         name: node.name.clone(),
         pod_cidr,
         pod_cidrs,
-        annotations: desired_annotations(node, config, overlay),
+        annotations: desired_family_annotations(node, config, overlay, has(false), has(true)),
     }
 }
 
@@ -143,7 +188,7 @@ mod tests {
         }
     }
 
-    fn subnet() -> Ipv4Net {
+    fn subnet() -> IpNet {
         "10.244.3.0/24".parse().unwrap()
     }
 
@@ -155,8 +200,69 @@ mod tests {
         }
     }
 
-    fn desired(n: &NodeView, subnet: Ipv4Net, config: &NetworkConfig) -> NodeApply {
-        super::desired(n, subnet, config, &overlay(n))
+    fn desired(n: &NodeView, subnet: IpNet, config: &NetworkConfig) -> NodeApply {
+        super::desired(n, &[subnet], config, &overlay(n))
+    }
+
+    fn dual() -> NetworkConfig {
+        CanalNetworkSpec::with_cluster_cidrs(&["10.244.0.0/16", "fd00:10:244::/56"])
+            .validate()
+            .unwrap()
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn dual_stack_nodes_get_both_families_in_the_clusters_order() {
+        let n = node("worker-1");
+        let mut o = overlay(&n);
+        o.public_ipv6 = Some("fd00:1::3".into());
+        let subnets = [net("10.244.3.0/24"), net("fd00:10:244:3::/64")];
+        let a = super::desired(&n, &subnets, &dual(), &o);
+        assert_eq!(a.pod_cidr, "10.244.3.0/24");
+        assert_eq!(a.pod_cidrs, vec!["10.244.3.0/24", "fd00:10:244:3::/64"]);
+        let mac6 = annotations::format_mac(annotations::vtep_mac_v6("worker-1"));
+        assert_eq!(
+            a.annotations[annotations::BACKEND_V6_DATA],
+            format!(r#"{{"VNI":1,"VtepMAC":"{mac6}"}}"#)
+        );
+        assert_ne!(
+            a.annotations[annotations::BACKEND_V6_DATA],
+            a.annotations[annotations::BACKEND_DATA],
+            "the two VTEPs never share a MAC"
+        );
+        assert_eq!(a.annotations[annotations::PUBLIC_IPV6], "fd00:1::3");
+        assert_eq!(a.annotations[annotations::PUBLIC_IP], "192.168.7.3");
+        assert_eq!(a.annotations.len(), 6);
+
+        // IPv6 primary: podCIDR is the IPv6 one.
+        let v6first = CanalNetworkSpec::with_cluster_cidrs(&["fd00:10:244::/56", "10.244.0.0/16"])
+            .validate()
+            .unwrap();
+        let a = super::desired(&n, &[subnets[1], subnets[0]], &v6first, &o);
+        assert_eq!(a.pod_cidr, "fd00:10:244:3::/64");
+
+        // IPv6-only: no IPv4 annotations at all (flannel without EnableIPv4).
+        let v6only = CanalNetworkSpec::with_cluster_cidrs(&["fd00:10:244::/56"])
+            .validate()
+            .unwrap();
+        let a = super::desired(&n, &subnets[1..], &v6only, &o);
+        assert!(!a.annotations.contains_key(annotations::BACKEND_DATA));
+        assert!(!a.annotations.contains_key(annotations::PUBLIC_IP));
+        assert!(a.annotations.contains_key(annotations::BACKEND_V6_DATA));
+        assert_eq!(a.pod_cidrs, vec!["fd00:10:244:3::/64"]);
+
+        // A Node that kept only its IPv4 podCIDR in a dual-stack cluster:
+        // repeated verbatim, no IPv6 annotations (its peers skip it in IPv6).
+        let mut old = node("old");
+        old.pod_cidr = Some("10.244.9.0/24".into());
+        old.pod_cidrs = vec!["10.244.9.0/24".into()];
+        let a = super::desired(&old, &[net("10.244.9.0/24")], &dual(), &o);
+        assert_eq!(a.pod_cidrs, vec!["10.244.9.0/24"]);
+        assert!(!a.annotations.contains_key(annotations::BACKEND_V6_DATA));
+        assert!(!a.annotations.contains_key(annotations::PUBLIC_IPV6));
     }
 
     fn desired_annotations(n: &NodeView, config: &NetworkConfig) -> BTreeMap<String, String> {

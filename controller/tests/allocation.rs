@@ -100,7 +100,7 @@ async fn allocates_distinct_subnets_and_a_second_reconcile_writes_nothing() {
     }
     assert_eq!(
         controller
-            .metric("canal_controller_subnets_allocated")
+            .metric("canal_controller_subnets_allocated{family=\"IPv4\"}")
             .await,
         Some(5.0)
     );

@@ -69,21 +69,38 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new(
-    "!isCIDR(self.clusterCIDR) || self.nodeSubnetLength > cidr(self.clusterCIDR).prefixLength()"
+    "!has(self.clusterCIDR) || !isCIDR(self.clusterCIDR) || cidr(self.clusterCIDR).ip().family() != 4 || self.nodeSubnetLength > cidr(self.clusterCIDR).prefixLength()"
 ).message("nodeSubnetLength must be longer than the prefix of clusterCIDR (a /16 cluster needs nodeSubnetLength 17..30)").field_path(".nodeSubnetLength"))]
+#[x_kube(validation = crate::validate::one_range_rule())]
+#[x_kube(validation = crate::validate::primary_agrees_rule())]
+#[x_kube(validation = crate::validate::subnet_length_v4_rule())]
+#[x_kube(validation = crate::validate::subnet_length_v6_rule())]
+#[x_kube(validation = crate::validate::subnet_count_v6_rule())]
 pub struct CanalNetworkSpec {
-    /// The IPv4 range every pod address comes from (flannel's `Network`), as a
-    /// network address in CIDR notation, e.g. 10.244.0.0/16. Each node gets one
-    /// subnet of it. Cannot change while subnets are allocated.
-    #[serde(rename = "clusterCIDR")]
-    #[schemars(length(min = 9, max = 18))]
+    /// The range every pod address comes from (flannel's `Network`), as a
+    /// network address in CIDR notation, e.g. 10.244.0.0/16 (an IPv6 range
+    /// makes an IPv6-only cluster). Each node gets one
+    /// subnet of it. Cannot change while subnets are allocated. With
+    /// clusterCIDRs it may be left out; when both are set it must equal the
+    /// first entry of clusterCIDRs.
+    #[serde(
+        rename = "clusterCIDR",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    #[schemars(length(min = 4, max = 43))]
     #[x_kube(validation = kube::core::Rule::new(
-        "isCIDR(self) && cidr(self).ip().family() == 4 && cidr(self).masked() == cidr(self)"
-    ).message("clusterCIDR must be a valid IPv4 network in CIDR notation with no host bits set, e.g. 10.244.0.0/16"))]
+        "isCIDR(self) && cidr(self).masked() == cidr(self)"
+    ).message("clusterCIDR must be a valid network in CIDR notation with no host bits set, e.g. 10.244.0.0/16 or fd00:10:244::/56"))]
     // What can never work, one rule per range so the message names it. The
     // table in `validate.rs` is the one source; a test checks that every
     // entry has its rule here.
     #[x_kube(validation = crate::validate::min_prefix_rule(crate::validate::MIN_PREFIX_V4))]
+    #[x_kube(validation = crate::validate::min_prefix_rule_v6(crate::validate::MIN_PREFIX_V6))]
+    #[x_kube(validation = crate::validate::reserved_rule(&crate::validate::RESERVED_V6[0]))]
+    #[x_kube(validation = crate::validate::reserved_rule(&crate::validate::RESERVED_V6[1]))]
+    #[x_kube(validation = crate::validate::reserved_rule(&crate::validate::RESERVED_V6[2]))]
+    #[x_kube(validation = crate::validate::reserved_rule(&crate::validate::RESERVED_V6[3]))]
     #[x_kube(validation = crate::validate::reserved_rule(&crate::validate::RESERVED_V4[0]))]
     #[x_kube(validation = crate::validate::reserved_rule(&crate::validate::RESERVED_V4[1]))]
     #[x_kube(validation = crate::validate::reserved_rule(&crate::validate::RESERVED_V4[2]))]
@@ -98,6 +115,43 @@ pub struct CanalNetworkSpec {
     #[serde(default = "default_node_subnet_length")]
     #[schemars(range(min = 1, max = 30))]
     pub node_subnet_length: u8,
+
+    /// The pod ranges of a dual-stack or IPv6-only cluster (flannel's
+    /// `Network` and `IPv6Network`): one IPv4 range, one IPv6 range, or one
+    /// of each, primary first. Nodes get one subnet of each, and
+    /// spec.podCIDRs lists them in this order. Empty: clusterCIDR alone.
+    /// A range cannot change while subnets of it are allocated.
+    #[serde(
+        rename = "clusterCIDRs",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    #[schemars(length(max = 2), inner(length(min = 4, max = 43)))]
+    #[x_kube(validation = crate::validate::cidrs_shape_rule())]
+    #[x_kube(validation = crate::validate::cidrs_families_rule())]
+    #[x_kube(validation = crate::validate::cidrs_min_prefix_rule(4, crate::validate::MIN_PREFIX_V4))]
+    #[x_kube(validation = crate::validate::cidrs_min_prefix_rule(6, crate::validate::MIN_PREFIX_V6))]
+    #[x_kube(validation = crate::validate::cidrs_reserved_rule(&crate::validate::RESERVED_V4[0]))]
+    #[x_kube(validation = crate::validate::cidrs_reserved_rule(&crate::validate::RESERVED_V4[1]))]
+    #[x_kube(validation = crate::validate::cidrs_reserved_rule(&crate::validate::RESERVED_V4[2]))]
+    #[x_kube(validation = crate::validate::cidrs_reserved_rule(&crate::validate::RESERVED_V4[3]))]
+    #[x_kube(validation = crate::validate::cidrs_reserved_rule(&crate::validate::RESERVED_V4[4]))]
+    #[x_kube(validation = crate::validate::cidrs_reserved_rule(&crate::validate::RESERVED_V6[0]))]
+    #[x_kube(validation = crate::validate::cidrs_reserved_rule(&crate::validate::RESERVED_V6[1]))]
+    #[x_kube(validation = crate::validate::cidrs_reserved_rule(&crate::validate::RESERVED_V6[2]))]
+    #[x_kube(validation = crate::validate::cidrs_reserved_rule(&crate::validate::RESERVED_V6[3]))]
+    pub cluster_cidrs: Vec<String>,
+
+    /// Prefix length of each node's IPv6 pod subnet (flannel's
+    /// `IPv6SubnetLen`), e.g. 64. Must be longer than the IPv6 cluster
+    /// range's prefix, at most 32 bits longer (4 billion nodes) and at most
+    /// 126. Cannot change while IPv6 subnets are allocated.
+    #[serde(
+        rename = "nodeSubnetLengthV6",
+        default = "default_node_subnet_length_v6"
+    )]
+    #[schemars(range(min = 1, max = 126))]
+    pub node_subnet_length_v6: u8,
 
     /// How pod traffic crosses between nodes.
     #[serde(default)]
@@ -274,6 +328,29 @@ pub struct CanalNetworkStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_node_subnet_length: Option<u8>,
 
+    /// The pod ranges in effect, primary first (one per family). Differs
+    /// from the spec while a change that cannot be applied live is refused.
+    #[serde(
+        default,
+        rename = "activeClusterCIDRs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub active_cluster_cidrs: Vec<String>,
+
+    /// The nodeSubnetLengthV6 in effect (IPv6 clusters).
+    #[serde(
+        default,
+        rename = "activeNodeSubnetLengthV6",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub active_node_subnet_length_v6: Option<u8>,
+
+    /// Node subnets per family of the ranges in effect, primary first
+    /// (totalSubnets, allocatedSubnets and freeSubnets count the primary
+    /// family).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub family_subnets: Vec<FamilySubnets>,
+
     /// Node subnets clusterCIDR holds in total.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_subnets: Option<u64>,
@@ -316,8 +393,28 @@ pub struct CanalNetworkStatus {
     pub policy_nodes: Option<u32>,
 }
 
+/// Node subnets of one family of the ranges in effect.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FamilySubnets {
+    /// IPv4 or IPv6.
+    pub family: String,
+    /// The range in effect.
+    #[serde(rename = "clusterCIDR")]
+    pub cluster_cidr: String,
+    /// Subnets the range holds in total.
+    pub total: u64,
+    /// Subnets assigned to Nodes.
+    pub allocated: u64,
+    /// Subnets still free.
+    pub free: u64,
+}
+
 fn default_node_subnet_length() -> u8 {
     24
+}
+fn default_node_subnet_length_v6() -> u8 {
+    64
 }
 fn default_vni() -> u32 {
     1
@@ -329,12 +426,60 @@ fn default_true() -> bool {
     true
 }
 
+impl CanalNetwork {
+    /// The pod ranges in force, primary first: status.activeClusterCIDRs,
+    /// else status.activeClusterCIDR with the spec's other families, else
+    /// the spec's ranges. Entries that do not parse are left out.
+    pub fn pod_ranges(&self) -> Vec<ipnet::IpNet> {
+        let parse = |t: &str| t.parse::<ipnet::IpNet>().ok();
+        let spec: Vec<ipnet::IpNet> = self
+            .spec
+            .range_texts()
+            .into_iter()
+            .filter_map(parse)
+            .collect();
+        let status = self.status.as_ref();
+        if let Some(s) = status.filter(|s| !s.active_cluster_cidrs.is_empty()) {
+            return s
+                .active_cluster_cidrs
+                .iter()
+                .filter_map(|t| parse(t))
+                .collect();
+        }
+        match status
+            .and_then(|s| s.active_cluster_cidr.as_deref())
+            .and_then(parse)
+        {
+            Some(primary) => std::iter::once(primary)
+                .chain(
+                    spec.into_iter()
+                        .filter(|c| c.addr().is_ipv4() != primary.addr().is_ipv4()),
+                )
+                .collect(),
+            None => spec,
+        }
+    }
+}
+
 impl CanalNetworkSpec {
+    /// A spec with every default and the given pod ranges (primary first),
+    /// as `clusterCIDRs` with `clusterCIDR` set to the first.
+    pub fn with_cluster_cidrs(cidrs: &[&str]) -> Self {
+        CanalNetworkSpec {
+            cluster_cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
+            ..CanalNetworkSpec::with_cluster_cidr(cidrs.first().copied().unwrap_or_default())
+        }
+    }
+
     /// A spec with every default and the given cluster CIDR.
+    ///
+    /// (Also see [`CanalNetwork::pod_ranges`] for the ranges in force.)
     pub fn with_cluster_cidr(cluster_cidr: &str) -> Self {
         CanalNetworkSpec {
             cluster_cidr: cluster_cidr.to_string(),
             node_subnet_length: default_node_subnet_length(),
+            cluster_cidrs: Vec::new(),
+            node_subnet_length_v6: default_node_subnet_length_v6(),
             backend: Backend::default(),
             masquerade: true,
             interface: None,

@@ -6,12 +6,14 @@
 //! The ranges no cluster CIDR may overlap live in one table per family
 //! ([`RESERVED_V4`], [`RESERVED_V6`]); the CRD's CEL rules are built from
 //! the same entries ([`reserved_rule`]), so the API server and the
-//! controller say the same thing. IPv6 entries are ready for `clusterCIDRs`
-//! (one per family, issue 14); today's `clusterCIDR` is IPv4 only.
+//! controller say the same thing. `clusterCIDR` and every entry of
+//! `clusterCIDRs` (one per family, primary first) are checked against the
+//! table of their family.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use kube::core::{Message, Rule};
 
 use crate::canal_network::{BackendType, CanalNetworkSpec, EndpointToHostAction, PolicyDataplane};
@@ -102,17 +104,142 @@ pub fn reserved_message(r: &ReservedRange) -> String {
 /// The CEL rule that refuses a cluster CIDR overlapping `r` (two prefixes
 /// overlap exactly when one contains the other).
 pub fn reserved_rule(r: &ReservedRange) -> Rule {
-    let c = r.cidr;
-    Rule::new(format!(
-        "!isCIDR(self) || !(cidr(self).containsCIDR(cidr('{c}')) || cidr('{c}').containsCIDR(cidr(self)))"
-    ))
-    .message(Message::Message(reserved_message(r)))
+    Rule::new(format!("!isCIDR(self) || {}", reserved_cel(r, "self")))
+        .message(Message::Message(reserved_message(r)))
 }
 
-fn min_prefix_message(min: u8) -> String {
+/// The family of a reserved range (4 or 6).
+fn family_of(r: &ReservedRange) -> u8 {
+    if r.cidr.contains(':') { 6 } else { 4 }
+}
+
+/// CEL: the CIDR string `x` (known to be a CIDR) does not overlap `r`.
+/// Guarded by family: a range of the other family never overlaps.
+fn reserved_cel(r: &ReservedRange, x: &str) -> String {
+    let c = r.cidr;
+    let f = family_of(r);
     format!(
-        "clusterCIDR must be /{min} or longer, e.g. 10.0.0.0/8 (the largest private range): a wider range takes in public addresses, which pods could then no longer reach"
+        "(cidr({x}).ip().family() != {f} || !(cidr({x}).containsCIDR(cidr('{c}')) || cidr('{c}').containsCIDR(cidr({x}))))"
     )
+}
+
+/// The CEL rule that refuses a `clusterCIDRs` entry overlapping `r`.
+pub fn cidrs_reserved_rule(r: &ReservedRange) -> Rule {
+    Rule::new(format!(
+        "self.all(c, !isCIDR(c) || {})",
+        reserved_cel(r, "c")
+    ))
+    .message(Message::Message(reserved_message(r).replacen(
+        "clusterCIDR",
+        "clusterCIDRs",
+        1,
+    )))
+}
+
+const CIDRS_SHAPE_MESSAGE: &str = "every clusterCIDRs entry must be a valid network in CIDR notation with no host bits set, e.g. 10.244.0.0/16 or fd00:10:244::/56";
+const CIDRS_FAMILIES_MESSAGE: &str =
+    "clusterCIDRs holds at most one IPv4 and one IPv6 range (primary first)";
+const ONE_RANGE_MESSAGE: &str =
+    "set clusterCIDR or clusterCIDRs (one IPv4 range, one IPv6 range, or one of each)";
+const PRIMARY_AGREES_MESSAGE: &str =
+    "clusterCIDR must equal the first entry of clusterCIDRs when both are set";
+const SUBNET_V4_MESSAGE: &str = "nodeSubnetLength must be longer than the prefix of the IPv4 range in clusterCIDRs (a /16 cluster needs nodeSubnetLength 17..30)";
+const SUBNET_V6_MESSAGE: &str = "nodeSubnetLengthV6 must be longer than the prefix of the IPv6 cluster range (a /56 range needs 57..88; 64 is the usual)";
+const SUBNET_COUNT_V6_MESSAGE: &str = "nodeSubnetLengthV6 may be at most 32 bits longer than the prefix of the IPv6 cluster range (4 billion node subnets)";
+
+/// `clusterCIDRs` entries are CIDRs without host bits.
+pub fn cidrs_shape_rule() -> Rule {
+    Rule::new("self.all(c, isCIDR(c) && cidr(c).masked() == cidr(c))").message(CIDRS_SHAPE_MESSAGE)
+}
+
+/// At most one range per family.
+pub fn cidrs_families_rule() -> Rule {
+    Rule::new(
+        "self.size() < 2 || !isCIDR(self[0]) || !isCIDR(self[1]) || cidr(self[0]).ip().family() != cidr(self[1]).ip().family()",
+    )
+    .message(CIDRS_FAMILIES_MESSAGE)
+}
+
+/// `clusterCIDRs` entries of `family` are `/min` or longer.
+pub fn cidrs_min_prefix_rule(family: u8, min: u8) -> Rule {
+    Rule::new(format!(
+        "self.all(c, !isCIDR(c) || cidr(c).ip().family() != {family} || cidr(c).prefixLength() >= {min})"
+    ))
+    .message(Message::Message(
+        min_prefix_message_family(family, min).replacen("clusterCIDR", "clusterCIDRs", 1),
+    ))
+}
+
+/// Some range is set.
+pub fn one_range_rule() -> Rule {
+    Rule::new("has(self.clusterCIDR) || (has(self.clusterCIDRs) && self.clusterCIDRs.size() > 0)")
+        .message(ONE_RANGE_MESSAGE)
+}
+
+/// clusterCIDR and clusterCIDRs agree on the primary range.
+pub fn primary_agrees_rule() -> Rule {
+    Rule::new(
+        "!has(self.clusterCIDR) || !has(self.clusterCIDRs) || self.clusterCIDRs.size() == 0 || !isCIDR(self.clusterCIDR) || !isCIDR(self.clusterCIDRs[0]) || (cidr(self.clusterCIDR).ip() == cidr(self.clusterCIDRs[0]).ip() && cidr(self.clusterCIDR).prefixLength() == cidr(self.clusterCIDRs[0]).prefixLength())",
+    )
+    .message(PRIMARY_AGREES_MESSAGE)
+    .field_path(".clusterCIDR")
+}
+
+/// nodeSubnetLength against the IPv4 entry of clusterCIDRs.
+pub fn subnet_length_v4_rule() -> Rule {
+    Rule::new(
+        "!has(self.clusterCIDRs) || self.clusterCIDRs.all(c, !isCIDR(c) || cidr(c).ip().family() != 4 || self.nodeSubnetLength > cidr(c).prefixLength())",
+    )
+    .message(SUBNET_V4_MESSAGE)
+    .field_path(".nodeSubnetLength")
+}
+
+/// nodeSubnetLengthV6 against the IPv6 range (in clusterCIDR or clusterCIDRs).
+pub fn subnet_length_v6_rule() -> Rule {
+    Rule::new(
+        "(!has(self.clusterCIDRs) || self.clusterCIDRs.all(c, !isCIDR(c) || cidr(c).ip().family() != 6 || self.nodeSubnetLengthV6 > cidr(c).prefixLength())) && (!has(self.clusterCIDR) || !isCIDR(self.clusterCIDR) || cidr(self.clusterCIDR).ip().family() != 6 || self.nodeSubnetLengthV6 > cidr(self.clusterCIDR).prefixLength())",
+    )
+    .message(SUBNET_V6_MESSAGE)
+    .field_path(".nodeSubnetLengthV6")
+}
+
+/// nodeSubnetLengthV6 at most 32 bits longer than the IPv6 range.
+pub fn subnet_count_v6_rule() -> Rule {
+    Rule::new(format!(
+        "(!has(self.clusterCIDRs) || self.clusterCIDRs.all(c, !isCIDR(c) || cidr(c).ip().family() != 6 || self.nodeSubnetLengthV6 - cidr(c).prefixLength() <= {MAX_SUBNET_BITS_V6})) && (!has(self.clusterCIDR) || !isCIDR(self.clusterCIDR) || cidr(self.clusterCIDR).ip().family() != 6 || self.nodeSubnetLengthV6 - cidr(self.clusterCIDR).prefixLength() <= {MAX_SUBNET_BITS_V6})",
+    ))
+    .message(SUBNET_COUNT_V6_MESSAGE)
+    .field_path(".nodeSubnetLengthV6")
+}
+
+/// How many bits longer than the IPv6 range a node subnet may be.
+pub const MAX_SUBNET_BITS_V6: u8 = 32;
+
+/// Longest IPv6 node subnet (a /127 or /128 leaves no pod address).
+pub const MAX_SUBNET_LEN_V6: u8 = 126;
+
+fn min_prefix_message(min: u8) -> String {
+    min_prefix_message_family(4, min)
+}
+
+fn min_prefix_message_family(family: u8, min: u8) -> String {
+    if family == 6 {
+        format!(
+            "an IPv6 clusterCIDR must be /{min} or longer, e.g. fd00:10:244::/56: a /{min} is what a registry gives a whole ISP"
+        )
+    } else {
+        format!(
+            "clusterCIDR must be /{min} or longer, e.g. 10.0.0.0/8 (the largest private range): a wider range takes in public addresses, which pods could then no longer reach"
+        )
+    }
+}
+
+/// The CEL rule that refuses IPv6 cluster CIDRs wider than `/min`.
+pub fn min_prefix_rule_v6(min: u8) -> Rule {
+    Rule::new(format!(
+        "!isCIDR(self) || cidr(self).ip().family() != 6 || cidr(self).prefixLength() >= {min}"
+    ))
+    .message(Message::Message(min_prefix_message_family(6, min)))
 }
 
 /// The CEL rule that refuses IPv4 cluster CIDRs wider than `/min`.
@@ -183,8 +310,24 @@ pub fn is_unusable_node_address(ip: IpAddr) -> bool {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
     /// clusterCIDR does not parse.
-    #[error("clusterCIDR {value:?} is not a valid IPv4 CIDR such as 10.244.0.0/16")]
+    #[error("clusterCIDR {value:?} is not a valid CIDR such as 10.244.0.0/16 or fd00:10:244::/56")]
     ClusterCidrInvalid { value: String },
+    /// Neither clusterCIDR nor clusterCIDRs is set.
+    #[error("{ONE_RANGE_MESSAGE}")]
+    NoClusterCidr,
+    /// clusterCIDRs has more than one range of a family, or more than two.
+    #[error("clusterCIDRs {value:?}: {CIDRS_FAMILIES_MESSAGE}")]
+    ClusterCidrFamilies { value: Vec<String> },
+    /// clusterCIDR and the first clusterCIDRs entry differ.
+    #[error(
+        "clusterCIDR {cluster_cidr} differs from the first entry of clusterCIDRs {first}; they must be equal when both are set"
+    )]
+    PrimaryDisagrees { cluster_cidr: String, first: String },
+    /// nodeSubnetLengthV6 out of range.
+    #[error(
+        "nodeSubnetLengthV6 {value} must be longer than the IPv6 cluster range prefix /{cluster_prefix}, at most {MAX_SUBNET_BITS_V6} bits longer and at most {MAX_SUBNET_LEN_V6}"
+    )]
+    SubnetLengthV6 { value: u8, cluster_prefix: u8 },
     /// clusterCIDR has host bits set.
     #[error("clusterCIDR {value:?} has host bits set; did you mean {network}?")]
     ClusterCidrHostBits { value: String, network: String },
@@ -209,7 +352,7 @@ pub enum SpecError {
         range: &'static ReservedRange,
     },
     /// clusterCIDR is wider than any sane pod range.
-    #[error("clusterCIDR {value}: {}", min_prefix_message(*min))]
+    #[error("clusterCIDR {value}: {}", min_prefix_message_family(if value.contains(':') { 6 } else { 4 }, *min))]
     ClusterCidrTooWide { value: String, min: u8 },
     /// interface is not a Linux interface name.
     #[error(
@@ -218,13 +361,41 @@ pub enum SpecError {
     Interface { value: String, why: &'static str },
 }
 
+/// One pod range of the cluster and the length of its node subnets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClusterRange {
+    /// The range.
+    pub cidr: IpNet,
+    /// Prefix length of node subnets of it.
+    pub subnet_len: u8,
+}
+
+impl ClusterRange {
+    /// Number of node subnets in the range (saturating at u64::MAX).
+    pub fn total_subnets(&self) -> u64 {
+        let bits = self.subnet_len.saturating_sub(self.cidr.prefix_len());
+        1u64.checked_shl(u32::from(bits)).unwrap_or(u64::MAX)
+    }
+
+    /// "IPv4" or "IPv6".
+    pub fn family_name(&self) -> &'static str {
+        family_name(&self.cidr)
+    }
+}
+
+/// "IPv4" or "IPv6": the bounded family label of metrics and status.
+pub fn family_name(net: &IpNet) -> &'static str {
+    match net {
+        IpNet::V4(_) => "IPv4",
+        IpNet::V6(_) => "IPv6",
+    }
+}
+
 /// A validated CanalNetwork spec in typed form.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkConfig {
-    /// The pod address range.
-    pub cluster_cidr: Ipv4Net,
-    /// Prefix length of node subnets.
-    pub node_subnet_length: u8,
+    /// The pod ranges, primary first, at most one per family, never empty.
+    pub ranges: Vec<ClusterRange>,
     /// Overlay type.
     pub backend: BackendType,
     /// VXLAN network identifier.
@@ -248,41 +419,43 @@ pub struct NetworkConfig {
 }
 
 impl NetworkConfig {
-    /// Number of node subnets in the cluster range.
+    /// Number of node subnets in the primary range.
     pub fn total_subnets(&self) -> u64 {
-        1u64 << (self.node_subnet_length - self.cluster_cidr.prefix_len())
+        self.ranges.first().map_or(0, ClusterRange::total_subnets)
+    }
+
+    /// The pod ranges, primary first.
+    pub fn cluster_cidrs(&self) -> Vec<IpNet> {
+        self.ranges.iter().map(|r| r.cidr).collect()
+    }
+
+    /// The IPv4 range, if the cluster has one.
+    pub fn ipv4(&self) -> Option<(Ipv4Net, u8)> {
+        self.ranges.iter().find_map(|r| match r.cidr {
+            IpNet::V4(n) => Some((n, r.subnet_len)),
+            IpNet::V6(_) => None,
+        })
+    }
+
+    /// The IPv6 range, if the cluster has one.
+    pub fn ipv6(&self) -> Option<(Ipv6Net, u8)> {
+        self.ranges.iter().find_map(|r| match r.cidr {
+            IpNet::V6(n) => Some((n, r.subnet_len)),
+            IpNet::V4(_) => None,
+        })
     }
 }
 
 impl CanalNetworkSpec {
     /// Checks every rule the CRD schema states and returns the typed config.
     pub fn validate(&self) -> Result<NetworkConfig, SpecError> {
-        let cluster_cidr = parse_ipv4_cidr(&self.cluster_cidr)?;
-        if let Some(range) = reserved_overlap(IpNet::V4(cluster_cidr)) {
-            return Err(SpecError::ClusterCidrReserved {
-                value: self.cluster_cidr.clone(),
-                range,
-            });
-        }
-        if cluster_cidr.prefix_len() < MIN_PREFIX_V4 {
-            return Err(SpecError::ClusterCidrTooWide {
-                value: self.cluster_cidr.clone(),
-                min: MIN_PREFIX_V4,
-            });
-        }
+        let ranges = self.ranges()?;
         if let Some(name) = self.interface.as_deref().filter(|i| !i.is_empty())
             && let Some(why) = interface_problem(name)
         {
             return Err(SpecError::Interface {
                 value: name.to_string(),
                 why,
-            });
-        }
-        let prefix = cluster_cidr.prefix_len();
-        if self.node_subnet_length <= prefix || self.node_subnet_length > 30 {
-            return Err(SpecError::SubnetLength {
-                value: self.node_subnet_length,
-                cluster_prefix: prefix,
             });
         }
         let b = &self.backend;
@@ -297,8 +470,7 @@ impl CanalNetworkSpec {
             return Err(SpecError::Mtu { value: b.mtu });
         }
         Ok(NetworkConfig {
-            cluster_cidr,
-            node_subnet_length: self.node_subnet_length,
+            ranges,
             backend: b.type_,
             vni: b.vni,
             port,
@@ -311,6 +483,109 @@ impl CanalNetworkSpec {
             policy_dataplane: self.policy.dataplane,
         })
     }
+}
+
+impl CanalNetworkSpec {
+    /// The pod range texts, primary first: clusterCIDRs, else clusterCIDR.
+    pub fn range_texts(&self) -> Vec<&str> {
+        if self.cluster_cidrs.is_empty() {
+            Some(self.cluster_cidr.as_str())
+                .filter(|c| !c.is_empty())
+                .into_iter()
+                .collect()
+        } else {
+            self.cluster_cidrs.iter().map(String::as_str).collect()
+        }
+    }
+
+    /// The pod ranges with their subnet lengths, checked.
+    fn ranges(&self) -> Result<Vec<ClusterRange>, SpecError> {
+        let texts = self.range_texts();
+        if texts.is_empty() {
+            return Err(SpecError::NoClusterCidr);
+        }
+        if !self.cluster_cidrs.is_empty() && !self.cluster_cidr.is_empty() {
+            let primary = parse_cidr(&self.cluster_cidr)?;
+            if parse_cidr(texts[0])? != primary {
+                return Err(SpecError::PrimaryDisagrees {
+                    cluster_cidr: self.cluster_cidr.clone(),
+                    first: texts[0].to_string(),
+                });
+            }
+        }
+        let mut ranges = Vec::new();
+        for text in &texts {
+            let cidr = parse_cidr(text)?;
+            check_range(text, cidr)?;
+            let subnet_len = match cidr {
+                IpNet::V4(n) => {
+                    if self.node_subnet_length <= n.prefix_len() || self.node_subnet_length > 30 {
+                        return Err(SpecError::SubnetLength {
+                            value: self.node_subnet_length,
+                            cluster_prefix: n.prefix_len(),
+                        });
+                    }
+                    self.node_subnet_length
+                }
+                IpNet::V6(n) => {
+                    let len = self.node_subnet_length_v6;
+                    if len <= n.prefix_len()
+                        || len > MAX_SUBNET_LEN_V6
+                        || len - n.prefix_len() > MAX_SUBNET_BITS_V6
+                    {
+                        return Err(SpecError::SubnetLengthV6 {
+                            value: len,
+                            cluster_prefix: n.prefix_len(),
+                        });
+                    }
+                    len
+                }
+            };
+            ranges.push(ClusterRange { cidr, subnet_len });
+        }
+        let families: BTreeSet<&str> = ranges.iter().map(ClusterRange::family_name).collect();
+        if ranges.len() > 2 || families.len() != ranges.len() {
+            return Err(SpecError::ClusterCidrFamilies {
+                value: self.cluster_cidrs.clone(),
+            });
+        }
+        Ok(ranges)
+    }
+}
+
+/// The reserved-range and width checks of one pod range.
+fn check_range(text: &str, cidr: IpNet) -> Result<(), SpecError> {
+    if let Some(range) = reserved_overlap(cidr) {
+        return Err(SpecError::ClusterCidrReserved {
+            value: text.to_string(),
+            range,
+        });
+    }
+    let min = match cidr {
+        IpNet::V4(_) => MIN_PREFIX_V4,
+        IpNet::V6(_) => MIN_PREFIX_V6,
+    };
+    if cidr.prefix_len() < min {
+        return Err(SpecError::ClusterCidrTooWide {
+            value: text.to_string(),
+            min,
+        });
+    }
+    Ok(())
+}
+
+/// Parses a network of either family in CIDR notation, refusing host bits.
+pub fn parse_cidr(value: &str) -> Result<IpNet, SpecError> {
+    let net: IpNet = value.parse().map_err(|_| SpecError::ClusterCidrInvalid {
+        value: value.to_string(),
+    })?;
+    if net.network() != net.addr() {
+        return Err(SpecError::ClusterCidrHostBits {
+            value: value.to_string(),
+            network: net.trunc().to_string(),
+        });
+    }
+    Ok(net)
 }
 
 /// Parses an IPv4 network in CIDR notation, refusing host bits.
@@ -359,8 +634,8 @@ mod tests {
             Err(SpecError::ClusterCidrInvalid { .. })
         ));
         assert!(matches!(
-            spec("fd00::/64", 80).validate(),
-            Err(SpecError::ClusterCidrInvalid { .. })
+            spec("fd00::/64", 24).validate(),
+            Err(SpecError::SubnetLengthV6 { .. })
         ));
         assert_eq!(
             spec("10.244.1.0/16", 24).validate(),
@@ -527,6 +802,128 @@ mod tests {
         }
         assert!(crd.contains(&json(&min_prefix_message(MIN_PREFIX_V4))));
         assert!(crd.contains(&json(INTERFACE_MESSAGE)));
+    }
+
+    fn dual(cidrs: &[&str]) -> CanalNetworkSpec {
+        CanalNetworkSpec::with_cluster_cidrs(cidrs)
+    }
+
+    #[test]
+    fn cluster_cidrs_one_range_per_family_primary_first() {
+        let c = dual(&["10.244.0.0/16", "fd00:10:244::/56"])
+            .validate()
+            .unwrap();
+        assert_eq!(
+            c.cluster_cidrs(),
+            vec![
+                "10.244.0.0/16".parse::<IpNet>().unwrap(),
+                "fd00:10:244::/56".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.ranges[1].subnet_len, 64);
+        assert_eq!(c.ranges[1].total_subnets(), 256);
+        assert_eq!(c.ipv4().map(|r| r.1), Some(24));
+        let c = dual(&["fd00:10:244::/56", "10.244.0.0/16"])
+            .validate()
+            .unwrap();
+        assert_eq!(c.ranges[0].family_name(), "IPv6");
+        // IPv6-only, through clusterCIDRs or clusterCIDR alone.
+        let c = dual(&["fd00:10:244::/56"]).validate().unwrap();
+        assert_eq!(c.ipv4(), None);
+        let c = spec("fd00:10:244::/56", 24).validate().unwrap();
+        assert_eq!(c.ipv6().map(|r| r.1), Some(64));
+        // Only clusterCIDRs (clusterCIDR unset).
+        let mut only = dual(&["10.244.0.0/16", "fd00::/48"]);
+        only.cluster_cidr.clear();
+        assert_eq!(only.validate().unwrap().ranges.len(), 2);
+        only.cluster_cidrs.clear();
+        assert_eq!(only.validate(), Err(SpecError::NoClusterCidr));
+    }
+
+    #[test]
+    fn cluster_cidrs_refuse_what_cannot_work() {
+        for (cidrs, what) in [
+            (&["10.244.0.0/16", "10.245.0.0/16"][..], "families"),
+            (&["fd00::/48", "fd01::/48"][..], "families"),
+            (&["10.0.0.0/16", "fd00::/48", "10.1.0.0/16"][..], "families"),
+            (&["fe80::/48"][..], "reserved"),
+            (&["10.244.0.0/16", "ff00::/48"][..], "reserved"),
+            (&["10.244.0.0/16", "::1/128"][..], "reserved"),
+            (&["fd00::/16"][..], "wide"),
+            (&["fd00::1/64"][..], "host bits"),
+            (&["fd00::/120"][..], "v6 length"),
+            (&["fd00::/24"][..], "wide"),
+        ] {
+            let e = dual(cidrs).validate().unwrap_err();
+            let ok = match what {
+                "families" => matches!(e, SpecError::ClusterCidrFamilies { .. }),
+                "reserved" => matches!(e, SpecError::ClusterCidrReserved { .. }),
+                "wide" => matches!(e, SpecError::ClusterCidrTooWide { min: 32, .. }),
+                "host bits" => matches!(e, SpecError::ClusterCidrHostBits { .. }),
+                _ => matches!(e, SpecError::SubnetLengthV6 { .. }),
+            };
+            assert!(ok, "{cidrs:?}: expected {what}, got {e:?}");
+        }
+        // /32 with /64 subnets is 2^32 subnets: the limit.
+        let mut s = dual(&["2001:db8::/32"]);
+        assert_eq!(s.validate().unwrap().ranges[0].total_subnets(), 1 << 32);
+        s.node_subnet_length_v6 = 65;
+        assert_eq!(
+            s.validate(),
+            Err(SpecError::SubnetLengthV6 {
+                value: 65,
+                cluster_prefix: 32
+            })
+        );
+        s.node_subnet_length_v6 = 127;
+        assert!(s.validate().is_err());
+        // The IPv4 subnet length is checked against the IPv4 entry.
+        let mut s = dual(&["fd00::/48", "10.244.0.0/16"]);
+        s.cluster_cidr = "fd00::/48".into();
+        s.node_subnet_length = 16;
+        assert!(matches!(s.validate(), Err(SpecError::SubnetLength { .. })));
+        // clusterCIDR must agree with the first entry (textual forms may differ).
+        let mut s = dual(&["10.244.0.0/16", "fd00::/48"]);
+        s.cluster_cidr = "10.245.0.0/16".into();
+        assert!(matches!(
+            s.validate(),
+            Err(SpecError::PrimaryDisagrees { .. })
+        ));
+        let mut s = dual(&["fd00:0::/48", "10.244.0.0/16"]);
+        s.cluster_cidr = "fd00::/48".into();
+        assert!(s.validate().is_ok());
+        s.cluster_cidr = "10.244.0.0/16".into();
+        assert!(matches!(
+            s.validate(),
+            Err(SpecError::PrimaryDisagrees { .. })
+        ));
+    }
+
+    #[test]
+    fn every_cidrs_rule_is_in_the_crd() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_string(&crate::CanalNetwork::crd()).unwrap();
+        for r in RESERVED_V4.iter().chain(&RESERVED_V6) {
+            for rule in [reserved_rule(r), cidrs_reserved_rule(r)] {
+                assert!(
+                    crd.contains(&serde_json::to_string(&rule.rule).unwrap()),
+                    "no CEL rule for {}",
+                    r.cidr
+                );
+            }
+        }
+        for m in [
+            CIDRS_SHAPE_MESSAGE,
+            CIDRS_FAMILIES_MESSAGE,
+            ONE_RANGE_MESSAGE,
+            PRIMARY_AGREES_MESSAGE,
+            SUBNET_V4_MESSAGE,
+            SUBNET_V6_MESSAGE,
+            SUBNET_COUNT_V6_MESSAGE,
+        ] {
+            assert!(crd.contains(&json(m)), "{m}");
+        }
+        assert!(crd.contains(&json(&min_prefix_message_family(6, MIN_PREFIX_V6))));
     }
 
     #[test]

@@ -85,9 +85,9 @@ async fn invalid_specs_are_rejected_naming_the_field() {
             "clusterCIDR",
         ),
         (
-            "ipv6-cidr",
-            json!({"clusterCIDR": "fd00::/48", "nodeSubnetLength": 30}),
-            "clusterCIDR",
+            "ipv6-cidr-subnet-not-longer",
+            json!({"clusterCIDR": "fd00::/64"}),
+            "nodeSubnetLengthV6",
         ),
         (
             "host-bits",
@@ -299,7 +299,9 @@ async fn kubectl_explain_shows_field_descriptions() {
     }
     for needle in [
         "clusterCIDR",
-        "The IPv4 range every pod address comes from",
+        "The range every pod address comes from",
+        "clusterCIDRs",
+        "nodeSubnetLengthV6",
         "nodeSubnetLength",
         "defaultEndpointToHostAction",
         "backend",
@@ -309,4 +311,169 @@ async fn kubectl_explain_shows_field_descriptions() {
             "kubectl explain lacks {needle:?}:\n{last}"
         );
     }
+}
+
+/// clusterCIDRs (issue 14) at the real API server: one range per family,
+/// primary first, each checked against its family's table, the subnet
+/// length of each family against its range, clusterCIDR agreeing with
+/// the first entry.
+#[tokio::test]
+async fn cluster_cidrs_are_validated_per_family() {
+    let cp = control_plane_with_crds().await;
+    let ar = ApiResource::erase::<CanalNetwork>(&());
+    let api: Api<DynamicObject> = Api::all_with(cp.client(), &ar);
+    let v4 = "10.244.0.0/16";
+    let v6 = "fd00:10:244::/56";
+    let refused: Vec<(&str, serde_json::Value, &str)> = vec![
+        ("no-range", json!({}), "set clusterCIDR or clusterCIDRs"),
+        (
+            "empty-list",
+            json!({"clusterCIDRs": []}),
+            "set clusterCIDR or clusterCIDRs",
+        ),
+        (
+            "two-v4",
+            json!({"clusterCIDRs": [v4, "10.245.0.0/16"]}),
+            "at most one IPv4 and one IPv6",
+        ),
+        (
+            "two-v6",
+            json!({"clusterCIDRs": [v6, "fd01::/56"]}),
+            "at most one IPv4 and one IPv6",
+        ),
+        (
+            "three",
+            json!({"clusterCIDRs": [v4, v6, "10.1.0.0/16"]}),
+            "clusterCIDRs",
+        ),
+        (
+            "not-cidr",
+            json!({"clusterCIDRs": [v4, "fd00::"]}),
+            "every clusterCIDRs entry must be a valid network",
+        ),
+        (
+            "host-bits-v6",
+            json!({"clusterCIDRs": ["fd00::1/56"]}),
+            "no host bits",
+        ),
+        (
+            "link-local-v6",
+            json!({"clusterCIDRs": [v4, "fe80::/56"]}),
+            "clusterCIDRs must not overlap fe80::/10 (link-local)",
+        ),
+        (
+            "multicast-v6",
+            json!({"clusterCIDRs": ["ff05::/56"]}),
+            "ff00::/8 (multicast)",
+        ),
+        (
+            "loopback-v6",
+            json!({"clusterCIDRs": [v4, "::1/128"]}),
+            "::1/128 (loopback)",
+        ),
+        (
+            "loopback-v4-in-list",
+            json!({"clusterCIDRs": ["127.0.0.0/16", v6]}),
+            "127.0.0.0/8 (loopback)",
+        ),
+        (
+            "too-wide-v6",
+            json!({"clusterCIDRs": ["fd00::/24"]}),
+            "must be /32 or longer",
+        ),
+        (
+            "too-wide-v6-single",
+            json!({"clusterCIDR": "fd00::/24"}),
+            "must be /32 or longer",
+        ),
+        (
+            "reserved-v6-single",
+            json!({"clusterCIDR": "fe80::/64"}),
+            "fe80::/10 (link-local)",
+        ),
+        (
+            "v6-len-not-longer",
+            json!({"clusterCIDRs": [v4, v6], "nodeSubnetLengthV6": 56}),
+            "nodeSubnetLengthV6",
+        ),
+        (
+            "v6-len-too-many",
+            json!({"clusterCIDRs": ["fd00::/48"], "nodeSubnetLengthV6": 96}),
+            "at most 32 bits longer",
+        ),
+        (
+            "v6-len-127",
+            json!({"clusterCIDRs": [v6], "nodeSubnetLengthV6": 127}),
+            "nodeSubnetLengthV6",
+        ),
+        (
+            "v4-len-in-list",
+            json!({"clusterCIDRs": [v6, v4], "nodeSubnetLength": 16}),
+            "nodeSubnetLength",
+        ),
+        (
+            "disagree",
+            json!({"clusterCIDR": "10.99.0.0/16", "clusterCIDRs": [v4, v6]}),
+            "clusterCIDR must equal the first entry",
+        ),
+        (
+            "disagree-family",
+            json!({"clusterCIDR": v4, "clusterCIDRs": [v6, v4]}),
+            "clusterCIDR must equal the first entry",
+        ),
+    ];
+    let mut failures = vec![];
+    for (name, spec, needle) in refused {
+        match api
+            .create(&PostParams::default(), &network(name, spec.clone()))
+            .await
+        {
+            Ok(_) => failures.push(format!("{name}: {spec} was accepted")),
+            Err(kube::Error::Api(status)) => {
+                if status.code != 422 || !status.message.contains(needle) {
+                    failures.push(format!(
+                        "{name}: expected 422 with {needle:?}, got {}: {}",
+                        status.code, status.message
+                    ));
+                }
+            }
+            Err(e) => failures.push(format!("{name}: unexpected error {e}")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "validation gaps:\n{}",
+        failures.join("\n")
+    );
+
+    // What must be accepted: every shape the controller supports.
+    for (name, spec) in [
+        ("dual", json!({"clusterCIDRs": [v4, v6]})),
+        ("dual-v6-first", json!({"clusterCIDRs": [v6, v4]})),
+        ("v6-only", json!({"clusterCIDRs": [v6]})),
+        ("v6-single", json!({"clusterCIDR": v6})),
+        (
+            "both-agree",
+            json!({"clusterCIDR": v4, "clusterCIDRs": [v4, v6]}),
+        ),
+        (
+            "both-agree-spelling",
+            json!({"clusterCIDR": "fd00:10:244::/56", "clusterCIDRs": ["fd00:10:244:0::/56", v4]}),
+        ),
+        (
+            "v6-edges",
+            json!({"clusterCIDRs": ["2001:db8::/32"], "nodeSubnetLengthV6": 64}),
+        ),
+        (
+            "v6-len-126",
+            json!({"clusterCIDRs": ["fd00:1::/112"], "nodeSubnetLengthV6": 126}),
+        ),
+    ] {
+        api.create(&PostParams::default(), &network(name, spec.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {spec} refused: {e}"));
+    }
+    // The default IPv6 subnet length is 64.
+    let got = api.get("dual").await.unwrap();
+    assert_eq!(got.data["spec"]["nodeSubnetLengthV6"], 64, "{:?}", got.data);
 }

@@ -246,7 +246,7 @@ async fn served_metrics_match_the_readme_and_the_dashboard() {
                 "controller",
                 &[
                     ("canal_controller_leader", 1.0),
-                    ("canal_controller_subnets_allocated", 2.0),
+                    ("canal_controller_subnets_allocated{family=\"IPv4\"}", 2.0),
                     ("canal_policy_network_policies", 1.0),
                     ("canal_policy_endpoints", 1.0),
                 ],

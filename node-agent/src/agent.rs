@@ -67,16 +67,52 @@ pub enum NetworkState {
 /// that cannot be applied live, and nodes must keep using the old range).
 pub fn effective_config(network: &CanalNetwork) -> Result<NetworkConfig, String> {
     let mut config = network.spec.validate().map_err(|e| e.to_string())?;
-    let active = network
-        .status
-        .as_ref()
-        .and_then(|s| s.active_cluster_cidr.as_deref());
-    if let Some(active) = active {
-        match canal_crds::validate::parse_ipv4_cidr(active) {
-            Ok(cidr) => config.cluster_cidr = cidr,
-            Err(e) => return Err(format!("status.activeClusterCIDR: {e}")),
-        }
+    let Some(status) = network.status.as_ref() else {
+        return Ok(config);
+    };
+    // activeClusterCIDRs (every family, primary first), else the older
+    // activeClusterCIDR (the primary range alone).
+    let (field, active): (&str, Vec<&str>) = if status.active_cluster_cidrs.is_empty() {
+        (
+            "activeClusterCIDR",
+            status.active_cluster_cidr.as_deref().into_iter().collect(),
+        )
+    } else {
+        (
+            "activeClusterCIDRs",
+            status
+                .active_cluster_cidrs
+                .iter()
+                .map(String::as_str)
+                .collect(),
+        )
+    };
+    if active.is_empty() {
+        return Ok(config);
     }
+    let mut ranges = Vec::new();
+    for text in &active {
+        let cidr =
+            canal_crds::validate::parse_cidr(text).map_err(|e| format!("status.{field}: {e}"))?;
+        let subnet_len = config
+            .ranges
+            .iter()
+            .find(|r| Family::of_net(&r.cidr) == Family::of_net(&cidr))
+            .map_or(cidr.max_prefix_len(), |r| r.subnet_len);
+        ranges.push(canal_crds::validate::ClusterRange { cidr, subnet_len });
+    }
+    if field == "activeClusterCIDR" {
+        // Only the primary is recorded: the other families stay as specified.
+        let primary = Family::of_net(&ranges[0].cidr);
+        ranges.extend(
+            config
+                .ranges
+                .iter()
+                .filter(|r| Family::of_net(&r.cidr) != primary)
+                .copied(),
+        );
+    }
+    config.ranges = ranges;
     Ok(config)
 }
 
@@ -96,7 +132,7 @@ pub struct Shared {
 /// The cluster's pod ranges in effect, in the CanalNetwork's order (one
 /// per family).
 pub fn cluster_families(config: &NetworkConfig) -> Vec<IpNet> {
-    vec![IpNet::V4(config.cluster_cidr)]
+    config.cluster_cidrs()
 }
 
 /// What one sync programs in one family of the cluster.
@@ -621,7 +657,7 @@ mod tests {
             CanalNetworkSpec::with_cluster_cidr("10.99.0.0/16"),
         );
         assert_eq!(
-            effective_config(&n).unwrap().cluster_cidr.to_string(),
+            effective_config(&n).unwrap().ranges[0].cidr.to_string(),
             "10.99.0.0/16"
         );
         n.status = Some(CanalNetworkStatus {
@@ -629,10 +665,49 @@ mod tests {
             ..CanalNetworkStatus::default()
         });
         assert_eq!(
-            effective_config(&n).unwrap().cluster_cidr.to_string(),
+            effective_config(&n).unwrap().ranges[0].cidr.to_string(),
             "10.244.0.0/16"
         );
         n.spec.backend.vni = 0;
         assert!(effective_config(&n).unwrap_err().contains("vni"));
+    }
+
+    #[test]
+    fn active_cluster_cidrs_give_every_family_in_force() {
+        let mut n = CanalNetwork::new(
+            "default",
+            CanalNetworkSpec::with_cluster_cidrs(&["10.99.0.0/16", "fd00:99::/56"]),
+        );
+        let cidrs = |n: &CanalNetwork| {
+            effective_config(n)
+                .unwrap()
+                .cluster_cidrs()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(cidrs(&n), ["10.99.0.0/16", "fd00:99::/56"]);
+        // Only the primary recorded (a controller from before families).
+        n.status = Some(CanalNetworkStatus {
+            active_cluster_cidr: Some("10.244.0.0/16".into()),
+            ..CanalNetworkStatus::default()
+        });
+        assert_eq!(cidrs(&n), ["10.244.0.0/16", "fd00:99::/56"]);
+        // Every family recorded: the refused IPv6 change stays out, and a
+        // family removed from the spec while allocated stays in force.
+        n.status = Some(CanalNetworkStatus {
+            active_cluster_cidr: Some("10.244.0.0/16".into()),
+            active_cluster_cidrs: vec!["10.244.0.0/16".into(), "fd00:10:244::/56".into()],
+            ..CanalNetworkStatus::default()
+        });
+        assert_eq!(cidrs(&n), ["10.244.0.0/16", "fd00:10:244::/56"]);
+        n.spec.cluster_cidrs = vec!["10.99.0.0/16".into()];
+        assert_eq!(cidrs(&n), ["10.244.0.0/16", "fd00:10:244::/56"]);
+        n.status.as_mut().unwrap().active_cluster_cidrs[1] = "garbage".into();
+        assert!(
+            effective_config(&n)
+                .unwrap_err()
+                .contains("activeClusterCIDRs")
+        );
     }
 }

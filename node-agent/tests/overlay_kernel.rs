@@ -33,7 +33,7 @@ async fn sync_v4(
         FamilyInput {
             family: Family::V4,
             plan: FamilyPlan::Program {
-                config: OverlayConfig::new(cfg, cfg.cluster_cidr.into()),
+                config: OverlayConfig::new(cfg, cfg.ranges[0].cidr),
                 local: local.clone(),
                 peers: peers.to_vec(),
             },

@@ -24,10 +24,10 @@
 //!   could be given the node's own address).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use canal_crds::annotations;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::ipam::Allocator;
@@ -104,14 +104,14 @@ pub fn unusable(ip: Ipv4Addr, cluster: Ipv4Net) -> Option<String> {
     })
 }
 
-/// Every IPv4 address of every Node (InternalIP, ExternalIP and the
-/// overlay address it asks for), to settle claims between Nodes and hold
-/// back subnets.
+/// Every address of every Node, both families (InternalIP, ExternalIP and
+/// the overlay address it asks for), to settle claims between Nodes and
+/// hold back subnets.
 #[derive(Debug, Default)]
 pub struct AddressIndex {
     /// Address -> the Nodes that have it, oldest first.
-    addresses: BTreeMap<Ipv4Addr, BTreeSet<AgeKey>>,
-    of_node: HashMap<String, (AgeKey, Vec<Ipv4Addr>)>,
+    addresses: BTreeMap<IpAddr, BTreeSet<AgeKey>>,
+    of_node: HashMap<String, (AgeKey, Vec<IpAddr>)>,
 }
 
 /// What [`AddressIndex::update`] changed.
@@ -134,19 +134,35 @@ impl AddressIndex {
         node: Option<&NodeView>,
     ) -> Update {
         let mut out = Update::default();
-        let mut new_addrs: Vec<Ipv4Addr> = node
-            .map(|n| n.ipv4_addresses().into_iter().map(|(_, ip)| ip).collect())
+        let mut new_addrs: Vec<IpAddr> = node
+            .map(|n| {
+                n.ipv4_addresses()
+                    .into_iter()
+                    .map(|(_, ip)| IpAddr::V4(ip))
+                    .chain(n.addresses_v6.iter().map(|ip| IpAddr::V6(*ip)))
+                    .collect()
+            })
             .unwrap_or_default();
         if let Some(Wanted::Address(ip, _)) = node.map(wanted)
-            && !new_addrs.contains(&ip)
+            && !new_addrs.contains(&IpAddr::V4(ip))
         {
-            new_addrs.push(ip);
+            new_addrs.push(IpAddr::V4(ip));
+        }
+        if let Some(ip) = node.and_then(super::addresses6::wanted_v6)
+            && !new_addrs.contains(&IpAddr::V6(ip))
+        {
+            new_addrs.push(IpAddr::V6(ip));
         }
         new_addrs.sort();
         let new_key = node.map(NodeView::age_key);
         let old = self.of_node.remove(name);
         let published = |n: Option<&NodeView>| {
-            n.and_then(|n| n.annotations.get(annotations::PUBLIC_IP).cloned())
+            n.map(|n| {
+                (
+                    n.annotations.get(annotations::PUBLIC_IP).cloned(),
+                    n.annotations.get(annotations::PUBLIC_IPV6).cloned(),
+                )
+            })
         };
         let addrs_changed = old.as_ref().map(|(_, a)| a) != Some(&new_addrs);
         if addrs_changed || published(before) != published(node) {
@@ -186,27 +202,22 @@ impl AddressIndex {
     /// The Node that may publish `ip` as its overlay address: of the Nodes
     /// that have this address, the oldest that publishes it already, else
     /// the oldest.
-    pub fn holder<'a>(
-        &'a self,
-        ip: Ipv4Addr,
-        nodes: &BTreeMap<String, NodeView>,
-    ) -> Option<&'a str> {
+    pub fn holder<'a>(&'a self, ip: IpAddr, nodes: &BTreeMap<String, NodeView>) -> Option<&'a str> {
         let claimants = self.addresses.get(&ip)?;
         let text = ip.to_string();
+        let key = match ip {
+            IpAddr::V4(_) => annotations::PUBLIC_IP,
+            IpAddr::V6(_) => annotations::PUBLIC_IPV6,
+        };
         claimants
             .iter()
-            .find(|(_, n)| {
-                nodes
-                    .get(n)
-                    .and_then(|v| v.annotations.get(annotations::PUBLIC_IP))
-                    == Some(&text)
-            })
+            .find(|(_, n)| nodes.get(n).and_then(|v| v.annotations.get(key)) == Some(&text))
             .or_else(|| claimants.first())
             .map(|(_, n)| n.as_str())
     }
 
-    /// Node addresses inside `cluster`.
-    pub fn inside(&self, cluster: Ipv4Net) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    /// Node addresses inside `cluster` (either family).
+    pub fn inside(&self, cluster: IpNet) -> impl Iterator<Item = IpAddr> + '_ {
         self.addresses
             .range(cluster.network()..=cluster.broadcast())
             .map(|(ip, _)| *ip)
@@ -233,6 +244,10 @@ pub struct Overlay {
     pub history: Option<(String, String)>,
     /// The address moves with this write.
     pub moved: Option<Move>,
+    /// flannel's `public-ipv6` (None: left out).
+    pub public_ipv6: Option<String>,
+    /// The IPv6 address moves with this write.
+    pub moved_v6: Option<Move>,
     /// What is wrong with the Node's addresses, for the Conflict condition.
     pub problems: Vec<String>,
 }
@@ -241,7 +256,10 @@ pub struct Overlay {
 /// addresses. `holder` is who may publish the wanted address
 /// ([`AddressIndex::holder`]); `alloc` the plan in force.
 pub fn decide(node: &NodeView, holder: Option<&str>, alloc: &Allocator, now: Timestamp) -> Overlay {
-    let cluster = alloc.cluster();
+    let IpNet::V4(cluster) = alloc.cluster() else {
+        // Only the IPv4 allocator decides `public-ip`.
+        return Overlay::default();
+    };
     let published = node.annotations.get(annotations::PUBLIC_IP).cloned();
     let history = match (
         node.annotations.get(PREVIOUS_PUBLIC_IP),
@@ -260,7 +278,7 @@ pub fn decide(node: &NodeView, holder: Option<&str>, alloc: &Allocator, now: Tim
         None => "it stays out of the overlay".to_string(),
     };
     let consequence = |ip: Ipv4Addr| {
-        let subnet = alloc.subnet_containing(ip);
+        let subnet = alloc.subnet_containing(IpAddr::V4(ip));
         let owner = subnet.and_then(|s| alloc.owner_overlapping(s));
         match (subnet, owner) {
             (Some(s), Some((o, _))) if o == node.name => {

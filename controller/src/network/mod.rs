@@ -13,6 +13,8 @@
 //! spawned: dropping it (a lost Lease) stops every write at once.
 
 pub mod addresses;
+pub mod addresses6;
+pub mod families;
 pub mod programmed;
 pub mod state;
 
@@ -325,10 +327,23 @@ impl Shell {
 
     fn update_gauges(&self) {
         let m = &self.ctx.metrics;
-        if let Some(a) = self.state.allocator() {
-            m.subnets_allocated.set(a.allocated() as i64);
-            m.subnets_free.set(a.free() as i64);
-            m.subnets_capacity.set(a.total() as i64);
+        if !self.state.allocators().is_empty() {
+            // A family dropped from the plan leaves no stale series.
+            m.subnets_allocated.reset();
+            m.subnets_free.reset();
+            m.subnets_capacity.reset();
+        }
+        for a in self.state.allocators() {
+            let family = [canal_crds::validate::family_name(&a.cluster())];
+            m.subnets_allocated
+                .with_label_values(&family)
+                .set(a.allocated() as i64);
+            m.subnets_free
+                .with_label_values(&family)
+                .set(a.free() as i64);
+            m.subnets_capacity
+                .with_label_values(&family)
+                .set(a.total().min(i64::MAX as u64) as i64);
         }
         m.pending_nodes.set(self.state.waiting_count() as i64);
         m.conflicting_nodes.set(self.state.conflict_count() as i64);
@@ -368,13 +383,23 @@ impl Shell {
                             uid: view.uid.clone(),
                         };
                         self.state.node_written(write.based_on.as_deref(), view);
-                        let cluster = self
-                            .state
-                            .allocator()
-                            .map(|a| a.cluster().to_string())
-                            .unwrap_or_default();
+                        let list = |nets: &[ipnet::IpNet]| {
+                            nets.iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        };
+                        let cluster = list(
+                            &self
+                                .state
+                                .allocators()
+                                .iter()
+                                .map(|a| a.cluster())
+                                .collect::<Vec<_>>(),
+                        );
                         match write.kind {
-                            WriteKind::Allocate(subnet) => {
+                            WriteKind::Allocate(subnets) => {
+                                let subnet = list(&subnets);
                                 tracing::info!(node = %name, %subnet, "allocated a pod subnet");
                                 self.notify(Notice {
                                     subject,
@@ -384,7 +409,8 @@ impl Shell {
                                     note: format!("podCIDR {subnet} allocated from clusterCIDR {cluster} and published to the overlay"),
                                 });
                             }
-                            WriteKind::Adopt(subnet) => {
+                            WriteKind::Adopt(subnets) => {
+                                let subnet = list(&subnets);
                                 tracing::info!(node = %name, %subnet, "adopted the Node's pod subnet");
                                 self.notify(Notice {
                                     subject,
@@ -398,7 +424,7 @@ impl Shell {
                                 tracing::debug!(node = %name, "updated the Node's overlay annotations");
                             }
                         }
-                        if let Some(moved) = &write.moved {
+                        for moved in write.moved.iter().chain(&write.moved_v6) {
                             tracing::warn!(node = %name, from = %moved.from, to = %moved.to, source = %moved.source, "the Node's overlay address moved");
                             self.notify(Notice {
                                 subject: Subject::Node {

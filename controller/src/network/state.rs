@@ -21,13 +21,15 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use canal_crds::{CanalNetworkSpec, CanalNetworkStatus, NetworkConfig};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use super::addresses::{self, AddressIndex, Move};
+use super::addresses6;
+use super::families::{self, InForce};
 use crate::ipam::{Allocator, IpamError};
-use crate::node_view::{NodeView, PodCidr};
+use crate::node_view::{NodeView, PodCidrs, same_family};
 use crate::status::{self, ActivePlan, Assessment, RefusedChange};
 use crate::vtep::{self, NodeApply};
 
@@ -52,10 +54,10 @@ pub struct NetworkObject {
 /// What a Node write does, for the Event that follows its success.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteKind {
-    /// Sets a newly allocated podCIDR.
-    Allocate(Ipv4Net),
-    /// Publishes a podCIDR the Node already had.
-    Adopt(Ipv4Net),
+    /// Sets newly allocated podCIDRs (one per family, in order).
+    Allocate(Vec<IpNet>),
+    /// Publishes the podCIDRs the Node already had.
+    Adopt(Vec<IpNet>),
     /// Refreshes annotations (config change, new InternalIP).
     Update,
 }
@@ -71,6 +73,8 @@ pub struct NodeWrite {
     pub based_on: Option<String>,
     /// The overlay address moves with this write (an Event follows).
     pub moved: Option<Move>,
+    /// The IPv6 overlay address moves with this write (an Event follows).
+    pub moved_v6: Option<Move>,
 }
 
 /// One status apply to a CanalNetwork.
@@ -134,16 +138,21 @@ struct NetworkEntry {
 pub struct State {
     nodes: BTreeMap<String, NodeView>,
     networks: BTreeMap<String, NetworkEntry>,
-    alloc: Option<Allocator>,
+    /// One allocator per range in force, primary first.
+    allocs: Vec<Allocator>,
     live: Option<NetworkConfig>,
     dirty: BTreeSet<AgeKey>,
     waiting: BTreeSet<AgeKey>,
     conflicts: BTreeMap<String, String>,
+    /// Nodes whose podCIDRs lack a family of the cluster (set before it
+    /// had the family; Kubernetes never lets them change): name -> why.
+    /// They keep working in the families they have.
+    gaps: BTreeMap<String, String>,
     /// Nodes whose addresses conflict (inside clusterCIDR, another Node's
     /// overlay address, unusable): name -> why.
     address_conflicts: BTreeMap<String, String>,
     addresses: AddressIndex,
-    refused: Option<RefusedChange>,
+    refused: Vec<RefusedChange>,
     invalid_spec: Option<String>,
     notices: Vec<Notice>,
 }
@@ -159,9 +168,19 @@ impl State {
         self.live.as_ref()
     }
 
-    /// The allocator, once an address plan is in force.
+    /// The allocator of the primary range, once an address plan is in force.
     pub fn allocator(&self) -> Option<&Allocator> {
-        self.alloc.as_ref()
+        self.allocs.first()
+    }
+
+    /// Every allocator, primary first (one per family).
+    pub fn allocators(&self) -> &[Allocator] {
+        &self.allocs
+    }
+
+    /// Nodes whose podCIDRs lack a family of the cluster.
+    pub fn gap_count(&self) -> usize {
+        self.gaps.len()
     }
 
     /// Nodes known.
@@ -206,7 +225,7 @@ impl State {
         if update.addresses_changed {
             self.sync_reserved();
         }
-        if self.alloc.is_some() {
+        if !self.allocs.is_empty() {
             self.sync_claim(&name);
         }
         self.dirty.insert(key);
@@ -214,13 +233,14 @@ impl State {
 
     /// Holds back the subnets that contain a Node address.
     fn sync_reserved(&mut self) {
-        let Some(alloc) = self.alloc.as_mut() else {
-            return;
-        };
-        let before = alloc.free();
-        let inside: Vec<_> = self.addresses.inside(alloc.cluster()).collect();
-        alloc.set_reserved(inside);
-        if alloc.free() > before {
+        let mut grew = false;
+        for alloc in &mut self.allocs {
+            let before = alloc.free();
+            let inside: Vec<_> = self.addresses.inside(alloc.cluster()).collect();
+            alloc.set_reserved(inside);
+            grew |= alloc.free() > before;
+        }
+        if grew {
             self.wake_waiting();
         }
     }
@@ -234,6 +254,7 @@ impl State {
         self.dirty.remove(&key);
         self.waiting.remove(&key);
         self.conflicts.remove(name);
+        self.gaps.remove(name);
         self.address_conflicts.remove(name);
         let update = self.addresses.update(name, Some(&view), None);
         self.dirty.extend(update.others);
@@ -247,8 +268,11 @@ impl State {
             .filter_map(|n| self.nodes.get(n).map(NodeView::age_key))
             .collect();
         self.dirty.extend(named);
-        let freed = self.alloc.as_mut().and_then(|a| a.release(name));
-        if freed.is_some() {
+        let mut freed = false;
+        for a in &mut self.allocs {
+            freed |= a.release(name).is_some();
+        }
+        if freed {
             self.wake_waiting();
         }
     }
@@ -346,7 +370,7 @@ impl State {
     pub fn plan(&mut self, now: Time, budget: usize, busy: &HashSet<String>) -> Plan {
         let mut plan = Plan::default();
         self.evaluate_default_network();
-        if self.alloc.is_some() && self.live.is_some() && self.has_default() {
+        if !self.allocs.is_empty() && self.live.is_some() && self.has_default() {
             let mut skipped = Vec::new();
             while plan.node_writes.len() < budget {
                 let Some(key) = self.dirty.pop_first() else {
@@ -389,7 +413,7 @@ impl State {
     /// Decides the address plan and the live config from `default`.
     fn evaluate_default_network(&mut self) {
         let Some(entry) = self.networks.get(canal_crds::DEFAULT_NETWORK_NAME) else {
-            self.refused = None;
+            self.refused.clear();
             self.invalid_spec = None;
             return;
         };
@@ -407,53 +431,52 @@ impl State {
             Ok(c) => c,
         };
         self.invalid_spec = None;
-        let wanted = (config.cluster_cidr, config.node_subnet_length);
+        let wanted: Vec<(IpNet, u8)> = config
+            .ranges
+            .iter()
+            .map(|r| (r.cidr, r.subnet_len))
+            .collect();
 
-        if self.alloc.is_none() {
+        if self.allocs.is_empty() {
             // Resume the plan recorded in status if there is one: the spec
             // may have been edited while no controller ran.
             let recorded = entry
                 .object
                 .status
                 .as_ref()
-                .and_then(|s| {
-                    Some((
-                        s.active_cluster_cidr.as_ref()?,
-                        s.active_node_subnet_length?,
-                    ))
-                })
-                .and_then(|(cidr, len)| Some((cidr.parse::<Ipv4Net>().ok()?, len)))
-                .filter(|(cidr, len)| Allocator::new(*cidr, *len).is_ok());
-            self.build_allocator(recorded.unwrap_or(wanted));
+                .map(recorded_plans)
+                .filter(|plans| {
+                    !plans.is_empty() && plans.iter().all(|(c, l)| Allocator::new(*c, *l).is_ok())
+                });
+            self.build_allocators(recorded.unwrap_or_else(|| wanted.clone()));
         }
-        let Some(alloc) = &self.alloc else {
+        if self.allocs.is_empty() {
             return;
-        };
-        let active = (alloc.cluster(), alloc.subnet_len());
-        if active != wanted {
-            if alloc.allocated() == 0 {
-                self.build_allocator(wanted);
-                self.refused = None;
-                self.notices.push(Notice {
-                    subject: self.network_subject(canal_crds::DEFAULT_NETWORK_NAME),
-                    warning: false,
-                    reason: "AddressPlanApplied",
-                    action: "ApplyAddressPlan",
-                    note: format!(
-                        "clusterCIDR {} with nodeSubnetLength {} is now in force (was {} with {}); no subnet was allocated",
-                        wanted.0, wanted.1, active.0, active.1
-                    ),
-                });
-            } else {
-                self.refused = Some(RefusedChange {
-                    active,
-                    wanted,
-                    allocated: alloc.allocated(),
-                });
-            }
-        } else {
-            self.refused = None;
         }
+        let active: Vec<InForce> = self
+            .allocs
+            .iter()
+            .map(|a| InForce {
+                cidr: a.cluster(),
+                len: a.subnet_len(),
+                allocated: a.allocated(),
+            })
+            .collect();
+        let next = families::next_plans(&active, &wanted);
+        let current: Vec<(IpNet, u8)> = active.iter().map(|a| (a.cidr, a.len)).collect();
+        if next.plans != current {
+            self.build_allocators(next.plans.clone());
+        }
+        for (from, to) in &next.applied {
+            self.notices.push(Notice {
+                subject: self.network_subject(canal_crds::DEFAULT_NETWORK_NAME),
+                warning: false,
+                reason: "AddressPlanApplied",
+                action: "ApplyAddressPlan",
+                note: families::applied_note(*from, *to),
+            });
+        }
+        self.refused = next.refused;
 
         if self.live.as_ref() != Some(&config) {
             if let Some(old) = &self.live {
@@ -473,14 +496,26 @@ impl State {
         }
     }
 
-    /// A fresh allocator for `plan`, holding every podCIDR Nodes already have.
-    fn build_allocator(&mut self, (cidr, len): (Ipv4Net, u8)) {
-        let Ok(alloc) = Allocator::new(cidr, len) else {
-            return;
-        };
-        self.alloc = Some(alloc);
+    /// The allocators for `plans` (primary first): those whose plan is
+    /// unchanged are kept as they are (subnets handed out but not yet seen
+    /// on their Node stay held), the others are built fresh, holding every
+    /// podCIDR Nodes already have.
+    fn build_allocators(&mut self, plans: Vec<(IpNet, u8)>) {
+        let mut old = std::mem::take(&mut self.allocs);
+        for (cidr, len) in plans {
+            let kept = old
+                .iter()
+                .position(|a| (a.cluster(), a.subnet_len()) == (cidr, len))
+                .map(|i| old.swap_remove(i));
+            match kept.map_or_else(|| Allocator::new(cidr, len), Ok) {
+                Ok(a) => self.allocs.push(a),
+                // validate() and the recorded-plan filter keep plans usable.
+                Err(e) => tracing::error!(%cidr, len, error = %e, "unusable address plan"),
+            }
+        }
         self.sync_reserved();
         self.conflicts.clear();
+        self.gaps.clear();
         self.waiting.clear();
         let mut names: Vec<AgeKey> = self.nodes.values().map(NodeView::age_key).collect();
         names.sort();
@@ -490,41 +525,101 @@ impl State {
         self.dirty = names.into_iter().collect();
     }
 
-    /// Brings the allocator in line with the podCIDR `name` shows.
+    /// Brings every allocator in line with the podCIDRs `name` shows.
     fn sync_claim(&mut self, name: &str) {
         let Some(view) = self.nodes.get(name) else {
             return;
         };
-        let Some(alloc) = self.alloc.as_mut() else {
+        if self.allocs.is_empty() {
             return;
-        };
-        let pod = view.pod_subnet();
+        }
+        let pods = view.pod_subnets();
         let key = view.age_key();
-        let problem = match &pod {
-            PodCidr::Unset => None,
-            PodCidr::V4(subnet) => match alloc.claim(name, *subnet) {
-                Ok(()) => None,
-                Err(IpamError::Outside { subnet, cluster }) => {
-                    Some(format!("podCIDR {subnet} is outside clusterCIDR {cluster}"))
-                }
-                Err(IpamError::Taken {
-                    subnet,
-                    other,
-                    other_subnet,
-                }) => Some(format!(
-                    "podCIDR {subnet} overlaps {other_subnet} of Node {other}"
-                )),
-                Err(e) => Some(e.to_string()),
-            },
-            PodCidr::Invalid { value, reason } => {
-                Some(format!("podCIDR {value:?} cannot be used: {reason}"))
+        let mut problems = Vec::new();
+        let mut missing = Vec::new();
+        // What was held before this look: only freeing that wakes others
+        // (a claim made and undone here frees nothing anyone waited for).
+        let held_before: Vec<bool> = self
+            .allocs
+            .iter()
+            .map(|a| a.subnet_of(name).is_some())
+            .collect();
+        match &pods {
+            PodCidrs::Unset => {}
+            PodCidrs::Invalid { value, reason } => {
+                problems.push(format!("podCIDR {value:?} cannot be used: {reason}"));
             }
-        };
+            PodCidrs::Set(_) => {
+                for alloc in &mut self.allocs {
+                    let cluster = alloc.cluster();
+                    let Some(subnet) = pods.of_family(&cluster) else {
+                        missing.push(cluster);
+                        continue;
+                    };
+                    match alloc.claim(name, subnet) {
+                        Ok(()) => {}
+                        Err(IpamError::Outside { subnet, cluster }) => problems
+                            .push(format!("podCIDR {subnet} is outside clusterCIDR {cluster}")),
+                        Err(IpamError::Taken {
+                            subnet,
+                            other,
+                            other_subnet,
+                        }) => problems.push(format!(
+                            "podCIDR {subnet} overlaps {other_subnet} of Node {other}"
+                        )),
+                        Err(e) => problems.push(e.to_string()),
+                    }
+                }
+                if missing.len() == self.allocs.len() {
+                    // No family of the cluster at all: nothing to publish.
+                    problems.push(format!(
+                        "podCIDRs {} have no {} entry",
+                        view.pod_cidrs.join(","),
+                        missing
+                            .iter()
+                            .map(canal_crds::validate::family_name)
+                            .collect::<Vec<_>>()
+                            .join(" or ")
+                    ));
+                    missing.clear();
+                }
+            }
+        }
+        let problem = (!problems.is_empty()).then(|| problems.join("; "));
         // A subnet handed out earlier is not what the Node has: free it.
-        let released = problem.is_some() && alloc.release(name).is_some();
+        let mut released = false;
+        if problem.is_some() {
+            for (alloc, before) in self.allocs.iter_mut().zip(held_before) {
+                released |= alloc.release(name).is_some() && before;
+            }
+        }
+        let gap = (!missing.is_empty()).then(|| {
+            format!(
+                "its podCIDRs {} have no subnet of {} and Kubernetes never lets podCIDRs change, so its pods get no address of that family (recreate the Node to give it one)",
+                view.pod_cidrs.join(","),
+                missing.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            )
+        });
+        match gap {
+            Some(why) => {
+                if self.gaps.get(name) != Some(&why) {
+                    self.notices.push(Notice {
+                        subject: self.node_subject(name),
+                        warning: true,
+                        reason: "PodCIDRFamilyMissing",
+                        action: "AdoptPodCIDR",
+                        note: why.clone(),
+                    });
+                    self.gaps.insert(name.to_string(), why);
+                }
+            }
+            None => {
+                self.gaps.remove(name);
+            }
+        }
         match problem {
             None => {
-                if pod != PodCidr::Unset {
+                if pods != PodCidrs::Unset {
                     self.waiting.remove(&key);
                 }
                 self.conflicts.remove(name);
@@ -569,12 +664,34 @@ impl State {
     /// with its addresses (an Event when that changes).
     fn assess_addresses(&mut self, name: &str, now: Timestamp) -> Option<addresses::Overlay> {
         let view = self.nodes.get(name)?;
-        let alloc = self.alloc.as_ref()?;
-        let holder = match addresses::wanted(view) {
-            addresses::Wanted::Address(ip, _) => self.addresses.holder(ip, &self.nodes),
-            _ => None,
+        let mut overlay = match self
+            .allocs
+            .iter()
+            .find(|a| matches!(a.cluster(), IpNet::V4(_)))
+        {
+            Some(alloc) => {
+                let holder = match addresses::wanted(view) {
+                    addresses::Wanted::Address(ip, _) => {
+                        self.addresses.holder(std::net::IpAddr::V4(ip), &self.nodes)
+                    }
+                    _ => None,
+                };
+                addresses::decide(view, holder, alloc, now)
+            }
+            None => addresses::Overlay::default(),
         };
-        let overlay = addresses::decide(view, holder, alloc, now);
+        if let Some(alloc) = self
+            .allocs
+            .iter()
+            .find(|a| matches!(a.cluster(), IpNet::V6(_)))
+        {
+            let holder = addresses6::wanted_v6(view)
+                .and_then(|ip| self.addresses.holder(std::net::IpAddr::V6(ip), &self.nodes));
+            let o6 = addresses6::decide_v6(view, holder, alloc.cluster());
+            overlay.public_ipv6 = o6.public_ipv6;
+            overlay.moved_v6 = o6.moved;
+            overlay.problems.extend(o6.problems);
+        }
         let line = addresses::problem_line(&overlay.problems);
         if self.address_conflicts.get(name) != line.as_ref() {
             match line {
@@ -601,22 +718,31 @@ impl State {
         let overlay = self.assess_addresses(name, now)?;
         let view = self.nodes.get(name)?;
         let live = self.live.as_ref()?;
-        let alloc = self.alloc.as_mut()?;
         if view.deleting {
             return None;
         }
         let key = view.age_key();
-        match view.pod_subnet() {
-            PodCidr::V4(subnet) => {
-                if self.conflicts.contains_key(name) || alloc.subnet_of(name) != Some(subnet) {
-                    return None;
+        match view.pod_subnets() {
+            PodCidrs::Set(_) if self.conflicts.contains_key(name) => None,
+            PodCidrs::Set(nets) => {
+                // Every family the Node has must be the one its allocator holds.
+                let mut subnets = Vec::new();
+                for alloc in &self.allocs {
+                    let Some(subnet) = nets.iter().find(|n| same_family(n, &alloc.cluster()))
+                    else {
+                        continue;
+                    };
+                    if alloc.subnet_of(name) != Some(*subnet) {
+                        return None;
+                    }
+                    subnets.push(*subnet);
                 }
-                let apply = vtep::desired(view, subnet, live, &overlay);
+                let apply = vtep::desired(view, &subnets, live, &overlay);
                 if vtep::is_current(view, &apply) {
                     return None;
                 }
                 let kind = if vtep::is_unpublished(view) {
-                    WriteKind::Adopt(subnet)
+                    WriteKind::Adopt(subnets)
                 } else {
                     WriteKind::Update
                 };
@@ -624,56 +750,86 @@ impl State {
                     apply,
                     kind,
                     based_on: view.resource_version.clone(),
-                    moved: overlay.moved,
+                    moved: overlay.moved.clone(),
+                    moved_v6: overlay.moved_v6.clone(),
                 })
             }
-            PodCidr::Invalid { .. } => None,
-            PodCidr::Unset => match alloc.allocate(name) {
-                Ok(subnet) => {
-                    self.waiting.remove(&key);
-                    Some(NodeWrite {
-                        apply: vtep::desired(view, subnet, live, &overlay),
-                        kind: WriteKind::Allocate(subnet),
-                        based_on: view.resource_version.clone(),
-                        moved: overlay.moved,
-                    })
-                }
-                Err(e) => {
-                    if self.waiting.insert(key) {
-                        let note = format!(
-                            "no pod subnet for this Node: {e}; it gets one as soon as a Node is deleted"
-                        );
-                        self.notices.push(Notice {
-                            subject: self.node_subject(name),
-                            warning: true,
-                            reason: "SubnetExhausted",
-                            action: "AllocatePodCIDR",
-                            note,
-                        });
+            PodCidrs::Invalid { .. } => None,
+            PodCidrs::Unset => {
+                // One subnet of every family, or none: podCIDRs are set once,
+                // so a Node given only some families would keep that forever.
+                let mut subnets = Vec::new();
+                let mut failed = None;
+                for alloc in &mut self.allocs {
+                    match alloc.allocate(name) {
+                        Ok(s) => subnets.push(s),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
                     }
-                    None
                 }
-            },
+                match failed {
+                    None => {
+                        self.waiting.remove(&key);
+                        Some(NodeWrite {
+                            apply: vtep::desired(view, &subnets, live, &overlay),
+                            kind: WriteKind::Allocate(subnets),
+                            based_on: view.resource_version.clone(),
+                            moved: overlay.moved,
+                            moved_v6: overlay.moved_v6,
+                        })
+                    }
+                    Some(e) => {
+                        for alloc in &mut self.allocs {
+                            alloc.release(name);
+                        }
+                        if self.waiting.insert(key) {
+                            let note = format!(
+                                "no pod subnet for this Node: {e}; it gets one as soon as a Node is deleted"
+                            );
+                            self.notices.push(Notice {
+                                subject: self.node_subject(name),
+                                warning: true,
+                                reason: "SubnetExhausted",
+                                action: "AllocatePodCIDR",
+                                note,
+                            });
+                        }
+                        None
+                    }
+                }
+            }
         }
     }
 
     fn assessment(&self, generation: Option<i64>) -> Assessment {
-        let active = self.alloc.as_ref().map(|a| ActivePlan {
-            cluster_cidr: a.cluster(),
-            node_subnet_length: a.subnet_len(),
-            total: a.total(),
-            allocated: a.allocated(),
-            free: a.free(),
-        });
+        let families: Vec<ActivePlan> = self
+            .allocs
+            .iter()
+            .map(|a| ActivePlan {
+                cluster_cidr: a.cluster(),
+                node_subnet_length: a.subnet_len(),
+                total: a.total(),
+                allocated: a.allocated(),
+                free: a.free(),
+            })
+            .collect();
         Assessment {
             generation,
             invalid_spec: self.invalid_spec.clone(),
-            refused: self.refused.clone(),
-            active,
+            refused: self.refused.first().cloned(),
+            active: families.first().cloned(),
+            families,
             waiting: self.waiting.iter().map(|(_, n)| n.clone()).collect(),
             conflicts: self
                 .conflicts
                 .iter()
+                .chain(
+                    self.gaps
+                        .iter()
+                        .filter(|(n, _)| !self.conflicts.contains_key(*n)),
+                )
                 .map(|(n, why)| (n.clone(), why.clone()))
                 .collect(),
             programmed: Some(super::programmed::summarize(self.nodes.values())),
@@ -733,6 +889,27 @@ impl State {
         }
         writes
     }
+}
+
+/// The plans a status records, primary first: activeClusterCIDRs with the
+/// subnet length of each family, else activeClusterCIDR alone.
+fn recorded_plans(s: &CanalNetworkStatus) -> Vec<(IpNet, u8)> {
+    let texts: Vec<&str> = if s.active_cluster_cidrs.is_empty() {
+        s.active_cluster_cidr.as_deref().into_iter().collect()
+    } else {
+        s.active_cluster_cidrs.iter().map(String::as_str).collect()
+    };
+    texts
+        .into_iter()
+        .filter_map(|t| {
+            let cidr = t.parse::<IpNet>().ok()?;
+            let len = match cidr {
+                IpNet::V4(_) => s.active_node_subnet_length?,
+                IpNet::V6(_) => s.active_node_subnet_length_v6?,
+            };
+            Some((cidr, len))
+        })
+        .collect()
 }
 
 /// Maps a Degraded reason to the static string Events need.
@@ -798,3 +975,6 @@ fn changed_fields(old: &NetworkConfig, new: &NetworkConfig) -> Vec<String> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod dual_tests;

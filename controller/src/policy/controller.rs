@@ -359,9 +359,9 @@ struct NetworkView {
     uid: Option<String>,
     policy_enabled: bool,
     summary: Option<PolicySummary>,
-    /// The pod range in force (status.activeClusterCIDR, else the spec's):
-    /// pod IPs outside it are never a pod's identity.
-    cluster_cidr: Option<ipnet::IpNet>,
+    /// The pod ranges in force, every family ([`CanalNetwork::pod_ranges`]):
+    /// pod IPs outside them are never a pod's identity.
+    cluster_cidrs: Option<Vec<ipnet::IpNet>>,
     /// The `PolicyPublished` condition as stored (for its transition time).
     published: Option<Condition>,
 }
@@ -373,13 +373,7 @@ impl NetworkView {
                 uid: cn.metadata.uid.clone(),
                 policy_enabled: cn.spec.policy.enabled,
                 summary: cn.status.as_ref().and_then(PolicySummary::from_status),
-                cluster_cidr: cn
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.active_cluster_cidr.as_deref())
-                    .unwrap_or(&cn.spec.cluster_cidr)
-                    .parse()
-                    .ok(),
+                cluster_cidrs: Some(cn.pod_ranges()).filter(|r| !r.is_empty()),
                 published: cn.status.as_ref().and_then(|s| {
                     canal_crds::condition::find(&s.conditions, POLICY_PUBLISHED).cloned()
                 }),
@@ -389,7 +383,7 @@ impl NetworkView {
                 uid: bad.metadata.uid.clone(),
                 policy_enabled: true,
                 summary: None,
-                cluster_cidr: None,
+                cluster_cidrs: None,
                 published: None,
             },
         }
@@ -685,8 +679,8 @@ impl Controller {
                 }
                 // The last known range stays when the object goes (nothing
                 // is written then anyway).
-                if let Some(cidr) = self.network.as_ref().and_then(|n| n.cluster_cidr) {
-                    self.index.set_cluster_cidrs(Some(vec![cidr]));
+                if let Some(cidrs) = self.network.as_ref().and_then(|n| n.cluster_cidrs.clone()) {
+                    self.index.set_cluster_cidrs(Some(cidrs));
                 }
                 self.mark_synced(Resource::CanalNetwork);
             }

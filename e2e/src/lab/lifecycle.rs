@@ -208,12 +208,16 @@ async fn up_steps(
 /// The lab's CanalNetwork: the family's ranges (IPv6 nodes get a /64 each),
 /// NetworkPolicy as asked.
 pub fn lab_network(family: IpFamily, policy: bool) -> Result<CanalNetworkSpec, Error> {
-    let mut spec = CanalNetworkSpec::with_cluster_cidr(LAB_CLUSTER_CIDR);
-    if family != IpFamily::Ipv4 {
-        return Err(Error::Lab(format!(
-            "--ip-family {family} needs a CanalNetwork with clusterCIDRs"
-        )));
-    }
+    // IPv4 labs keep the single clusterCIDR (what they always had); IPv6
+    // and dual-stack labs list their ranges, primary first.
+    let mut spec = match family {
+        IpFamily::Ipv4 => CanalNetworkSpec::with_cluster_cidr(LAB_CLUSTER_CIDR),
+        _ => {
+            let mut spec = CanalNetworkSpec::with_cluster_cidrs(&family.cluster_cidrs());
+            spec.node_subnet_length_v6 = super::family::NODE_SUBNET_LENGTH_V6;
+            spec
+        }
+    };
     spec.policy.enabled = policy;
     Ok(spec)
 }

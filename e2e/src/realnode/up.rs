@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::Error;
+use crate::lab::family::IpFamily;
 use crate::lab::state::{LabRecord, StateDir, read_json, write_json};
-use crate::lab::{self, Context, IpFamily, cleanup, default_bin_dir, names, nodes};
+use crate::lab::{self, Context, cleanup, default_bin_dir, names, nodes};
 use crate::realnode::cgroups::LabCgroups;
 use crate::realnode::images::{self, Image};
 use crate::realnode::node::{NodeContext, server_url};
@@ -105,6 +106,7 @@ async fn steps(
     // while the control plane starts.
     let images = tokio::task::spawn_blocking(build_images);
 
+    // The real-kubelet lab is IPv4 only (issue 14 leaves it for later).
     nodes::build_underlay(&names, IpFamily::Ipv4)?;
     let address = control_plane_address(&names);
     let (ctl, client) = control::start(state, &paths, &canal_lab, address).await?;
@@ -118,8 +120,8 @@ async fn steps(
             prefix: names.prefix.clone(),
             server: format!("https://127.0.0.1:{}", ctl.api_port),
             underlay: names.underlay(),
-            underlay6: None,
             ip_family: IpFamily::Ipv4,
+            underlay6: None,
             agents: false,
             controller: false,
             bin_dir,

@@ -156,7 +156,10 @@ fn adopts_an_existing_pod_cidr_verbatim() {
     s.reset_networks(vec![network("default", "10.244.0.0/16", 24)]);
     let p = plan(&mut s);
     let a = p.node_writes.iter().find(|w| w.apply.name == "a").unwrap();
-    assert_eq!(a.kind, WriteKind::Adopt("10.244.7.0/24".parse().unwrap()));
+    assert_eq!(
+        a.kind,
+        WriteKind::Adopt(vec!["10.244.7.0/24".parse().unwrap()])
+    );
     assert_eq!(a.apply.pod_cidr, "10.244.7.0/24");
     let b = p.node_writes.iter().find(|w| w.apply.name == "b").unwrap();
     assert_ne!(b.apply.pod_cidr, "10.244.7.0/24");

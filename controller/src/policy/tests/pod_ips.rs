@@ -328,6 +328,66 @@ fn a_sharded_peer_set_holds_only_held_ips_in_its_slices() {
     assert_eq!(endpoint_ips(&h)["x/fake"], vec!["10.0.0.7"]);
 }
 
+#[test]
+fn ipv6_pod_ips_are_identities_inside_the_nodes_ipv6_podcidr_and_cluster_range() {
+    let mut w = world();
+    w.nodes = vec![
+        NodeInfo {
+            name: "n1".into(),
+            pod_cidrs: vec![
+                "10.0.0.0/24".parse().unwrap(),
+                "fd00:10::/64".parse().unwrap(),
+            ],
+        },
+        NodeInfo {
+            name: "n2".into(),
+            pod_cidrs: vec![
+                "10.0.1.0/24".parse().unwrap(),
+                "fd00:10:0:1::/64".parse().unwrap(),
+            ],
+        },
+    ];
+    let mut h = Harness::new(&w);
+    h.index.set_cluster_cidrs(Some(vec![
+        "10.0.0.0/16".parse().unwrap(),
+        "fd00:10::/56".parse().unwrap(),
+    ]));
+    let mut dual = pod("x", "dual", "n1", "10.0.0.5", &[("pod", "client")]);
+    dual.ips.push("fd00:10::5".parse().unwrap());
+    h.index.apply_pod(dual);
+    // IPv6 only: a forged address of n1's /64 on n2, and one outside the
+    // cluster's IPv6 range.
+    h.index.apply_pod(pod(
+        "x",
+        "forged6",
+        "n2",
+        "fd00:10::9",
+        &[("pod", "client")],
+    ));
+    h.index
+        .apply_pod(pod("x", "outside6", "n2", "fd99::1", &[("pod", "client")]));
+    h.sync();
+    assert_eq!(set_ips(&h, "client"), vec!["10.0.0.5", "fd00:10::5"]);
+    let problems: BTreeMap<String, String> = h
+        .reports_pods
+        .iter()
+        .map(|r| (r.name.clone(), r.problem.clone().unwrap_or_default()))
+        .collect();
+    assert!(
+        problems["forged6"].contains("fd00:10::9 lies outside the podCIDR"),
+        "{problems:?}"
+    );
+    assert!(
+        problems["outside6"].contains("fd99::1 lies outside clusterCIDR 10.0.0.0/16, fd00:10::/56"),
+        "{problems:?}"
+    );
+    // An IPv4-only cluster range list: the IPv6 address is no identity.
+    h.index
+        .set_cluster_cidrs(Some(vec!["10.0.0.0/16".parse().unwrap()]));
+    h.sync();
+    assert_eq!(set_ips(&h, "client"), vec!["10.0.0.5"]);
+}
+
 // ----- properties -----------------------------------------------------------
 
 fn contested_pod(i: usize) -> impl Strategy<Value = PodInfo> {
