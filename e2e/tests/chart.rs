@@ -434,7 +434,8 @@ async fn install_upgrade_uninstall_against_a_real_api_server() {
         String::from_utf8_lossy(&crds.stdout)
             .matches("canal.dev")
             .count(),
-        3
+        4,
+        "CanalNetwork, NodePolicySet, PolicyGroup, PeerSet"
     );
 
     // An upgrade with a changed value changes the CanalNetwork.
@@ -498,7 +499,7 @@ async fn install_upgrade_uninstall_against_a_real_api_server() {
         String::from_utf8_lossy(&crds.stdout)
             .matches("canal.dev")
             .count(),
-        3,
+        4,
         "CRDs stay"
     );
 }
