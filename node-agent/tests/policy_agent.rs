@@ -250,8 +250,8 @@ async fn agent_programs_its_node_policy_set_reports_status_adopts_on_restart_and
     assert!(status.rules.unwrap() > 10, "{status:?}");
     assert_eq!(
         status.sets,
-        Some(3),
-        "only the referenced PeerSet, and the two anti-spoofing sets: {status:?}"
+        Some(2),
+        "only the referenced PeerSet, and the anti-spoofing set: {status:?}"
     );
     let cond = find(&status.conditions, ENFORCED).unwrap();
     assert_eq!(cond.reason, "Programmed");
@@ -294,7 +294,7 @@ async fn agent_programs_its_node_policy_set_reports_status_adopts_on_restart_and
     apply_peer_set(&client, "ps-c", peer_set(&["10.244.4.9"])).await;
     let g2 = apply_nps(&client, node_policy(&["ps-b", "ps-c"])).await;
     let status = wait_enforced(&client, g2, &agent).await;
-    assert_eq!(status.sets, Some(4));
+    assert_eq!(status.sets, Some(3));
     let state = policy_state(&node);
     assert!(state.contains("10.244.4.9"), "{state}");
     assert!(
@@ -370,14 +370,9 @@ async fn agent_programs_its_node_policy_set_reports_status_adopts_on_restart_and
     set_policy_enabled(&client, false).await;
     wait_until("policy removed", Duration::from_secs(20), || {
         let s = policy_state(&node);
-        let antispoof = [
-            canal_agent::policy::antispoof::assigned_set_name(
-                canal_agent::policy::model::Family::V4,
-            ),
-            canal_agent::policy::antispoof::interfaces_set_name(
-                canal_agent::policy::model::Family::V4,
-            ),
-        ];
+        let antispoof = [canal_agent::policy::antispoof::assigned_set_name(
+            canal_agent::policy::model::Family::V4,
+        )];
         let left_over = s
             .lines()
             .any(|l| !antispoof.iter().any(|n| l.contains(&format!(" {n} "))));

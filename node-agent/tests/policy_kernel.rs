@@ -192,7 +192,8 @@ async fn incremental_changes_touch_only_affected_chains_and_sets() {
     );
     assert_kernel_matches(&ns, &inputs);
 
-    // A new local pod: its two chains and the two dispatch chains, nothing else.
+    // A new local pod: its two chains, the two dispatch chains and its
+    // anti-spoofing drop rule, nothing else.
     inputs.spec.endpoints.push(Endpoint {
         namespace: "shop".into(),
         pod: "web-1".into(),
@@ -210,6 +211,7 @@ async fn incremental_changes_touch_only_affected_chains_and_sets() {
     assert_eq!(
         s.written_chains,
         vec![
+            "CANAL-PREROUTING",
             "CANAL-FROM-WL",
             "CANAL-FW-cali77777777777",
             "CANAL-TO-WL",
@@ -217,8 +219,8 @@ async fn incremental_changes_touch_only_affected_chains_and_sets() {
         ]
     );
     // Its named port joins the node-local named-port set, its address and
-    // interface the two anti-spoofing sets.
-    assert_eq!(s.plan.members_added, 3, "{:?}", s.plan);
+    // interface the anti-spoofing set.
+    assert_eq!(s.plan.members_added, 2, "{:?}", s.plan);
     assert_kernel_matches(&ns, &inputs);
     assert!(endpoint_files(run_dir.path()).contains("cali77777777777"));
 
@@ -368,7 +370,7 @@ async fn disabling_removes_every_policy_object_but_antispoofing_and_nothing_else
             .collect::<Vec<_>>(),
         vec![("raw", "PREROUTING")]
     );
-    assert_eq!(state.sets.len(), 2, "the two anti-spoofing sets: {state:?}");
+    assert_eq!(state.sets.len(), 1, "the anti-spoofing set: {state:?}");
     assert_kernel_matches(&ns, &inputs);
     let save = ns.sh("iptables-save");
     assert!(

@@ -147,23 +147,6 @@ pub fn assigned_set_name(family: Family) -> String {
     )
 }
 
-/// The set of every known pod interface (any source).
-pub fn interfaces_set_name(family: Family) -> String {
-    names::set_name(
-        "spoof-interfaces",
-        SetType::HashNetIface.as_str(),
-        family.as_str(),
-    )
-}
-
-/// Every source, as a `hash:net,iface` member prefix (the type accepts /0).
-fn any(family: Family) -> &'static str {
-    match family {
-        Family::V4 => "0.0.0.0/0",
-        Family::V6 => "::/0",
-    }
-}
-
 /// ICMPv6 types a pod sends from its link-local (or the unspecified)
 /// address and that must never be dropped: MLD (130-132), router and
 /// neighbour solicitation/advertisement (133-136), as Calico allows.
@@ -214,13 +197,20 @@ pub fn render_raw(map: &SourceMap, family: Family) -> RawRules {
         SpoofReason::Rpf,
     );
     if let Some(endpoints) = &map.endpoints {
+        // The assigned (address, interface) pairs are a set: distinct
+        // addresses hash apart. "Any source from this interface" is not:
+        // hash:net,iface hashes the address part only, so more than 64
+        // `0.0.0.0/0,<iface>` members collide into one full bucket and
+        // the whole restore fails ("Hash is full"). Those are rules, one
+        // per interface, reached only by packets no set entry returned.
         let mut assigned = IpSet::new(SetType::HashNetIface, family);
-        let mut interfaces = IpSet::new(SetType::HashNetIface, family);
-        let any = any(family);
         for (iface, sources) in endpoints {
-            interfaces.insert(format!("{any},{iface}"));
             match sources {
-                Sources::Routed => assigned.insert(format!("{any},{iface}")),
+                Sources::Routed => chain.push(
+                    n,
+                    format!("-i {iface} -j RETURN"),
+                    "pod IPs not known yet: reverse path only",
+                ),
                 Sources::Addresses(addrs) => {
                     for a in addrs {
                         // Each family's table filters its own addresses.
@@ -231,21 +221,23 @@ pub fn render_raw(map: &SourceMap, family: Family) -> RawRules {
                 }
             }
         }
-        let (assigned_name, interfaces_name) =
-            (assigned_set_name(family), interfaces_set_name(family));
+        let assigned_name = assigned_set_name(family);
         chain.push(
             n,
             format!("-i {w} -m set --match-set {assigned_name} src,src -j RETURN"),
             "source assigned to the pod interface",
         );
-        drop(
-            &mut chain,
-            format!("-i {w} -m set --match-set {interfaces_name} src,src -j DROP"),
-            "spoofed source: not an address of the pod",
-            SpoofReason::SourceNotAssigned,
-        );
+        for (iface, sources) in endpoints {
+            if matches!(sources, Sources::Addresses(_)) {
+                drop(
+                    &mut chain,
+                    format!("-i {iface} -j DROP"),
+                    "spoofed source: not an address of the pod",
+                    SpoofReason::SourceNotAssigned,
+                );
+            }
+        }
         out.sets.insert(assigned_name, assigned);
-        out.sets.insert(interfaces_name, interfaces);
     }
     let mut h = Chain::default();
     h.push("PREROUTING", format!("-j {n}"), "canal anti-spoofing");
@@ -293,23 +285,60 @@ mod tests {
     }
 
     #[test]
+    fn no_set_member_is_shared_by_many_interfaces() {
+        // hash:net,iface hashes the address part: members with one address
+        // and many interfaces fill one bucket (64) and fail the restore.
+        let eps: Vec<(String, Endpoint)> = (0..300)
+            .map(|i| {
+                let iface = format!("cali{i:011x}");
+                let ips = if i % 2 == 0 {
+                    vec![]
+                } else {
+                    vec![format!("10.244.{}.{}", i / 200, i % 200 + 2)]
+                };
+                let e = ep(&iface, &ips.iter().map(String::as_str).collect::<Vec<_>>());
+                (iface, e)
+            })
+            .collect();
+        let map = SourceMap::from_endpoints(
+            eps.iter().map(|(i, e)| (i.as_str(), e)),
+            &mut BTreeSet::new(),
+        );
+        let r = render_raw(&map, Family::V4);
+        for set in r.sets.values() {
+            let mut per_address: BTreeMap<&str, usize> = BTreeMap::new();
+            for m in set.members.iter() {
+                *per_address
+                    .entry(m.split(',').next().unwrap_or(m))
+                    .or_default() += 1;
+            }
+            assert!(per_address.values().all(|&n| n == 1), "{per_address:?}");
+        }
+    }
+
+    #[test]
     fn raw_rules_check_rpf_then_the_assigned_sources() {
         let a = ep("calia", &["10.244.1.2", "10.244.1.9"]);
         let b = ep("calib", &[]);
         let map = SourceMap::from_endpoints([("calia", &a), ("calib", &b)], &mut BTreeSet::new());
         let r = render_raw(&map, Family::V4);
         let specs: Vec<&str> = r.chain.rules.iter().map(|r| r.spec.as_str()).collect();
-        assert_eq!(specs.len(), 3);
-        assert!(specs[0].contains("rpfilter --invert -j DROP"));
-        assert!(specs[1].ends_with("src,src -j RETURN"));
-        assert!(specs[2].ends_with("src,src -j DROP"));
+        assert_eq!(
+            specs,
+            vec![
+                "-i cali+ -m rpfilter --invert -j DROP",
+                "-i calib -j RETURN",
+                &format!(
+                    "-i cali+ -m set --match-set {} src,src -j RETURN",
+                    assigned_set_name(Family::V4)
+                ),
+                "-i calia -j DROP",
+            ]
+        );
         let assigned = &r.sets[&assigned_set_name(Family::V4)];
         let members: Vec<&str> = assigned.members.iter().map(String::as_str).collect();
-        assert_eq!(
-            members,
-            vec!["0.0.0.0/0,calib", "10.244.1.2,calia", "10.244.1.9,calia"]
-        );
-        assert_eq!(r.sets[&interfaces_set_name(Family::V4)].members.len(), 2);
+        assert_eq!(members, vec!["10.244.1.2,calia", "10.244.1.9,calia"]);
+        assert_eq!(r.sets.len(), 1, "one set: the assigned pairs");
         let reasons: BTreeSet<SpoofReason> = r.drops.values().copied().collect();
         assert_eq!(reasons, SpoofReason::ALL.into_iter().collect());
         assert_eq!(r.hook.unwrap().table, Table::Raw);
@@ -327,19 +356,26 @@ mod tests {
     }
 
     #[test]
-    fn the_chain_does_not_change_with_the_pods() {
-        // Pods come and go through set members only: the raw chain (and its
-        // counters) stays as it is.
-        let a = ep("calia", &["10.244.1.2"]);
+    fn addresses_change_set_members_only() {
+        // A pod's new address is a set member; only a new interface adds
+        // a rule (its drop), so address churn leaves the chain and its
+        // counters as they are.
+        let a1 = ep("calia", &["10.244.1.2"]);
+        let a2 = ep("calia", &["10.244.1.3"]);
         let one = render_raw(
-            &SourceMap::from_endpoints([("calia", &a)], &mut BTreeSet::new()),
+            &SourceMap::from_endpoints([("calia", &a1)], &mut BTreeSet::new()),
             Family::V4,
         );
+        let moved = render_raw(
+            &SourceMap::from_endpoints([("calia", &a2)], &mut BTreeSet::new()),
+            Family::V4,
+        );
+        assert_eq!(one.chain, moved.chain);
+        assert_ne!(one.sets, moved.sets);
         let none = render_raw(
             &SourceMap::from_endpoints([], &mut BTreeSet::new()),
             Family::V4,
         );
-        assert_eq!(one.chain, none.chain);
-        assert_ne!(one.sets, none.sets);
+        assert_eq!(none.chain.rules.len() + 1, one.chain.rules.len());
     }
 }
