@@ -1076,6 +1076,11 @@ async fn orchestrate() {
     }
     let _ = agent.kill();
     let _ = agent.wait();
+    // SIGKILL skips the agent's own cleanup: remove the namespace it made
+    // (`Netns::new("scale-agent")`, the first of its process).
+    let _ = Command::new("ip")
+        .args(["netns", "del", &format!("scale-agent-{agent_pid}-0")])
+        .output();
     let _ = controller.kill();
     let _ = controller.wait();
     if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
