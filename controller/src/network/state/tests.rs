@@ -804,3 +804,26 @@ fn two_nodes_that_swap_addresses_both_move() {
     assert_eq!(published(&s, "b").as_deref(), Some("192.168.1.1"));
     assert_eq!(degraded_reason(&s), None);
 }
+
+#[test]
+fn a_dataplane_switch_is_announced() {
+    let mut s = State::new();
+    s.reset_nodes(vec![node("n0", 0)]);
+    s.reset_networks(vec![network("default", "10.244.0.0/16", 24)]);
+    converge(&mut s);
+
+    let mut edited = network("default", "10.244.0.0/16", 24);
+    if let Ok(spec) = &mut edited.spec {
+        spec.policy.dataplane = canal_crds::PolicyDataplane::IPTables;
+    }
+    edited.generation = Some(2);
+    s.apply_network(edited);
+    let plans = converge(&mut s);
+    let note = &plans[0]
+        .notices
+        .iter()
+        .find(|n| n.reason == "ConfigApplied")
+        .expect("a ConfigApplied notice")
+        .note;
+    assert!(note.contains("policy.dataplane Auto -> IPTables"), "{note}");
+}
