@@ -13,6 +13,8 @@
 
 pub mod cli;
 pub mod explain;
+#[cfg(test)]
+mod explain_tests;
 pub mod format;
 pub mod snapshot;
 pub mod status;
