@@ -187,3 +187,124 @@ async fn kubectl_canal_explain_and_status_on_a_lab() {
     }
     let _ = lab.down();
 }
+
+/// The agent's pid on `node`.
+fn agent_pid(lab: &Lab, node: &str) -> String {
+    let path = lab.state().node(node).agent().pid();
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .to_string()
+}
+
+fn signal(pid: &str, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, pid])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// Empties y/b's ingress chain behind the agent's back, in `dataplane`.
+fn flush_ingress_chain(node_ns: &str, iface: &str, dataplane: Dataplane) {
+    use canal_e2e::lab::netns;
+    let (tool, args): (&str, Vec<String>) = match dataplane {
+        Dataplane::IpTables => ("iptables", vec!["-t".into(), "filter".into(), "-F".into(), format!("CANAL-TW-{iface}")]),
+        Dataplane::NfTables => ("nft", vec!["flush".into(), "chain".into(), "inet".into(), "canal".into(), format!("tw-{iface}")]),
+    };
+    netns::run(netns::exec(node_ns, tool).args(&args))
+        .unwrap_or_else(|e| panic!("{tool} {args:?} in {node_ns}: {e}"));
+}
+
+/// Lines of `out` that report a repair naming `iface`.
+fn repairs_of(out: &str, iface: &str) -> usize {
+    out.lines()
+        .filter(|l| l.contains("repaired at") && l.contains(iface))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kubectl_canal_verify_reports_a_hand_flushed_chain_on_both_dataplanes() {
+    let _serial = serial().await;
+    let lab = Lab::up(
+        Lab::test_state_dir("kubectl-canal-verify"),
+        UpOptions {
+            nodes: 3,
+            ..UpOptions::default()
+        },
+    )
+    .await
+    .expect("a 3-node lab");
+    lab.add_conformance_pods().await.expect("conformance pods");
+    let client = lab.client();
+    let state = lab.state().dir.clone();
+    apply_policies(
+        &client,
+        "metadata: {namespace: y, name: b-from-xa}\nspec:\n  podSelector: {matchLabels: {pod: b}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: x}}, podSelector: {matchLabels: {pod: a}}}]}]",
+    )
+    .await;
+    let b = lab.pod("y/b").unwrap();
+    let b_ns = lab.node(&b.node).unwrap().netns;
+    let iface = canal_crds::names::veth_name("y", "b");
+    let args = ["explain", "--verify", "x/a", "y/b:80/TCP"];
+    let mut frozen_checked = false;
+    for dataplane in [Dataplane::IpTables, Dataplane::NfTables] {
+        use_dataplane(&lab, dataplane).await;
+        wait_enforced(&lab, Duration::from_secs(30)).await;
+        // Untouched: both nodes' kernels hold what they programmed.
+        let (code, out, err) = canal(&state, &args);
+        assert_eq!(code, 0, "{out}{err}");
+        assert_eq!(out.lines().next(), Some("allowed"));
+        assert_eq!(
+            out.lines().filter(|l| l.starts_with("verify ") && l.contains(": the kernel holds every chain")).count(),
+            2,
+            "{out}"
+        );
+        assert!(out.contains(dataplane.status()), "{out}");
+        let before = repairs_of(&out, &iface);
+
+        // Flushed by hand: the agent repairs it at once (firewall change
+        // notification); the answer names the repair and the chain.
+        flush_ingress_chain(&b_ns, &iface, dataplane);
+        let (code, out, err) = support::eventually("a repair of the flushed chain reported", Duration::from_secs(10), || async {
+            let r = canal(&state, &args);
+            if repairs_of(&r.1, &iface) > before {
+                Ok(r)
+            } else {
+                Err(r.1)
+            }
+        })
+        .await;
+        assert_eq!(code, 0, "repaired before the request's check: {out}{err}");
+
+        // Flushed while the agent is frozen: the request waits; once the
+        // agent runs again, it either finds the chain missing (exit 3,
+        // "did NOT hold") or has repaired it first (a newer repair).
+        let pid = agent_pid(&lab, &b.node);
+        let before = repairs_of(&out, &iface);
+        signal(&pid, "-STOP");
+        flush_ingress_chain(&b_ns, &iface, dataplane);
+        if !frozen_checked {
+            // A frozen agent does not answer: --verify says so and fails.
+            let (code, out, _) = canal(&state, &args);
+            assert_eq!(code, 3, "{out}");
+            assert!(out.contains(&format!("verify {}: no answer within 10 s", b.node)), "{out}");
+            frozen_checked = true;
+        }
+        let cli = {
+            let state = state.clone();
+            std::thread::spawn(move || canal(&state, &args))
+        };
+        std::thread::sleep(Duration::from_millis(1500));
+        signal(&pid, "-CONT");
+        let (code, out, err) = cli.join().expect("cli thread");
+        let missing = out
+            .lines()
+            .any(|l| l.contains(&format!("verify {}: the kernel did NOT hold", b.node)) && l.contains(&iface));
+        let repaired = repairs_of(&out, &iface) > before;
+        assert!(missing || repaired, "{out}{err}");
+        assert_eq!(code, if missing { 3 } else { 0 }, "{out}{err}");
+        wait_enforced(&lab, Duration::from_secs(30)).await;
+    }
+    let _ = lab.down();
+}

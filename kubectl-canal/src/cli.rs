@@ -18,6 +18,9 @@ pub const EXIT_ALLOWED: u8 = 0;
 pub const EXIT_DENIED: u8 = 1;
 /// Exit code: an error (bad arguments, unknown pod, API unreachable, ...).
 pub const EXIT_ERROR: u8 = 2;
+/// Exit code of `--verify`: a node's kernel did not hold what its agent
+/// programmed when read, holds another generation, or its agent did not answer.
+pub const EXIT_UNVERIFIED: u8 = 3;
 
 /// `kubectl canal`: why a connection is allowed or denied, and what each
 /// node's agent reports.
@@ -26,7 +29,7 @@ pub const EXIT_ERROR: u8 = 2;
     name = "kubectl-canal",
     bin_name = "kubectl canal",
     version,
-    after_help = "Exit codes: 0 allowed, 1 denied, 2 error."
+    after_help = "Exit codes: 0 allowed, 1 denied, 2 error, 3 --verify found a node's kernel not holding its programmed state (or no answer)."
 )]
 pub struct Cli {
     /// Path of the kubeconfig (default: $KUBECONFIG, ~/.kube/config, in-cluster).
@@ -52,6 +55,10 @@ pub enum Command {
         /// NAMESPACE/NAME[:PORT[/PROTO]] or IP[:PORT[/PROTO]] ([IPv6]:PORT);
         /// PORT a number or a container port name; PROTO TCP (default), UDP, SCTP.
         to: String,
+        /// Also ask the agents of both nodes to compare their kernel with
+        /// what they programmed (chains, rules, set members) and report it.
+        #[arg(long)]
+        verify: bool,
     },
     /// Per node: NodePolicySet generation and what the agent programmed,
     /// rule/set/endpoint counts, overlay peers, the last error.
@@ -80,19 +87,33 @@ pub async fn client(kubeconfig: Option<&PathBuf>, context: Option<&str>) -> Resu
 /// Runs the command, printing to `out`; returns the exit code.
 pub async fn run(cli: &Cli, out: &mut impl Write) -> Result<u8, Error> {
     // Arguments first: a typo should not wait for the API server.
-    if let Command::Explain { from, to } = &cli.command {
+    if let Command::Explain { from, to, .. } = &cli.command {
         target::parse_pod(from)?;
         target::parse_target(to)?;
     }
     let client = client(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;
     let snap = Snapshot::fetch(&client).await?;
     let (text, code) = match &cli.command {
-        Command::Explain { from, to } => {
+        Command::Explain { from, to, verify } => {
             let to = target::parse_target(to)?;
             let e = Explainer::new(&snap)?.explain(from, &to)?;
             tracing::debug!(?e, "explained");
-            let code = if e.allowed { EXIT_ALLOWED } else { EXIT_DENIED };
-            (format::explanation(&e), code)
+            let mut code = if e.allowed { EXIT_ALLOWED } else { EXIT_DENIED };
+            let mut text = format::explanation(&e);
+            if *verify {
+                let mut nodes: Vec<(String, Option<i64>)> = Vec::new();
+                for en in [&e.egress.enforcement, &e.ingress.enforcement].into_iter().flatten() {
+                    if !nodes.iter().any(|(n, _)| *n == en.node) {
+                        nodes.push((en.node.clone(), en.generation));
+                    }
+                }
+                let list = crate::verify::verify(&client, &nodes, crate::verify::ANSWER_TIMEOUT).await?;
+                text.push_str(&crate::verify::text(&list, crate::verify::ANSWER_TIMEOUT));
+                if !list.iter().all(crate::verify::NodeVerify::ok) {
+                    code = EXIT_UNVERIFIED;
+                }
+            }
+            (text, code)
         }
         Command::Status => {
             let rows = status::node_statuses(&snap);

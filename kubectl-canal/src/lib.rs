@@ -19,6 +19,7 @@ pub mod format;
 pub mod snapshot;
 pub mod status;
 pub mod target;
+pub mod verify;
 
 pub use explain::{Explanation, explain};
 pub use snapshot::Snapshot;
