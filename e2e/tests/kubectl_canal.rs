@@ -29,7 +29,11 @@ fn canal(state: &Path, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     );
-    eprintln!("$ kubectl canal {}\n{stdout}{stderr}(exit {:?})\n", args.join(" "), out.status.code());
+    eprintln!(
+        "$ kubectl canal {}\n{stdout}{stderr}(exit {:?})\n",
+        args.join(" "),
+        out.status.code()
+    );
     (out.status.code().unwrap_or(-1), stdout, stderr)
 }
 
@@ -48,7 +52,9 @@ async fn probe(lab: &Lab, from: &str, to: &str, port: u16, protocol: Protocol) -
     })
     .await
     .expect("probe task");
-    r.into_iter().next().is_some_and(|o| o.is_ok_and(|o| o.connected))
+    r.into_iter()
+        .next()
+        .is_some_and(|o| o.is_ok_and(|o| o.connected))
 }
 
 /// Explains one cell, checks the verdict line and exit code agree with
@@ -59,10 +65,17 @@ async fn explain_probed(lab: &Lab, from: &str, to: &str, port: u16, protocol: Pr
         Protocol::Udp => "UDP",
         Protocol::Sctp => "SCTP",
     };
-    let (code, out, err) = canal(&lab.state().dir, &["explain", from, &format!("{to}:{port}/{proto}")]);
+    let (code, out, err) = canal(
+        &lab.state().dir,
+        &["explain", from, &format!("{to}:{port}/{proto}")],
+    );
     let probed = probe(lab, from, to, port, protocol).await;
     let want = if probed { "allowed" } else { "denied" };
-    assert_eq!(out.lines().next(), Some(want), "{from} -> {to}:{port}/{proto}: probe {want}\n{out}{err}");
+    assert_eq!(
+        out.lines().next(),
+        Some(want),
+        "{from} -> {to}:{port}/{proto}: probe {want}\n{out}{err}"
+    );
     assert_eq!(code, if probed { 0 } else { 1 }, "exit code\n{out}{err}");
     out
 }
@@ -88,7 +101,10 @@ async fn kubectl_canal_explain_and_status_on_a_lab() {
     // No policy: allowed, both directions not isolated.
     let out = explain_probed(&lab, "x/a", "y/b", 80, Protocol::Tcp).await;
     assert!(out.contains("egress of x/a on node-"), "{out}");
-    assert!(out.contains("not isolated (no NetworkPolicy selects y/b for ingress)"), "{out}");
+    assert!(
+        out.contains("not isolated (no NetworkPolicy selects y/b for ingress)"),
+        "{out}"
+    );
     assert!(out.contains("enforced, nftables"), "{out}");
 
     // Scenario: y/b from x/a on the named port serve-80-tcp only, and x/a
@@ -100,16 +116,28 @@ async fn kubectl_canal_explain_and_status_on_a_lab() {
     .await;
     wait_enforced(&lab, Duration::from_secs(30)).await;
     let out = explain_probed(&lab, "x/a", "y/b", 80, Protocol::Tcp).await;
-    assert!(out.contains("allowed by y/b-from-xa ingress rule 0"), "{out}");
-    assert!(out.contains("named port serve-80-tcp = TCP 80 on y/b"), "{out}");
+    assert!(
+        out.contains("allowed by y/b-from-xa ingress rule 0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("named port serve-80-tcp = TCP 80 on y/b"),
+        "{out}"
+    );
     assert!(out.contains("allowed by x/a-out egress rule 0"), "{out}");
     assert!(out.contains("peer: PeerSet "), "{out}");
     let out = explain_probed(&lab, "x/a", "y/b", 81, Protocol::Tcp).await;
-    assert!(out.contains("y/b-from-xa ingress rule 0: peer matches, port does not match"), "{out}");
+    assert!(
+        out.contains("y/b-from-xa ingress rule 0: peer matches, port does not match"),
+        "{out}"
+    );
     let out = explain_probed(&lab, "x/b", "y/b", 80, Protocol::Tcp).await;
     assert!(out.contains("peer does not match, port matches"), "{out}");
     let out = explain_probed(&lab, "x/a", "z/c", 80, Protocol::Udp).await;
-    assert!(out.contains("x/a-out egress rule 0: peer does not match"), "{out}");
+    assert!(
+        out.contains("x/a-out egress rule 0: peer does not match"),
+        "{out}"
+    );
     explain_probed(&lab, "z/c", "y/b", 80, Protocol::Udp).await;
 
     // A named port as the destination port; an IP destination (the pod's).
@@ -119,11 +147,18 @@ async fn kubectl_canal_explain_and_status_on_a_lab() {
     let b_ip = lab.pod("y/b").unwrap().ipv4().unwrap();
     let (code, out, _) = canal(&state, &["explain", "x/a", &format!("{b_ip}:81")]);
     assert_eq!((code, out.lines().next()), (1, Some("denied")), "{out}");
-    assert!(out.contains(&format!("y/b ({b_ip}, node-")), "the address is y/b's: {out}");
+    assert!(
+        out.contains(&format!("y/b ({b_ip}, node-")),
+        "the address is y/b's: {out}"
+    );
     // Outside addresses: the ipBlock and its except; only egress applies.
     let (code, out, _) = canal(&state, &["explain", "x/a", "192.0.2.10:443"]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("allowed by x/a-out egress rule 1") && out.contains("ipBlock 192.0.2.0/24 except 192.0.2.128/25"), "{out}");
+    assert!(
+        out.contains("allowed by x/a-out egress rule 1")
+            && out.contains("ipBlock 192.0.2.0/24 except 192.0.2.128/25"),
+        "{out}"
+    );
     assert!(out.contains("192.0.2.10 is no pod of the cluster"), "{out}");
     let (code, out, _) = canal(&state, &["explain", "x/a", "192.0.2.200:443"]);
     assert_eq!(code, 1, "the except: {out}");
@@ -146,7 +181,10 @@ async fn kubectl_canal_explain_and_status_on_a_lab() {
     let (code, out, _) = canal(&state, &["status"]);
     assert_eq!(code, 0);
     let lines: Vec<&str> = out.lines().collect();
-    assert!(lines[0].starts_with("NODE ") && lines[0].contains("PROGRAMMED"), "{out}");
+    assert!(
+        lines[0].starts_with("NODE ") && lines[0].contains("PROGRAMMED"),
+        "{out}"
+    );
     for n in 1..=3 {
         let row = lines
             .iter()
@@ -164,17 +202,26 @@ async fn kubectl_canal_explain_and_status_on_a_lab() {
         (
             "deny all ingress in x",
             "metadata: {namespace: x, name: deny-ingress}\nspec: {podSelector: {}}",
-            vec![("y/a", "x/b", 80, Protocol::Tcp), ("x/a", "y/b", 80, Protocol::Tcp)],
+            vec![
+                ("y/a", "x/b", 80, Protocol::Tcp),
+                ("x/a", "y/b", 80, Protocol::Tcp),
+            ],
         ),
         (
             "x/a from pods of x labelled pod=b",
             "metadata: {namespace: x, name: a-from-b}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]",
-            vec![("x/b", "x/a", 81, Protocol::Udp), ("x/c", "x/a", 81, Protocol::Udp)],
+            vec![
+                ("x/b", "x/a", 81, Protocol::Udp),
+                ("x/c", "x/a", 81, Protocol::Udp),
+            ],
         ),
         (
             "named port egress: x to serve-80-udp anywhere",
             "metadata: {namespace: x, name: named-out}\nspec:\n  podSelector: {}\n  policyTypes: [Egress]\n  egress: [{ports: [{port: serve-80-udp, protocol: UDP}]}]",
-            vec![("x/a", "z/c", 80, Protocol::Udp), ("x/a", "z/c", 81, Protocol::Udp)],
+            vec![
+                ("x/a", "z/c", 80, Protocol::Udp),
+                ("x/a", "z/c", 81, Protocol::Udp),
+            ],
         ),
     ] {
         eprintln!("=== scenario: {name}");
@@ -209,8 +256,25 @@ fn signal(pid: &str, sig: &str) {
 fn flush_ingress_chain(node_ns: &str, iface: &str, dataplane: Dataplane) {
     use canal_e2e::lab::netns;
     let (tool, args): (&str, Vec<String>) = match dataplane {
-        Dataplane::IpTables => ("iptables", vec!["-t".into(), "filter".into(), "-F".into(), format!("CANAL-TW-{iface}")]),
-        Dataplane::NfTables => ("nft", vec!["flush".into(), "chain".into(), "inet".into(), "canal".into(), format!("tw-{iface}")]),
+        Dataplane::IpTables => (
+            "iptables",
+            vec![
+                "-t".into(),
+                "filter".into(),
+                "-F".into(),
+                format!("CANAL-TW-{iface}"),
+            ],
+        ),
+        Dataplane::NfTables => (
+            "nft",
+            vec![
+                "flush".into(),
+                "chain".into(),
+                "inet".into(),
+                "canal".into(),
+                format!("tw-{iface}"),
+            ],
+        ),
     };
     netns::run(netns::exec(node_ns, tool).args(&args))
         .unwrap_or_else(|e| panic!("{tool} {args:?} in {node_ns}: {e}"));
@@ -266,14 +330,18 @@ async fn kubectl_canal_verify_reports_a_hand_flushed_chain_on_both_dataplanes() 
         // Flushed by hand: the agent repairs it at once (firewall change
         // notification); the answer names the repair and the chain.
         flush_ingress_chain(&b_ns, &iface, dataplane);
-        let (code, out, err) = support::eventually("a repair of the flushed chain reported", Duration::from_secs(10), || async {
-            let r = canal(&state, &args);
-            if repairs_of(&r.1, &iface) > before {
-                Ok(r)
-            } else {
-                Err(r.1)
-            }
-        })
+        let (code, out, err) = support::eventually(
+            "a repair of the flushed chain reported",
+            Duration::from_secs(10),
+            || async {
+                let r = canal(&state, &args);
+                if repairs_of(&r.1, &iface) > before {
+                    Ok(r)
+                } else {
+                    Err(r.1)
+                }
+            },
+        )
         .await;
         assert_eq!(code, 0, "repaired before the request's check: {out}{err}");
 
@@ -288,7 +356,10 @@ async fn kubectl_canal_verify_reports_a_hand_flushed_chain_on_both_dataplanes() 
             // A frozen agent does not answer: --verify says so and fails.
             let (code, out, _) = canal(&state, &args);
             assert_eq!(code, 3, "{out}");
-            assert!(out.contains(&format!("verify {}: no answer within 10 s", b.node)), "{out}");
+            assert!(
+                out.contains(&format!("verify {}: no answer within 10 s", b.node)),
+                "{out}"
+            );
             frozen_checked = true;
         }
         let cli = {
@@ -298,9 +369,9 @@ async fn kubectl_canal_verify_reports_a_hand_flushed_chain_on_both_dataplanes() 
         std::thread::sleep(Duration::from_millis(1500));
         signal(&pid, "-CONT");
         let (code, out, err) = cli.join().expect("cli thread");
-        let missing = out
-            .lines()
-            .any(|l| l.contains(&format!("verify {}: the kernel did NOT hold", b.node)) && l.contains(&iface));
+        let missing = out.lines().any(|l| {
+            l.contains(&format!("verify {}: the kernel did NOT hold", b.node)) && l.contains(&iface)
+        });
         let repaired = repairs_of(&out, &iface) > before;
         assert!(missing || repaired, "{out}{err}");
         assert_eq!(code, if missing { 3 } else { 0 }, "{out}{err}");

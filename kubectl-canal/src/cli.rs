@@ -66,7 +66,10 @@ pub enum Command {
 }
 
 /// A client from the kubeconfig options, as kubectl finds it.
-pub async fn client(kubeconfig: Option<&PathBuf>, context: Option<&str>) -> Result<kube::Client, Error> {
+pub async fn client(
+    kubeconfig: Option<&PathBuf>,
+    context: Option<&str>,
+) -> Result<kube::Client, Error> {
     let opts = KubeConfigOptions {
         context: context.map(str::to_string),
         ..KubeConfigOptions::default()
@@ -76,7 +79,9 @@ pub async fn client(kubeconfig: Option<&PathBuf>, context: Option<&str>) -> Resu
         (Some(path), _) => {
             let kc = Kubeconfig::read_from(path)
                 .map_err(|e| Error::Kubeconfig(format!("{}: {e}", path.display())))?;
-            Config::from_custom_kubeconfig(kc, &opts).await.map_err(|e| err(&e))?
+            Config::from_custom_kubeconfig(kc, &opts)
+                .await
+                .map_err(|e| err(&e))?
         }
         (None, Some(_)) => Config::from_kubeconfig(&opts).await.map_err(|e| err(&e))?,
         (None, None) => Config::infer().await.map_err(|e| err(&e))?,
@@ -102,12 +107,16 @@ pub async fn run(cli: &Cli, out: &mut impl Write) -> Result<u8, Error> {
             let mut text = format::explanation(&e);
             if *verify {
                 let mut nodes: Vec<(String, Option<i64>)> = Vec::new();
-                for en in [&e.egress.enforcement, &e.ingress.enforcement].into_iter().flatten() {
+                for en in [&e.egress.enforcement, &e.ingress.enforcement]
+                    .into_iter()
+                    .flatten()
+                {
                     if !nodes.iter().any(|(n, _)| *n == en.node) {
                         nodes.push((en.node.clone(), en.generation));
                     }
                 }
-                let list = crate::verify::verify(&client, &nodes, crate::verify::ANSWER_TIMEOUT).await?;
+                let list =
+                    crate::verify::verify(&client, &nodes, crate::verify::ANSWER_TIMEOUT).await?;
                 text.push_str(&crate::verify::text(&list, crate::verify::ANSWER_TIMEOUT));
                 if !list.iter().all(crate::verify::NodeVerify::ok) {
                     code = EXIT_UNVERIFIED;

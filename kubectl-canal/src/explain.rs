@@ -63,14 +63,22 @@ pub struct NodeView {
 
 impl NodeView {
     /// Assembles node `name`'s view from the snapshot.
-    pub fn build(snap: &Snapshot, config: EnforcementConfig, name: &str) -> Result<NodeView, Error> {
+    pub fn build(
+        snap: &Snapshot,
+        config: EnforcementConfig,
+        name: &str,
+    ) -> Result<NodeView, Error> {
         let nps = snap
             .node_policy_sets
             .get(name)
             .ok_or_else(|| Error::NoNodePolicySet(name.to_string()))?;
         let gaps = |g: Vec<canal_crds::assemble::Gap>| Error::Inconsistent {
             node: name.to_string(),
-            gaps: g.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+            gaps: g
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
         };
         let spec = assemble_node(name, &nps.spec, |n| snap.groups.get(n)).map_err(gaps)?;
         let mut peer_sets = BTreeMap::new();
@@ -355,11 +363,23 @@ impl<'a> Explainer<'a> {
                 port,
             };
             let e = eval::evaluate(&view.model, &c);
-            let egress = report(view, Direction::Egress, Some(from), &src_iface, &c, &e.egress);
+            let egress = report(
+                view,
+                Direction::Egress,
+                Some(from),
+                &src_iface,
+                &c,
+                &e.egress,
+            );
             let ingress = match (&to_side, &dst_pod_key) {
-                (Side::Pod(iface), Some(k)) => {
-                    Some(report(view, Direction::Ingress, Some(k), iface, &c, &e.ingress))
-                }
+                (Side::Pod(iface), Some(k)) => Some(report(
+                    view,
+                    Direction::Ingress,
+                    Some(k),
+                    iface,
+                    &c,
+                    &e.ingress,
+                )),
                 (Side::Host, _) => Some(DirectionReport {
                     direction: Direction::Ingress,
                     pod: None,
@@ -400,8 +420,12 @@ impl<'a> Explainer<'a> {
                 enforcement: None,
                 allowed: true,
                 verdict: Verdict::NotPoliced(match &dst_node {
-                    Some(n) => format!("{dst_ip} is node {n}'s address: no pod policy applies there"),
-                    None => format!("{dst_ip} is no pod of the cluster: only the source's egress applies"),
+                    Some(n) => {
+                        format!("{dst_ip} is node {n}'s address: no pod policy applies there")
+                    }
+                    None => format!(
+                        "{dst_ip} is no pod of the cluster: only the source's egress applies"
+                    ),
                 }),
                 warnings: Vec::new(),
             },
@@ -444,7 +468,12 @@ fn report(
     c: &Connection,
     reason: &Reason,
 ) -> DirectionReport {
-    let isolated_by = match view.model.endpoints.get(iface).map(|e| e.isolation(direction)) {
+    let isolated_by = match view
+        .model
+        .endpoints
+        .get(iface)
+        .map(|e| e.isolation(direction))
+    {
         Some(Isolation::By(list)) => list.clone(),
         _ => Vec::new(),
     };
@@ -570,7 +599,11 @@ fn describe_peer(view: &NodeView, hit: &PeerHit) -> String {
         PeerHit::Peer(PeerModel::Block(b)) => format!(
             "ipBlock {} except {}",
             b.cidr,
-            b.except.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+            b.except
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
         ),
         PeerHit::Peer(PeerModel::Set(name)) => {
             let members = view.model.peer_sets.get(name).map_or(0, |s| s.len());
@@ -655,7 +688,12 @@ pub fn pod_ips(p: &Pod) -> Vec<IpAddr> {
         .filter_map(|i| i.ip.parse().ok())
         .collect();
     if out.is_empty() {
-        out.extend(status.pod_ip.as_deref().and_then(|i| i.parse::<IpAddr>().ok()));
+        out.extend(
+            status
+                .pod_ip
+                .as_deref()
+                .and_then(|i| i.parse::<IpAddr>().ok()),
+        );
     }
     out
 }
@@ -686,7 +724,10 @@ fn node_with_ip(snap: &Snapshot, ip: &IpAddr) -> Option<String> {
             .and_then(|s| s.addresses.as_ref())
             .is_some_and(|a| a.iter().any(|a| a.address == text))
     };
-    snap.nodes.iter().find(|(_, n)| holds(n)).map(|(k, _)| k.clone())
+    snap.nodes
+        .iter()
+        .find(|(_, n)| holds(n))
+        .map(|(k, _)| k.clone())
 }
 
 fn container_port(p: &Pod, name: &str, protocol: Protocol) -> Option<u16> {
@@ -697,7 +738,8 @@ fn container_port(p: &Pod, name: &str, protocol: Protocol) -> Option<u16> {
         .flat_map(|c| c.ports.iter().flatten())
         .find(|cp| {
             cp.name.as_deref() == Some(name)
-                && cp.protocol.as_deref().unwrap_or("TCP") == protocol.as_lower().to_ascii_uppercase()
+                && cp.protocol.as_deref().unwrap_or("TCP")
+                    == protocol.as_lower().to_ascii_uppercase()
         })
         .and_then(|cp| u16::try_from(cp.container_port).ok())
 }

@@ -74,7 +74,8 @@ fn snapshot() -> Snapshot {
         CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16"),
     ));
     for n in ["node-1", "node-2", "node-3"] {
-        let node: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": n}})).unwrap();
+        let node: Node =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": n}})).unwrap();
         snap.nodes.insert(n.into(), node);
     }
     let http = serde_json::json!([{"name": "http", "containerPort": 8080, "protocol": "TCP"}]);
@@ -214,7 +215,10 @@ fn allowed_names_the_rule_peer_and_resolved_named_port_on_both_nodes() {
     );
     let text = format::explanation(&e);
     assert_eq!(text.lines().next(), Some("allowed"), "{text}");
-    assert!(text.contains("node-1: NodePolicySet generation 1 enforced, nftables"), "{text}");
+    assert!(
+        text.contains("node-1: NodePolicySet generation 1 enforced, nftables"),
+        "{text}"
+    );
     assert!(
         text.contains("node-2: NOT enforced yet: this answer uses generation 3, the agent reports generation 2 programmed"),
         "{text}"
@@ -235,14 +239,23 @@ fn denied_says_which_part_of_each_rule_failed() {
     assert_eq!((misses[0].peer, misses[0].port), (true, false));
     let text = format::explanation(&e);
     assert_eq!(text.lines().next(), Some("denied"), "{text}");
-    assert!(text.contains("x/egress egress rule 0: peer matches, port does not match"), "{text}");
+    assert!(
+        text.contains("x/egress egress rule 0: peer matches, port does not match"),
+        "{text}"
+    );
     // x/c is not isolated for egress; y/b's ingress refuses it: wrong peer.
     let e = explain("x/c", "y/b:8080/TCP").unwrap();
     assert!(!e.allowed && e.egress.allowed && !e.ingress.allowed);
     assert_eq!(e.egress.verdict, Verdict::NotIsolated);
     let text = format::explanation(&e);
-    assert!(text.contains("y/allow-http ingress rule 0: peer does not match, port matches"), "{text}");
-    assert!(text.contains("y/deny: no ingress rules (allows nothing)"), "{text}");
+    assert!(
+        text.contains("y/allow-http ingress rule 0: peer does not match, port matches"),
+        "{text}"
+    );
+    assert!(
+        text.contains("y/deny: no ingress rules (allows nothing)"),
+        "{text}"
+    );
     // UDP to the TCP named port: nothing matches.
     assert!(!explain("x/a", "y/b:8080/UDP").unwrap().allowed);
 }
@@ -272,7 +285,10 @@ fn clear_errors() {
     let err = |from: &str, to: &str| explain(from, to).unwrap_err().to_string();
     assert_eq!(err("x/nope", "y/b:80"), "pod x/nope not found");
     assert_eq!(err("x/a", "y/nope:80"), "pod y/nope not found");
-    assert_eq!(err("x/a", "y/new:80"), "pod y/new has no IPv4 address yet (phase Pending)");
+    assert_eq!(
+        err("x/a", "y/new:80"),
+        "pod y/new has no IPv4 address yet (phase Pending)"
+    );
     assert!(err("x/a", "z/d:80").starts_with("node node-3 has no NodePolicySet"));
     assert!(err("x/a", "y/b").starts_with("give the destination port"));
     assert!(err("x/a", "y/b:grpc").contains("declares no tcp port named \"grpc\""));
@@ -291,7 +307,12 @@ fn status_rows_and_table() {
     let t = format::status_table(&rows, &[]);
     let lines: Vec<&str> = t.lines().collect();
     assert!(lines[0].starts_with("NODE   "), "{t}");
-    assert!(lines[2].starts_with("node-2 ") && lines[2].contains(" 3 ") && lines[2].contains("nftables"), "{t}");
+    assert!(
+        lines[2].starts_with("node-2 ")
+            && lines[2].contains(" 3 ")
+            && lines[2].contains("nftables"),
+        "{t}"
+    );
     // Columns line up: every row has its second column where the header has it.
     let col = lines[0].find("GENERATION").unwrap();
     assert!(lines.iter().skip(1).all(|l| l[..col].ends_with(' ')), "{t}");

@@ -123,7 +123,9 @@ pub fn enforcement(e: &Enforcement) -> String {
     if e.current() {
         format!("{}: NodePolicySet generation {gen_} enforced{dp}", e.node)
     } else {
-        let programmed = e.observed.map_or("nothing".to_string(), |g| format!("generation {g}"));
+        let programmed = e
+            .observed
+            .map_or("nothing".to_string(), |g| format!("generation {g}"));
         let cond = match e.enforced {
             Some(true) => "Enforced True".to_string(),
             Some(false) => format!("Enforced False ({})", e.message),
@@ -178,8 +180,17 @@ fn labels(sel: &LabelSelector) -> String {
 /// The status table, columns aligned.
 pub fn status_table(rows: &[NodeStatus], summary: &[String]) -> String {
     let header = [
-        "NODE", "GENERATION", "PROGRAMMED", "ENFORCED", "DATAPLANE", "ENDPOINTS", "RULES", "SETS",
-        "PEERS", "NETWORK", "LAST ERROR",
+        "NODE",
+        "GENERATION",
+        "PROGRAMMED",
+        "ENFORCED",
+        "DATAPLANE",
+        "ENDPOINTS",
+        "RULES",
+        "SETS",
+        "PEERS",
+        "NETWORK",
+        "LAST ERROR",
     ];
     let opt = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
     let table: Vec<Vec<String>> = rows

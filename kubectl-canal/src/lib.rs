@@ -56,7 +56,9 @@ pub enum Error {
     #[error("pod {0} is not scheduled on a node yet")]
     Unscheduled(String),
     /// A pod of the host's network (policy does not apply to it).
-    #[error("pod {0} uses the host's network: NetworkPolicy does not select it, canal does not police it")]
+    #[error(
+        "pod {0} uses the host's network: NetworkPolicy does not select it, canal does not police it"
+    )]
     HostNetwork(String),
     /// A node without a NodePolicySet.
     #[error(

@@ -84,10 +84,9 @@ pub fn node_statuses(snap: &Snapshot) -> Vec<NodeStatus> {
 /// a VTEP (what canal-controller annotates, as flannel does).
 fn is_overlay_peer(n: &Node) -> bool {
     let a = n.metadata.annotations.clone().unwrap_or_default();
-    let has_cidr = n
-        .spec
-        .as_ref()
-        .is_some_and(|s| s.pod_cidr.is_some() || s.pod_cidrs.as_ref().is_some_and(|c| !c.is_empty()));
+    let has_cidr = n.spec.as_ref().is_some_and(|s| {
+        s.pod_cidr.is_some() || s.pod_cidrs.as_ref().is_some_and(|c| !c.is_empty())
+    });
     n.metadata.deletion_timestamp.is_none()
         && has_cidr
         && ((a.contains_key(PUBLIC_IP) && a.contains_key(BACKEND_DATA))

@@ -136,7 +136,10 @@ mod tests {
         assert_eq!(t("y/b:81/udp").protocol, Protocol::UDP);
         assert_eq!(t("y/b").port, None);
         assert_eq!(t("y/b:http").port, Some(PortSpec::Name("http".into())));
-        assert_eq!(t("10.244.1.5:53/UDP").dest, Dest::Ip("10.244.1.5".parse().unwrap()));
+        assert_eq!(
+            t("10.244.1.5:53/UDP").dest,
+            Dest::Ip("10.244.1.5".parse().unwrap())
+        );
         assert_eq!(t("fd00::5").dest, Dest::Ip("fd00::5".parse().unwrap()));
         let v6 = t("[fd00::5]:443/SCTP");
         assert_eq!(v6.dest, Dest::Ip("fd00::5".parse().unwrap()));
@@ -148,8 +151,18 @@ mod tests {
     #[test]
     fn malformed_targets_are_refused() {
         for bad in [
-            "b", "y/", "/b", "y/b/c", "y/b:0", "y/b:70000", "y/b:80/ICMP", "y/b:HTTP",
-            "[fd00::5", "[nope]:80", "[fd00::5]80", "y/b:",
+            "b",
+            "y/",
+            "/b",
+            "y/b/c",
+            "y/b:0",
+            "y/b:70000",
+            "y/b:80/ICMP",
+            "y/b:HTTP",
+            "[fd00::5",
+            "[nope]:80",
+            "[fd00::5]80",
+            "y/b:",
         ] {
             assert!(parse_target(bad).is_err(), "{bad} parsed");
         }

@@ -55,7 +55,8 @@ pub async fn verify(
     let api: Api<NodePolicySet> = Api::all(client.clone());
     let id = request_id();
     for (node, _) in nodes {
-        let patch = serde_json::json!({"metadata": {"annotations": {VERIFY_REQUEST_ANNOTATION: id}}});
+        let patch =
+            serde_json::json!({"metadata": {"annotations": {VERIFY_REQUEST_ANNOTATION: id}}});
         api.patch(node, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map_err(|source| Error::Api {
@@ -154,7 +155,8 @@ mod tests {
             generation: Some(generation),
             dataplane: Some("iptables".into()),
             held,
-            missing: (!held).then(|| "1 chains rewritten (repaired at once); chains: CANAL-pi-x".into()),
+            missing: (!held)
+                .then(|| "1 chains rewritten (repaired at once); chains: CANAL-pi-x".into()),
             repairs: vec![DriftRepair {
                 repaired_at: "2026-12-01T16:59:00Z".into(),
                 found_by: "firewall_change".into(),
@@ -163,17 +165,36 @@ mod tests {
             }],
         };
         let list = vec![
-            NodeVerify { node: "n1".into(), used_generation: Some(4), answer: Some(answer(true, 4)) },
-            NodeVerify { node: "n2".into(), used_generation: Some(4), answer: Some(answer(false, 4)) },
-            NodeVerify { node: "n3".into(), used_generation: Some(5), answer: Some(answer(true, 4)) },
-            NodeVerify { node: "n4".into(), used_generation: Some(1), answer: None },
+            NodeVerify {
+                node: "n1".into(),
+                used_generation: Some(4),
+                answer: Some(answer(true, 4)),
+            },
+            NodeVerify {
+                node: "n2".into(),
+                used_generation: Some(4),
+                answer: Some(answer(false, 4)),
+            },
+            NodeVerify {
+                node: "n3".into(),
+                used_generation: Some(5),
+                answer: Some(answer(true, 4)),
+            },
+            NodeVerify {
+                node: "n4".into(),
+                used_generation: Some(1),
+                answer: None,
+            },
         ];
         let oks: Vec<bool> = list.iter().map(NodeVerify::ok).collect();
         assert_eq!(oks, [true, false, false, false]);
         let t = text(&list, Duration::from_secs(10));
         assert!(t.contains("verify n1: the kernel holds every chain, rule and set member of generation 4 (iptables, read at 2026-12-01T17:00:00Z)"), "{t}");
         assert!(t.contains("verify n2: the kernel did NOT hold generation 4 when read at 2026-12-01T17:00:00Z (iptables): 1 chains rewritten (repaired at once); chains: CANAL-pi-x"), "{t}");
-        assert!(t.contains("the agent has generation 4 programmed; this answer used generation 5"), "{t}");
+        assert!(
+            t.contains("the agent has generation 4 programmed; this answer used generation 5"),
+            "{t}"
+        );
         assert!(t.contains("repaired at 2026-12-01T16:59:00Z (found by firewall_change): 1 chains rewritten; chains: CANAL-pi-x"), "{t}");
         assert!(t.contains("verify n4: no answer within 10 s"), "{t}");
     }

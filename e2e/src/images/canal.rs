@@ -16,7 +16,12 @@ pub const CANAL_REPOSITORY: &str = "ghcr.io/canal-dev/canal";
 
 /// The binaries the image carries, all in the Dockerfile's binary
 /// directory (kubectl-canal: the kubectl plugin).
-pub const BINARIES: [&str; 4] = ["canal-controller", "canal-agent", "canal-cni", "kubectl-canal"];
+pub const BINARIES: [&str; 4] = [
+    "canal-controller",
+    "canal-agent",
+    "canal-cni",
+    "kubectl-canal",
+];
 
 /// What cargo sets for the crate it runs or tests (besides `CARGO_PKG_*`
 /// and `CARGO_BIN_EXE_*`), none of which a build should see.

@@ -486,12 +486,8 @@ impl Owner {
         let mut monitored = self.enforcer.active();
         let (verify_tx, mut verify_rx) = mpsc::channel(1);
         tokio::spawn(
-            super::verify::watch_requests(
-                self.client.clone(),
-                self.node_name.clone(),
-                verify_tx,
-            )
-            .in_current_span(),
+            super::verify::watch_requests(self.client.clone(), self.node_name.clone(), verify_tx)
+                .in_current_span(),
         );
         loop {
             // A dataplane switch changes what is worth watching.
@@ -779,7 +775,11 @@ impl Owner {
         } else {
             disabled_status(previous.as_ref(), generation, now)
         };
-        if let Some(kernel) = self.verify.report().filter(|k| status.kernel.as_ref() != Some(k)) {
+        if let Some(kernel) = self
+            .verify
+            .report()
+            .filter(|k| status.kernel.as_ref() != Some(k))
+        {
             status.kernel = Some(kernel);
             changed = true;
         }

@@ -203,8 +203,7 @@ pub fn rule_match(model: &NodeModel, r: &RuleModel, dir: Direction, c: &Connecti
             .find(|p| match p {
                 PortModel::Protocol(proto) => *proto == c.protocol,
                 PortModel::Ranges(proto, ranges) => {
-                    *proto == c.protocol
-                        && ranges.iter().any(|&(s, e)| (s..=e).contains(&c.port))
+                    *proto == c.protocol && ranges.iter().any(|&(s, e)| (s..=e).contains(&c.port))
                 }
                 PortModel::LocalNamed(proto, name) => {
                     *proto == c.protocol
@@ -376,5 +375,70 @@ mod tests {
             evaluate(&model, &host).allowed,
             "host traffic is never policed"
         );
+    }
+
+    #[test]
+    fn rule_match_names_the_peer_and_port_that_matched() {
+        use crate::policy::model::{Block, PeerModel, PortModel, RuleModel};
+        let model = NodeModel::default();
+        let block = |c: &str| {
+            PeerModel::Block(Block {
+                cidr: c.parse().unwrap(),
+                except: vec![],
+            })
+        };
+        let rule = RuleModel {
+            ports: Some(vec![
+                PortModel::Ranges(Protocol::TCP, vec![(80, 81)]),
+                PortModel::Protocol(Protocol::UDP),
+            ]),
+            peers: Some(vec![block("192.0.2.0/25"), block("192.0.2.0/24")]),
+        };
+        let c = Connection {
+            from: Side::Remote,
+            to: Side::Pod("calia".into()),
+            src: "192.0.2.200".parse().unwrap(),
+            dst: "10.244.1.2".parse().unwrap(),
+            protocol: Protocol::TCP,
+            port: 81,
+        };
+        let m = rule_match(&model, &rule, Direction::Ingress, &c);
+        assert_eq!(
+            m.peer,
+            Some(PeerHit::Peer(block("192.0.2.0/24"))),
+            "the second peer"
+        );
+        assert_eq!(
+            m.port,
+            Some(PortHit::Port(PortModel::Ranges(
+                Protocol::TCP,
+                vec![(80, 81)]
+            )))
+        );
+        // Egress matches the destination, not the source.
+        let m = rule_match(&model, &rule, Direction::Egress, &c);
+        assert_eq!(m.peer, None);
+        let udp = Connection {
+            protocol: Protocol::UDP,
+            port: 9,
+            ..c.clone()
+        };
+        let m = rule_match(&model, &rule, Direction::Ingress, &udp);
+        assert_eq!(
+            m.port,
+            Some(PortHit::Port(PortModel::Protocol(Protocol::UDP)))
+        );
+        let any = RuleModel {
+            ports: None,
+            peers: None,
+        };
+        let m = rule_match(&model, &any, Direction::Ingress, &udp);
+        assert_eq!((m.peer, m.port), (Some(PeerHit::Any), Some(PortHit::Any)));
+        let none = RuleModel {
+            ports: Some(vec![]),
+            peers: Some(vec![]),
+        };
+        let m = rule_match(&model, &none, Direction::Ingress, &udp);
+        assert_eq!((m.peer, m.port), (None, None), "empty lists match nothing");
     }
 }

@@ -69,7 +69,11 @@ impl Verifier {
         now: &str,
     ) {
         let requested = self.pending.take();
-        let found_by = if requested.is_some() { "request" } else { found_by };
+        let found_by = if requested.is_some() {
+            "request"
+        } else {
+            found_by
+        };
         if let Ok(stats) = result
             && stats.applied
         {
@@ -92,7 +96,10 @@ impl Verifier {
         let (held, missing, dataplane) = match result {
             Ok(s) if !s.applied => (true, None, s.dataplane),
             Ok(s) => {
-                let mut text = format!("{} (repaired at once)", changes_text(&s.plan, s.removed_other));
+                let mut text = format!(
+                    "{} (repaired at once)",
+                    changes_text(&s.plan, s.removed_other)
+                );
                 if !s.written_chains.is_empty() {
                     let shown: Vec<&str> = s
                         .written_chains
@@ -236,7 +243,13 @@ mod tests {
             a.missing.as_deref(),
             Some("1 chains rewritten, 3 rules written (repaired at once); chains: ep-in-cali1")
         );
-        assert_eq!((a.repairs[0].found_by.as_str(), a.repairs[0].repaired_at.as_str()), ("request", "t3"));
+        assert_eq!(
+            (
+                a.repairs[0].found_by.as_str(),
+                a.repairs[0].repaired_at.as_str()
+            ),
+            ("request", "t3")
+        );
         for i in 0..10 {
             v.checked("drift_check", None, Ok(&stats(true)), &format!("x{i}"));
         }
@@ -248,7 +261,10 @@ mod tests {
 
     #[test]
     fn changes_in_words() {
-        assert_eq!(changes_text(&PlanStats::default(), false), "changes written");
+        assert_eq!(
+            changes_text(&PlanStats::default(), false),
+            "changes written"
+        );
         assert_eq!(
             changes_text(
                 &PlanStats {
