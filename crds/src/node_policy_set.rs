@@ -356,7 +356,8 @@ pub struct NodePolicySetStatus {
     /// `kubectl canal explain --verify`), and its latest drift repairs.
     /// Only this node's agent may write it (the agent admission policy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kernel: Option<KernelCheck>,
+    // Boxed: rarely set, and it would double the size of every status.
+    pub kernel: Option<Box<KernelCheck>>,
 }
 
 /// The annotation on a NodePolicySet that asks its agent to compare the

@@ -95,7 +95,7 @@ async fn kubectl_canal_explain_and_status_on_a_lab() {
     use_dataplane(&lab, Dataplane::NfTables).await;
     lab.add_conformance_pods().await.expect("conformance pods");
     let client = lab.client();
-    let state = &lab.state().dir.to_path_buf();
+    let state = lab.state().dir.clone();
     wait_enforced(&lab, Duration::from_secs(30)).await;
 
     // No policy: allowed, both directions not isolated.

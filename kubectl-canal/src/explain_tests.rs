@@ -68,11 +68,13 @@ fn nps(node: &str, spec: NodePolicySetSpec, generation: i64, observed: i64) -> N
 /// node-2: y/b (ingress from PeerSet ps-a on named port http = 8080),
 /// at generation 3 with generation 2 programmed; node-3 without NodePolicySet.
 fn snapshot() -> Snapshot {
-    let mut snap = Snapshot::default();
-    snap.network = Some(CanalNetwork::new(
-        "default",
-        CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16"),
-    ));
+    let mut snap = Snapshot {
+        network: Some(CanalNetwork::new(
+            "default",
+            CanalNetworkSpec::with_cluster_cidr("10.244.0.0/16"),
+        )),
+        ..Snapshot::default()
+    };
     for n in ["node-1", "node-2", "node-3"] {
         let node: Node =
             serde_json::from_value(serde_json::json!({"metadata": {"name": n}})).unwrap();

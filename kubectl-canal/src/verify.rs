@@ -82,6 +82,7 @@ pub async fn verify(
             v.answer = nps
                 .status
                 .and_then(|s| s.kernel)
+                .map(|k| *k)
                 .filter(|k| k.request.as_deref() == Some(id.as_str()));
         }
         if out.iter().all(|v| v.answer.is_some()) || tokio::time::Instant::now() >= deadline {

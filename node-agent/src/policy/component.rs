@@ -778,9 +778,9 @@ impl Owner {
         if let Some(kernel) = self
             .verify
             .report()
-            .filter(|k| status.kernel.as_ref() != Some(k))
+            .filter(|k| status.kernel.as_deref() != Some(k))
         {
-            status.kernel = Some(kernel);
+            status.kernel = Some(Box::new(kernel));
             changed = true;
         }
         if changed {
