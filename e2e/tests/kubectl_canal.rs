@@ -176,6 +176,19 @@ async fn kubectl_canal_explain_and_status_on_a_lab() {
     let (code, _, err) = canal(&state, &["--context", "nope", "status"]);
     assert_eq!(code, 2);
     assert!(err.contains("kubeconfig"), "{err}");
+    let (code, _, err) = canal(
+        &state,
+        &["--kubeconfig", "/nonexistent/kubeconfig", "status"],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("kubeconfig: /nonexistent/kubeconfig"), "{err}");
+    // --kubeconfig reads the file given.
+    let kubeconfig = lab.state().kubeconfig();
+    let (code, out, _) = canal(
+        &state,
+        &["--kubeconfig", &kubeconfig.to_string_lossy(), "status"],
+    );
+    assert_eq!(code, 0, "{out}");
 
     // status: a row per node, the generation each programmed.
     let (code, out, _) = canal(&state, &["status"]);
