@@ -5,17 +5,24 @@
 
 use std::collections::BTreeMap;
 
-use canal_e2e::lab::{Matrix, Protocol};
+use canal_e2e::lab::{Matrix, PodRecord, Protocol};
 use kubectl_canal::target::{Dest, PortSpec, Target};
 use kubectl_canal::{Snapshot, explain::Explainer, format};
 
 /// The cells where explain's verdict differs from the probe's (or explain
-/// failed), as a report; empty when every cell agrees.
+/// failed), as a report; empty when every cell agrees. Each cell is
+/// explained towards the address the probe used (`PodRecord::ipv4`, as
+/// `probe_all`), so a per-family table explains that family.
 pub async fn mismatches(
     client: &kube::Client,
-    keys: &[String],
+    pods: &[PodRecord],
     observed: &BTreeMap<(u16, Protocol), Matrix>,
 ) -> String {
+    let keys: Vec<String> = pods.iter().map(PodRecord::key).collect();
+    let addr: BTreeMap<String, std::net::IpAddr> = pods
+        .iter()
+        .filter_map(|p| Some((p.key(), std::net::IpAddr::V4(p.ipv4()?))))
+        .collect();
     let snap = match Snapshot::fetch(client).await {
         Ok(s) => s,
         Err(e) => return format!("--- explain: reading the objects: {e}\n"),
@@ -32,13 +39,15 @@ pub async fn mismatches(
             Protocol::Udp => canal_crds::Protocol::UDP,
             Protocol::Sctp => canal_crds::Protocol::SCTP,
         };
-        for from in keys {
-            for to in keys {
+        for from in &keys {
+            for to in &keys {
                 let Some(probed) = table.get(from, to) else {
                     continue;
                 };
                 let target = Target {
-                    dest: Dest::Pod(to.clone()),
+                    dest: addr
+                        .get(to)
+                        .map_or(Dest::Pod(to.clone()), |ip| Dest::Ip(*ip)),
                     port: Some(PortSpec::Number(port)),
                     protocol,
                 };

@@ -401,7 +401,7 @@ pub async fn check(lab: &Lab, name: &str, started: Instant) -> Outcome {
         }
     }
     // kubectl canal explain must agree with every probed cell (issue 15).
-    let mut report = super::explain::mismatches(&lab.client(), &keys, &observed).await;
+    let mut report = super::explain::mismatches(&lab.client(), &pods, &observed).await;
     for (key, want) in &expected {
         let have = &observed[key];
         if !have.mismatches(want).is_empty() {
