@@ -357,6 +357,22 @@ async fn kubectl_canal_verify_reports_a_hand_flushed_chain_on_both_dataplanes() 
         )
         .await;
         assert_eq!(code, 0, "repaired before the request's check: {out}{err}");
+        // The plugin names the chains the answer relies on as the agent does.
+        let chain = match dataplane {
+            Dataplane::IpTables => format!("CANAL-TW-{iface}"),
+            Dataplane::NfTables => format!("tw-{iface}"),
+        };
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("  this answer relies on chains ") && l.contains(&chain)),
+            "{out}"
+        );
+        assert!(
+            out.lines().any(|l| l.contains("repaired at")
+                && l.contains(&chain)
+                && l.ends_with("(a chain this answer relies on)")),
+            "{out}"
+        );
 
         // Flushed while the agent is frozen: the request waits; once the
         // agent runs again, it either finds the chain missing (exit 3,

@@ -106,17 +106,8 @@ pub async fn run(cli: &Cli, out: &mut impl Write) -> Result<u8, Error> {
             let mut code = if e.allowed { EXIT_ALLOWED } else { EXIT_DENIED };
             let mut text = format::explanation(&e);
             if *verify {
-                let mut nodes: Vec<(String, Option<i64>)> = Vec::new();
-                for en in [&e.egress.enforcement, &e.ingress.enforcement]
-                    .into_iter()
-                    .flatten()
-                {
-                    if !nodes.iter().any(|(n, _)| *n == en.node) {
-                        nodes.push((en.node.clone(), en.generation));
-                    }
-                }
                 let list =
-                    crate::verify::verify(&client, &nodes, crate::verify::ANSWER_TIMEOUT).await?;
+                    crate::verify::verify(&client, &e, crate::verify::ANSWER_TIMEOUT).await?;
                 text.push_str(&crate::verify::text(&list, crate::verify::ANSWER_TIMEOUT));
                 if !list.iter().all(crate::verify::NodeVerify::ok) {
                     code = EXIT_UNVERIFIED;

@@ -220,6 +220,39 @@ pub struct DirectionReport {
     pub verdict: Verdict,
     /// Model warnings of that node about what this direction uses.
     pub warnings: Vec<String>,
+    /// The pod's interface on that node (what its chains are named after).
+    pub interface: Option<String>,
+}
+
+impl DirectionReport {
+    /// The chains this direction's decision runs through on `dataplane`
+    /// (`iptables` or `nftables`): the pod's endpoint chain and the
+    /// isolating policies' chains.
+    pub fn chains(&self, dataplane: &str) -> Vec<String> {
+        use canal_agent::policy::names;
+        use canal_agent::policy::nft::render as nft;
+        let Some(iface) = &self.interface else {
+            return Vec::new();
+        };
+        let policies: &[String] = match &self.verdict {
+            Verdict::Allowed { isolated_by, .. } | Verdict::Denied { isolated_by, .. } => {
+                isolated_by
+            }
+            _ => &[],
+        };
+        let nft = dataplane == "nftables";
+        let mut out = vec![match (nft, self.direction) {
+            (true, d) => nft::endpoint_chain_name(iface, d),
+            (false, Direction::Ingress) => names::to_endpoint_chain(iface),
+            (false, Direction::Egress) => names::from_endpoint_chain(iface),
+        }];
+        out.extend(policies.iter().map(|p| match (nft, self.direction) {
+            (true, d) => nft::policy_chain_name(p, d),
+            (false, Direction::Ingress) => names::policy_ingress_chain(p),
+            (false, Direction::Egress) => names::policy_egress_chain(p),
+        }));
+        out
+    }
 }
 
 /// The answer.
@@ -392,6 +425,7 @@ impl<'a> Explainer<'a> {
                         )),
                     },
                     warnings: Vec::new(),
+                    interface: None,
                 }),
                 _ => None,
             };
@@ -428,6 +462,7 @@ impl<'a> Explainer<'a> {
                     ),
                 }),
                 warnings: Vec::new(),
+                interface: None,
             },
         };
         Ok(Explanation {
@@ -450,6 +485,7 @@ impl<'a> Explainer<'a> {
             allowed: true,
             verdict: Verdict::SamePod,
             warnings: Vec::new(),
+            interface: None,
         }
     }
 }
@@ -556,6 +592,7 @@ fn report(
         ),
         verdict,
         warnings,
+        interface: Some(iface.to_string()),
     }
 }
 

@@ -13,6 +13,7 @@ use canal_crds::{KernelCheck, NodePolicySet, VERIFY_REQUEST_ANNOTATION};
 use kube::api::{Api, Patch, PatchParams};
 
 use crate::Error;
+use crate::explain::Explanation;
 
 /// How long to wait for the agents' answers.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,6 +27,9 @@ pub struct NodeVerify {
     pub used_generation: Option<i64>,
     /// The agent's answer to our request (None: no answer in time).
     pub answer: Option<KernelCheck>,
+    /// The chains the explanation's directions decided on this node run
+    /// through, per dataplane: (iptables, nftables) names.
+    pub relies_on: (Vec<String>, Vec<String>),
 }
 
 impl NodeVerify {
@@ -49,12 +53,14 @@ pub fn request_id() -> String {
 /// Asks each node's agent, then waits (up to `timeout`) for every answer.
 pub async fn verify(
     client: &kube::Client,
-    nodes: &[(String, Option<i64>)],
+    e: &Explanation,
     timeout: Duration,
 ) -> Result<Vec<NodeVerify>, Error> {
+    let nodes = nodes_of(e);
     let api: Api<NodePolicySet> = Api::all(client.clone());
     let id = request_id();
-    for (node, _) in nodes {
+    for v in &nodes {
+        let node = &v.node;
         let patch =
             serde_json::json!({"metadata": {"annotations": {VERIFY_REQUEST_ANNOTATION: id}}});
         api.patch(node, &PatchParams::default(), &Patch::Merge(&patch))
@@ -65,14 +71,7 @@ pub async fn verify(
             })?;
     }
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut out: Vec<NodeVerify> = nodes
-        .iter()
-        .map(|(node, g)| NodeVerify {
-            node: node.clone(),
-            used_generation: *g,
-            answer: None,
-        })
-        .collect();
+    let mut out = nodes;
     loop {
         for v in out.iter_mut().filter(|v| v.answer.is_none()) {
             let nps = api.get(&v.node).await.map_err(|source| Error::Api {
@@ -90,6 +89,32 @@ pub async fn verify(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The nodes an explanation used, each with the chains its directions
+/// there rely on (nothing answered yet).
+pub fn nodes_of(e: &Explanation) -> Vec<NodeVerify> {
+    let mut out: Vec<NodeVerify> = Vec::new();
+    for d in [&e.egress, &e.ingress] {
+        let Some(en) = &d.enforcement else {
+            continue;
+        };
+        let i = match out.iter().position(|v| v.node == en.node) {
+            Some(i) => i,
+            None => {
+                out.push(NodeVerify {
+                    node: en.node.clone(),
+                    used_generation: en.generation,
+                    answer: None,
+                    relies_on: (Vec::new(), Vec::new()),
+                });
+                out.len() - 1
+            }
+        };
+        out[i].relies_on.0.extend(d.chains("iptables"));
+        out[i].relies_on.1.extend(d.chains("nftables"));
+    }
+    out
 }
 
 /// The verification as printed, one block per node.
@@ -121,6 +146,17 @@ pub fn text(list: &[NodeVerify], timeout: Duration) -> String {
                 a.missing.as_deref().unwrap_or("?")
             ));
         }
+        let relied = if a.dataplane.as_deref() == Some("nftables") {
+            &v.relies_on.1
+        } else {
+            &v.relies_on.0
+        };
+        if !relied.is_empty() {
+            out.push_str(&format!(
+                "  this answer relies on chains {}\n",
+                relied.join(", ")
+            ));
+        }
         if a.generation != v.used_generation {
             out.push_str(&format!(
                 "  the agent has generation {} programmed; this answer used generation {}\n",
@@ -134,8 +170,13 @@ pub fn text(list: &[NodeVerify], timeout: Duration) -> String {
             } else {
                 format!("; chains: {}", r.chains.join(", "))
             };
+            let ours = if r.chains.iter().any(|c| relied.contains(c)) {
+                " (a chain this answer relies on)"
+            } else {
+                ""
+            };
             out.push_str(&format!(
-                "  was changed outside canal-agent, repaired at {} (found by {}): {}{chains}\n",
+                "  was changed outside canal-agent, repaired at {} (found by {}): {}{chains}{ours}\n",
                 r.repaired_at, r.found_by, r.changes
             ));
         }
@@ -148,6 +189,22 @@ mod tests {
     use super::*;
     use canal_crds::DriftRepair;
 
+    fn node(name: &str, used: i64, answer: Option<KernelCheck>) -> NodeVerify {
+        NodeVerify {
+            node: name.into(),
+            used_generation: Some(used),
+            answer,
+            relies_on: (
+                vec!["CANAL-TW-cali1".into(), "CANAL-PI-x".into()],
+                vec!["tw-cali1".into()],
+            ),
+        }
+    }
+
+    fn t0(list: &[NodeVerify]) -> String {
+        text(list, Duration::from_secs(10))
+    }
+
     #[test]
     fn held_missing_stale_and_silent_nodes() {
         let answer = |held: bool, generation: i64| KernelCheck {
@@ -157,46 +214,31 @@ mod tests {
             dataplane: Some("iptables".into()),
             held,
             missing: (!held)
-                .then(|| "1 chains rewritten (repaired at once); chains: CANAL-pi-x".into()),
+                .then(|| "1 chains rewritten (repaired at once); chains: CANAL-PI-x".into()),
             repairs: vec![DriftRepair {
                 repaired_at: "2026-12-01T16:59:00Z".into(),
                 found_by: "firewall_change".into(),
                 changes: "1 chains rewritten".into(),
-                chains: vec!["CANAL-pi-x".into()],
+                chains: vec!["CANAL-PI-x".into()],
             }],
         };
         let list = vec![
-            NodeVerify {
-                node: "n1".into(),
-                used_generation: Some(4),
-                answer: Some(answer(true, 4)),
-            },
-            NodeVerify {
-                node: "n2".into(),
-                used_generation: Some(4),
-                answer: Some(answer(false, 4)),
-            },
-            NodeVerify {
-                node: "n3".into(),
-                used_generation: Some(5),
-                answer: Some(answer(true, 4)),
-            },
-            NodeVerify {
-                node: "n4".into(),
-                used_generation: Some(1),
-                answer: None,
-            },
+            node("n1", 4, Some(answer(true, 4))),
+            node("n2", 4, Some(answer(false, 4))),
+            node("n3", 5, Some(answer(true, 4))),
+            node("n4", 1, None),
         ];
+        assert!(t0(&list).contains("this answer relies on chains CANAL-TW-cali1, CANAL-PI-x"));
         let oks: Vec<bool> = list.iter().map(NodeVerify::ok).collect();
         assert_eq!(oks, [true, false, false, false]);
-        let t = text(&list, Duration::from_secs(10));
+        let t = t0(&list);
         assert!(t.contains("verify n1: the kernel holds every chain, rule and set member of generation 4 (iptables, read at 2026-12-01T17:00:00Z)"), "{t}");
-        assert!(t.contains("verify n2: the kernel did NOT hold generation 4 when read at 2026-12-01T17:00:00Z (iptables): 1 chains rewritten (repaired at once); chains: CANAL-pi-x"), "{t}");
+        assert!(t.contains("verify n2: the kernel did NOT hold generation 4 when read at 2026-12-01T17:00:00Z (iptables): 1 chains rewritten (repaired at once); chains: CANAL-PI-x"), "{t}");
         assert!(
             t.contains("the agent has generation 4 programmed; this answer used generation 5"),
             "{t}"
         );
-        assert!(t.contains("repaired at 2026-12-01T16:59:00Z (found by firewall_change): 1 chains rewritten; chains: CANAL-pi-x"), "{t}");
+        assert!(t.contains("repaired at 2026-12-01T16:59:00Z (found by firewall_change): 1 chains rewritten; chains: CANAL-PI-x (a chain this answer relies on)"), "{t}");
         assert!(t.contains("verify n4: no answer within 10 s"), "{t}");
     }
 }
