@@ -1,6 +1,5 @@
 //! Text of explanations and status tables (pure).
 
-use canal_agent::policy::model::Direction;
 use canal_crds::PeerSelector;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
@@ -240,9 +239,4 @@ pub fn status_table(rows: &[NodeStatus], summary: &[String]) -> String {
         out.push('\n');
     }
     out
-}
-
-/// `ingress` / `egress` (re-exported for callers printing directions).
-pub fn direction_name(d: Direction) -> &'static str {
-    d.as_str()
 }
