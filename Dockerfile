@@ -1,13 +1,14 @@
 # syntax=docker/dockerfile:1
-# One image for canal-controller, canal-agent and canal-cni. The chart runs
-# each binary by its path under /usr/local/bin.
+# One image for canal-controller, canal-agent and canal-cni (and the kubectl
+# plugin kubectl-canal, for `kubectl exec ... kubectl-canal` or copying out).
+# The chart runs each binary by its path under /usr/local/bin.
 #
 #   docker build -t registry.example.com/canal:0.1.0 .
 #
 # builds everything inside Docker (Rust stage, then Debian's packages). With
 # release binaries already built on a Debian bookworm host (same glibc):
 #
-#   cargo build --release --locked --bins -p canal-controller -p canal-agent
+#   cargo build --release --locked --bins -p canal-controller -p canal-agent -p kubectl-canal
 #   docker build --build-arg BINARIES=prebuilt -t registry.example.com/canal:0.1.0 .
 #
 # CI builds this file offline with buildah: BINARIES=prebuilt, and
@@ -27,12 +28,12 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bins -p canal-controller -p canal-agent \
+    cargo build --release --locked --bins -p canal-controller -p canal-agent -p kubectl-canal \
  && mkdir -p /out \
- && cp target/release/canal-controller target/release/canal-agent target/release/canal-cni /out/
+ && cp target/release/canal-controller target/release/canal-agent target/release/canal-cni target/release/kubectl-canal /out/
 
 FROM scratch AS prebuilt
-COPY target/release/canal-controller target/release/canal-agent target/release/canal-cni /out/
+COPY target/release/canal-controller target/release/canal-agent target/release/canal-cni target/release/kubectl-canal /out/
 
 FROM debian:bookworm-slim AS runtime-base
 # What the agent runs: iptables-save/-restore (iptables, nft backend) for

@@ -26,9 +26,9 @@ pub use canal_network::{
     PolicyConfig, PolicyDataplane,
 };
 pub use node_policy_set::{
-    CompiledPolicy, Endpoint, IpBlock, NamedPort, NodeEndpoint, NodePolicySet,
-    NodePolicySetObjectSpec, NodePolicySetSpec, NodePolicySetStatus, Peer, PortMatch, Protocol,
-    Rule,
+    CompiledPolicy, DriftRepair, Endpoint, IpBlock, KernelCheck, NamedPort, NodeEndpoint,
+    NodePolicySet, NodePolicySetObjectSpec, NodePolicySetSpec, NodePolicySetStatus, Peer,
+    PortMatch, Protocol, Rule, VERIFY_REQUEST_ANNOTATION,
 };
 pub use peer_set::{
     NamedPortRef, PeerSelector, PeerSet, PeerSetObjectSpec, PeerSetSpec, PortMember,

@@ -351,4 +351,60 @@ pub struct NodePolicySetStatus {
     /// (`spec.policy.dataplane` of the CanalNetwork, resolved on the node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataplane: Option<String>,
+    /// What the agent found when it last compared the kernel with what it
+    /// programmed on request (annotation [`VERIFY_REQUEST_ANNOTATION`],
+    /// `kubectl canal explain --verify`), and its latest drift repairs.
+    /// Only this node's agent may write it (the agent admission policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Boxed: rarely set, and it would double the size of every status.
+    pub kernel: Option<Box<KernelCheck>>,
+}
+
+/// The annotation on a NodePolicySet that asks its agent to compare the
+/// kernel with what it programmed now; the value is an opaque request id,
+/// echoed in `status.kernel.request` with the result.
+pub const VERIFY_REQUEST_ANNOTATION: &str = "canal.dev/verify-request";
+
+/// The agent's answer to the latest verify request.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KernelCheck {
+    /// The request id answered (the annotation's value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// When the kernel was read for it (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_at: Option<String>,
+    /// The NodePolicySet generation programmed at that time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+    /// The dataplane read (iptables or nftables).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataplane: Option<String>,
+    /// The kernel held everything programmed when read.
+    #[serde(default)]
+    pub held: bool,
+    /// What was missing or changed when read (repaired at once), or why the
+    /// kernel could not be read or repaired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing: Option<String>,
+    /// The latest drift repairs, newest first (at most 5), whatever found them
+    /// (a firewall change notification, the periodic check, a request).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repairs: Vec<DriftRepair>,
+}
+
+/// One repair of state changed outside the agent.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DriftRepair {
+    /// When it was repaired (RFC 3339).
+    pub repaired_at: String,
+    /// What triggered the check: notification, periodic or request.
+    pub found_by: String,
+    /// What was written back (counts).
+    pub changes: String,
+    /// Chains rewritten (at most 10).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chains: Vec<String>,
 }

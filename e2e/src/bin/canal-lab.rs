@@ -92,6 +92,13 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run kubectl-canal (`kubectl canal`) with the lab's kubeconfig:
+    /// `canal-lab canal explain x/a y/b:80/TCP`, `canal-lab canal status`.
+    Canal {
+        /// Arguments for kubectl-canal.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Pods (the kubelet stand-in).
     #[command(subcommand)]
     Pod(PodCommand),
@@ -482,6 +489,18 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
                 .status()
                 .map_err(|e| Error::Io("running kubectl".into(), e))?;
             Ok(ExitCode::from(status.code().unwrap_or(1) as u8))
+        }
+        Command::Canal { args } => {
+            state.load()?;
+            // Next to canal-agent (target/debug, the image's /usr/local/bin).
+            let bin = canal_e2e::lab::default_bin_dir().join("kubectl-canal");
+            let status = std::process::Command::new(&bin)
+                .env("KUBECONFIG", state.kubeconfig())
+                .args(&args)
+                .status()
+                .map_err(|e| Error::Io(format!("running {}", bin.display()), e))?;
+            // 0 allowed, 1 denied, 2 error: passed on as they are.
+            Ok(ExitCode::from(status.code().unwrap_or(2) as u8))
         }
         Command::Pod(PodCommand::Add {
             pod,

@@ -14,9 +14,14 @@ use super::{
 /// default).
 pub const CANAL_REPOSITORY: &str = "ghcr.io/canal-dev/canal";
 
-/// The binaries the image carries, all three in the Dockerfile's binary
-/// directory.
-pub const BINARIES: [&str; 3] = ["canal-controller", "canal-agent", "canal-cni"];
+/// The binaries the image carries, all in the Dockerfile's binary
+/// directory (kubectl-canal: the kubectl plugin).
+pub const BINARIES: [&str; 4] = [
+    "canal-controller",
+    "canal-agent",
+    "canal-cni",
+    "kubectl-canal",
+];
 
 /// What cargo sets for the crate it runs or tests (besides `CARGO_PKG_*`
 /// and `CARGO_BIN_EXE_*`), none of which a build should see.
@@ -83,6 +88,8 @@ pub fn release_binaries(build: bool) -> Result<Vec<PathBuf>, Error> {
             "canal-controller",
             "-p",
             "canal-agent",
+            "-p",
+            "kubectl-canal",
         ];
         // cargo's progress goes to our stderr: a cold build takes minutes.
         let mut cmd = Command::new(&cargo);
@@ -124,7 +131,7 @@ pub fn release_binaries(build: bool) -> Result<Vec<PathBuf>, Error> {
                 Ok(p)
             } else {
                 Err(Error::Invalid(format!(
-                    "{} is missing: run cargo build --release --bins -p canal-controller -p canal-agent",
+                    "{} is missing: run cargo build --release --bins -p canal-controller -p canal-agent -p kubectl-canal",
                     p.display()
                 )))
             }

@@ -46,12 +46,17 @@ fn ok(root: &Path, user: Option<&str>, cmd: &[&str], env: &[(&str, &str)]) -> St
     )
 }
 
-/// The canal image's contract: the three binaries run (`--help`; the
+/// The canal image's contract: the binaries run (`--help`; the
 /// controller as the image's non-root user too), and every tool the agent,
 /// canal-cni install and an operator's `kubectl exec` use is there and
 /// runs from the image's own libraries.
 pub fn check_canal_rootfs(root: &Path, user: Option<&str>) {
-    for bin in ["canal-controller", "canal-agent", "canal-cni"] {
+    for bin in [
+        "canal-controller",
+        "canal-agent",
+        "canal-cni",
+        "kubectl-canal",
+    ] {
         let path = format!("/usr/local/bin/{bin}");
         let help = ok(root, None, &[&path, "--help"], &[]);
         assert!(help.contains("Usage"), "{bin} --help:\n{help}");

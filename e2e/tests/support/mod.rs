@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use canal_e2e::lab::{StateDir, cleanup, netns};
 
 pub mod dataplane;
+pub mod explain;
 pub mod policy;
 
 /// Runs `canal-lab --state-dir STATE ARGS...`.

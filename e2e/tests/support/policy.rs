@@ -400,7 +400,8 @@ pub async fn check(lab: &Lab, name: &str, started: Instant) -> Outcome {
             }
         }
     }
-    let mut report = String::new();
+    // kubectl canal explain must agree with every probed cell (issue 15).
+    let mut report = super::explain::mismatches(&lab.client(), &pods, &observed).await;
     for (key, want) in &expected {
         let have = &observed[key];
         if !have.mismatches(want).is_empty() {

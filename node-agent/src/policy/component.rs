@@ -278,6 +278,7 @@ async fn run(ctx: ComponentContext, options: Options) -> Result<(), ComponentErr
         synced_once: false,
         announced: None,
         drift_event_at: None,
+        verify: super::verify::Verifier::default(),
     };
     // Dropping `watches` (when this returns or the agent stops) aborts them.
     let result = owner.run(rx, ctx.network).await;
@@ -448,6 +449,8 @@ struct Owner {
     /// When the last PolicyDriftRepaired Event went out: a program that
     /// keeps rewriting canal's rules gets one Event a minute, not one per repair.
     drift_event_at: Option<Instant>,
+    /// `kubectl canal explain --verify` requests and answers.
+    verify: super::verify::Verifier,
 }
 
 impl Owner {
@@ -481,6 +484,11 @@ impl Owner {
         drift.reset();
         let mut monitor = self.monitor().await;
         let mut monitored = self.enforcer.active();
+        let (verify_tx, mut verify_rx) = mpsc::channel(1);
+        tokio::spawn(
+            super::verify::watch_requests(self.client.clone(), self.node_name.clone(), verify_tx)
+                .in_current_span(),
+        );
         loop {
             // A dataplane switch changes what is worth watching.
             if self.enforcer.active() != monitored {
@@ -529,6 +537,14 @@ impl Owner {
                     }
                     let config = config_of(&network.borrow_and_update());
                     dirty |= self.store.set_config(config, Instant::now());
+                }
+                Some(id) = verify_rx.recv() => {
+                    // Answered by the next kernel check: now when possible.
+                    self.verify.request(id);
+                    if self.synced_once && step == Step::Sync && retry.at.is_none() {
+                        let ok = self.sync(Trigger::DriftCheck).await;
+                        retry.record(ok);
+                    }
                 }
                 _ = drift.tick() => {
                     if self.synced_once && step == Step::Sync && retry.at.is_none() {
@@ -659,6 +675,12 @@ impl Owner {
             Trigger::Change | Trigger::Retry => self.enforcer.sync(self.store.inputs()).await,
         };
         let ok = result.is_ok();
+        if trigger.is_check() {
+            let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            let generation = self.store.inputs().generation;
+            self.verify
+                .checked(trigger.as_str(), generation, result.as_ref(), &now);
+        }
         self.metrics
             .syncs
             .with_label_values(&[trigger.as_str(), if ok { "success" } else { "error" }])
@@ -748,11 +770,19 @@ impl Owner {
         let previous = self.status.previous(uid.as_deref(), observed);
         let generation = self.store.inputs().generation;
         let now = Time(k8s_openapi::jiff::Timestamp::now());
-        let (status, changed) = if self.store.inputs().config.enabled {
+        let (mut status, mut changed) = if self.store.inputs().config.enabled {
             enforced_status(previous.as_ref(), generation, outcome, now)
         } else {
             disabled_status(previous.as_ref(), generation, now)
         };
+        if let Some(kernel) = self
+            .verify
+            .report()
+            .filter(|k| status.kernel.as_deref() != Some(k))
+        {
+            status.kernel = Some(Box::new(kernel));
+            changed = true;
+        }
         if changed {
             self.status.write(uid, status, &self.metrics).await;
         }

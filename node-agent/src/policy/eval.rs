@@ -143,41 +143,86 @@ fn direction(model: &NodeModel, iface: &str, dir: Direction, c: &Connection) -> 
 }
 
 fn rule_matches(model: &NodeModel, r: &RuleModel, dir: Direction, c: &Connection) -> bool {
-    let peer = match dir {
+    let m = rule_match(model, r, dir, c);
+    m.peer.is_some() && m.port.is_some()
+}
+
+/// Which peer of a rule matched (for explanations).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerHit {
+    /// The rule names no peers: any peer.
+    Any,
+    /// This peer of the rule's list.
+    Peer(PeerModel),
+}
+
+/// Which port entry of a rule matched (for explanations).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortHit {
+    /// The rule names no ports: any port and protocol.
+    Any,
+    /// This entry of the rule's list; named ports are resolved to the
+    /// connection's port through the node's sets.
+    Port(PortModel),
+}
+
+/// How one rule relates to a connection: the peer and the port that
+/// matched (None: none did). The rule allows when both are Some.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleMatch {
+    /// The peer that matched.
+    pub peer: Option<PeerHit>,
+    /// The port entry that matched.
+    pub port: Option<PortHit>,
+}
+
+/// The peer and port of rule `r` that match `c` in direction `dir`
+/// (the first of each, in the rule's order).
+pub fn rule_match(model: &NodeModel, r: &RuleModel, dir: Direction, c: &Connection) -> RuleMatch {
+    let peer_addr = match dir {
         Direction::Ingress => c.src,
         Direction::Egress => c.dst,
     };
-    let peer_ok = match &r.peers {
-        None => true,
-        Some(list) => list.iter().any(|p| match p {
-            PeerModel::Set(ps) => model.peer_sets.get(ps).is_some_and(|s| s.contains(&peer)),
-            PeerModel::Block(b) => b.contains(&peer),
-        }),
+    let peer = match &r.peers {
+        None => Some(PeerHit::Any),
+        Some(list) => list
+            .iter()
+            .find(|p| match p {
+                PeerModel::Set(ps) => model
+                    .peer_sets
+                    .get(ps)
+                    .is_some_and(|s| s.contains(&peer_addr)),
+                PeerModel::Block(b) => b.contains(&peer_addr),
+            })
+            .map(|p| PeerHit::Peer(p.clone())),
     };
-    let port_ok = match &r.ports {
-        None => true,
-        Some(list) => list.iter().any(|p| match p {
-            PortModel::Protocol(proto) => *proto == c.protocol,
-            PortModel::Ranges(proto, ranges) => {
-                *proto == c.protocol && ranges.iter().any(|&(s, e)| (s..=e).contains(&c.port))
-            }
-            PortModel::LocalNamed(proto, name) => {
-                *proto == c.protocol
-                    && model
-                        .local_ports
-                        .get(&(*proto, name.clone()))
-                        .is_some_and(|s| s.members.contains(&(c.dst, c.protocol, c.port)))
-            }
-            PortModel::PeerNamed(proto, ps) => {
-                *proto == c.protocol
-                    && model
-                        .port_sets
-                        .get(ps)
-                        .is_some_and(|s| s.members.contains(&(c.dst, c.protocol, c.port)))
-            }
-        }),
+    let port = match &r.ports {
+        None => Some(PortHit::Any),
+        Some(list) => list
+            .iter()
+            .find(|p| match p {
+                PortModel::Protocol(proto) => *proto == c.protocol,
+                PortModel::Ranges(proto, ranges) => {
+                    *proto == c.protocol && ranges.iter().any(|&(s, e)| (s..=e).contains(&c.port))
+                }
+                PortModel::LocalNamed(proto, name) => {
+                    *proto == c.protocol
+                        && model
+                            .local_ports
+                            .get(&(*proto, name.clone()))
+                            .is_some_and(|s| s.members.contains(&(c.dst, c.protocol, c.port)))
+                }
+                PortModel::PeerNamed(proto, ps) => {
+                    *proto == c.protocol
+                        && model
+                            .port_sets
+                            .get(ps)
+                            .is_some_and(|s| s.members.contains(&(c.dst, c.protocol, c.port)))
+                }
+            })
+            .map(|p| PortHit::Port(p.clone())),
     };
-    peer_ok && port_ok
+    RuleMatch { peer, port }
 }
 
 #[cfg(test)]
@@ -330,5 +375,70 @@ mod tests {
             evaluate(&model, &host).allowed,
             "host traffic is never policed"
         );
+    }
+
+    #[test]
+    fn rule_match_names_the_peer_and_port_that_matched() {
+        use crate::policy::model::{Block, PeerModel, PortModel, RuleModel};
+        let model = NodeModel::default();
+        let block = |c: &str| {
+            PeerModel::Block(Block {
+                cidr: c.parse().unwrap(),
+                except: vec![],
+            })
+        };
+        let rule = RuleModel {
+            ports: Some(vec![
+                PortModel::Ranges(Protocol::TCP, vec![(80, 81)]),
+                PortModel::Protocol(Protocol::UDP),
+            ]),
+            peers: Some(vec![block("192.0.2.0/25"), block("192.0.2.0/24")]),
+        };
+        let c = Connection {
+            from: Side::Remote,
+            to: Side::Pod("calia".into()),
+            src: "192.0.2.200".parse().unwrap(),
+            dst: "10.244.1.2".parse().unwrap(),
+            protocol: Protocol::TCP,
+            port: 81,
+        };
+        let m = rule_match(&model, &rule, Direction::Ingress, &c);
+        assert_eq!(
+            m.peer,
+            Some(PeerHit::Peer(block("192.0.2.0/24"))),
+            "the second peer"
+        );
+        assert_eq!(
+            m.port,
+            Some(PortHit::Port(PortModel::Ranges(
+                Protocol::TCP,
+                vec![(80, 81)]
+            )))
+        );
+        // Egress matches the destination, not the source.
+        let m = rule_match(&model, &rule, Direction::Egress, &c);
+        assert_eq!(m.peer, None);
+        let udp = Connection {
+            protocol: Protocol::UDP,
+            port: 9,
+            ..c.clone()
+        };
+        let m = rule_match(&model, &rule, Direction::Ingress, &udp);
+        assert_eq!(
+            m.port,
+            Some(PortHit::Port(PortModel::Protocol(Protocol::UDP)))
+        );
+        let any = RuleModel {
+            ports: None,
+            peers: None,
+        };
+        let m = rule_match(&model, &any, Direction::Ingress, &udp);
+        assert_eq!((m.peer, m.port), (Some(PeerHit::Any), Some(PortHit::Any)));
+        let none = RuleModel {
+            ports: Some(vec![]),
+            peers: Some(vec![]),
+        };
+        let m = rule_match(&model, &none, Direction::Ingress, &udp);
+        assert_eq!((m.peer, m.port), (None, None), "empty lists match nothing");
     }
 }

@@ -59,6 +59,7 @@ mod sim;
 pub mod state;
 pub mod status;
 pub mod store;
+pub mod verify;
 pub mod watch;
 
 pub use antispoof::{SourceMap, Sources, SpoofReason};
