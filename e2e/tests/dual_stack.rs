@@ -95,6 +95,36 @@ async fn assert_full_mesh(lab: &Lab, family: Family) {
     }
 }
 
+/// Every pod reaches the internet host in `family` on TCP and UDP, and the
+/// host sees the pod's node's underlay address of that family: traffic
+/// leaving the cluster is masqueraded per family (iptables MASQUERADE /
+/// ip6tables MASQUERADE or the `inet` nat table), pod-to-pod traffic is not
+/// ([`assert_full_mesh`] checks that side).
+async fn assert_masqueraded_internet(lab: &Lab, family: Family) {
+    for pod in lab.pods().unwrap() {
+        let node = lab.node(&pod.node).unwrap();
+        let want = node.address_of(family).unwrap();
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let o = lab
+                .probe_family(&pod.key(), "internet", family, 80, protocol)
+                .await
+                .unwrap();
+            assert!(
+                o.connected,
+                "{} -> internet {protocol} over {family}: {o:?}",
+                pod.key()
+            );
+            assert_eq!(
+                o.seen_source.map(|s| s.ip()),
+                Some(want),
+                "{} -> internet {protocol} over {family}: the internet host must see {}'s address",
+                pod.key(),
+                pod.node
+            );
+        }
+    }
+}
+
 /// The cluster order of a Node's podCIDRs and its flannel annotations of
 /// both families, as the real controller wrote them.
 async fn assert_dual_stack_node(lab: &Lab, name: &str) {
@@ -152,6 +182,7 @@ async fn dual_stack_full_mesh_in_both_families_and_nodes_joining_and_leaving() {
     }
     for family in [Family::V4, Family::V6] {
         assert_full_mesh(&lab, family).await;
+        assert_masqueraded_internet(&lab, family).await;
     }
 
     // A node joins: every node gets its subnet of each family (add_node
@@ -322,6 +353,7 @@ async fn ipv6_only_full_mesh_mtu_and_nodes_with_no_ipv4_at_all() {
         assert!(pod.ips[0].is_ipv6());
     }
     assert_full_mesh(&lab, Family::V6).await;
+    assert_masqueraded_internet(&lab, Family::V6).await;
     let a = lab.pod("x/a").unwrap();
     let mtu = pod_mtu(&a.netns);
     assert_eq!(mtu, 1430);
@@ -338,6 +370,70 @@ async fn ipv6_only_full_mesh_mtu_and_nodes_with_no_ipv4_at_all() {
             .unwrap(),
         DfOutcome::TooBig { .. }
     ));
+    // With the pod's MTU raised by hand the node answers Packet Too Big
+    // with flannel-v6.1's MTU (an IPv6-only node has no IPv4 to fall back on).
+    netns::ip(&["-n", &a.netns, "link", "set", "eth0", "mtu", "1500"]).unwrap();
+    assert_eq!(
+        lab.udp_df_family("x/a", "x/b", None, 80, full + 1)
+            .await
+            .unwrap(),
+        DfOutcome::TooBig {
+            path_mtu: Some(1430)
+        }
+    );
+    netns::ip(&["-n", &a.netns, "link", "set", "eth0", "mtu", "1430"]).unwrap();
+
+    // A node joins an IPv6-only cluster: a /64, an IPv6 VTEP, routes on
+    // every node; its pod talks to the others; it leaves nothing behind.
+    let added = lab.add_node("node-4").await.unwrap();
+    eprintln!(
+        "IPv6-only node-4: annotated after {} ms, routes on every node after {} ms",
+        added.annotated_after.unwrap().as_millis(),
+        added.routes_everywhere_after.unwrap().as_millis()
+    );
+    lab.add_pod(PodOptions::new("x", "d", "node-4"))
+        .await
+        .unwrap();
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        for (from, to) in [("x/a", "x/d"), ("x/d", "y/b"), ("x/d", "internet")] {
+            let o = lab
+                .probe_family(from, to, Family::V6, 80, protocol)
+                .await
+                .unwrap();
+            assert!(o.connected, "{from} -> {to} {protocol}: {o:?}");
+        }
+    }
+    let gone = lab.node("node-4").unwrap();
+    let cidr = of(&pod_cidrs(&lab, "node-4").await, Family::V6);
+    let mac = format_mac(vtep_mac_v6("node-4"));
+    let address = IpAddr::V6(gone.address6.unwrap());
+    for other in ["node-1", "node-2", "node-3"] {
+        let snap = lab.kernel(other).unwrap();
+        assert_eq!(
+            snap.mentions(cidr, &mac, address).len(),
+            3,
+            "{other} has node-4's route, neighbour and FDB entry: {snap:?}"
+        );
+    }
+    lab.del_node("node-4").await.unwrap();
+    for other in ["node-1", "node-2", "node-3"] {
+        eventually(
+            &format!("{other} forgetting IPv6-only node-4"),
+            Duration::from_secs(10),
+            || async {
+                let left = lab
+                    .kernel(other)
+                    .map_err(|e| e.to_string())?
+                    .mentions(cidr, &mac, address);
+                if left.is_empty() {
+                    Ok(())
+                } else {
+                    Err(left.join("\n"))
+                }
+            },
+        )
+        .await;
+    }
 }
 
 /// Reads `net.ipv6.conf.<dev>.disable_ipv6` inside `netns_name`.
@@ -432,4 +528,145 @@ async fn ipv6_cannot_bypass_a_network_policy_enabled_live() {
         .unwrap();
     assert!(c.ip(Family::V6).is_some(), "{:?}", c.ips);
     assert!(c.ip(Family::V4).is_some());
+}
+
+/// The neighbour entry for `dst` on `dev` in `netns_name`, when resolved
+/// (a link-layer address and state REACHABLE, STALE, DELAY or PROBE).
+fn neighbour(netns_name: &str, dev: &str, dst: IpAddr) -> Result<String, String> {
+    let out = netns::ip(&["-n", netns_name, "-6", "-j", "neigh", "show", "dev", dev])
+        .map_err(|e| e.to_string())?;
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+    let entry = entries
+        .iter()
+        .find(|e| e["dst"].as_str().and_then(|d| d.parse::<IpAddr>().ok()) == Some(dst))
+        .ok_or_else(|| format!("no entry for {dst} on {dev}: {out}"))?;
+    let states: Vec<&str> = entry["state"]
+        .as_array()
+        .map(|s| s.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    let resolved = entry["lladdr"].is_string()
+        && states
+            .iter()
+            .any(|s| matches!(*s, "REACHABLE" | "STALE" | "DELAY" | "PROBE"));
+    if resolved {
+        Ok(entry.to_string())
+    } else {
+        Err(format!("{dst} on {dev} not resolved: {entry}"))
+    }
+}
+
+fn flush_neighbours(netns_name: &str, dev: &str) {
+    netns::ip(&["-n", netns_name, "-6", "neigh", "flush", "dev", dev]).unwrap();
+}
+
+/// ICMPv6 neighbour discovery is never broken by a default-deny, on either
+/// dataplane: with every neighbour entry of two isolated pods (and their
+/// node's entries for them) flushed, the pods resolve their link-local
+/// gateway again, the node resolves them again, and an isolated pod still
+/// reaches exactly its allowed peers (on its node and across nodes) while
+/// everything else stays blocked. x/e has a default-deny both ways and no
+/// allow at all: its gateway entry resolves from a blocked connection
+/// attempt, and its node (never policed towards its own pods) reaches it.
+#[tokio::test]
+async fn ipv6_neighbour_discovery_survives_a_default_deny_on_both_dataplanes() {
+    use support::dataplane::{Dataplane, use_dataplane};
+    let _serial = serial().await;
+    let lab = lab("v6-nd", 2, IpFamily::Ipv6).await;
+    lab.add_pods(vec![
+        PodOptions::new("x", "a", "node-1").label("pod", "a"),
+        PodOptions::new("x", "b", "node-1").label("pod", "b"),
+        PodOptions::new("x", "c", "node-2").label("pod", "c"),
+        PodOptions::new("x", "d", "node-2").label("pod", "d"),
+        PodOptions::new("x", "e", "node-1").label("pod", "e"),
+    ])
+    .await
+    .unwrap();
+    support::policy::apply_policies(
+        &lab.client(),
+        "metadata: {namespace: x, name: a-deny}\nspec: {podSelector: {matchLabels: {pod: a}}, policyTypes: [Ingress, Egress]}\n---\nmetadata: {namespace: x, name: a-allow}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Ingress, Egress]\n  ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]\n  egress: [{to: [{podSelector: {matchExpressions: [{key: pod, operator: In, values: [b, c]}]}}]}]\n---\nmetadata: {namespace: x, name: e-deny}\nspec: {podSelector: {matchLabels: {pod: e}}, policyTypes: [Ingress, Egress]}\n",
+    )
+    .await;
+    let gateway: IpAddr = "fe80::ecee:eeff:feee:eeee".parse().unwrap();
+    let node1 = lab.node("node-1").unwrap();
+    for dataplane in [Dataplane::IpTables, Dataplane::NfTables] {
+        use_dataplane(&lab, dataplane).await;
+        support::policy::wait_enforced(&lab, Duration::from_secs(30)).await;
+        let dp = dataplane.status();
+        for key in ["x/a", "x/e"] {
+            let pod = lab.pod(key).unwrap();
+            flush_neighbours(&pod.netns, "eth0");
+            let host_if = canal_crds::names::veth_name(&pod.namespace, &pod.name);
+            flush_neighbours(&node1.netns, &host_if);
+            assert!(
+                neighbour(&pod.netns, "eth0", gateway).is_err(),
+                "{key}: flushed"
+            );
+        }
+        let expect = [
+            ("x/a", "x/b", true),
+            ("x/a", "x/c", true),
+            ("x/b", "x/a", true),
+            ("x/a", "x/d", false),
+            ("x/d", "x/a", false),
+            ("x/c", "x/a", false),
+            ("x/e", "x/b", false),
+            ("x/b", "x/e", false),
+        ];
+        for (from, to, want) in expect {
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                let o = lab
+                    .probe_family(from, to, Family::V6, 80, protocol)
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    o.connected, want,
+                    "{dp}: {from} -> {to} {protocol} after the neighbour flush: {o:?}"
+                );
+            }
+        }
+        // The node's own traffic to x/e is never policed: it needs the
+        // node's neighbour solicitation answered through x/e's deny-all.
+        let e = lab.pod("x/e").unwrap();
+        let e_ip = e.ip(Family::V6).unwrap();
+        let host = {
+            let ns = node1.netns.clone();
+            tokio::task::spawn_blocking(move || {
+                canal_e2e::lab::probe::probe_in(
+                    &ns,
+                    std::net::SocketAddr::new(e_ip, 80),
+                    Protocol::Tcp,
+                    Duration::from_secs(3),
+                )
+            })
+            .await
+            .unwrap()
+            .unwrap()
+        };
+        assert!(host.connected, "{dp}: node-1 -> x/e: {host:?}");
+        for key in ["x/a", "x/e"] {
+            let pod = lab.pod(key).unwrap();
+            let ip = pod.ip(Family::V6).unwrap();
+            let host_if = canal_crds::names::veth_name(&pod.namespace, &pod.name);
+            let (ns, gw_ns) = (node1.netns.clone(), pod.netns.clone());
+            let pod_side = eventually(
+                &format!("{dp}: {key} resolving its gateway"),
+                Duration::from_secs(5),
+                || {
+                    let gw_ns = gw_ns.clone();
+                    async move { neighbour(&gw_ns, "eth0", gateway) }
+                },
+            )
+            .await;
+            let node_side = eventually(
+                &format!("{dp}: node-1 resolving {key}"),
+                Duration::from_secs(5),
+                || {
+                    let (ns, host_if) = (ns.clone(), host_if.clone());
+                    async move { neighbour(&ns, &host_if, ip) }
+                },
+            )
+            .await;
+            eprintln!("{dp}: {key}: gateway {pod_side}; node-1: {node_side}");
+        }
+    }
 }
