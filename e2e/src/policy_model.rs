@@ -732,7 +732,10 @@ mod tests {
             ip: "fd00:10:244:2::".parse().unwrap(),
         };
         let ya = c.pod("y/a").unwrap();
-        assert!(!c.allowed(&host, ya, Family::V6, 80, Protocol::Tcp), "except");
+        assert!(
+            !c.allowed(&host, ya, Family::V6, 80, Protocol::Tcp),
+            "except"
+        );
         assert!(
             !c.allowed(&host, ya, Family::V4, 80, Protocol::Tcp),
             "a host source has one address, of the connection's family"
@@ -759,12 +762,22 @@ mod tests {
         }
         // An IPv4-only cluster has no IPv6 connections at all.
         let v4 = cluster(&[]);
-        assert!(!allowed_in(&v4, "x/a", "y/a", Family::V6, 80, Protocol::Tcp));
+        assert!(!allowed_in(
+            &v4,
+            "x/a",
+            "y/a",
+            Family::V6,
+            80,
+            Protocol::Tcp
+        ));
         assert_eq!(v4.primary_family(), Family::V4);
         let keys: Vec<String> = c.pods.iter().map(Pod::key).collect();
         let t = c.expected_in(&keys, Family::V6, 80, Protocol::Tcp);
         assert_eq!(t.get("y/a", "x/a"), Some(false));
-        assert_eq!(c.expected(&keys, 80, Protocol::Tcp).get("y/a", "x/a"), Some(true));
+        assert_eq!(
+            c.expected(&keys, 80, Protocol::Tcp).get("y/a", "x/a"),
+            Some(true)
+        );
     }
 
     #[test]
@@ -775,11 +788,14 @@ mod tests {
             c.peer_set_members(&sel).0,
             ["10.244.1.3", "fd00:10:244:1::3"]
         );
-        let sel: PeerSelector = serde_yaml::from_str(
-            "namespace: x\nnamedPort: {name: serve-81-tcp, protocol: TCP}",
-        )
-        .unwrap();
-        assert_eq!(c.peer_set_members(&sel).1.len(), 4, "two pods, two families");
+        let sel: PeerSelector =
+            serde_yaml::from_str("namespace: x\nnamedPort: {name: serve-81-tcp, protocol: TCP}")
+                .unwrap();
+        assert_eq!(
+            c.peer_set_members(&sel).1.len(),
+            4,
+            "two pods, two families"
+        );
     }
 
     #[test]
@@ -794,6 +810,10 @@ mod tests {
         let p: KubePod =
             serde_yaml::from_str("metadata: {name: a, namespace: x}\nstatus: {podIP: 10.0.0.5}")
                 .unwrap();
-        assert_eq!(Pod::from_api(&p).ips.len(), 1, "podIP when podIPs is absent");
+        assert_eq!(
+            Pod::from_api(&p).ips.len(),
+            1,
+            "podIP when podIPs is absent"
+        );
     }
 }

@@ -34,12 +34,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use canal_e2e::Lab;
-use canal_e2e::lab::prober::{Attempt, Prober};
 use canal_e2e::lab::family::{CLUSTER_CIDR_V4, CLUSTER_CIDR_V6};
+use canal_e2e::lab::prober::{Attempt, Prober};
 use canal_e2e::lab::{Family, IpFamily, Matrix, PodOptions, Protocol, UpOptions};
 use support::policy::{
     Outcome, apply_policies, check, check_host_sources, delete_all_policies, host_address,
-    host_prefix, label_namespace, label_pod, lab_families, policy_summary, wait_enforced,
+    host_prefix, lab_families, label_namespace, label_pod, policy_summary, wait_enforced,
     wait_probers,
 };
 use support::serial;
@@ -513,8 +513,7 @@ async fn network_policy_truth_tables(dataplane: Dataplane, ip_family: IpFamily) 
             // view must stay closed too.
             'probe: for &hf in &families {
                 for (port, protocol) in [(80, Protocol::Tcp), (80, Protocol::Udp)] {
-                    if let Some(bad) = check_host_sources(&lab, &model, hf, port, protocol).await
-                    {
+                    if let Some(bad) = check_host_sources(&lab, &model, hf, port, protocol).await {
                         outcome.failure = Some(format!("host sources:\n{bad}"));
                         break 'probe;
                     }
