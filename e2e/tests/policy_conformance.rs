@@ -16,7 +16,8 @@
 //! the other family's table shows it), and two cases mix the families in
 //! one policy. The matrix: IPv4 on both dataplanes, dual-stack on
 //! nftables, IPv6-only on iptables (ip6tables/ip6set), so each dataplane
-//! runs IPv6 and the dual-stack cross-family cases once.
+//! runs IPv6, and the dual-stack cross-family ipBlock cases run on both
+//! (`network_policy_ip_blocks_dual_stack_iptables`: the ipBlock cases alone).
 //!
 //! The second test, on a lab of its own, probes continuously while things
 //! change: a policy created under traffic blocks new connections within
@@ -157,6 +158,44 @@ async fn network_policy_truth_tables_ipv6_iptables() {
     network_policy_truth_tables(Dataplane::IpTables, IpFamily::Ipv6).await;
 }
 
+/// The cross-family cases on the other dataplane: a dual-stack lab on
+/// iptables (iptables and ip6tables rendered apart, where an IPv4 block
+/// dropped from the IPv6 rules must not leave a peer list that admits
+/// everyone) runs isolation and the ipBlock cases, both families probed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn network_policy_ip_blocks_dual_stack_iptables() {
+    let _serial = serial().await;
+    let started = Instant::now();
+    let lab = Lab::up(
+        Lab::test_state_dir("policy-conformance-dual-blocks-iptables"),
+        UpOptions {
+            nodes: 3,
+            ip_family: IpFamily::Dual,
+            ..UpOptions::default()
+        },
+    )
+    .await
+    .expect("a 3-node dual-stack lab");
+    use_dataplane(&lab, Dataplane::IpTables).await;
+    lab.add_conformance_pods().await.expect("conformance pods");
+    let mut s = Suite::new(&lab);
+    s.policies("no policies: every pod reaches every pod", "")
+        .await;
+    s.policies(
+        "deny all ingress and egress in x",
+        "metadata: {namespace: x, name: deny-all}\nspec: {podSelector: {}, policyTypes: [Ingress, Egress]}",
+    )
+    .await;
+    s.policies(
+        "named port egress with a peer: x/a to z on serve-81-tcp",
+        "metadata: {namespace: x, name: named-peer}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n  egress: [{to: [{namespaceSelector: {matchLabels: {ns: z}}}], ports: [{port: serve-81-tcp, protocol: TCP}]}]",
+    )
+    .await;
+    ip_block_scenarios(&mut s, &lab, IpFamily::Dual).await;
+    delete_all_policies(&lab.client()).await;
+    s.finish(started);
+}
+
 /// A range of `family` as an ipBlock cidr: `ip/len` of the network.
 fn block(ip: IpAddr, len: u8) -> String {
     format!("'{ip}/{len}'")
@@ -175,6 +214,75 @@ fn cluster_cidr(family: Family) -> &'static str {
     match family {
         Family::V4 => CLUSTER_CIDR_V4,
         Family::V6 => CLUSTER_CIDR_V6,
+    }
+}
+
+/// The address of pod `key` in `family`.
+fn ip_of(lab: &Lab, key: &str, family: Family) -> IpAddr {
+    lab.pod(key).unwrap().ip(family).unwrap()
+}
+
+/// The ipBlock cases, once per family of the lab (in a dual-stack lab the
+/// other family's tables prove a block of one family opens nothing in it),
+/// and on a dual-stack lab the cases mixing both families.
+async fn ip_block_scenarios(s: &mut Suite<'_>, lab: &Lab, ip_family: IpFamily) {
+    let client = lab.client();
+    let families = ip_family.families();
+    for &f in &families {
+        let single = host_prefix(f);
+        s.policies(
+            &format!("ipBlock with except ({f}): x/a from the cluster except y/b"),
+            &format!(
+                "metadata: {{namespace: x, name: a-block}}\nspec:\n  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress: [{{from: [{{ipBlock: {{cidr: '{}', except: [{}]}}}}]}}]",
+                cluster_cidr(f),
+                block(ip_of(lab, "y/b", f), single)
+            ),
+        )
+        .await;
+        let node3 = host_address(&client, "node-3", f).await;
+        s.policies(
+            &format!("ipBlock egress ({f}): x/b only to node-3's pod subnet"),
+            &format!(
+                "metadata: {{namespace: x, name: b-to-node3}}\nspec:\n  podSelector: {{matchLabels: {{pod: b}}}}\n  policyTypes: [Egress]\n  egress: [{{to: [{{ipBlock: {{cidr: {}}}}}]}}]",
+                block(node3, node_subnet_length(f))
+            ),
+        )
+        .await;
+        let node2 = host_address(&client, "node-2", f).await;
+        s.policies(
+            &format!("ipBlock except one address of a node subnet ({f}): x/c from node-2's pods but y/b"),
+            &format!(
+                "metadata: {{namespace: x, name: c-from-node2}}\nspec:\n  podSelector: {{matchLabels: {{pod: c}}}}\n  ingress: [{{from: [{{ipBlock: {{cidr: {}, except: [{}]}}}}]}}]",
+                block(node2, node_subnet_length(f)),
+                block(ip_of(lab, "y/b", f), single)
+            ),
+        )
+        .await;
+        s.policies(
+            &format!("ipBlock of two pod IPs ({f}, /{single}) and a peer list mixing ipBlock and selectors"),
+            &format!(
+                "metadata: {{namespace: y, name: b-from-ips}}\nspec:\n  podSelector: {{matchLabels: {{pod: b}}}}\n  ingress: [{{from: [{{ipBlock: {{cidr: {}}}}}, {{ipBlock: {{cidr: {}}}}}, {{podSelector: {{matchLabels: {{pod: c}}}}}}]}}]",
+                block(ip_of(lab, "x/a", f), single),
+                block(ip_of(lab, "z/b", f), single)
+            ),
+        )
+        .await;
+    }
+    if ip_family == IpFamily::Dual {
+        s.policies(
+            "dual-stack: 0.0.0.0/0 admits IPv4 only, ::/0 IPv6 only",
+            "metadata: {namespace: x, name: a-from-v4}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{ipBlock: {cidr: 0.0.0.0/0}}]}]\n---\nmetadata: {namespace: y, name: c-to-v6}\nspec:\n  podSelector: {matchLabels: {pod: c}}\n  policyTypes: [Egress]\n  egress: [{to: [{ipBlock: {cidr: '::/0'}}]}]",
+        )
+        .await;
+        s.policies(
+            "dual-stack: one policy, x/a's IPv4 /32 and z/b's IPv6 /128: each opens its own family",
+            &format!(
+                "metadata: {{namespace: y, name: b-mixed}}\nspec:\n  podSelector: {{matchLabels: {{pod: b}}}}\n  ingress: [{{from: [{{ipBlock: {{cidr: {}}}}}, {{ipBlock: {{cidr: {}}}}}]}}]",
+                block(ip_of(lab, "x/a", Family::V4), 32),
+                block(ip_of(lab, "z/b", Family::V6), 128)
+            ),
+        )
+        .await;
     }
 }
 
@@ -199,9 +307,8 @@ async fn network_policy_truth_tables(dataplane: Dataplane, ip_family: IpFamily) 
     lab.add_conformance_pods().await.expect("conformance pods");
     let families = lab_families(&lab);
     assert_eq!(families, ip_family.families());
-    let ip_of = |key: &str, family: Family| lab.pod(key).unwrap().ip(family).unwrap();
     let primary = ip_family.primary();
-    let ip = |key: &str| ip_of(key, primary);
+    let ip = |key: &str| ip_of(&lab, key, primary);
     let client = lab.client();
     let mut s = Suite::new(&lab);
     eprintln!(
@@ -317,64 +424,7 @@ async fn network_policy_truth_tables(dataplane: Dataplane, ip_family: IpFamily) 
     )
     .await;
 
-    // ipBlock, once per family of the lab: in a dual-stack lab the other
-    // family's tables prove a block of one family opens nothing in it.
-    for &f in &families {
-        let single = host_prefix(f);
-        s.policies(
-            &format!("ipBlock with except ({f}): x/a from the cluster except y/b"),
-            &format!(
-                "metadata: {{namespace: x, name: a-block}}\nspec:\n  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress: [{{from: [{{ipBlock: {{cidr: '{}', except: [{}]}}}}]}}]",
-                cluster_cidr(f),
-                block(ip_of("y/b", f), single)
-            ),
-        )
-        .await;
-        let node3 = host_address(&client, "node-3", f).await;
-        s.policies(
-            &format!("ipBlock egress ({f}): x/b only to node-3's pod subnet"),
-            &format!(
-                "metadata: {{namespace: x, name: b-to-node3}}\nspec:\n  podSelector: {{matchLabels: {{pod: b}}}}\n  policyTypes: [Egress]\n  egress: [{{to: [{{ipBlock: {{cidr: {}}}}}]}}]",
-                block(node3, node_subnet_length(f))
-            ),
-        )
-        .await;
-        let node2 = host_address(&client, "node-2", f).await;
-        s.policies(
-            &format!("ipBlock except one address of a node subnet ({f}): x/c from node-2's pods but y/b"),
-            &format!(
-                "metadata: {{namespace: x, name: c-from-node2}}\nspec:\n  podSelector: {{matchLabels: {{pod: c}}}}\n  ingress: [{{from: [{{ipBlock: {{cidr: {}, except: [{}]}}}}]}}]",
-                block(node2, node_subnet_length(f)),
-                block(ip_of("y/b", f), single)
-            ),
-        )
-        .await;
-        s.policies(
-            &format!("ipBlock of two pod IPs ({f}, /{single}) and a peer list mixing ipBlock and selectors"),
-            &format!(
-                "metadata: {{namespace: y, name: b-from-ips}}\nspec:\n  podSelector: {{matchLabels: {{pod: b}}}}\n  ingress: [{{from: [{{ipBlock: {{cidr: {}}}}}, {{ipBlock: {{cidr: {}}}}}, {{podSelector: {{matchLabels: {{pod: c}}}}}}]}}]",
-                block(ip_of("x/a", f), single),
-                block(ip_of("z/b", f), single)
-            ),
-        )
-        .await;
-    }
-    if ip_family == IpFamily::Dual {
-        s.policies(
-            "dual-stack: 0.0.0.0/0 admits IPv4 only, ::/0 IPv6 only",
-            "metadata: {namespace: x, name: a-from-v4}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{ipBlock: {cidr: 0.0.0.0/0}}]}]\n---\nmetadata: {namespace: y, name: c-to-v6}\nspec:\n  podSelector: {matchLabels: {pod: c}}\n  policyTypes: [Egress]\n  egress: [{to: [{ipBlock: {cidr: '::/0'}}]}]",
-        )
-        .await;
-        s.policies(
-            "dual-stack: one policy, x/a's IPv4 /32 and z/b's IPv6 /128: each opens its own family",
-            &format!(
-                "metadata: {{namespace: y, name: b-mixed}}\nspec:\n  podSelector: {{matchLabels: {{pod: b}}}}\n  ingress: [{{from: [{{ipBlock: {{cidr: {}}}}}, {{ipBlock: {{cidr: {}}}}}]}}]",
-                block(ip_of("x/a", Family::V4), 32),
-                block(ip_of("z/b", Family::V6), 128)
-            ),
-        )
-        .await;
-    }
+    ip_block_scenarios(&mut s, &lab, ip_family).await;
 
     // Ports and protocols.
     s.policies(
