@@ -721,3 +721,170 @@ async fn ipv6_neighbour_discovery_survives_a_default_deny_on_both_dataplanes() {
         }
     }
 }
+
+/// IPv6 anti-spoofing, on both dataplanes of an IPv6-only lab: a pod that
+/// claims another pod's IPv6 address (same node or the other one), or an
+/// address of a range an ipBlock admits (`ip addr add ... nodad`, then a
+/// socket bound to it), never gets a UDP datagram or a TCP SYN to an
+/// isolated target that admits that pod or range; the friends themselves,
+/// sending the same way from their own addresses, arrive (the controls: a
+/// capture on the target's interface sees every frame before the pod's
+/// stack, so a delivery cannot go unnoticed).
+#[tokio::test]
+async fn forged_ipv6_sources_never_reach_a_pod_on_both_dataplanes() {
+    use canal_e2e::lab::spoof::{self, Capture, Kind};
+    use std::net::SocketAddr;
+    use support::dataplane::{Dataplane, use_dataplane};
+    const PORT: u16 = 80;
+    const COUNT: u32 = 20;
+    let _serial = serial().await;
+    let lab = lab("v6-spoof", 2, IpFamily::Ipv6).await;
+    lab.add_pods(vec![
+        PodOptions::new("x", "target", "node-1").label("role", "target"),
+        PodOptions::new("x", "friend", "node-1").label("role", "friend"),
+        PodOptions::new("x", "friend-far", "node-2").label("role", "friend"),
+        PodOptions::new("x", "attacker", "node-1").label("role", "attacker"),
+        PodOptions::new("x", "attacker-far", "node-2").label("role", "attacker"),
+    ])
+    .await
+    .unwrap();
+    let outside: IpAddr = "2001:db8:99::5".parse().unwrap();
+    support::policy::apply_policies(
+        &lab.client(),
+        "metadata: {namespace: x, name: target-from-friends}\nspec:\n  podSelector: {matchLabels: {role: target}}\n  ingress: [{from: [{podSelector: {matchLabels: {role: friend}}}, {ipBlock: {cidr: '2001:db8:99::/64'}}]}]",
+    )
+    .await;
+    let v6 = |key: &str| lab.pod(key).unwrap().ip(Family::V6).unwrap();
+    let target = lab.pod("x/target").unwrap();
+    let dst = SocketAddr::new(v6("x/target"), PORT);
+    let (friend, friend_far) = (v6("x/friend"), v6("x/friend-far"));
+    // (label, sender, claimed source); the first two are the controls.
+    let sends: Vec<(&str, &str, IpAddr)> = vec![
+        ("control: x/friend as itself", "x/friend", friend),
+        (
+            "control: x/friend-far as itself",
+            "x/friend-far",
+            friend_far,
+        ),
+        ("x/attacker as x/friend (same node)", "x/attacker", friend),
+        (
+            "x/attacker as x/friend-far (other node)",
+            "x/attacker",
+            friend_far,
+        ),
+        ("x/attacker as an ipBlock address", "x/attacker", outside),
+        (
+            "x/attacker-far as x/friend-far (its node)",
+            "x/attacker-far",
+            friend_far,
+        ),
+        (
+            "x/attacker-far as x/friend (target's node)",
+            "x/attacker-far",
+            friend,
+        ),
+        (
+            "x/attacker-far as an ipBlock address",
+            "x/attacker-far",
+            outside,
+        ),
+    ];
+    for (from, claimed) in sends.iter().skip(2).map(|(_, f, c)| (*f, *c)) {
+        let ns = lab.pod(from).unwrap().netns;
+        let _ = netns::ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{claimed}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        // The attacker pins its gateway's link-layer address: its own
+        // solicitations might carry a claimed source, and the test is
+        // whether the forged packets are stopped, not whether they leave.
+        netns::ip(&[
+            "-n",
+            &ns,
+            "-6",
+            "neigh",
+            "replace",
+            "fe80::ecee:eeff:feee:eeee",
+            "lladdr",
+            "ee:ee:ee:ee:ee:ee",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+    }
+    for dataplane in [Dataplane::IpTables, Dataplane::NfTables] {
+        use_dataplane(&lab, dataplane).await;
+        support::policy::wait_enforced(&lab, Duration::from_secs(30)).await;
+        let dp = dataplane.status();
+        // Real sockets from real addresses: the policy holds for the honest.
+        for (from, want) in [("x/friend-far", true), ("x/attacker", false)] {
+            let o = lab
+                .probe_family(from, "x/target", Family::V6, PORT, Protocol::Tcp)
+                .await
+                .unwrap();
+            assert_eq!(o.connected, want, "{dp}: {from} -> x/target: {o:?}");
+        }
+        let capture = Capture::start(&target.netns).unwrap();
+        // The senders' nodes see the forged packets arrive from the pods:
+        // they were sent, and it is canal that stops them.
+        let on_nodes = [
+            Capture::start(&lab.node("node-1").unwrap().netns).unwrap(),
+            Capture::start(&lab.node("node-2").unwrap().netns).unwrap(),
+        ];
+        // Each send gets its own source ports: the capture tells them apart
+        // by (source, source port); TCP SYNs carry no marker.
+        let mut ports = Vec::new();
+        for (i, (_, from, claimed)) in sends.iter().enumerate() {
+            let base = 41_000 + (i as u16) * 100;
+            ports.push(base);
+            let ns = lab.pod(from).unwrap().netns;
+            let src = SocketAddr::new(*claimed, base);
+            spoof::send_bound_in(&ns, src, dst, Kind::Udp, 0x7000 + i as u32, COUNT).unwrap();
+            let src = SocketAddr::new(*claimed, base + 50);
+            spoof::send_bound_in(&ns, src, dst, Kind::TcpSyn, 0x7100 + i as u32, COUNT / 4)
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let seen = capture.stop();
+        let at_nodes: Vec<_> = on_nodes.into_iter().flat_map(Capture::stop).collect();
+        let mut leaks = Vec::new();
+        for (i, (label, _, claimed)) in sends.iter().enumerate() {
+            let base = ports[i];
+            let n = seen
+                .iter()
+                .filter(|s| s.src == *claimed && s.dport == PORT)
+                .filter(|s| (base..base + 100).contains(&s.sport))
+                .count();
+            let sent = at_nodes
+                .iter()
+                .filter(|s| s.src == *claimed && s.dport == PORT)
+                .filter(|s| (base..base + 100).contains(&s.sport))
+                .count();
+            eprintln!("{dp}: {n:>3} delivered, {sent:>3} seen leaving the pod  {label}");
+            assert!(
+                sent >= COUNT as usize,
+                "{dp}: {label}: only {sent} forged packets reached the sender's node"
+            );
+            if i < 2 {
+                assert!(
+                    n >= COUNT as usize,
+                    "{dp}: {label}: the control must arrive, or the test proves nothing ({n})"
+                );
+            } else if n > 0 {
+                leaks.push(format!("{label}: {n} delivered"));
+            }
+        }
+        assert!(
+            leaks.is_empty(),
+            "{dp}: forged IPv6 sources got through: {leaks:?}"
+        );
+    }
+}
