@@ -888,3 +888,174 @@ async fn forged_ipv6_sources_never_reach_a_pod_on_both_dataplanes() {
         );
     }
 }
+
+/// canal's IPv6 firewall state on a node, for "repaired": the canal lines
+/// of every ip6tables table (no counters), canal's ipsets' members and
+/// canal's nftables table (sorted).
+fn ipv6_firewall(node_ns: &str) -> String {
+    let mut out = String::new();
+    for table in ["raw", "filter", "security", "nat"] {
+        let save = netns::run(netns::exec(node_ns, "ip6tables-save").args(["-t", table]))
+            .unwrap_or_default();
+        let mut lines: Vec<&str> = save
+            .lines()
+            .filter(|l| (l.starts_with("-A ") || l.starts_with(':')) && l.contains("CANAL"))
+            .map(|l| l.split(" [").next().unwrap_or(l))
+            .collect();
+        lines.sort_unstable();
+        out.push_str(&format!("*{table}\n{}\n", lines.join("\n")));
+    }
+    let sets = netns::run(netns::exec(node_ns, "ipset").arg("save")).unwrap_or_default();
+    let mut lines: Vec<&str> = sets
+        .lines()
+        .filter(|l| l.starts_with("add canal-"))
+        .collect();
+    lines.sort_unstable();
+    out.push_str(&lines.join("\n"));
+    // canal's nftables table, as sorted tokens: objects come back in
+    // creation order and set elements in hash order after a repair.
+    let nft =
+        netns::run(netns::exec(node_ns, "nft").args(["-s", "list", "table", "inet", "canal"]))
+            .unwrap_or_default();
+    let mut tokens: Vec<&str> = nft
+        .split([',', '\n'])
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    tokens.sort_unstable();
+    out.push_str("\nnft:\n");
+    out.push_str(&tokens.join("\n"));
+    out
+}
+
+/// The drift guarantee in IPv6 (issue 14, as issue 10.3 for IPv4): while
+/// denied IPv6 probes run (same node and across nodes) next to an allowed
+/// one, firewall reloads in the target's node (ip6tables flushes, ipsets
+/// destroyed, the raw and security tables, on iptables; `nft flush
+/// ruleset`, canal's table deleted, the IPv6 anti-spoofing set flushed, a
+/// foreign accept-all chain at a higher priority, on nftables) open the
+/// target for under 1 s, and canal's IPv6 state is back within 2 s.
+#[tokio::test]
+async fn ipv6_firewall_reloads_fail_closed_and_are_repaired_on_both_dataplanes() {
+    use canal_e2e::lab::prober::Prober;
+    use support::dataplane::{Dataplane, use_dataplane};
+    let _serial = serial().await;
+    let lab = lab("v6-drift", 2, IpFamily::Ipv6).await;
+    lab.add_pods(vec![
+        PodOptions::new("x", "server", "node-1").label("role", "server"),
+        PodOptions::new("x", "client", "node-2").label("role", "client"),
+        PodOptions::new("x", "near", "node-1").label("role", "intruder"),
+        PodOptions::new("x", "far", "node-2").label("role", "intruder"),
+    ])
+    .await
+    .unwrap();
+    support::policy::apply_policies(
+        &lab.client(),
+        "metadata: {namespace: x, name: server-from-client}\nspec:\n  podSelector: {matchLabels: {role: server}}\n  ingress: [{from: [{podSelector: {matchLabels: {role: client}}}]}]",
+    )
+    .await;
+    let node_ns = lab.node("node-1").unwrap().netns;
+    let server_ip = lab.pod("x/server").unwrap().ip(Family::V6).unwrap();
+    let mut report = Vec::new();
+    for dataplane in [Dataplane::IpTables, Dataplane::NfTables] {
+        use_dataplane(&lab, dataplane).await;
+        support::policy::wait_enforced(&lab, Duration::from_secs(30)).await;
+        let dp = dataplane.status();
+        let start = |from: &str, protocol: Protocol| {
+            Prober::start(
+                &format!("{from} -> x/server 80/{protocol}"),
+                &lab.pod(from).unwrap().netns,
+                std::net::SocketAddr::new(server_ip, 80),
+                protocol,
+                Duration::from_millis(100),
+                Duration::from_millis(5),
+            )
+        };
+        let denied = [
+            start("x/near", Protocol::Tcp),
+            start("x/far", Protocol::Tcp),
+            start("x/far", Protocol::Udp),
+        ];
+        let allowed = start("x/client", Protocol::Tcp);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = ipv6_firewall(&node_ns);
+        let reloads: Vec<&str> = match dataplane {
+            Dataplane::IpTables => vec![
+                "ip6tables -F",
+                "ip6tables -F; ip6tables -X; ipset destroy",
+                "ip6tables -t raw -F",
+                "ip6tables -t security -F",
+                "ipset flush",
+            ],
+            Dataplane::NfTables => vec![
+                "nft flush ruleset",
+                "nft delete table inet canal",
+                "nft flush set inet canal spoof-v6",
+                "nft add table inet intruder; nft add chain inet intruder fwd '{ type filter hook forward priority -500; policy accept; }'; nft add rule inet intruder fwd accept",
+                "ip6tables -F; ip6tables -X; ipset destroy",
+            ],
+        };
+        for script in reloads {
+            let t0 = Instant::now();
+            let _ = netns::exec(&node_ns, "sh").args(["-c", script]).output();
+            let repaired = loop {
+                if ipv6_firewall(&node_ns) == before {
+                    break t0.elapsed();
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "{dp}: {script}: not repaired within 10 s\nbefore:\n{before}\nnow:\n{}",
+                    ipv6_firewall(&node_ns)
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            let end = Instant::now();
+            let leaks: Vec<Instant> = denied
+                .iter()
+                .flat_map(|p| p.attempts())
+                .filter(|a| a.at >= t0 && a.at < end && (a.connected || a.refused))
+                .map(|a| a.at)
+                .collect();
+            let window = match (leaks.iter().min(), leaks.iter().max()) {
+                (Some(first), Some(last)) => *last - *first + Duration::from_millis(100),
+                _ => Duration::ZERO,
+            };
+            let allowed_after = allowed
+                .attempts()
+                .iter()
+                .filter(|a| a.at >= t0 + repaired && a.at < end && a.connected)
+                .count();
+            report.push(format!(
+                "{dp}: {script:<50} {:>3} leaks, open {:>4} ms, repaired after {:>4} ms, {allowed_after} allowed connections after",
+                leaks.len(),
+                window.as_millis(),
+                repaired.as_millis()
+            ));
+            assert!(
+                window < Duration::from_secs(1),
+                "{dp}: {script}: open for {window:?}"
+            );
+            assert!(
+                repaired < Duration::from_secs(2),
+                "{dp}: {script}: repaired after {repaired:?}"
+            );
+            assert!(
+                allowed_after > 0,
+                "{dp}: {script}: the allowed client did not connect again"
+            );
+        }
+        for p in denied {
+            p.stop();
+        }
+        allowed.stop();
+        // The foreign table stays (it is not canal's); the next dataplane
+        // starts clean.
+        let _ = netns::exec(&node_ns, "sh")
+            .args(["-c", "nft delete table inet intruder"])
+            .output();
+    }
+    for line in &report {
+        eprintln!("{line}");
+    }
+}
