@@ -1059,3 +1059,26 @@ async fn ipv6_firewall_reloads_fail_closed_and_are_repaired_on_both_dataplanes()
         eprintln!("{line}");
     }
 }
+
+/// The real-kubelet lab is IPv4 only: asked for another family it refuses
+/// at once, saying so, and builds nothing (rather than an IPv4 cluster the
+/// user did not ask for).
+#[test]
+fn the_real_kubelet_lab_refuses_other_families() {
+    let state =
+        std::env::temp_dir().join(format!("canal-e2e-kubelet-family-{}", std::process::id()));
+    for family in ["ipv6", "dual"] {
+        let out = support::canal_lab(&state, &["up", "--kubelet", "--ip-family", family]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{family}: {stderr}");
+        assert!(
+            stderr.contains("--kubelet runs IPv4 only"),
+            "{family}: {stderr}"
+        );
+        assert!(
+            !state.exists(),
+            "{family}: nothing built in {}",
+            state.display()
+        );
+    }
+}
