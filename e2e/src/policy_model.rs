@@ -13,12 +13,18 @@
 //! and the destination's ingress to allow it; a pod always reaches itself
 //! and its own node reaches it; named ports resolve against the destination
 //! pod; a source that is not a pod (a node's address) matches only ipBlocks.
+//!
+//! IP families: a connection is of one family, between the source's and
+//! the destination's addresses of that family. Selectors match pods in
+//! every family; an ipBlock matches only addresses of its own family (an
+//! IPv4 block never admits IPv6 traffic, nor an IPv6 block IPv4), as the
+//! API documents `cidr` and `except` and as Calico and Cilium enforce it.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use canal_crds::{PeerSelector, PortMember};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Pod as KubePod};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -26,7 +32,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, ListParams};
 
 use crate::Error;
-use crate::lab::{Matrix, Protocol};
+use crate::lab::{Family, Matrix, Protocol};
 
 /// Labels of an object.
 pub type Labels = BTreeMap<String, String>;
@@ -40,8 +46,8 @@ pub struct Pod {
     pub name: String,
     /// Labels.
     pub labels: Labels,
-    /// Its IPv4 address (None until it has one).
-    pub ip: Option<Ipv4Addr>,
+    /// Its addresses, `status.podIPs` order (empty until it has one).
+    pub ips: Vec<IpAddr>,
     /// The node it runs on.
     pub node: String,
     /// Declared container ports: (name, protocol, number).
@@ -55,6 +61,11 @@ impl Pod {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// Its address of `family`.
+    pub fn ip(&self, family: Family) -> Option<IpAddr> {
+        crate::lab::family::pick(&self.ips, family)
+    }
 }
 
 /// The source of a connection.
@@ -67,8 +78,9 @@ pub enum Source<'a> {
     Host {
         /// The node.
         node: &'a str,
-        /// The address the destination sees.
-        ip: Ipv4Addr,
+        /// The address the destination sees (its family is the
+        /// connection's).
+        ip: IpAddr,
     },
 }
 
@@ -125,8 +137,10 @@ fn policy_name(p: &NetworkPolicy) -> String {
     )
 }
 
-fn in_block(ip: Ipv4Addr, cidr: &str, except: &[String]) -> bool {
-    let parse = |c: &str| c.parse::<Ipv4Net>().ok();
+/// Is `ip` in `cidr` and outside every `except`? `IpNet::contains` of a
+/// network of the other family is false: a block never crosses families.
+fn in_block(ip: IpAddr, cidr: &str, except: &[String]) -> bool {
+    let parse = |c: &str| c.parse::<IpNet>().ok();
     parse(cidr).is_some_and(|n| n.contains(&ip))
         && !except
             .iter()
@@ -208,12 +222,19 @@ impl Cluster {
         (ingress, egress)
     }
 
-    /// Does a peer of a rule of a policy in `policy_ns` match `other`?
-    fn peer_matches(&self, peer: &NetworkPolicyPeer, policy_ns: &str, other: &Source) -> bool {
+    /// Does a peer of a rule of a policy in `policy_ns` match `other` in a
+    /// connection of `family`?
+    fn peer_matches(
+        &self,
+        peer: &NetworkPolicyPeer,
+        policy_ns: &str,
+        other: &Source,
+        family: Family,
+    ) -> bool {
         if let Some(block) = &peer.ip_block {
             let ip = match other {
-                Source::Pod(p) => p.ip,
-                Source::Host { ip, .. } => Some(*ip),
+                Source::Pod(p) => p.ip(family),
+                Source::Host { ip, .. } => Some(*ip).filter(|ip| Family::of(ip) == family),
             };
             return ip.is_some_and(|ip| {
                 in_block(ip, &block.cidr, block.except.as_deref().unwrap_or_default())
@@ -266,7 +287,14 @@ impl Cluster {
     }
 
     /// Does the destination's ingress admit the connection?
-    fn ingress_allows(&self, src: &Source, dst: &Pod, port: u16, protocol: Protocol) -> bool {
+    fn ingress_allows(
+        &self,
+        src: &Source,
+        dst: &Pod,
+        family: Family,
+        port: u16,
+        protocol: Protocol,
+    ) -> bool {
         let isolating: Vec<&NetworkPolicy> = self
             .policies
             .iter()
@@ -281,7 +309,9 @@ impl Cluster {
             spec.ingress.iter().flatten().any(|rule| {
                 let peers_ok = match rule.from.as_ref().filter(|f| !f.is_empty()) {
                     None => true,
-                    Some(from) => from.iter().any(|peer| self.peer_matches(peer, ns, src)),
+                    Some(from) => from
+                        .iter()
+                        .any(|peer| self.peer_matches(peer, ns, src, family)),
                 };
                 peers_ok && Self::ports_match(rule.ports.as_ref(), dst, port, protocol)
             })
@@ -289,7 +319,14 @@ impl Cluster {
     }
 
     /// Does the source pod's egress admit the connection?
-    fn egress_allows(&self, src: &Pod, dst: &Pod, port: u16, protocol: Protocol) -> bool {
+    fn egress_allows(
+        &self,
+        src: &Pod,
+        dst: &Pod,
+        family: Family,
+        port: u16,
+        protocol: Protocol,
+    ) -> bool {
         let isolating: Vec<&NetworkPolicy> = self
             .policies
             .iter()
@@ -306,32 +343,70 @@ impl Cluster {
                     None => true,
                     Some(to) => to
                         .iter()
-                        .any(|peer| self.peer_matches(peer, ns, &Source::Pod(dst))),
+                        .any(|peer| self.peer_matches(peer, ns, &Source::Pod(dst), family)),
                 };
                 peers_ok && Self::ports_match(rule.ports.as_ref(), dst, port, protocol)
             })
         })
     }
 
-    /// May `src` open a connection to `dst` on `port`/`protocol`?
-    pub fn allowed(&self, src: &Source, dst: &Pod, port: u16, protocol: Protocol) -> bool {
+    /// May `src` open a connection to `dst` on `port`/`protocol` in
+    /// `family`? Not when either end has no address of that family (a
+    /// host source's address is of the connection's family).
+    pub fn allowed(
+        &self,
+        src: &Source,
+        dst: &Pod,
+        family: Family,
+        port: u16,
+        protocol: Protocol,
+    ) -> bool {
+        let src_has_family = match src {
+            Source::Pod(s) => s.ip(family).is_some(),
+            Source::Host { ip, .. } => Family::of(ip) == family,
+        };
+        if !src_has_family || (!dst.host_network && dst.ip(family).is_none()) {
+            return false;
+        }
         if dst.host_network {
             return true;
         }
         match src {
             Source::Pod(s) if s.key() == dst.key() => true,
             Source::Pod(s) => {
-                self.egress_allows(s, dst, port, protocol)
-                    && self.ingress_allows(src, dst, port, protocol)
+                self.egress_allows(s, dst, family, port, protocol)
+                    && self.ingress_allows(src, dst, family, port, protocol)
             }
             // Traffic from a pod's own node is never policed.
             Source::Host { node, .. } if *node == dst.node => true,
-            Source::Host { .. } => self.ingress_allows(src, dst, port, protocol),
+            Source::Host { .. } => self.ingress_allows(src, dst, family, port, protocol),
         }
     }
 
-    /// The expected table over `pods` (`ns/name`) for one port and protocol.
+    /// The family of the pods' first addresses (what `canal-lab matrix`
+    /// probes unless told otherwise); IPv4 when no pod has an address.
+    pub fn primary_family(&self) -> Family {
+        self.pods
+            .iter()
+            .find_map(|p| p.ips.first())
+            .map_or(Family::V4, Family::of)
+    }
+
+    /// The expected table over `pods` (`ns/name`) for one port and protocol
+    /// in the pods' primary family ([`Cluster::primary_family`]).
     pub fn expected(&self, pods: &[String], port: u16, protocol: Protocol) -> Matrix {
+        self.expected_in(pods, self.primary_family(), port, protocol)
+    }
+
+    /// The expected table over `pods` (`ns/name`) for one port and protocol
+    /// in `family`.
+    pub fn expected_in(
+        &self,
+        pods: &[String],
+        family: Family,
+        port: u16,
+        protocol: Protocol,
+    ) -> Matrix {
         let mut m = Matrix::filled(pods.iter().cloned(), false);
         for from in pods {
             for to in pods {
@@ -341,23 +416,24 @@ impl Cluster {
                 m.set(
                     from,
                     to,
-                    self.allowed(&Source::Pod(src), dst, port, protocol),
+                    self.allowed(&Source::Pod(src), dst, family, port, protocol),
                 );
             }
         }
         m
     }
 
-    /// The members a PeerSet with `selector` must hold: pod IPs (sorted), or
-    /// for a named-port selector the (IP, protocol, port) of every matched
-    /// pod that declares the name (sorted).
+    /// The members a PeerSet with `selector` must hold: pod IPs of every
+    /// family (sorted, IPv4 first), or for a named-port selector the (IP,
+    /// protocol, port) of every address of every matched pod that declares
+    /// the name (sorted).
     pub fn peer_set_members(&self, selector: &PeerSelector) -> (Vec<String>, Vec<PortMember>) {
         let mut ips = Vec::new();
         let mut ports = Vec::new();
         for pod in &self.pods {
-            let Some(ip) = pod.ip.filter(|_| !pod.host_network) else {
+            if pod.host_network || pod.ips.is_empty() {
                 continue;
-            };
+            }
             let ns_ok = match (&selector.namespace, &selector.namespace_selector) {
                 (Some(ns), _) => pod.namespace == *ns,
                 (None, Some(sel)) => selector_matches(sel, &self.ns_labels(&pod.namespace)),
@@ -371,24 +447,25 @@ impl Cluster {
                 continue;
             }
             match &selector.named_port {
-                None => ips.push(ip.to_string()),
+                None => ips.extend(pod.ips.iter().copied()),
                 Some(np) => {
                     for (name, protocol, port) in &pod.ports {
                         if name.as_deref() == Some(np.name.as_str())
                             && protocol.as_str() == np.protocol.as_lower().to_uppercase()
                         {
-                            ports.push(PortMember {
+                            ports.extend(pod.ips.iter().map(|ip| PortMember {
                                 ip: ip.to_string(),
                                 protocol: np.protocol,
                                 port: *port,
-                            });
+                            }));
                         }
                     }
                 }
             }
         }
-        ips.sort_by_key(|ip| ip.parse::<Ipv4Addr>().ok());
+        ips.sort();
         ips.dedup();
+        let ips = ips.iter().map(IpAddr::to_string).collect();
         ports.sort();
         ports.dedup();
         (ips, ports)
@@ -416,11 +493,7 @@ impl Pod {
             namespace: p.metadata.namespace.clone().unwrap_or_default(),
             name: p.metadata.name.clone().unwrap_or_default(),
             labels: p.metadata.labels.clone().unwrap_or_default(),
-            ip: p
-                .status
-                .as_ref()
-                .and_then(|s| s.pod_ip.as_deref())
-                .and_then(|ip| ip.parse().ok()),
+            ips: pod_ips(p),
             node: spec.node_name.unwrap_or_default(),
             ports,
             host_network: spec.host_network.unwrap_or(false),
@@ -428,16 +501,37 @@ impl Pod {
     }
 }
 
+/// `status.podIPs` (or `status.podIP` when that is absent), in status
+/// order, without duplicates.
+fn pod_ips(p: &KubePod) -> Vec<IpAddr> {
+    let status = p.status.as_ref();
+    let mut ips: Vec<IpAddr> = Vec::new();
+    let listed = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|ip| ip.ip.as_str());
+    for ip in listed.chain(status.and_then(|s| s.pod_ip.as_deref())) {
+        if let Ok(ip) = ip.parse::<IpAddr>()
+            && !ips.contains(&ip)
+        {
+            ips.push(ip);
+        }
+    }
+    ips
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn pod(ns: &str, name: &str, ip: &str, node: &str) -> Pod {
+    /// A conformance pod with addresses `ips` (comma separated).
+    fn pod(ns: &str, name: &str, ips: &str, node: &str) -> Pod {
         Pod {
             namespace: ns.into(),
             name: name.into(),
             labels: [("pod".to_string(), name.to_string())].into(),
-            ip: Some(ip.parse().unwrap()),
+            ips: ips.split(',').map(|ip| ip.parse().unwrap()).collect(),
             node: node.into(),
             ports: vec![
                 (Some("serve-80-tcp".into()), Protocol::Tcp, 80),
@@ -450,6 +544,29 @@ mod tests {
     }
 
     fn cluster(policies: &[&str]) -> Cluster {
+        cluster_of(
+            &[
+                ("x", "a", "10.244.1.2", "n1"),
+                ("x", "b", "10.244.2.2", "n2"),
+                ("y", "a", "10.244.1.3", "n1"),
+            ],
+            policies,
+        )
+    }
+
+    /// The same pods with an IPv6 address each after the IPv4 one.
+    fn dual_cluster(policies: &[&str]) -> Cluster {
+        cluster_of(
+            &[
+                ("x", "a", "10.244.1.2,fd00:10:244:1::2", "n1"),
+                ("x", "b", "10.244.2.2,fd00:10:244:2::2", "n2"),
+                ("y", "a", "10.244.1.3,fd00:10:244:1::3", "n1"),
+            ],
+            policies,
+        )
+    }
+
+    fn cluster_of(pods: &[(&str, &str, &str, &str)], policies: &[&str]) -> Cluster {
         Cluster {
             namespaces: [
                 (
@@ -462,11 +579,10 @@ mod tests {
                 ),
             ]
             .into(),
-            pods: vec![
-                pod("x", "a", "10.244.1.2", "n1"),
-                pod("x", "b", "10.244.2.2", "n2"),
-                pod("y", "a", "10.244.1.3", "n1"),
-            ],
+            pods: pods
+                .iter()
+                .map(|(ns, name, ips, node)| pod(ns, name, ips, node))
+                .collect(),
             policies: policies
                 .iter()
                 .map(|y| serde_yaml::from_str(y).unwrap())
@@ -475,9 +591,21 @@ mod tests {
     }
 
     fn allowed(c: &Cluster, from: &str, to: &str, port: u16, proto: Protocol) -> bool {
+        allowed_in(c, from, to, Family::V4, port, proto)
+    }
+
+    fn allowed_in(
+        c: &Cluster,
+        from: &str,
+        to: &str,
+        family: Family,
+        port: u16,
+        proto: Protocol,
+    ) -> bool {
         c.allowed(
             &Source::Pod(c.pod(from).unwrap()),
             c.pod(to).unwrap(),
+            family,
             port,
             proto,
         )
@@ -530,10 +658,10 @@ mod tests {
             node,
             ip: ip.parse().unwrap(),
         };
-        assert!(c.allowed(&host("n2", "10.244.2.0"), ya, 80, Protocol::Tcp));
-        assert!(!c.allowed(&host("n3", "10.244.3.0"), ya, 80, Protocol::Tcp));
+        assert!(c.allowed(&host("n2", "10.244.2.0"), ya, Family::V4, 80, Protocol::Tcp));
+        assert!(!c.allowed(&host("n3", "10.244.3.0"), ya, Family::V4, 80, Protocol::Tcp));
         assert!(
-            c.allowed(&host("n1", "10.244.1.0"), ya, 80, Protocol::Tcp),
+            c.allowed(&host("n1", "10.244.1.0"), ya, Family::V4, 80, Protocol::Tcp),
             "its own node"
         );
         assert_eq!(
@@ -579,5 +707,113 @@ mod tests {
         assert_eq!(ports[0].port, 80);
         let sel: PeerSelector = serde_yaml::from_str("namespace: y").unwrap();
         assert_eq!(c.peer_set_members(&sel).0, ["10.244.1.3"]);
+    }
+
+    #[test]
+    fn ipv6_blocks_with_128_and_except() {
+        let c = dual_cluster(&[
+            "metadata: {namespace: x, name: a}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{ipBlock: {cidr: 'fd00:10:244:2::2/128'}}]",
+            "metadata: {namespace: y, name: a}\nspec:\n  podSelector: {}\n  ingress:\n  - from: [{ipBlock: {cidr: 'fd00:10:244::/56', except: ['fd00:10:244:2::/64']}}]",
+        ]);
+        assert!(allowed_in(&c, "x/b", "x/a", Family::V6, 80, Protocol::Tcp));
+        assert!(!allowed_in(&c, "y/a", "x/a", Family::V6, 80, Protocol::Tcp));
+        assert!(
+            !allowed_in(&c, "x/b", "x/a", Family::V4, 80, Protocol::Tcp),
+            "an IPv6 /128 does not admit the same pod's IPv4 address"
+        );
+        assert!(allowed_in(&c, "x/a", "y/a", Family::V6, 80, Protocol::Udp));
+        assert!(
+            !allowed_in(&c, "x/b", "y/a", Family::V6, 80, Protocol::Udp),
+            "except"
+        );
+        assert!(!allowed_in(&c, "x/a", "y/a", Family::V4, 80, Protocol::Udp));
+        let host = Source::Host {
+            node: "n2",
+            ip: "fd00:10:244:2::".parse().unwrap(),
+        };
+        let ya = c.pod("y/a").unwrap();
+        assert!(
+            !c.allowed(&host, ya, Family::V6, 80, Protocol::Tcp),
+            "except"
+        );
+        assert!(
+            !c.allowed(&host, ya, Family::V4, 80, Protocol::Tcp),
+            "a host source has one address, of the connection's family"
+        );
+    }
+
+    #[test]
+    fn a_block_of_one_family_never_opens_the_other_and_selectors_open_both() {
+        let c = dual_cluster(&[
+            "metadata: {namespace: x, name: v4}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{ipBlock: {cidr: 0.0.0.0/0}}]}]",
+            "metadata: {namespace: x, name: v6-out}\nspec:\n  podSelector: {matchLabels: {pod: b}}\n  policyTypes: [Egress]\n  egress: [{to: [{ipBlock: {cidr: '::/0'}}]}]",
+            "metadata: {namespace: y, name: sel}\nspec:\n  podSelector: {}\n  ingress: [{from: [{podSelector: {}, namespaceSelector: {matchLabels: {ns: x}}}]}]",
+        ]);
+        assert!(allowed_in(&c, "y/a", "x/a", Family::V4, 80, Protocol::Tcp));
+        assert!(!allowed_in(&c, "y/a", "x/a", Family::V6, 80, Protocol::Tcp));
+        assert!(allowed_in(&c, "x/b", "y/a", Family::V6, 81, Protocol::Udp));
+        assert!(!allowed_in(&c, "x/b", "y/a", Family::V4, 81, Protocol::Udp));
+        for family in [Family::V4, Family::V6] {
+            assert!(allowed_in(&c, "x/a", "y/a", family, 80, Protocol::Tcp));
+            assert!(
+                allowed_in(&c, "x/a", "x/a", family, 80, Protocol::Tcp),
+                "a pod reaches itself"
+            );
+        }
+        // An IPv4-only cluster has no IPv6 connections at all.
+        let v4 = cluster(&[]);
+        assert!(!allowed_in(
+            &v4,
+            "x/a",
+            "y/a",
+            Family::V6,
+            80,
+            Protocol::Tcp
+        ));
+        assert_eq!(v4.primary_family(), Family::V4);
+        let keys: Vec<String> = c.pods.iter().map(Pod::key).collect();
+        let t = c.expected_in(&keys, Family::V6, 80, Protocol::Tcp);
+        assert_eq!(t.get("y/a", "x/a"), Some(false));
+        assert_eq!(
+            c.expected(&keys, 80, Protocol::Tcp).get("y/a", "x/a"),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn peer_sets_hold_every_family() {
+        let c = dual_cluster(&[]);
+        let sel: PeerSelector = serde_yaml::from_str("namespace: y").unwrap();
+        assert_eq!(
+            c.peer_set_members(&sel).0,
+            ["10.244.1.3", "fd00:10:244:1::3"]
+        );
+        let sel: PeerSelector =
+            serde_yaml::from_str("namespace: x\nnamedPort: {name: serve-81-tcp, protocol: TCP}")
+                .unwrap();
+        assert_eq!(
+            c.peer_set_members(&sel).1.len(),
+            4,
+            "two pods, two families"
+        );
+    }
+
+    #[test]
+    fn pod_ips_follow_status_order() {
+        let p: KubePod = serde_yaml::from_str(
+            "metadata: {name: a, namespace: x}\nstatus:\n  podIP: 'fd00::5'\n  podIPs: [{ip: 'fd00::5'}, {ip: 10.0.0.5}]",
+        )
+        .unwrap();
+        let ips = Pod::from_api(&p).ips;
+        assert_eq!(ips.len(), 2);
+        assert!(ips[0].is_ipv6(), "IPv6 first, as the status lists it");
+        let p: KubePod =
+            serde_yaml::from_str("metadata: {name: a, namespace: x}\nstatus: {podIP: 10.0.0.5}")
+                .unwrap();
+        assert_eq!(
+            Pod::from_api(&p).ips.len(),
+            1,
+            "podIP when podIPs is absent"
+        );
     }
 }

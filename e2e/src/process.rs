@@ -137,8 +137,11 @@ pub fn live_pid(pid_file: &Path, expect: &str) -> Option<i32> {
         .parse()
         .ok()?;
     // A process in the middle of execve (e.g. `ip netns exec` becoming its
-    // target) briefly shows an empty command line: look again.
-    for _ in 0..50 {
+    // target) briefly shows an empty command line: look again, for up to a
+    // second: on a loaded 2-core machine the exec of a large debug binary
+    // can outlast 100 ms (suspected cause of an internet echo server that
+    // "exited" with an empty log during `up`).
+    for _ in 0..500 {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         if !cmdline.is_empty() {
             let cmdline = String::from_utf8_lossy(&cmdline);

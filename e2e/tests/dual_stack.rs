@@ -6,8 +6,12 @@
 //! leaves nothing of either family behind; full-size packets cross in each
 //! family and one byte more is refused, never lost or fragmented; and a
 //! pod that has IPv6 cannot use it to get past a NetworkPolicy enabled
-//! live. The labs run with NetworkPolicy on (both dataplanes guard IPv6),
-//! and the CanalNetwork lists its ranges in clusterCIDRs.
+//! live. Traffic leaving the cluster is masqueraded in each family; an
+//! IPv6 stream survives agent restarts and a deleted IPv6 route comes
+//! back. The labs run with NetworkPolicy on (both dataplanes guard IPv6),
+//! and the CanalNetwork lists its ranges in clusterCIDRs. NetworkPolicy's
+//! IPv6 guarantees (neighbour discovery, anti-spoofing, drift, zero leak)
+//! are in `ipv6_policy.rs`.
 
 mod support;
 
@@ -95,6 +99,36 @@ async fn assert_full_mesh(lab: &Lab, family: Family) {
     }
 }
 
+/// Every pod reaches the internet host in `family` on TCP and UDP, and the
+/// host sees the pod's node's underlay address of that family: traffic
+/// leaving the cluster is masqueraded per family (iptables MASQUERADE /
+/// ip6tables MASQUERADE or the `inet` nat table), pod-to-pod traffic is not
+/// ([`assert_full_mesh`] checks that side).
+async fn assert_masqueraded_internet(lab: &Lab, family: Family) {
+    for pod in lab.pods().unwrap() {
+        let node = lab.node(&pod.node).unwrap();
+        let want = node.address_of(family).unwrap();
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let o = lab
+                .probe_family(&pod.key(), "internet", family, 80, protocol)
+                .await
+                .unwrap();
+            assert!(
+                o.connected,
+                "{} -> internet {protocol} over {family}: {o:?}",
+                pod.key()
+            );
+            assert_eq!(
+                o.seen_source.map(|s| s.ip()),
+                Some(want),
+                "{} -> internet {protocol} over {family}: the internet host must see {}'s address",
+                pod.key(),
+                pod.node
+            );
+        }
+    }
+}
+
 /// The cluster order of a Node's podCIDRs and its flannel annotations of
 /// both families, as the real controller wrote them.
 async fn assert_dual_stack_node(lab: &Lab, name: &str) {
@@ -152,6 +186,7 @@ async fn dual_stack_full_mesh_in_both_families_and_nodes_joining_and_leaving() {
     }
     for family in [Family::V4, Family::V6] {
         assert_full_mesh(&lab, family).await;
+        assert_masqueraded_internet(&lab, family).await;
     }
 
     // A node joins: every node gets its subnet of each family (add_node
@@ -322,6 +357,7 @@ async fn ipv6_only_full_mesh_mtu_and_nodes_with_no_ipv4_at_all() {
         assert!(pod.ips[0].is_ipv6());
     }
     assert_full_mesh(&lab, Family::V6).await;
+    assert_masqueraded_internet(&lab, Family::V6).await;
     let a = lab.pod("x/a").unwrap();
     let mtu = pod_mtu(&a.netns);
     assert_eq!(mtu, 1430);
@@ -338,6 +374,109 @@ async fn ipv6_only_full_mesh_mtu_and_nodes_with_no_ipv4_at_all() {
             .unwrap(),
         DfOutcome::TooBig { .. }
     ));
+    // With the pod's MTU raised by hand the node answers Packet Too Big
+    // with flannel-v6.1's MTU (an IPv6-only node has no IPv4 to fall back on).
+    netns::ip(&["-n", &a.netns, "link", "set", "eth0", "mtu", "1500"]).unwrap();
+    assert_eq!(
+        lab.udp_df_family("x/a", "x/b", None, 80, full + 1)
+            .await
+            .unwrap(),
+        DfOutcome::TooBig {
+            path_mtu: Some(1430)
+        }
+    );
+    netns::ip(&["-n", &a.netns, "link", "set", "eth0", "mtu", "1430"]).unwrap();
+
+    // An IPv6 stream carries on across agent restarts on both of its
+    // nodes (x/a on node-1, x/b on node-2), and an IPv6 route deleted by
+    // hand comes back.
+    let stream = lab.open_stream("x/a", "x/b", 80).await.unwrap();
+    assert!(stream.seen_source.is_ipv6(), "{:?}", stream.seen_source);
+    let mut conn = stream.stream;
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    for node in ["node-1", "node-2"] {
+        assert!(lab.stop_agent(node), "{node}'s agent was running");
+        lab.start_agent(node).unwrap();
+        lab.wait_programmed(Duration::from_secs(60)).await.unwrap();
+        use std::io::{BufRead, BufReader, Write};
+        conn.write_all(b"still here\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(conn.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "still here\n", "after {node}'s agent restarted");
+    }
+    let cidr2 = of(&pod_cidrs(&lab, "node-2").await, Family::V6);
+    let node1 = lab.node("node-1").unwrap();
+    netns::ip(&["-n", &node1.netns, "-6", "route", "del", &cidr2.to_string()]).unwrap();
+    assert!(lab.kernel("node-1").unwrap().route_to(cidr2).is_none());
+    eventually(
+        "node-1's IPv6 route to node-2 coming back",
+        Duration::from_secs(10),
+        || async {
+            match lab
+                .kernel("node-1")
+                .map_err(|e| e.to_string())?
+                .route_to(cidr2)
+            {
+                Some(_) => Ok(()),
+                None => Err("no route yet".to_string()),
+            }
+        },
+    )
+    .await;
+
+    // A node joins an IPv6-only cluster: a /64, an IPv6 VTEP, routes on
+    // every node; its pod talks to the others; it leaves nothing behind.
+    let added = lab.add_node("node-4").await.unwrap();
+    eprintln!(
+        "IPv6-only node-4: annotated after {} ms, routes on every node after {} ms",
+        added.annotated_after.unwrap().as_millis(),
+        added.routes_everywhere_after.unwrap().as_millis()
+    );
+    lab.add_pod(PodOptions::new("x", "d", "node-4"))
+        .await
+        .unwrap();
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        for (from, to) in [("x/a", "x/d"), ("x/d", "y/b"), ("x/d", "internet")] {
+            let o = lab
+                .probe_family(from, to, Family::V6, 80, protocol)
+                .await
+                .unwrap();
+            assert!(o.connected, "{from} -> {to} {protocol}: {o:?}");
+        }
+    }
+    let gone = lab.node("node-4").unwrap();
+    let cidr = of(&pod_cidrs(&lab, "node-4").await, Family::V6);
+    let mac = format_mac(vtep_mac_v6("node-4"));
+    let address = IpAddr::V6(gone.address6.unwrap());
+    for other in ["node-1", "node-2", "node-3"] {
+        let snap = lab.kernel(other).unwrap();
+        assert_eq!(
+            snap.mentions(cidr, &mac, address).len(),
+            3,
+            "{other} has node-4's route, neighbour and FDB entry: {snap:?}"
+        );
+    }
+    lab.del_node("node-4").await.unwrap();
+    for other in ["node-1", "node-2", "node-3"] {
+        eventually(
+            &format!("{other} forgetting IPv6-only node-4"),
+            Duration::from_secs(10),
+            || async {
+                let left = lab
+                    .kernel(other)
+                    .map_err(|e| e.to_string())?
+                    .mentions(cidr, &mac, address);
+                if left.is_empty() {
+                    Ok(())
+                } else {
+                    Err(left.join("\n"))
+                }
+            },
+        )
+        .await;
+    }
 }
 
 /// Reads `net.ipv6.conf.<dev>.disable_ipv6` inside `netns_name`.
@@ -432,4 +571,27 @@ async fn ipv6_cannot_bypass_a_network_policy_enabled_live() {
         .unwrap();
     assert!(c.ip(Family::V6).is_some(), "{:?}", c.ips);
     assert!(c.ip(Family::V4).is_some());
+}
+
+/// The real-kubelet lab is IPv4 only: asked for another family it refuses
+/// at once, saying so, and builds nothing (rather than an IPv4 cluster the
+/// user did not ask for).
+#[test]
+fn the_real_kubelet_lab_refuses_other_families() {
+    let state =
+        std::env::temp_dir().join(format!("canal-e2e-kubelet-family-{}", std::process::id()));
+    for family in ["ipv6", "dual"] {
+        let out = support::canal_lab(&state, &["up", "--kubelet", "--ip-family", family]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{family}: {stderr}");
+        assert!(
+            stderr.contains("--kubelet runs IPv4 only"),
+            "{family}: {stderr}"
+        );
+        assert!(
+            !state.exists(),
+            "{family}: nothing built in {}",
+            state.display()
+        );
+    }
 }

@@ -8,6 +8,17 @@
 //! NodePolicySet enforced (no sleeps). One lab serves every scenario;
 //! policies are removed between scenarios.
 //!
+//! The suite runs per IP family (issue 14): on an IPv6-only lab every
+//! table is an IPv6 table and the ipBlock cases use IPv6 ranges and /128s;
+//! on a dual-stack lab every cell is probed in both families (eight tables
+//! per scenario), every ipBlock case runs once with IPv4 blocks and once
+//! with IPv6 ones (a block of one family must open nothing in the other:
+//! the other family's table shows it), and two cases mix the families in
+//! one policy. The matrix: IPv4 on both dataplanes, dual-stack on
+//! nftables, IPv6-only on iptables (ip6tables/ip6set), so each dataplane
+//! runs IPv6, and the dual-stack cross-family ipBlock cases run on both
+//! (`network_policy_ip_blocks_dual_stack_iptables`: the ipBlock cases alone).
+//!
 //! The second test, on a lab of its own, probes continuously while things
 //! change: a policy created under traffic blocks new connections within
 //! 1 s (established ones carry on) and its deletion restores them; an agent
@@ -20,15 +31,17 @@ mod support;
 
 use support::dataplane::{Dataplane, use_dataplane};
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use canal_e2e::Lab;
+use canal_e2e::lab::family::{CLUSTER_CIDR_V4, CLUSTER_CIDR_V6};
 use canal_e2e::lab::prober::{Attempt, Prober};
-use canal_e2e::lab::{Matrix, PodOptions, Protocol, UpOptions};
+use canal_e2e::lab::{Family, IpFamily, Matrix, PodOptions, Protocol, UpOptions};
 use support::policy::{
     Outcome, apply_policies, check, check_host_sources, delete_all_policies, host_address,
-    label_namespace, label_pod, policy_summary, wait_enforced, wait_probers,
+    host_prefix, lab_families, label_namespace, label_pod, policy_summary, wait_enforced,
+    wait_probers,
 };
 use support::serial;
 
@@ -124,21 +137,167 @@ impl<'a> Suite<'a> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn network_policy_truth_tables_iptables() {
-    network_policy_truth_tables(Dataplane::IpTables).await;
+    network_policy_truth_tables(Dataplane::IpTables, IpFamily::Ipv4).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn network_policy_truth_tables_nftables() {
-    network_policy_truth_tables(Dataplane::NfTables).await;
+    network_policy_truth_tables(Dataplane::NfTables, IpFamily::Ipv4).await;
 }
 
-async fn network_policy_truth_tables(dataplane: Dataplane) {
+/// Both families probed in every cell, on nftables (one `inet` table
+/// guards both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn network_policy_truth_tables_dual_stack_nftables() {
+    network_policy_truth_tables(Dataplane::NfTables, IpFamily::Dual).await;
+}
+
+/// IPv6 only, on iptables (ip6tables and the IPv6 ipsets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn network_policy_truth_tables_ipv6_iptables() {
+    network_policy_truth_tables(Dataplane::IpTables, IpFamily::Ipv6).await;
+}
+
+/// The cross-family cases on the other dataplane: a dual-stack lab on
+/// iptables (iptables and ip6tables rendered apart, where an IPv4 block
+/// dropped from the IPv6 rules must not leave a peer list that admits
+/// everyone) runs isolation and the ipBlock cases, both families probed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn network_policy_ip_blocks_dual_stack_iptables() {
     let _serial = serial().await;
     let started = Instant::now();
     let lab = Lab::up(
-        Lab::test_state_dir(&format!("policy-conformance-{}", dataplane.status())),
+        Lab::test_state_dir("policy-conformance-dual-blocks-iptables"),
         UpOptions {
             nodes: 3,
+            ip_family: IpFamily::Dual,
+            ..UpOptions::default()
+        },
+    )
+    .await
+    .expect("a 3-node dual-stack lab");
+    use_dataplane(&lab, Dataplane::IpTables).await;
+    lab.add_conformance_pods().await.expect("conformance pods");
+    let mut s = Suite::new(&lab);
+    s.policies("no policies: every pod reaches every pod", "")
+        .await;
+    s.policies(
+        "deny all ingress and egress in x",
+        "metadata: {namespace: x, name: deny-all}\nspec: {podSelector: {}, policyTypes: [Ingress, Egress]}",
+    )
+    .await;
+    s.policies(
+        "named port egress with a peer: x/a to z on serve-81-tcp",
+        "metadata: {namespace: x, name: named-peer}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n  egress: [{to: [{namespaceSelector: {matchLabels: {ns: z}}}], ports: [{port: serve-81-tcp, protocol: TCP}]}]",
+    )
+    .await;
+    ip_block_scenarios(&mut s, &lab, IpFamily::Dual).await;
+    delete_all_policies(&lab.client()).await;
+    s.finish(started);
+}
+
+/// A range of `family` as an ipBlock cidr: `ip/len` of the network.
+fn block(ip: IpAddr, len: u8) -> String {
+    format!("'{ip}/{len}'")
+}
+
+/// The lab's pod subnet length of `family` (a /24 or a /64 per node).
+fn node_subnet_length(family: Family) -> u8 {
+    match family {
+        Family::V4 => 24,
+        Family::V6 => canal_e2e::lab::family::NODE_SUBNET_LENGTH_V6,
+    }
+}
+
+/// The CanalNetwork's range of `family`.
+fn cluster_cidr(family: Family) -> &'static str {
+    match family {
+        Family::V4 => CLUSTER_CIDR_V4,
+        Family::V6 => CLUSTER_CIDR_V6,
+    }
+}
+
+/// The address of pod `key` in `family`.
+fn ip_of(lab: &Lab, key: &str, family: Family) -> IpAddr {
+    lab.pod(key).unwrap().ip(family).unwrap()
+}
+
+/// The ipBlock cases, once per family of the lab (in a dual-stack lab the
+/// other family's tables prove a block of one family opens nothing in it),
+/// and on a dual-stack lab the cases mixing both families.
+async fn ip_block_scenarios(s: &mut Suite<'_>, lab: &Lab, ip_family: IpFamily) {
+    let client = lab.client();
+    let families = ip_family.families();
+    for &f in &families {
+        let single = host_prefix(f);
+        s.policies(
+            &format!("ipBlock with except ({f}): x/a from the cluster except y/b"),
+            &format!(
+                "metadata: {{namespace: x, name: a-block}}\nspec:\n  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress: [{{from: [{{ipBlock: {{cidr: '{}', except: [{}]}}}}]}}]",
+                cluster_cidr(f),
+                block(ip_of(lab, "y/b", f), single)
+            ),
+        )
+        .await;
+        let node3 = host_address(&client, "node-3", f).await;
+        s.policies(
+            &format!("ipBlock egress ({f}): x/b only to node-3's pod subnet"),
+            &format!(
+                "metadata: {{namespace: x, name: b-to-node3}}\nspec:\n  podSelector: {{matchLabels: {{pod: b}}}}\n  policyTypes: [Egress]\n  egress: [{{to: [{{ipBlock: {{cidr: {}}}}}]}}]",
+                block(node3, node_subnet_length(f))
+            ),
+        )
+        .await;
+        let node2 = host_address(&client, "node-2", f).await;
+        s.policies(
+            &format!("ipBlock except one address of a node subnet ({f}): x/c from node-2's pods but y/b"),
+            &format!(
+                "metadata: {{namespace: x, name: c-from-node2}}\nspec:\n  podSelector: {{matchLabels: {{pod: c}}}}\n  ingress: [{{from: [{{ipBlock: {{cidr: {}, except: [{}]}}}}]}}]",
+                block(node2, node_subnet_length(f)),
+                block(ip_of(lab, "y/b", f), single)
+            ),
+        )
+        .await;
+        s.policies(
+            &format!("ipBlock of two pod IPs ({f}, /{single}) and a peer list mixing ipBlock and selectors"),
+            &format!(
+                "metadata: {{namespace: y, name: b-from-ips}}\nspec:\n  podSelector: {{matchLabels: {{pod: b}}}}\n  ingress: [{{from: [{{ipBlock: {{cidr: {}}}}}, {{ipBlock: {{cidr: {}}}}}, {{podSelector: {{matchLabels: {{pod: c}}}}}}]}}]",
+                block(ip_of(lab, "x/a", f), single),
+                block(ip_of(lab, "z/b", f), single)
+            ),
+        )
+        .await;
+    }
+    if ip_family == IpFamily::Dual {
+        s.policies(
+            "dual-stack: 0.0.0.0/0 admits IPv4 only, ::/0 IPv6 only",
+            "metadata: {namespace: x, name: a-from-v4}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{ipBlock: {cidr: 0.0.0.0/0}}]}]\n---\nmetadata: {namespace: y, name: c-to-v6}\nspec:\n  podSelector: {matchLabels: {pod: c}}\n  policyTypes: [Egress]\n  egress: [{to: [{ipBlock: {cidr: '::/0'}}]}]",
+        )
+        .await;
+        s.policies(
+            "dual-stack: one policy, x/a's IPv4 /32 and z/b's IPv6 /128: each opens its own family",
+            &format!(
+                "metadata: {{namespace: y, name: b-mixed}}\nspec:\n  podSelector: {{matchLabels: {{pod: b}}}}\n  ingress: [{{from: [{{ipBlock: {{cidr: {}}}}}, {{ipBlock: {{cidr: {}}}}}]}}]",
+                block(ip_of(lab, "x/a", Family::V4), 32),
+                block(ip_of(lab, "z/b", Family::V6), 128)
+            ),
+        )
+        .await;
+    }
+}
+
+async fn network_policy_truth_tables(dataplane: Dataplane, ip_family: IpFamily) {
+    let _serial = serial().await;
+    let started = Instant::now();
+    let state = match ip_family {
+        IpFamily::Ipv4 => format!("policy-conformance-{}", dataplane.status()),
+        f => format!("policy-conformance-{f}-{}", dataplane.status()),
+    };
+    let lab = Lab::up(
+        Lab::test_state_dir(&state),
+        UpOptions {
+            nodes: 3,
+            ip_family,
             ..UpOptions::default()
         },
     )
@@ -146,9 +305,17 @@ async fn network_policy_truth_tables(dataplane: Dataplane) {
     .expect("a 3-node lab");
     use_dataplane(&lab, dataplane).await;
     lab.add_conformance_pods().await.expect("conformance pods");
-    let ip = |key: &str| lab.pod(key).unwrap().ipv4().unwrap();
+    let families = lab_families(&lab);
+    assert_eq!(families, ip_family.families());
+    let primary = ip_family.primary();
+    let ip = |key: &str| ip_of(&lab, key, primary);
     let client = lab.client();
     let mut s = Suite::new(&lab);
+    eprintln!(
+        "conformance on {} ({ip_family}): every cell probed over {:?}",
+        dataplane.status(),
+        families
+    );
 
     s.policies("no policies: every pod reaches every pod", "")
         .await;
@@ -257,32 +424,7 @@ async fn network_policy_truth_tables(dataplane: Dataplane) {
     )
     .await;
 
-    // ipBlock.
-    s.policies(
-        "ipBlock with except: x/a from the cluster except y/b",
-        &format!(
-            "metadata: {{namespace: x, name: a-block}}\nspec:\n  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress: [{{from: [{{ipBlock: {{cidr: 10.244.0.0/16, except: [{}/32]}}}}]}}]",
-            ip("y/b")
-        ),
-    )
-    .await;
-    let node3 = host_address(&client, "node-3").await;
-    s.policies(
-        "ipBlock egress: x/b only to node-3's pod subnet",
-        &format!(
-            "metadata: {{namespace: x, name: b-to-node3}}\nspec:\n  podSelector: {{matchLabels: {{pod: b}}}}\n  policyTypes: [Egress]\n  egress: [{{to: [{{ipBlock: {{cidr: {node3}/24}}}}]}}]"
-        ),
-    )
-    .await;
-    s.policies(
-        "ipBlock of two pod IPs (and a peer list mixing ipBlock and selectors)",
-        &format!(
-            "metadata: {{namespace: y, name: b-from-ips}}\nspec:\n  podSelector: {{matchLabels: {{pod: b}}}}\n  ingress: [{{from: [{{ipBlock: {{cidr: {}/32}}}}, {{ipBlock: {{cidr: {}/32}}}}, {{podSelector: {{matchLabels: {{pod: c}}}}}}]}}]",
-            ip("x/a"),
-            ip("z/b")
-        ),
-    )
-    .await;
+    ip_block_scenarios(&mut s, &lab, ip_family).await;
 
     // Ports and protocols.
     s.policies(
@@ -400,23 +542,32 @@ async fn network_policy_truth_tables(dataplane: Dataplane) {
     );
     s.check().await;
 
-    s.begin("a host source (hostNetwork view) matches ipBlocks only: z from node-1's address")
+    for &f in &families {
+        s.begin(&format!(
+            "a host source (hostNetwork view) matches ipBlocks only ({f}): z from node-1's address"
+        ))
         .await;
-    let node1 = host_address(&client, "node-1").await;
-    apply_policies(
-        &client,
-        &format!(
-            "metadata: {{namespace: z, name: from-node1}}\nspec:\n  podSelector: {{}}\n  ingress: [{{from: [{{ipBlock: {{cidr: {node1}/32}}}}, {{podSelector: {{matchLabels: {{pod: none}}}}}}]}}]"
-        ),
-    )
-    .await;
-    let outcome = s.check().await;
-    if outcome.failure.is_none() {
-        let model = wait_enforced(&lab, Duration::from_secs(30)).await;
-        for (port, protocol) in [(80, Protocol::Tcp), (80, Protocol::Udp)] {
-            if let Some(bad) = check_host_sources(&lab, &model, port, protocol).await {
-                outcome.failure = Some(format!("host sources:\n{bad}"));
-                break;
+        let node1 = host_address(&client, "node-1", f).await;
+        apply_policies(
+            &client,
+            &format!(
+                "metadata: {{namespace: z, name: from-node1}}\nspec:\n  podSelector: {{}}\n  ingress: [{{from: [{{ipBlock: {{cidr: {}}}}}, {{podSelector: {{matchLabels: {{pod: none}}}}}}]}}]",
+                block(node1, host_prefix(f))
+            ),
+        )
+        .await;
+        let outcome = s.check().await;
+        if outcome.failure.is_none() {
+            let model = wait_enforced(&lab, Duration::from_secs(30)).await;
+            // Host sources in every family: the other family's block-less
+            // view must stay closed too.
+            'probe: for &hf in &families {
+                for (port, protocol) in [(80, Protocol::Tcp), (80, Protocol::Udp)] {
+                    if let Some(bad) = check_host_sources(&lab, &model, hf, port, protocol).await {
+                        outcome.failure = Some(format!("host sources:\n{bad}"));
+                        break 'probe;
+                    }
+                }
             }
         }
     }
@@ -681,7 +832,9 @@ async fn policy_under_traffic(dataplane: Dataplane) {
     )
     .await;
     wait_enforced(&lab, Duration::from_secs(10)).await;
-    let subnet = host_address(&client, "node-2").await;
+    let IpAddr::V4(subnet) = host_address(&client, "node-2", Family::V4).await else {
+        unreachable!("an IPv4 address of the IPv4 family")
+    };
     let used: Vec<std::net::Ipv4Addr> = lab
         .pods()
         .unwrap()

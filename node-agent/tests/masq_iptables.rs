@@ -11,8 +11,10 @@ use support::Netns;
 
 fn config(masquerade: bool) -> RulesConfig {
     RulesConfig {
-        cluster_cidr: "10.244.0.0/16".parse().unwrap(),
-        node_subnet: "10.244.1.0/24".parse().unwrap(),
+        ipv4: Some((
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.1.0/24".parse().unwrap(),
+        )),
         masquerade,
         ipv6: None,
         dataplane: canal_agent::policy::DataplaneChoice::IpTables,
@@ -107,4 +109,45 @@ async fn rules_are_installed_kept_repaired_and_removed() {
     // And back on.
     masq.sync(&config(true), false).await.unwrap();
     assert_eq!(save(&ns, "nat"), nat);
+}
+
+/// An IPv6-only node (no IPv4 range, issue 14) masquerades IPv6 with
+/// ip6tables and writes nothing into iptables; a node that later loses a
+/// family loses that family's rules.
+#[tokio::test]
+async fn an_ipv6_only_node_masquerades_with_ip6tables_alone() {
+    let ns = Netns::new("cmq6");
+    let v6_only = RulesConfig {
+        ipv4: None,
+        ipv6: Some((
+            "fd00:10:244::/56".parse().unwrap(),
+            "fd00:10:244:1::/64".parse().unwrap(),
+        )),
+        ..config(true)
+    };
+    let mut masq = Masquerade::new(Iptables::with_prefix(["ip", "netns", "exec", &ns.name]));
+    let first = masq.sync(&v6_only, false).await.unwrap();
+    assert_eq!(first.rewritten, vec!["nat", "filter"]);
+    let nat6 = ns.sh("ip6tables-save", &["-t", "nat"]);
+    let rules = rules_of(&nat6, "CANAL-MASQ");
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.contains("-s fd00:10:244::/56") && r.contains("MASQUERADE")),
+        "{nat6}"
+    );
+    assert!(
+        rules_of(&nat6, "POSTROUTING").contains(&MASQ_JUMP.to_string()),
+        "{nat6}"
+    );
+    assert!(
+        !save(&ns, "nat").contains("CANAL-MASQ"),
+        "nothing in iptables"
+    );
+    assert_eq!(masq.sync(&v6_only, true).await.unwrap(), Outcome::default());
+    // The node becomes IPv4-only: the IPv6 rules go.
+    masq.sync(&config(true), false).await.unwrap();
+    let nat6 = ns.sh("ip6tables-save", &["-t", "nat"]);
+    assert!(!nat6.contains("CANAL-MASQ"), "{nat6}");
+    assert!(save(&ns, "nat").contains("CANAL-MASQ"));
 }

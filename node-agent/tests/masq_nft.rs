@@ -12,8 +12,10 @@ use support::Netns;
 
 fn config(dataplane: DataplaneChoice, masquerade: bool) -> RulesConfig {
     RulesConfig {
-        cluster_cidr: "10.244.0.0/16".parse().unwrap(),
-        node_subnet: "10.244.1.0/24".parse().unwrap(),
+        ipv4: Some((
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.1.0/24".parse().unwrap(),
+        )),
         masquerade,
         ipv6: Some((
             "fd00:10:244::/56".parse().unwrap(),

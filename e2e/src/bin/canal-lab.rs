@@ -383,6 +383,13 @@ async fn run(command: Command, state: &StateDir) -> Result<ExitCode, Error> {
         } => {
             let started = Instant::now();
             if kubelet {
+                // The real-kubelet lab's underlay, kubelets and chart values
+                // are IPv4 only: refuse rather than bring up another family.
+                if ip_family != lab::IpFamily::Ipv4 {
+                    return Err(Error::Lab(format!(
+                        "--kubelet runs IPv4 only; --ip-family {ip_family} needs the in-process lab (without --kubelet)"
+                    )));
+                }
                 return real::up(state, nodes, !no_canal, timeout, started).await;
             }
             let policy = !matches!(policy, Some(OnOff::Off));

@@ -10,7 +10,7 @@
 //! interface, before the pod's IP stack and whatever a server there would
 //! answer, so a delivery cannot go unnoticed.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -117,29 +117,33 @@ pub fn send_in(netns: &str, f: Forged) -> Result<(), Error> {
 }
 
 /// Sends the marker of burst `tag` from a socket bound to `src` (an
-/// address the sender's namespace holds, say after `ip addr add`): `count`
-/// UDP datagrams, or TCP connection attempts (their SYNs carry no marker:
-/// the capture matches them by source address and port).
+/// address the sender's namespace holds, say after `ip addr add`; IPv4 or
+/// IPv6): `count` UDP datagrams, or TCP connection attempts (their SYNs
+/// carry no marker: the capture matches them by source address and port).
 pub fn send_bound_in(
     netns: &str,
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
+    src: impl Into<SocketAddr>,
+    dst: impl Into<SocketAddr>,
     kind: Kind,
     tag: u32,
     count: u32,
 ) -> Result<(), Error> {
     let name = netns.to_string();
+    let (src, dst) = (src.into(), dst.into());
     netns::run_in(netns, move || -> std::io::Result<()> {
         for n in 0..count {
-            let local = SocketAddrV4::new(*src.ip(), src.port() + n as u16);
+            let local = SocketAddr::new(src.ip(), src.port() + n as u16);
             match kind {
                 Kind::Udp => {
                     let s = std::net::UdpSocket::bind(local)?;
                     s.send_to(&marker(tag, n), dst)?;
                 }
                 Kind::TcpSyn => {
-                    let s =
-                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                    let s = socket2::Socket::new(
+                        socket2::Domain::for_address(local),
+                        socket2::Type::STREAM,
+                        None,
+                    )?;
                     s.set_reuse_address(true)?;
                     s.bind(&local.into())?;
                     // Blocked: times out; that is the point.
@@ -156,9 +160,9 @@ pub fn send_bound_in(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Seen {
     /// Source address.
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     /// Destination address.
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     /// Source port (0 for other protocols).
     pub sport: u16,
     /// Destination port.
@@ -169,13 +173,20 @@ pub struct Seen {
     pub marker: Option<(u32, u32)>,
 }
 
-/// Decodes a captured Ethernet frame (IPv4 TCP/UDP only).
+/// Decodes a captured Ethernet frame (IPv4 or IPv6, TCP or UDP).
 pub fn decode(frame: &[u8]) -> Option<Seen> {
     let p = SlicedPacket::from_ethernet(frame).ok()?;
-    let Some(NetSlice::Ipv4(ip)) = &p.net else {
-        return None;
+    let (src, dst): (IpAddr, IpAddr) = match &p.net {
+        Some(NetSlice::Ipv4(ip)) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        Some(NetSlice::Ipv6(ip)) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        _ => return None,
     };
-    let (src, dst) = (ip.header().source_addr(), ip.header().destination_addr());
     let (sport, dport, syn, payload) = match &p.transport {
         Some(TransportSlice::Udp(u)) => (u.source_port(), u.destination_port(), false, u.payload()),
         Some(TransportSlice::Tcp(t)) => (
@@ -196,7 +207,8 @@ pub fn decode(frame: &[u8]) -> Option<Seen> {
     })
 }
 
-/// Records every IPv4 TCP/UDP packet arriving in one namespace until stopped.
+/// Records every TCP/UDP packet (IPv4 or IPv6) arriving in one namespace
+/// until stopped.
 pub struct Capture {
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -313,5 +325,31 @@ mod tests {
             assert_eq!(seen.marker, Some((0xabcd, 3)));
         }
         assert_eq!(parse_marker(b"hello"), None);
+    }
+
+    #[test]
+    fn ipv6_frames_decode_too() {
+        let mut ip = Vec::new();
+        PacketBuilder::ipv6(
+            "fd00:10:244:1::9"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+            "fd00:10:244:2::3"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+            64,
+        )
+        .udp(47_000, 80)
+        .write(&mut ip, &marker(7, 1))
+        .unwrap();
+        let mut frame = vec![0u8; 12];
+        frame.extend_from_slice(&[0x86, 0xdd]);
+        frame.extend_from_slice(&ip);
+        let seen = decode(&frame).unwrap();
+        assert_eq!(seen.src, "fd00:10:244:1::9".parse::<IpAddr>().unwrap());
+        assert_eq!((seen.sport, seen.dport), (47_000, 80));
+        assert_eq!(seen.marker, Some((7, 1)));
     }
 }

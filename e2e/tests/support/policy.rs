@@ -1,12 +1,12 @@
 //! NetworkPolicy end-to-end helpers: apply and remove policies, wait until
 //! the controller has compiled the cluster as it is and every agent reports
-//! its NodePolicySet enforced, probe whole truth tables on every port and
-//! protocol at once, and compare them with the reference model
-//! ([`canal_e2e::policy_model`]).
+//! its NodePolicySet enforced, probe whole truth tables on every port,
+//! protocol and IP family of the lab at once, and compare them with the
+//! reference model ([`canal_e2e::policy_model`]).
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use canal_crds::assemble::{assemble_node, assemble_peer_set};
@@ -15,7 +15,7 @@ use canal_crds::{NodePolicySet, PeerSet, PeerSetObjectSpec, PolicyGroup, PolicyG
 use canal_e2e::Lab;
 use canal_e2e::lab::matrix::{ProbeJob, run_probes};
 use canal_e2e::lab::prober::Prober;
-use canal_e2e::lab::{Matrix, PodRecord, Protocol};
+use canal_e2e::lab::{Family, Matrix, PodRecord, Protocol};
 use canal_e2e::policy_model::{Cluster, Source};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -28,6 +28,15 @@ pub const PORTS: [(u16, Protocol); 4] = [
     (80, Protocol::Udp),
     (81, Protocol::Udp),
 ];
+
+/// One truth table: the family, port and protocol of its connections.
+pub type Table = (Family, u16, Protocol);
+
+/// The families the lab's pods have (the lab's `--ip-family`), primary
+/// first: every conformance cell is probed in each.
+pub fn lab_families(lab: &Lab) -> Vec<Family> {
+    lab.context().lab.ip_family.families()
+}
 
 /// First probe timeout (a blocked cell costs this much, once per table).
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -164,7 +173,8 @@ async fn convergence_gaps(client: &kube::Client, model: &Cluster) -> Vec<String>
             .filter(|p| p.node == *node && !p.host_network)
         {
             let (ingress, egress) = model.isolation(pod);
-            let ips = pod.ip.iter().map(Ipv4Addr::to_string).collect();
+            let mut ips: Vec<String> = pod.ips.iter().map(IpAddr::to_string).collect();
+            ips.sort();
             want.insert(pod.key(), (ips, ingress, egress));
         }
         // What the agent assembles from the NodePolicySet and its groups.
@@ -183,10 +193,9 @@ async fn convergence_gaps(client: &kube::Client, model: &Cluster) -> Vec<String>
                 let mut egress = e.egress_policies.clone();
                 ingress.sort();
                 egress.sort();
-                (
-                    format!("{}/{}", e.namespace, e.pod),
-                    (e.ips.clone(), ingress, egress),
-                )
+                let mut ips = e.ips.clone();
+                ips.sort();
+                (format!("{}/{}", e.namespace, e.pod), (ips, ingress, egress))
             })
             .collect();
         if want != have {
@@ -217,7 +226,7 @@ async fn convergence_gaps(client: &kube::Client, model: &Cluster) -> Vec<String>
                     };
                     let (ips, ports) = model.peer_set_members(&set.selector);
                     let mut have_ips = set.ips.clone();
-                    have_ips.sort_by_key(|ip| ip.parse::<Ipv4Addr>().ok());
+                    have_ips.sort_by_key(|ip| ip.parse::<IpAddr>().ok());
                     let mut have_ports = set.ports.clone();
                     have_ports.sort();
                     if have_ips != ips || have_ports != ports {
@@ -268,74 +277,70 @@ pub async fn wait_enforced(lab: &Lab, timeout: Duration) -> Cluster {
     }
 }
 
-/// Probes every pod pair of `pods` on every port and protocol of [`PORTS`],
-/// all at once (TCP and UDP on two worker pools).
-pub async fn probe_all(pods: &[PodRecord], timeout: Duration) -> BTreeMap<(u16, Protocol), Matrix> {
+/// Probes every pod pair of `pods` on every port and protocol of [`PORTS`]
+/// in every family of `families`, all at once (TCP and UDP on two worker
+/// pools): one timeout for the whole set, however many families.
+pub async fn probe_all(
+    pods: &[PodRecord],
+    families: &[Family],
+    timeout: Duration,
+) -> BTreeMap<Table, Matrix> {
     let keys: Vec<String> = pods.iter().map(PodRecord::key).collect();
-    let mut handles = Vec::new();
-    for protocol in [Protocol::Tcp, Protocol::Udp] {
-        let mut jobs = Vec::new();
-        for (port, _) in PORTS.iter().filter(|(_, p)| *p == protocol) {
-            for from in pods {
-                for to in pods {
-                    jobs.push(ProbeJob {
-                        from: from.key(),
-                        netns: from.netns.clone(),
-                        to: to.key(),
-                        dst: SocketAddr::from((to.ipv4().expect("pod IPv4"), *port)),
-                    });
+    let mut cells = Vec::new();
+    for &family in families {
+        for &(port, protocol) in &PORTS {
+            for from in &keys {
+                for to in &keys {
+                    cells.push((from.clone(), to.clone(), family, port, protocol));
                 }
             }
         }
-        handles.push(tokio::task::spawn_blocking(move || {
-            let results = run_probes(&jobs, protocol, timeout, jobs.len());
-            (protocol, jobs, results)
-        }));
     }
-    let mut tables: BTreeMap<(u16, Protocol), Matrix> = PORTS
+    let connected = reprobe(pods, &cells, timeout).await;
+    let mut tables: BTreeMap<Table, Matrix> = families
         .iter()
-        .map(|k| (*k, Matrix::filled(keys.iter().cloned(), false)))
+        .flat_map(|&f| PORTS.iter().map(move |&(port, proto)| (f, port, proto)))
+        .map(|k| (k, Matrix::filled(keys.iter().cloned(), false)))
         .collect();
-    for h in handles {
-        let (protocol, jobs, results) = h.await.expect("probe task");
-        for (job, result) in jobs.iter().zip(results) {
-            let connected = result.map(|o| o.connected).unwrap_or(false);
-            if let Some(t) = tables.get_mut(&(job.dst.port(), protocol)) {
-                t.set(&job.from, &job.to, connected);
-            }
+    for ((from, to, family, port, protocol), c) in cells.iter().zip(connected) {
+        if let Some(t) = tables.get_mut(&(*family, *port, *protocol)) {
+            t.set(from, to, c);
         }
     }
     tables
 }
 
-/// Probes only the given cells again (from, to, port, protocol).
-pub async fn reprobe(
-    pods: &[PodRecord],
-    cells: &[(String, String, u16, Protocol)],
-    timeout: Duration,
-) -> Vec<bool> {
+/// One cell to probe: (from, to, family, port, protocol).
+pub type Cell = (String, String, Family, u16, Protocol);
+
+/// Probes the given cells (all at once, TCP and UDP on two worker pools);
+/// a cell whose ends lack an address of its family is not connected.
+pub async fn reprobe(pods: &[PodRecord], cells: &[Cell], timeout: Duration) -> Vec<bool> {
     let by_key: BTreeMap<String, &PodRecord> = pods.iter().map(|p| (p.key(), p)).collect();
     let mut handles = Vec::new();
     for protocol in [Protocol::Tcp, Protocol::Udp] {
         let jobs: Vec<(usize, ProbeJob)> = cells
             .iter()
             .enumerate()
-            .filter(|(_, c)| c.3 == protocol)
-            .map(|(i, (from, to, port, _))| {
-                (
+            .filter(|(_, c)| c.4 == protocol)
+            .filter_map(|(i, (from, to, family, port, _))| {
+                let src = by_key.get(from)?;
+                let dst = by_key.get(to)?.ip(*family)?;
+                src.ip(*family)?;
+                Some((
                     i,
                     ProbeJob {
                         from: from.clone(),
-                        netns: by_key[from].netns.clone(),
+                        netns: src.netns.clone(),
                         to: to.clone(),
-                        dst: SocketAddr::from((by_key[to].ipv4().expect("pod IPv4"), *port)),
+                        dst: SocketAddr::new(dst, *port),
                     },
-                )
+                ))
             })
             .collect();
         handles.push(tokio::task::spawn_blocking(move || {
             let plain: Vec<ProbeJob> = jobs.iter().map(|(_, j)| j.clone()).collect();
-            let results = run_probes(&plain, protocol, timeout, plain.len());
+            let results = run_probes(&plain, protocol, timeout, plain.len().max(1));
             jobs.into_iter()
                 .map(|(i, _)| i)
                 .zip(results.into_iter().map(|r| r.is_ok_and(|o| o.connected)))
@@ -344,7 +349,7 @@ pub async fn reprobe(
     }
     let mut out = vec![false; cells.len()];
     for h in handles {
-        for (i, connected) in h.await.expect("reprobe task") {
+        for (i, connected) in h.await.expect("probe task") {
             out[i] = connected;
         }
     }
@@ -366,36 +371,39 @@ pub struct Outcome {
     pub failure: Option<String>,
 }
 
-/// Waits until enforced, probes every table and compares it with the model.
-/// A cell that should connect and did not is probed once more with a longer
-/// timeout (a lost SYN, a loaded machine); a cell that connected where the
-/// model says blocked is never retried: that is a leak.
+/// Waits until enforced, probes every table (every port and protocol in
+/// every family of the lab) and compares it with the model. A cell that
+/// should connect and did not is probed once more with a longer timeout
+/// (a lost SYN, a loaded machine); a cell that connected where the model
+/// says blocked is never retried: that is a leak.
 pub async fn check(lab: &Lab, name: &str, started: Instant) -> Outcome {
     let model = wait_enforced(lab, Duration::from_secs(30)).await;
     let enforced_after = started.elapsed();
     let pods = lab.pods().expect("lab pods");
+    let families = lab_families(lab);
     let keys: Vec<String> = pods.iter().map(PodRecord::key).collect();
-    let mut observed = probe_all(&pods, PROBE_TIMEOUT).await;
-    let mut probes = keys.len() * keys.len() * PORTS.len();
-    let expected: BTreeMap<(u16, Protocol), Matrix> = PORTS
+    let mut observed = probe_all(&pods, &families, PROBE_TIMEOUT).await;
+    let mut probes = keys.len() * keys.len() * PORTS.len() * families.len();
+    let expected: BTreeMap<Table, Matrix> = families
         .iter()
-        .map(|&(port, proto)| ((port, proto), model.expected(&keys, port, proto)))
+        .flat_map(|&f| PORTS.iter().map(move |&(port, proto)| (f, port, proto)))
+        .map(|(f, port, proto)| ((f, port, proto), model.expected_in(&keys, f, port, proto)))
         .collect();
-    let missing: Vec<(String, String, u16, Protocol)> = PORTS
+    let missing: Vec<Cell> = expected
         .iter()
-        .flat_map(|&(port, proto)| {
-            observed[&(port, proto)]
-                .mismatches(&expected[&(port, proto)])
+        .flat_map(|(&(family, port, proto), want)| {
+            observed[&(family, port, proto)]
+                .mismatches(want)
                 .into_iter()
                 .filter(|m| m.expected)
-                .map(move |m| (m.from, m.to, port, proto))
+                .map(move |m| (m.from, m.to, family, port, proto))
         })
         .collect();
     if !missing.is_empty() {
         probes += missing.len();
         let again = reprobe(&pods, &missing, RECHECK_TIMEOUT).await;
         for (cell, connected) in missing.iter().zip(again) {
-            if let Some(t) = observed.get_mut(&(cell.2, cell.3)) {
+            if let Some(t) = observed.get_mut(&(cell.2, cell.3, cell.4)) {
                 t.set(&cell.0, &cell.1, connected);
             }
         }
@@ -406,9 +414,10 @@ pub async fn check(lab: &Lab, name: &str, started: Instant) -> Outcome {
         let have = &observed[key];
         if !have.mismatches(want).is_empty() {
             report.push_str(&format!(
-                "--- {} {}:\n{}\n",
+                "--- {} {} {}:\n{}\n",
                 key.0,
                 key.1,
+                key.2,
                 Matrix::report(want, have)
             ));
         }
@@ -432,24 +441,37 @@ pub async fn check(lab: &Lab, name: &str, started: Instant) -> Outcome {
     }
 }
 
-/// The address a node's host processes use towards other nodes' pods: its
-/// pod subnet's network address (on the VXLAN device).
-pub async fn host_address(client: &kube::Client, node: &str) -> Ipv4Addr {
+/// The address a node's host processes use towards other nodes' pods in
+/// `family`: its pod subnet's network address of that family (on the
+/// family's VXLAN device, `flannel.1` or `flannel-v6.1`).
+pub async fn host_address(client: &kube::Client, node: &str, family: Family) -> IpAddr {
     let n = Api::<Node>::all(client.clone()).get(node).await.unwrap();
-    let cidr: ipnet::Ipv4Net = n
-        .spec
-        .and_then(|s| s.pod_cidr)
-        .and_then(|c| c.parse().ok())
-        .expect("podCIDR");
-    cidr.network()
+    let spec = n.spec.unwrap_or_default();
+    spec.pod_cidrs
+        .into_iter()
+        .flatten()
+        .chain(spec.pod_cidr)
+        .filter_map(|c| c.parse::<ipnet::IpNet>().ok())
+        .map(|c| c.network())
+        .find(|ip| Family::of(ip) == family)
+        .unwrap_or_else(|| panic!("{node} has no {family} podCIDR"))
+}
+
+/// The prefix length of a single address of `family` (32 or 128).
+pub fn host_prefix(family: Family) -> u8 {
+    match family {
+        Family::V4 => 32,
+        Family::V6 => 128,
+    }
 }
 
 /// Probes every pod from every node's host namespace (a hostNetwork pod's
-/// view) on `port`/`protocol` and compares with the model; returns the
-/// report of differences.
+/// view) on `port`/`protocol` in `family` and compares with the model;
+/// returns the report of differences.
 pub async fn check_host_sources(
     lab: &Lab,
     model: &Cluster,
+    family: Family,
     port: u16,
     protocol: Protocol,
 ) -> Option<String> {
@@ -458,14 +480,14 @@ pub async fn check_host_sources(
     let mut rows = Vec::new();
     let mut jobs = Vec::new();
     for node in &nodes {
-        let ip = host_address(&lab.client(), &node.name).await;
+        let ip = host_address(&lab.client(), &node.name, family).await;
         rows.push((node.name.clone(), ip));
         for to in &pods {
             jobs.push(ProbeJob {
                 from: format!("host/{}", node.name),
                 netns: node.netns.clone(),
                 to: to.key(),
-                dst: SocketAddr::from((to.ipv4().expect("pod IPv4"), port)),
+                dst: SocketAddr::new(to.ip(family).expect("pod address of the family"), port),
             });
         }
     }
@@ -486,7 +508,7 @@ pub async fn check_host_sources(
             want.set(
                 &format!("host/{node}"),
                 &to.key(),
-                model.allowed(&src, dst, port, protocol),
+                model.allowed(&src, dst, family, port, protocol),
             );
         }
     }
@@ -500,7 +522,7 @@ pub async fn check_host_sources(
         .filter(|m| m.from.starts_with("host/"))
         .map(|m| {
             format!(
-                "  {} -> {} {port}/{protocol}: expected {}, observed {:?}",
+                "  {} -> {} {port}/{protocol} over {family}: expected {}, observed {:?}",
                 m.from, m.to, m.expected, m.observed
             )
         })

@@ -323,21 +323,18 @@ impl Agent {
     }
 
     /// iptables: read back on every periodic resync and whenever the wanted
-    /// rules change (a failed write is retried by every sync). A dual-stack
-    /// node masquerades both families; an IPv6-only node runs no keeper.
+    /// rules change (a failed write is retried by every sync). Every family
+    /// the node has is masqueraded: IPv4, IPv6, or both.
     async fn sync_masquerade(&mut self, inputs: &Inputs, trigger: &str, report: &mut SyncReport) {
-        let Some((f, local)) = inputs.programmed(Family::V4) else {
-            return;
-        };
-        let (ipnet::IpNet::V4(cluster_cidr), ipnet::IpNet::V4(node_subnet)) =
-            (f.cluster_cidr, local.subnet)
-        else {
-            return;
-        };
+        let ipv4 = inputs.programmed(Family::V4).and_then(|(f, local)| {
+            match (f.cluster_cidr, local.subnet) {
+                (ipnet::IpNet::V4(c), ipnet::IpNet::V4(n)) => Some((c, n)),
+                _ => None,
+            }
+        });
         let iptables_started = Instant::now();
         let rules = RulesConfig {
-            cluster_cidr,
-            node_subnet,
+            ipv4,
             masquerade: inputs.config.masquerade,
             ipv6: inputs.programmed(Family::V6).and_then(|(f6, local6)| {
                 match (f6.cluster_cidr, local6.subnet) {
@@ -347,6 +344,9 @@ impl Agent {
             }),
             dataplane: inputs.config.policy_dataplane.into(),
         };
+        if rules.ipv4.is_none() && rules.ipv6.is_none() {
+            return;
+        }
         match self.masq.sync(&rules, trigger == "resync").await {
             Ok(outcome) => {
                 if !outcome.rewritten.is_empty() {

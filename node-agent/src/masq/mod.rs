@@ -223,13 +223,13 @@ impl Iptables {
 /// What the overlay's rules should be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RulesConfig {
-    /// clusterCIDR.
-    pub cluster_cidr: Ipv4Net,
-    /// This node's pod subnet.
-    pub node_subnet: Ipv4Net,
+    /// The IPv4 clusterCIDR and this node's IPv4 subnet (None on an
+    /// IPv6-only node).
+    pub ipv4: Option<(Ipv4Net, Ipv4Net)>,
     /// CanalNetwork `masquerade`.
     pub masquerade: bool,
-    /// The IPv6 clusterCIDR and this node's IPv6 subnet, on a node with both.
+    /// The IPv6 clusterCIDR and this node's IPv6 subnet (None on an
+    /// IPv4-only node).
     pub ipv6: Option<(Ipv6Net, Ipv6Net)>,
     /// `spec.policy.dataplane`.
     pub dataplane: DataplaneChoice,
@@ -238,11 +238,10 @@ pub struct RulesConfig {
 impl RulesConfig {
     /// (family, clusterCIDR, node subnet) of every family the node has.
     fn families(&self) -> Vec<(Family, IpNet, IpNet)> {
-        let mut out = vec![(
-            Family::V4,
-            IpNet::V4(self.cluster_cidr),
-            IpNet::V4(self.node_subnet),
-        )];
+        let mut out = Vec::new();
+        if let Some((c, n)) = self.ipv4 {
+            out.push((Family::V4, IpNet::V4(c), IpNet::V4(n)));
+        }
         if let Some((c, n)) = self.ipv6 {
             out.push((Family::V6, IpNet::V6(c), IpNet::V6(n)));
         }
@@ -482,16 +481,20 @@ impl Keeper {
         check: bool,
         outcome: &mut Outcome,
     ) -> Result<(), IptablesError> {
+        let families = config.families();
+        // The first family's tool answers for the backend (an IPv6-only
+        // node's iptables may be ip6tables alone).
+        let probe = families.first().map_or(Family::V4, |f| f.0);
         let random_fully = match self.random_fully {
             Some(r) => r,
             None => {
-                let r = self.tools(Family::V4).random_fully().await?;
+                let r = self.tools(probe).random_fully().await?;
                 self.random_fully = Some(r);
                 r
             }
         };
         let mut specs = Vec::new();
-        for (family, cluster_cidr, node_subnet) in config.families() {
+        for &(family, cluster_cidr, node_subnet) in &families {
             let params = MasqParams {
                 cluster_cidr,
                 node_subnet,
@@ -518,8 +521,14 @@ impl Keeper {
         }
         // A family the node no longer has loses its rules (ip6tables may be
         // missing altogether on an IPv4 node).
-        if config.ipv6.is_none() && self.written.iter().any(|(t, _)| t.base == "ip6tables") {
-            let tools = self.tools(Family::V6);
+        for gone in Family::ALL {
+            let base = self.tools(gone).base;
+            if families.iter().any(|f| f.0 == gone)
+                || !self.written.iter().any(|(t, _)| t.base == base)
+            {
+                continue;
+            }
+            let tools = self.tools(gone);
             for spec in [render::nat_spec(None), render::filter_spec(None)] {
                 if apply(&tools, &spec).await? {
                     outcome.rewritten.push(spec.table);
