@@ -1,28 +1,26 @@
 //! `kubectl canal explain` against the conformance truth tables (issue 15):
 //! one snapshot of the objects after probing, every probed cell explained
 //! in-process through the plugin's library, each verdict compared with what
-//! the packets did.
+//! the packets did, in every family the lab probed.
 
 use std::collections::BTreeMap;
 
 use canal_e2e::lab::{Matrix, PodRecord, Protocol};
+
+use super::policy::Table;
 use kubectl_canal::target::{Dest, PortSpec, Target};
 use kubectl_canal::{Snapshot, explain::Explainer, format};
 
 /// The cells where explain's verdict differs from the probe's (or explain
 /// failed), as a report; empty when every cell agrees. Each cell is
-/// explained towards the address the probe used (`PodRecord::ipv4`, as
-/// `probe_all`), so a per-family table explains that family.
+/// explained towards the address the probe used (the destination pod's
+/// address of the table's family, as `probe_all`).
 pub async fn mismatches(
     client: &kube::Client,
     pods: &[PodRecord],
-    observed: &BTreeMap<(u16, Protocol), Matrix>,
+    observed: &BTreeMap<Table, Matrix>,
 ) -> String {
     let keys: Vec<String> = pods.iter().map(PodRecord::key).collect();
-    let addr: BTreeMap<String, std::net::IpAddr> = pods
-        .iter()
-        .filter_map(|p| Some((p.key(), std::net::IpAddr::V4(p.ipv4()?))))
-        .collect();
     let snap = match Snapshot::fetch(client).await {
         Ok(s) => s,
         Err(e) => return format!("--- explain: reading the objects: {e}\n"),
@@ -33,7 +31,11 @@ pub async fn mismatches(
     };
     let mut out = String::new();
     let mut shown = 0;
-    for (&(port, proto), table) in observed {
+    for (&(family, port, proto), table) in observed {
+        let addr: BTreeMap<String, std::net::IpAddr> = pods
+            .iter()
+            .filter_map(|p| Some((p.key(), p.ip(family)?)))
+            .collect();
         let protocol = match proto {
             Protocol::Tcp => canal_crds::Protocol::TCP,
             Protocol::Udp => canal_crds::Protocol::UDP,
@@ -62,7 +64,9 @@ pub async fn mismatches(
                 };
                 shown += 1;
                 if shown <= 10 {
-                    out.push_str(&format!("--- explain {from} {to}:{port}/{proto}: {line}\n"));
+                    out.push_str(&format!(
+                        "--- explain {family} {from} {to}:{port}/{proto}: {line}\n"
+                    ));
                 }
             }
         }
