@@ -275,6 +275,13 @@ pub struct PolicyConfig {
     /// traffic passes, and leaves nothing behind in the other.
     #[serde(default)]
     pub dataplane: PolicyDataplane,
+    /// What a change that denies a flow does to connections conntrack
+    /// already holds: Cut (the default) deletes exactly the conntrack
+    /// entries the new policy denies, so the deny also ends established
+    /// TCP connections and UDP flows; Keep leaves them until conntrack
+    /// forgets them. Allowed flows are never cut.
+    #[serde(default)]
+    pub established: EstablishedFlows,
 }
 
 impl Default for PolicyConfig {
@@ -282,6 +289,7 @@ impl Default for PolicyConfig {
         PolicyConfig {
             enabled: true,
             dataplane: PolicyDataplane::Auto,
+            established: EstablishedFlows::Cut,
         }
     }
 }
@@ -296,6 +304,16 @@ pub enum PolicyDataplane {
     NFTables,
     /// iptables and ipset, through the node's iptables backend.
     IPTables,
+}
+
+/// `spec.policy.established`: established flows when a change denies them.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum EstablishedFlows {
+    /// Delete the conntrack entries of flows the new policy denies.
+    #[default]
+    Cut,
+    /// Leave established flows alone until conntrack forgets them.
+    Keep,
 }
 
 /// Observed state of the pod network, written by the controller.

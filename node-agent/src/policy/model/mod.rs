@@ -145,6 +145,8 @@ pub struct EnforcementConfig {
     pub families: Families,
     /// `spec.policy.dataplane`.
     pub dataplane: DataplaneChoice,
+    /// `spec.policy.established`: cut the conntrack entries a change denies.
+    pub established: canal_crds::EstablishedFlows,
 }
 
 impl Default for EnforcementConfig {
@@ -154,6 +156,7 @@ impl Default for EnforcementConfig {
             endpoint_to_host: EndpointToHostAction::Accept,
             families: Families::V4,
             dataplane: DataplaneChoice::Auto,
+            established: canal_crds::EstablishedFlows::Cut,
         }
     }
 }
@@ -164,6 +167,7 @@ impl From<&canal_crds::NetworkConfig> for EnforcementConfig {
             enabled: c.policy_enabled,
             endpoint_to_host: c.endpoint_to_host,
             dataplane: c.policy_dataplane.into(),
+            established: c.policy_established,
             ..EnforcementConfig::default()
         }
     }
