@@ -35,6 +35,8 @@
 
 pub mod antispoof;
 pub mod component;
+pub mod conntrack;
+pub mod denied;
 pub mod enforcer;
 pub mod eval;
 pub mod exec;

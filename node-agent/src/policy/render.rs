@@ -418,7 +418,9 @@ impl Renderer<'_> {
     }
 }
 
-fn endpoint_chain(chain_name: &str, isolation: &Isolation, dir: Direction) -> Chain {
+/// `CANAL-TW-<iface>` / `CANAL-FW-<iface>`; its last rule, when isolated,
+/// is the drop whose counter `denied.rs` reads.
+pub(crate) fn endpoint_chain(chain_name: &str, isolation: &Isolation, dir: Direction) -> Chain {
     let mut chain = Chain::default();
     let Isolation::By(policies) = isolation else {
         // The verdict mark is what lets the packet through CANAL-FORWARD

@@ -463,7 +463,9 @@ fn input_chain(action: EndpointToHostAction, v6: bool) -> NftChain {
     c
 }
 
-fn endpoint_chain(name: &str, isolation: &Isolation, dir: Direction) -> NftChain {
+/// `tw-<iface>` / `fw-<iface>`; its last rule, when isolated, is the
+/// counted drop whose counter `denied.rs` reads.
+pub(crate) fn endpoint_chain(name: &str, isolation: &Isolation, dir: Direction) -> NftChain {
     let mut c = NftChain::default();
     let Isolation::By(policies) = isolation else {
         // The mark is what lets the packet through `forward`: a flushed
@@ -493,7 +495,11 @@ fn endpoint_chain(name: &str, isolation: &Isolation, dir: Direction) -> NftChain
             &format!("allowed by {policy}"),
         );
     }
-    c.push(name, "drop", &format!("no policy allowed {}", dir.as_str()));
+    c.push(
+        name,
+        "counter drop",
+        &format!("no policy allowed {}", dir.as_str()),
+    );
     c
 }
 
