@@ -1,101 +1,46 @@
 //! `spec.policy.established: Cut`: after a change is programmed, the
-//! conntrack entries of flows the new policy denies are deleted, so a deny
-//! also ends TCP connections and UDP flows that were established before it
-//! (otherwise the `ct state established` accept in front of every policy
-//! keeps them flowing until conntrack forgets them).
+//! established flows the new policy denies are cut, so a deny also ends
+//! TCP connections and UDP flows opened before it (otherwise the `ct state
+//! established` accept in front of every policy keeps them flowing until
+//! conntrack forgets them).
 //!
-//! Which entries go is decided by the pure evaluator ([`super::eval`])
-//! against the node model just programmed, the very semantics `kubectl
-//! canal explain` reports, so an allowed flow is never cut: only entries
-//! with a local pod's address on either end are candidates, each is
-//! evaluated as the connection its original direction opened (after DNAT:
-//! the reply tuple's source is the real destination), and only a denied
-//! one is deleted, by its exact tuple and conntrack id (ctnetlink; a
-//! small encoder/decoder here, like [`super::nfnl`], over `netlink-sys`).
+//! Which flows go is decided by the pure evaluator ([`super::eval`]) against
+//! the node model just programmed, the very semantics `kubectl canal
+//! explain` reports, so an allowed flow is never cut: only entries with a
+//! local pod's address on either end are candidates, each is judged as the
+//! connection its original direction opened (after DNAT: the reply tuple's
+//! source is the real destination), and only a denied one is cut.
 //!
-//! After the delete the next packet of the flow is picked up by conntrack
-//! as NEW (TCP with `nf_conntrack_tcp_loose`, the kernel default; UDP
-//! always) and meets the policy chains again, which drop it.
-//! Known limit: a TCP peer that is allowed to open the reverse connection
-//! (e.g. the server of a denied ingress flow is not egress-isolated) can
-//! re-establish the flow mid-stream by sending first after the cut; its
-//! next packet is a NEW connection of its own, which policy allows.
+//! A cut sets [`CUT_MARK`] on the entry (ctnetlink, [`super::ctnetlink`]);
+//! the filter chains drop marked flows in both directions before their
+//! `established` accept. A plain delete is not enough: with
+//! `nf_conntrack_tcp_loose` (the default), and always for UDP, the next
+//! packet is picked up as a NEW flow in *its* direction, so a server's
+//! next segment (say, a delayed ACK) would open the reverse connection,
+//! which the server's egress may well allow, and the stream would carry on
+//! on the new entry. A marked entry keeps the tuple claimed and dropped.
+//! When policy allows a cut flow again, its entry is deleted (released):
+//! the next packet is judged afresh. With `Keep`, nothing new is cut, and
+//! flows cut earlier are still released when allowed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use canal_crds::{EstablishedFlows, Protocol};
-use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NlasIterator};
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
 use tracing::{debug, info, warn};
 
 use super::antispoof::Sources;
+use super::ctnetlink::{
+    AF_INET, AF_INET6, Conn, Entry, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+};
 use super::eval::{Connection, Side, evaluate};
 use super::model::NodeModel;
-
-/// `NFNL_SUBSYS_CTNETLINK`.
-const SUBSYS_CTNETLINK: u16 = 1;
-const IPCTNL_MSG_CT_GET: u16 = 1;
-const IPCTNL_MSG_CT_DELETE: u16 = 2;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLA_TYPE_MASK: u16 = 0x3fff;
-const NLA_F_NESTED: u16 = 0x8000;
-
-// enum ctattr_type / ctattr_tuple / ctattr_ip / ctattr_l4proto
-const CTA_TUPLE_ORIG: u16 = 1;
-const CTA_TUPLE_REPLY: u16 = 2;
-const CTA_ID: u16 = 12;
-const CTA_ZONE: u16 = 18;
-const CTA_TUPLE_IP: u16 = 1;
-const CTA_TUPLE_PROTO: u16 = 2;
-const CTA_IP_V4_SRC: u16 = 1;
-const CTA_IP_V4_DST: u16 = 2;
-const CTA_IP_V6_SRC: u16 = 3;
-const CTA_IP_V6_DST: u16 = 4;
-const CTA_PROTO_NUM: u16 = 1;
-const CTA_PROTO_SRC_PORT: u16 = 2;
-const CTA_PROTO_DST_PORT: u16 = 3;
-
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_SCTP: u8 = 132;
-
-/// One direction of a conntrack entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Tuple {
-    /// Source address.
-    pub src: IpAddr,
-    /// Destination address.
-    pub dst: IpAddr,
-    /// IP protocol number.
-    pub proto: u8,
-    /// Source port (0 for protocols without ports).
-    pub sport: u16,
-    /// Destination port.
-    pub dport: u16,
-}
-
-/// A conntrack entry as the dump shows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Entry {
-    /// The original direction (who opened the flow).
-    pub orig: Tuple,
-    /// The reply direction (its source is the destination after DNAT).
-    pub reply: Tuple,
-    /// conntrack's id of the entry (deletes name it, so a new entry with
-    /// the same tuple created meanwhile survives).
-    pub id: Option<u32>,
-    /// conntrack zone.
-    pub zone: Option<u16>,
-}
+pub use super::names::CUT_MARK;
 
 impl Entry {
     /// The connection the entry's first packet was, as the policy chains
@@ -157,242 +102,43 @@ impl Sides {
     }
 }
 
-/// The entries of `entries` the node model denies: exactly those to cut.
-pub fn denied<'a>(model: &NodeModel, sides: &Sides, entries: &'a [Entry]) -> Vec<&'a Entry> {
-    if !model.enabled {
-        return Vec::new();
-    }
-    entries
-        .iter()
-        .filter(|e| sides.candidate(e))
-        .filter(|e| {
-            e.connection(sides)
-                .is_some_and(|c| !evaluate(model, &c).allowed)
-        })
-        .collect()
+/// What to do with one conntrack entry after a change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Denied now: set [`CUT_MARK`], so both directions are dropped.
+    Cut,
+    /// Cut earlier, allowed again: delete it, so the flow's next packet is
+    /// judged afresh (and, allowed, passes).
+    Release,
 }
 
-/// Whether anything in `model` can deny a flow (else no dump is needed).
-pub fn can_deny(model: &NodeModel) -> bool {
-    use super::model::Isolation;
-    model.enabled
-        && (model.endpoint_to_host == canal_crds::EndpointToHostAction::Drop
-            || model.endpoints.values().any(|e| {
-                matches!(e.ingress, Isolation::By(_)) || matches!(e.egress, Isolation::By(_))
-            }))
-}
-
-// ---- messages -------------------------------------------------------------
-
-fn header(buf: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family: u8) {
-    buf.extend_from_slice(&0u32.to_ne_bytes()); // length, patched by `finish`
-    buf.extend_from_slice(&((SUBSYS_CTNETLINK << 8) | kind).to_ne_bytes());
-    buf.extend_from_slice(&flags.to_ne_bytes());
-    buf.extend_from_slice(&seq.to_ne_bytes());
-    buf.extend_from_slice(&0u32.to_ne_bytes());
-    // struct nfgenmsg: family, version, res_id (big endian)
-    buf.extend_from_slice(&[family, 0, 0, 0]);
-}
-
-fn finish(buf: &mut [u8]) {
-    let len = buf.len() as u32;
-    buf[..4].copy_from_slice(&len.to_ne_bytes());
-}
-
-fn attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
-    let len = (4 + value.len()) as u16;
-    buf.extend_from_slice(&len.to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(value);
-    while !buf.len().is_multiple_of(4) {
-        buf.push(0);
-    }
-}
-
-fn nested(buf: &mut Vec<u8>, kind: u16, inner: impl FnOnce(&mut Vec<u8>)) {
-    let mut v = Vec::new();
-    inner(&mut v);
-    attr(buf, kind | NLA_F_NESTED, &v);
-}
-
-/// The dump request of one family's conntrack table.
-pub fn dump_request(seq: u32, family: u8) -> Vec<u8> {
-    let mut b = Vec::with_capacity(20);
-    header(
-        &mut b,
-        IPCTNL_MSG_CT_GET,
-        NLM_F_REQUEST | NLM_F_DUMP,
-        seq,
-        family,
-    );
-    finish(&mut b);
-    b
-}
-
-/// The delete request of exactly `e` (its original tuple, id and zone).
-pub fn delete_request(seq: u32, e: &Entry) -> Vec<u8> {
-    let family = match e.orig.src {
-        IpAddr::V4(_) => AF_INET,
-        IpAddr::V6(_) => AF_INET6,
-    };
-    let mut b = Vec::with_capacity(96);
-    header(
-        &mut b,
-        IPCTNL_MSG_CT_DELETE,
-        NLM_F_REQUEST | NLM_F_ACK,
-        seq,
-        family,
-    );
-    nested(&mut b, CTA_TUPLE_ORIG, |t| {
-        nested(t, CTA_TUPLE_IP, |ip| match (e.orig.src, e.orig.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                attr(ip, CTA_IP_V4_SRC, &s.octets());
-                attr(ip, CTA_IP_V4_DST, &d.octets());
-            }
-            (s, d) => {
-                attr(ip, CTA_IP_V6_SRC, &v6(s).octets());
-                attr(ip, CTA_IP_V6_DST, &v6(d).octets());
-            }
-        });
-        nested(t, CTA_TUPLE_PROTO, |p| {
-            attr(p, CTA_PROTO_NUM, &[e.orig.proto]);
-            attr(p, CTA_PROTO_SRC_PORT, &e.orig.sport.to_be_bytes());
-            attr(p, CTA_PROTO_DST_PORT, &e.orig.dport.to_be_bytes());
-        });
-    });
-    if let Some(id) = e.id {
-        attr(&mut b, CTA_ID, &id.to_be_bytes());
-    }
-    if let Some(z) = e.zone.filter(|z| *z != 0) {
-        attr(&mut b, CTA_ZONE, &z.to_be_bytes());
-    }
-    finish(&mut b);
-    b
-}
-
-fn v6(ip: IpAddr) -> Ipv6Addr {
-    match ip {
-        IpAddr::V6(a) => a,
-        IpAddr::V4(a) => a.to_ipv6_mapped(),
-    }
-}
-
-/// What one receive buffer held.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Reply {
-    /// Entries decoded.
-    pub entries: Vec<Entry>,
-    /// NLMSG_ERROR codes (0: an ack), in order.
-    pub errors: Vec<i32>,
-    /// The dump ended.
-    pub done: bool,
-    /// Messages that did not decode.
-    pub malformed: usize,
-}
-
-/// Decodes one receive buffer of ctnetlink replies.
-pub fn parse(buf: &[u8]) -> Reply {
-    let mut out = Reply::default();
-    let mut at = 0;
-    while at < buf.len() {
-        let Ok(msg) = NetlinkBuffer::new_checked(&buf[at..]) else {
-            out.malformed += 1;
-            break;
-        };
-        let len = msg.length() as usize;
-        if len < 16 {
-            out.malformed += 1;
-            break;
+/// What `model` asks for each of `entries`: `Cut` for a denied flow not yet
+/// cut (only when `mode` is `Cut`), `Release` for a cut flow now allowed.
+/// Allowed flows that were never cut are never touched.
+pub fn decide<'a>(
+    model: &NodeModel,
+    mode: EstablishedFlows,
+    sides: &Sides,
+    entries: &'a [Entry],
+) -> Vec<(&'a Entry, Action)> {
+    let mut out = Vec::new();
+    for e in entries {
+        let cut = e.mark & CUT_MARK != 0;
+        if !cut && (mode == EstablishedFlows::Keep || !sides.candidate(e)) {
+            continue;
         }
-        let payload = msg.payload();
-        match msg.message_type() {
-            NLMSG_DONE => out.done = true,
-            NLMSG_ERROR if payload.len() >= 4 => {
-                let mut code = [0u8; 4];
-                code.copy_from_slice(&payload[..4]);
-                out.errors.push(i32::from_ne_bytes(code));
-            }
-            t if t >> 8 == SUBSYS_CTNETLINK && payload.len() >= 4 => {
-                match parse_entry(&payload[4..]) {
-                    Some(e) => out.entries.push(e),
-                    None => out.malformed += 1,
-                }
-            }
+        let allowed = match e.connection(sides) {
+            Some(c) => evaluate(model, &c).allowed,
+            // Not judged by policy (ICMP ...): never cut; released if it was.
+            None => true,
+        };
+        match (allowed, cut) {
+            (false, false) => out.push((e, Action::Cut)),
+            (true, true) => out.push((e, Action::Release)),
             _ => {}
         }
-        at += (len + 3) & !3;
     }
     out
-}
-
-fn parse_entry(attrs: &[u8]) -> Option<Entry> {
-    let (mut orig, mut reply, mut id, mut zone) = (None, None, None, None);
-    for nla in NlasIterator::new(attrs) {
-        let nla = nla.ok()?;
-        let v = nla.value();
-        match nla.kind() & NLA_TYPE_MASK {
-            CTA_TUPLE_ORIG => orig = parse_tuple(v),
-            CTA_TUPLE_REPLY => reply = parse_tuple(v),
-            CTA_ID if v.len() >= 4 => id = Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]])),
-            CTA_ZONE if v.len() >= 2 => zone = Some(u16::from_be_bytes([v[0], v[1]])),
-            _ => {}
-        }
-    }
-    Some(Entry {
-        orig: orig?,
-        reply: reply?,
-        id,
-        zone,
-    })
-}
-
-fn parse_tuple(attrs: &[u8]) -> Option<Tuple> {
-    let (mut src, mut dst, mut proto, mut sport, mut dport) = (None, None, None, 0, 0);
-    for nla in NlasIterator::new(attrs) {
-        let nla = nla.ok()?;
-        match nla.kind() & NLA_TYPE_MASK {
-            CTA_TUPLE_IP => {
-                for a in NlasIterator::new(nla.value()) {
-                    let a = a.ok()?;
-                    let v = a.value();
-                    let ip = match v.len() {
-                        4 => IpAddr::V4(Ipv4Addr::new(v[0], v[1], v[2], v[3])),
-                        16 => {
-                            let mut o = [0u8; 16];
-                            o.copy_from_slice(v);
-                            IpAddr::V6(Ipv6Addr::from(o))
-                        }
-                        _ => continue,
-                    };
-                    match a.kind() & NLA_TYPE_MASK {
-                        CTA_IP_V4_SRC | CTA_IP_V6_SRC => src = Some(ip),
-                        CTA_IP_V4_DST | CTA_IP_V6_DST => dst = Some(ip),
-                        _ => {}
-                    }
-                }
-            }
-            CTA_TUPLE_PROTO => {
-                for a in NlasIterator::new(nla.value()) {
-                    let a = a.ok()?;
-                    let v = a.value();
-                    match (a.kind() & NLA_TYPE_MASK, v.len()) {
-                        (CTA_PROTO_NUM, 1..) => proto = Some(v[0]),
-                        (CTA_PROTO_SRC_PORT, 2..) => sport = u16::from_be_bytes([v[0], v[1]]),
-                        (CTA_PROTO_DST_PORT, 2..) => dport = u16::from_be_bytes([v[0], v[1]]),
-                        _ => {}
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    Some(Tuple {
-        src: src?,
-        dst: dst?,
-        proto: proto?,
-        sport,
-        dport,
-    })
 }
 
 // ---- I/O ------------------------------------------------------------------
@@ -423,75 +169,12 @@ fn netns_note(p: &Option<PathBuf>) -> String {
 pub struct CutStats {
     /// Entries dumped.
     pub scanned: usize,
-    /// Entries the model denies.
-    pub denied: usize,
-    /// Of those, deleted (or already gone).
-    pub deleted: usize,
-    /// Of the deleted, IPv6 entries.
-    pub deleted_v6: usize,
-    /// Deletes the kernel refused.
+    /// Entries cut (marked), by family (IPv4, IPv6).
+    pub cut: [usize; 2],
+    /// Cut entries deleted because policy allows them again.
+    pub released: usize,
+    /// Marks or deletes the kernel refused.
     pub failed: usize,
-}
-
-struct Conn {
-    socket: Socket,
-    seq: u32,
-}
-
-impl Conn {
-    fn open() -> io::Result<Conn> {
-        let mut socket = Socket::new(NETLINK_NETFILTER)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
-        set_rcvtimeo(&socket, Duration::from_secs(2))?;
-        Ok(Conn { socket, seq: 1 })
-    }
-
-    fn dump(&mut self, family: u8) -> io::Result<Vec<Entry>> {
-        self.seq += 1;
-        self.socket.send(&dump_request(self.seq, family), 0)?;
-        let mut entries = Vec::new();
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = self.socket.recv(&mut &mut buf[..], 0)?;
-            let r = parse(&buf[..n]);
-            entries.extend(r.entries);
-            if let Some(&code) = r.errors.iter().find(|c| **c != 0) {
-                return Err(io::Error::from_raw_os_error(-code));
-            }
-            if r.done || n == 0 {
-                return Ok(entries);
-            }
-        }
-    }
-
-    /// Deletes `e`; Ok(true) when deleted or already gone.
-    fn delete(&mut self, e: &Entry) -> io::Result<bool> {
-        self.seq += 1;
-        self.socket.send(&delete_request(self.seq, e), 0)?;
-        let mut buf = vec![0u8; 4096];
-        loop {
-            let n = self.socket.recv(&mut &mut buf[..], 0)?;
-            let r = parse(&buf[..n]);
-            if let Some(&code) = r.errors.first() {
-                // ENOENT: it ended (or was replaced) meanwhile: nothing to cut.
-                return Ok(code == 0 || code == -libc::ENOENT);
-            }
-            if n == 0 {
-                return Ok(false);
-            }
-        }
-    }
-}
-
-fn set_rcvtimeo(s: &Socket, d: Duration) -> io::Result<()> {
-    use nix::sys::socket::{setsockopt, sockopt};
-    use nix::sys::time::TimeVal;
-    use std::os::fd::{AsRawFd, BorrowedFd};
-    let tv = TimeVal::new(d.as_secs() as _, d.subsec_micros() as _);
-    // SAFETY: the fd belongs to `s`, which outlives this call.
-    let fd = unsafe { BorrowedFd::borrow_raw(s.as_raw_fd()) };
-    setsockopt(&fd, sockopt::ReceiveTimeout, &tv).map_err(io::Error::from)
 }
 
 /// The node's own addresses (in the calling thread's namespace).
@@ -511,8 +194,12 @@ fn host_addresses() -> BTreeSet<IpAddr> {
 }
 
 /// Dumps both families' conntrack tables in the namespace at `netns`
-/// (None: the caller's) and deletes every entry `model` denies. Blocking.
-pub fn cut_blocking(netns: Option<&Path>, model: &NodeModel) -> Result<CutStats, CutError> {
+/// (None: the caller's) and applies [`decide`]. Blocking.
+pub fn cut_blocking(
+    netns: Option<&Path>,
+    model: &NodeModel,
+    mode: EstablishedFlows,
+) -> Result<CutStats, CutError> {
     let open_err = |source| CutError::Open {
         netns: netns.map(Path::to_path_buf),
         source,
@@ -538,7 +225,9 @@ pub fn cut_blocking(netns: Option<&Path>, model: &NodeModel) -> Result<CutStats,
     let sides = Sides::of(model, host);
     let mut stats = CutStats::default();
     for family in [AF_INET, AF_INET6] {
-        let entries = match conn.dump(family) {
+        // Keep: only flows cut earlier can need anything (a release).
+        let marked = (mode == EstablishedFlows::Keep).then_some((CUT_MARK, CUT_MARK));
+        let entries = match conn.dump(family, marked) {
             Ok(e) => e,
             // No IPv6 conntrack on this node: nothing to cut there.
             Err(e) if family == AF_INET6 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
@@ -547,16 +236,17 @@ pub fn cut_blocking(netns: Option<&Path>, model: &NodeModel) -> Result<CutStats,
             Err(e) => return Err(CutError::Dump(e)),
         };
         stats.scanned += entries.len();
-        for e in denied(model, &sides, &entries) {
-            stats.denied += 1;
-            match conn.delete(e) {
-                Ok(true) => {
-                    stats.deleted += 1;
-                    stats.deleted_v6 += usize::from(family == AF_INET6);
-                }
-                Ok(false) => stats.failed += 1,
-                Err(err) => {
-                    debug!(entry = ?e, "deleting a conntrack entry: {err}");
+        for (e, action) in decide(model, mode, &sides, &entries) {
+            let done = match action {
+                Action::Cut => conn.mark(e, CUT_MARK, CUT_MARK),
+                Action::Release => conn.delete(e),
+            };
+            match (done, action) {
+                (Ok(true), Action::Cut) => stats.cut[usize::from(family == AF_INET6)] += 1,
+                (Ok(true), Action::Release) => stats.released += 1,
+                (Ok(false), _) => stats.failed += 1,
+                (Err(err), _) => {
+                    debug!(entry = ?e, ?action, "changing a conntrack entry: {err}");
                     stats.failed += 1;
                 }
             }
@@ -570,8 +260,10 @@ pub fn cut_blocking(netns: Option<&Path>, model: &NodeModel) -> Result<CutStats,
 /// Metrics of the cut.
 #[derive(Clone, Debug)]
 pub struct CutMetrics {
-    /// Entries deleted because policy now denies them.
+    /// Entries cut because policy now denies them.
     pub entries: IntCounterVec,
+    /// Cut entries deleted because policy allows their flow again.
+    pub released: prometheus::IntCounter,
     /// Cuts or deletes that failed, by stage.
     pub failures: IntCounterVec,
     /// Duration of a cut pass (dump, evaluation, deletes).
@@ -584,15 +276,20 @@ pub static METRICS: LazyLock<CutMetrics> = LazyLock::new(|| CutMetrics {
     entries: IntCounterVec::new(
         Opts::new(
             "canal_policy_conntrack_cut_entries_total",
-            "Conntrack entries deleted because a programmed policy change denies their flow (spec.policy.established: Cut), by family.",
+            "Established flows (conntrack entries) cut because a programmed policy change denies them (spec.policy.established: Cut), by family.",
         ),
         &["family"],
+    )
+    .unwrap_or_else(|e| unreachable!("static metric options are valid: {e}")),
+    released: prometheus::IntCounter::new(
+        "canal_policy_conntrack_released_entries_total",
+        "Cut conntrack entries deleted because policy allows their flow again (its next packet is judged afresh).",
     )
     .unwrap_or_else(|e| unreachable!("static metric options are valid: {e}")),
     failures: IntCounterVec::new(
         Opts::new(
             "canal_policy_conntrack_cut_failures_total",
-            "Cut passes or single conntrack deletes that failed, by stage (open, dump, delete).",
+            "Cut passes or single conntrack changes that failed, by stage (open, dump, change).",
         ),
         &["stage"],
     )
@@ -611,79 +308,75 @@ pub static METRICS: LazyLock<CutMetrics> = LazyLock::new(|| CutMetrics {
 pub fn register(registry: &Registry) -> Result<(), prometheus::Error> {
     let m = &*METRICS;
     registry.register(Box::new(m.entries.clone()))?;
+    registry.register(Box::new(m.released.clone()))?;
     registry.register(Box::new(m.failures.clone()))?;
     registry.register(Box::new(m.duration.clone()))?;
     for f in ["IPv4", "IPv6"] {
         m.entries.with_label_values(&[f]);
     }
-    for s in ["open", "dump", "delete"] {
+    for s in ["open", "dump", "change"] {
         m.failures.with_label_values(&[s]);
     }
     Ok(())
 }
 
-/// Cuts the flows `model` denies after it was programmed, when
-/// `spec.policy.established` is `Cut`; remembers the model so an
-/// unchanged one is not scanned again.
+/// Cuts the flows `model` denies after it was programmed (and releases
+/// cut flows it allows again); remembers the model so an unchanged one is
+/// not scanned again.
 #[derive(Debug, Default)]
 pub struct Established {
-    last: Option<NodeModel>,
+    last: Option<(NodeModel, EstablishedFlows)>,
 }
 
 impl Established {
     /// Runs after every successfully programmed sync. Failures are
-    /// counted and logged, never fatal: the rules are in place either way.
+    /// counted and logged, never fatal: the rules are in place either way,
+    /// and the next sync tries again.
     pub async fn after_apply(
         &mut self,
         model: &NodeModel,
         mode: EstablishedFlows,
         netns: Option<&Path>,
     ) -> Option<CutStats> {
-        if mode == EstablishedFlows::Keep || !can_deny(model) {
-            self.last = None;
+        if self
+            .last
+            .as_ref()
+            .is_some_and(|(m, was)| m == model && *was == mode)
+        {
             return None;
         }
-        if self.last.as_ref() == Some(model) {
-            return None;
-        }
-        self.last = Some(model.clone());
+        self.last = Some((model.clone(), mode));
         let started = Instant::now();
         let (m, ns) = (model.clone(), netns.map(Path::to_path_buf));
         let joined =
-            tokio::task::spawn_blocking(move || cut_blocking(ns.as_deref(), &m)).await;
+            tokio::task::spawn_blocking(move || cut_blocking(ns.as_deref(), &m, mode)).await;
         METRICS.duration.observe(started.elapsed().as_secs_f64());
         let result = match joined {
             Ok(r) => r,
-            Err(e) => {
-                warn!("conntrack cut task failed: {e}");
-                METRICS.failures.with_label_values(&["dump"]).inc();
-                self.last = None;
-                return None;
-            }
+            Err(e) => Err(CutError::Dump(io::Error::other(e.to_string()))),
         };
         match result {
             Ok(stats) => {
-                if stats.deleted > 0 {
-                    let v4 = stats.deleted - stats.deleted_v6;
-                    METRICS.entries.with_label_values(&["IPv4"]).inc_by(v4 as u64);
-                    METRICS
-                        .entries
-                        .with_label_values(&["IPv6"])
-                        .inc_by(stats.deleted_v6 as u64);
+                let [v4, v6] = stats.cut;
+                METRICS.entries.with_label_values(&["IPv4"]).inc_by(v4 as u64);
+                METRICS.entries.with_label_values(&["IPv6"]).inc_by(v6 as u64);
+                METRICS.released.inc_by(stats.released as u64);
+                if v4 + v6 + stats.released > 0 {
                     info!(
-                        deleted = stats.deleted,
+                        cut = v4 + v6,
+                        released = stats.released,
                         scanned = stats.scanned,
                         failed = stats.failed,
                         elapsed_ms = started.elapsed().as_millis() as u64,
-                        "cut established flows the new policy denies"
+                        "established flows: cut what the new policy denies"
                     );
                 }
                 if stats.failed > 0 {
+                    warn!(failed = stats.failed, "some conntrack entries could not be changed");
                     METRICS
                         .failures
-                        .with_label_values(&["delete"])
+                        .with_label_values(&["change"])
                         .inc_by(stats.failed as u64);
-                    // Try again on the next sync.
                     self.last = None;
                 }
                 Some(stats)
@@ -712,6 +405,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::policy::ctnetlink::Tuple;
     use crate::policy::model::build;
     use crate::policy::render::PolicyInputs;
 
@@ -731,73 +425,12 @@ mod tests {
             reply: tuple(dst, src, proto, dport, sport),
             id: Some(7),
             zone: None,
+            mark: 0,
         }
     }
 
-    /// A kernel-shaped IPCTNL_MSG_CT_NEW message of `e` (as a dump sends it).
-    fn dump_message(e: &Entry) -> Vec<u8> {
-        let mut b = Vec::new();
-        header(&mut b, 0, 2 /* NLM_F_MULTI */, 1, AF_INET);
-        for (kind, t) in [(CTA_TUPLE_ORIG, e.orig), (CTA_TUPLE_REPLY, e.reply)] {
-            nested(&mut b, kind, |n| {
-                nested(n, CTA_TUPLE_IP, |ip| {
-                    let (IpAddr::V4(s), IpAddr::V4(d)) = (t.src, t.dst) else {
-                        unreachable!()
-                    };
-                    attr(ip, CTA_IP_V4_SRC, &s.octets());
-                    attr(ip, CTA_IP_V4_DST, &d.octets());
-                });
-                nested(n, CTA_TUPLE_PROTO, |p| {
-                    attr(p, CTA_PROTO_NUM, &[t.proto]);
-                    attr(p, CTA_PROTO_SRC_PORT, &t.sport.to_be_bytes());
-                    attr(p, CTA_PROTO_DST_PORT, &t.dport.to_be_bytes());
-                });
-            });
-        }
-        attr(&mut b, CTA_ID, &e.id.unwrap().to_be_bytes());
-        finish(&mut b);
-        b
-    }
-
-    #[test]
-    fn dump_messages_decode_and_done_ends_the_dump() {
-        let e = entry("10.244.1.2", "10.244.2.3", IPPROTO_TCP, 40000, 80);
-        let mut buf = dump_message(&e);
-        buf.extend(dump_message(&entry("10.0.0.1", "10.0.0.2", IPPROTO_UDP, 5, 53)));
-        let mut done = Vec::new();
-        header(&mut done, 0, 0, 1, AF_INET);
-        done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
-        finish(&mut done);
-        buf.extend(done);
-        let r = parse(&buf);
-        assert!(r.done);
-        assert_eq!(r.malformed, 0);
-        assert_eq!(r.entries.len(), 2);
-        assert_eq!(r.entries[0], e);
-    }
-
-    #[test]
-    fn delete_requests_name_the_tuple_and_id() {
-        let e = entry("10.244.1.2", "10.244.2.3", IPPROTO_TCP, 40000, 80);
-        let b = delete_request(9, &e);
-        assert_eq!(u32::from_ne_bytes(b[..4].try_into().unwrap()) as usize, b.len());
-        assert_eq!(
-            u16::from_ne_bytes(b[4..6].try_into().unwrap()),
-            (SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
-        );
-        // The original tuple decodes back from the request's attributes.
-        let mut orig = None;
-        let mut id = None;
-        for nla in NlasIterator::new(&b[20..]) {
-            let nla = nla.unwrap();
-            match nla.kind() & NLA_TYPE_MASK {
-                CTA_TUPLE_ORIG => orig = parse_tuple(nla.value()),
-                CTA_ID => id = Some(u32::from_be_bytes(nla.value().try_into().unwrap())),
-                _ => {}
-            }
-        }
-        assert_eq!(orig, Some(e.orig));
-        assert_eq!(id, Some(7));
+    fn cuts(m: &NodeModel, mode: EstablishedFlows, s: &Sides, e: &[Entry]) -> Vec<(Entry, Action)> {
+        decide(m, mode, s, e).into_iter().map(|(e, a)| (*e, a)).collect()
     }
 
     fn ep(iface: &str, name: &str, ip: &str, ingress: &[&str]) -> Endpoint {
@@ -873,8 +506,37 @@ mod tests {
             // ICMP is left alone
             entry("10.244.2.9", "10.244.1.3", 1, 0, 0),
         ];
-        let cut: Vec<_> = denied(&m, &sides, &entries).into_iter().copied().collect();
-        assert_eq!(cut, vec![entries[0], entries[2]]);
+        let want = vec![(entries[0], Action::Cut), (entries[2], Action::Cut)];
+        assert_eq!(cuts(&m, EstablishedFlows::Cut, &sides, &entries), want);
+        assert!(cuts(&m, EstablishedFlows::Keep, &sides, &entries).is_empty());
+    }
+
+    #[test]
+    fn cut_flows_are_left_while_denied_and_released_once_allowed() {
+        let m = model();
+        let sides = Sides::of(&m, BTreeSet::new());
+        let mut denied_e = entry("10.244.2.9", "10.244.1.3", IPPROTO_TCP, 40000, 80);
+        denied_e.mark = CUT_MARK;
+        let mut allowed_e = entry("10.244.2.7", "10.244.1.3", IPPROTO_TCP, 40001, 80);
+        allowed_e.mark = CUT_MARK | 0x5;
+        // A foreign mark bit alone is not ours.
+        let mut foreign = entry("10.244.2.7", "10.244.1.3", IPPROTO_TCP, 40002, 80);
+        foreign.mark = 0x5;
+        let entries = [denied_e, allowed_e, foreign];
+        for mode in [EstablishedFlows::Cut, EstablishedFlows::Keep] {
+            assert_eq!(
+                cuts(&m, mode, &sides, &entries),
+                vec![(allowed_e, Action::Release)],
+                "{mode:?}"
+            );
+        }
+        // Policy disabled: everything cut is released.
+        let mut off = m.clone();
+        off.enabled = false;
+        assert_eq!(
+            cuts(&off, EstablishedFlows::Cut, &sides, &entries),
+            vec![(denied_e, Action::Release), (allowed_e, Action::Release)]
+        );
     }
 
     #[test]
@@ -888,21 +550,9 @@ mod tests {
         let mut allowed_e = entry("10.244.2.7", "10.96.0.10", IPPROTO_TCP, 40001, 8080);
         allowed_e.reply = tuple("10.244.1.3", "10.244.2.7", IPPROTO_TCP, 80, 40001);
         let entries = [denied_e, allowed_e];
-        let cut: Vec<_> = denied(&m, &sides, &entries).into_iter().copied().collect();
-        assert_eq!(cut, vec![denied_e]);
-    }
-
-    #[test]
-    fn nothing_is_scanned_without_isolation() {
-        let mut m = model();
-        assert!(can_deny(&m));
-        for e in m.endpoints.values_mut() {
-            e.ingress = crate::policy::model::Isolation::Open;
-        }
-        assert!(!can_deny(&m));
-        m.enabled = false;
-        let sides = Sides::of(&m, BTreeSet::new());
-        let e = [entry("10.244.2.9", "10.244.1.3", IPPROTO_TCP, 1, 80)];
-        assert!(denied(&m, &sides, &e).is_empty());
+        assert_eq!(
+            cuts(&m, EstablishedFlows::Cut, &sides, &entries),
+            vec![(denied_e, Action::Cut)]
+        );
     }
 }

@@ -36,6 +36,7 @@
 pub mod antispoof;
 pub mod component;
 pub mod conntrack;
+pub mod ctnetlink;
 pub mod denied;
 pub mod enforcer;
 pub mod eval;

@@ -50,6 +50,10 @@ pub const MAX_IFACE_LEN: usize = 15;
 pub const INGRESS_MARK: u32 = 0x0001_0000;
 /// Set once the source pod's egress policy allowed the packet.
 pub const EGRESS_MARK: u32 = 0x0002_0000;
+/// The conntrack mark bit of an established flow policy now denies
+/// (`spec.policy.established: Cut`, conntrack.rs): the filter chains drop
+/// packets of marked entries before their `established` accept.
+pub const CUT_MARK: u32 = 0x0100_0000;
 /// Both verdict marks.
 pub const VERDICT_MARKS: u32 = INGRESS_MARK | EGRESS_MARK;
 

@@ -52,7 +52,7 @@ use crate::policy::model::{
     AddressSet, Block, Direction, Families, Family, Isolation, NodeModel, PeerModel, PortModel,
     PortSet, RuleModel,
 };
-use crate::policy::names::{EGRESS_MARK, INGRESS_MARK, VERDICT_MARKS};
+use crate::policy::names::{CUT_MARK, EGRESS_MARK, INGRESS_MARK, VERDICT_MARKS};
 
 use super::ruleset::{BaseChain, NftChain, NftRuleset, NftSet};
 
@@ -357,12 +357,26 @@ fn antispoof(r: &mut NftRuleset, map: &SourceMap, families: Families) {
     r.chains.insert(n.into(), c);
 }
 
+/// Established flows policy now denies, cut by conntrack.rs (their
+/// entries carry [`CUT_MARK`]): dropped before the established accept, in
+/// both directions.
+fn cut_drops(c: &mut NftChain, n: &str, dirs: &[&str]) {
+    for d in dirs {
+        c.push(
+            n,
+            format!("{d} {PODS} ct mark & {CUT_MARK:#010x} == {CUT_MARK:#010x} drop"),
+            "established flow cut by policy",
+        );
+    }
+}
+
 fn forward_chain() -> NftChain {
     let n = FORWARD;
     let mut c = NftChain {
         base: base("forward", FILTER_PRIORITY),
         ..NftChain::default()
     };
+    cut_drops(&mut c, n, &["iifname", "oifname"]);
     for (dir, note) in [("iifname", "from pod"), ("oifname", "to pod")] {
         c.push(
             n,
@@ -413,6 +427,7 @@ fn input_chain(action: EndpointToHostAction, v6: bool) -> NftChain {
         base: base("input", FILTER_PRIORITY),
         ..NftChain::default()
     };
+    cut_drops(&mut c, n, &["iifname"]);
     c.push(
         n,
         format!("iifname {PODS} ct state established,related accept"),
