@@ -203,6 +203,12 @@ pub fn register(registry: &Registry) -> Result<(), prometheus::Error> {
     for d in super::metrics::DATAPLANES {
         m.read_errors.with_label_values(&[d]);
     }
+    // The overflow series exist from the start (0 until the cap is passed),
+    // so the metrics are served before the first isolated pod.
+    for dir in ["ingress", "egress"] {
+        m.packets.with_label_values(&[OTHER, dir]);
+        m.by_policy.with_label_values(&[OTHER, dir]);
+    }
     Ok(())
 }
 
@@ -273,10 +279,22 @@ async fn read_loop(mut rx: watch::Receiver<Option<Arc<Snapshot>>>, exec: Exec) {
             .flat_map(|t| t.policies.iter().map(|p| (p.clone(), t.direction)))
             .collect();
         for (e, d) in live.difference(&want) {
-            let _ = METRICS.packets.remove_label_values(&[e.as_str(), d]);
+            if e != OTHER {
+                let _ = METRICS.packets.remove_label_values(&[e.as_str(), d]);
+            }
         }
         for (p, d) in live_policies.difference(&want_p) {
+            if p == OTHER {
+                continue;
+            }
             let _ = METRICS.by_policy.remove_label_values(&[p.as_str(), d]);
+        }
+        // Every isolated endpoint and isolating policy shows, at 0 until a deny.
+        for (e, d) in want.difference(&live) {
+            METRICS.packets.with_label_values(&[e.as_str(), d]);
+        }
+        for (p, d) in want_p.difference(&live_policies) {
+            METRICS.by_policy.with_label_values(&[p.as_str(), d]);
         }
         live = want;
         live_policies = want_p;
