@@ -282,6 +282,13 @@ pub struct PolicyConfig {
     /// forgets them. Allowed flows are never cut.
     #[serde(default)]
     pub established: EstablishedFlows,
+    /// Log denied connections: each node's agent writes one structured log
+    /// line per denied connection attempt (source, destination, port,
+    /// direction, the pod's isolating policies), rate-limited in the kernel
+    /// (10 per second per pod and direction, bursts of 20) and in the agent.
+    /// Off by default: the denied-packet metrics are always on.
+    #[serde(default)]
+    pub log_denied: bool,
 }
 
 impl Default for PolicyConfig {
@@ -290,6 +297,7 @@ impl Default for PolicyConfig {
             enabled: true,
             dataplane: PolicyDataplane::Auto,
             established: EstablishedFlows::Cut,
+            log_denied: false,
         }
     }
 }

@@ -420,6 +420,8 @@ pub struct NetworkConfig {
     pub policy_dataplane: PolicyDataplane,
     /// `policy.established`.
     pub policy_established: EstablishedFlows,
+    /// `policy.logDenied`.
+    pub policy_log_denied: bool,
 }
 
 impl NetworkConfig {
@@ -486,6 +488,7 @@ impl CanalNetworkSpec {
             policy_enabled: self.policy.enabled,
             policy_dataplane: self.policy.dataplane,
             policy_established: self.policy.established,
+            policy_log_denied: self.policy.log_denied,
         })
     }
 }

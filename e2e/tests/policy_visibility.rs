@@ -38,7 +38,10 @@ impl Drop for Stream {
 
 impl Stream {
     fn echoes(&self) -> Vec<Instant> {
-        self.echoes.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.echoes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn last(&self) -> Option<Instant> {
@@ -64,7 +67,8 @@ impl Stream {
 async fn tcp_stream(lab: &Lab, from: &str, to: &str) -> Stream {
     let conn = lab.open_stream(from, to, 80).await.expect("a TCP stream");
     let mut w = conn.stream;
-    w.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    w.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     w.set_write_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let mut r = BufReader::new(w.try_clone().unwrap());
@@ -77,7 +81,9 @@ async fn tcp_stream(lab: &Lab, from: &str, to: &str) -> Stream {
             if w.write_all(b"tick\n").is_ok() {
                 line.clear();
                 if r.read_line(&mut line).is_ok() && line == "tick\n" {
-                    e.lock().unwrap_or_else(|p| p.into_inner()).push(Instant::now());
+                    e.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(Instant::now());
                 }
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -107,7 +113,9 @@ fn udp_stream(lab: &Lab, from: &str, to: &str) -> Stream {
             if let Ok((n, _)) = u.recv_from(&mut buf)
                 && &buf[..n] == b"tick"
             {
-                e.lock().unwrap_or_else(|p| p.into_inner()).push(Instant::now());
+                e.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Instant::now());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -133,7 +141,9 @@ async fn set_established(lab: &Lab, mode: &str) {
 /// `canal_policy_denied_packets_total{endpoint="x/c",direction="ingress"}` on `node`.
 fn denied_at(lab: &Lab, node: &str, endpoint: &str) -> Result<f64, String> {
     let text = lab.agent_metrics(node).map_err(|e| e.to_string())?;
-    let want = format!("canal_policy_denied_packets_total{{direction=\"ingress\",endpoint=\"{endpoint}\"}}");
+    let want = format!(
+        "canal_policy_denied_packets_total{{direction=\"ingress\",endpoint=\"{endpoint}\"}}"
+    );
     Ok(text
         .lines()
         .find_map(|l| l.strip_prefix(&want))
@@ -141,7 +151,27 @@ fn denied_at(lab: &Lab, node: &str, endpoint: &str) -> Result<f64, String> {
         .unwrap_or(0.0))
 }
 
-const DENY_C: &str = "metadata: {namespace: x, name: deny-c}\nspec: {podSelector: {matchLabels: {pod: c}}}";
+/// The agent's text log without terminal colours.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ ... final byte in @..~
+            for d in chars.by_ref() {
+                if ('@'..='~').contains(&d) && d != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+const DENY_C: &str =
+    "metadata: {namespace: x, name: deny-c}\nspec: {podSelector: {matchLabels: {pod: c}}}";
 const ALLOW_C: &str = "metadata: {namespace: x, name: allow-c}\nspec:\n  podSelector: {matchLabels: {pod: c}}\n  ingress: [{from: [{namespaceSelector: {}}]}]";
 
 /// The pods used: two sources on other nodes than x/c, and an allowed pair.
@@ -270,8 +300,57 @@ async fn cut_ends_denied_streams_within_a_second_keep_leaves_them() {
         },
     )
     .await;
-    probe.stop();
     eprintln!("denied packets at x/c: {denied_before} -> {counted}");
+
+    // spec.policy.logDenied: the agent of x/c's node logs the denied probes.
+    let api: Api<canal_crds::CanalNetwork> = Api::all(lab.client());
+    api.patch(
+        canal_crds::DEFAULT_NETWORK_NAME,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"policy": {"logDenied": true}}})),
+    )
+    .await
+    .expect("patching spec.policy.logDenied");
+    wait_enforced(&lab, Duration::from_secs(10)).await;
+    let src = lab.pod(&tcp_from).unwrap().ipv4().unwrap();
+    let line = eventually(
+        "a denied-connection log line",
+        Duration::from_secs(15),
+        || async {
+            let log = strip_ansi(&lab.agent_log(&target_node));
+            let found = log
+                .lines()
+                .rev()
+                .find(|l| {
+                    l.contains("denied connection")
+                        && l.contains(&format!("src={src}"))
+                        && l.contains("port=81")
+                        && l.contains("endpoint=x/c")
+                        && l.contains("x/deny-c")
+                })
+                .map(str::to_string);
+            found.ok_or_else(|| {
+                let related: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("denied") || l.contains("flowlog") || l.contains("log"))
+                    .collect();
+                format!(
+                    "not yet; related lines: {:?}",
+                    &related[related.len().saturating_sub(5)..]
+                )
+            })
+        },
+    )
+    .await;
+    eprintln!("log line: {line}");
+    probe.stop();
+    api.patch(
+        canal_crds::DEFAULT_NETWORK_NAME,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"policy": {"logDenied": false}}})),
+    )
+    .await
+    .expect("patching spec.policy.logDenied");
     drop((tcp, udp));
 
     // Keep: the same deny leaves established streams alone.

@@ -18,8 +18,8 @@ use canal_agent::policy::{
     DataplaneChoice, EnforcementConfig, Exec, PolicyEnforcer, PolicyInputs, PolicyMetrics,
 };
 use canal_crds::{
-    CompiledPolicy, Endpoint, EstablishedFlows, NodePolicySetSpec, Peer, PeerSelector,
-    PeerSetSpec, PortMatch, Protocol, Rule,
+    CompiledPolicy, Endpoint, EstablishedFlows, NodePolicySetSpec, Peer, PeerSelector, PeerSetSpec,
+    PortMatch, Protocol, Rule,
 };
 use support::netns::{Netns, can_run};
 
@@ -92,7 +92,8 @@ fn serve(p: &Pod, port: u16, stop: &Arc<AtomicBool>) -> Received {
             let (s, g) = (s.clone(), g.clone());
             std::thread::spawn(move || {
                 c.set_nonblocking(false).unwrap();
-                c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                c.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
                 let mut buf = [0u8; 4096];
                 while !s.load(Ordering::SeqCst) {
                     match c.read(&mut buf) {
@@ -289,6 +290,8 @@ async fn established(dataplane: DataplaneChoice, mode: EstablishedFlows) {
         config: EnforcementConfig {
             dataplane,
             established: mode,
+            // The log on with Cut, off with Keep: off must log nothing.
+            log_denied: mode == EstablishedFlows::Cut,
             ..EnforcementConfig::default()
         },
         generation: Some(1),
@@ -306,7 +309,9 @@ async fn established(dataplane: DataplaneChoice, mode: EstablishedFlows) {
     e.sync(&inputs).await.unwrap();
     let (s, c, o) = (server.ip, client.ip, other.ip);
     // Neighbours first (proxy ARP), then the streams.
-    node.sh(&format!("ping -c1 -W1 {s} >/dev/null; ping -c1 -W1 {c} >/dev/null; ping -c1 -W1 {o} >/dev/null"));
+    node.sh(&format!(
+        "ping -c1 -W1 {s} >/dev/null; ping -c1 -W1 {c} >/dev/null; ping -c1 -W1 {o} >/dev/null"
+    ));
     tcp_stream(&client, s, 80, &stop);
     udp_stream(&client, s, 80, &stop);
     tcp_stream(&other, s, 80, &stop);
@@ -346,21 +351,34 @@ async fn established(dataplane: DataplaneChoice, mode: EstablishedFlows) {
     }
     let after = grows(&got, c, Duration::from_millis(1500));
     let other_goes_on = grows(&got, o, w).0;
-    eprintln!("{tag}: client streams last moved {last_move:?} after the sync returned; afterwards (tcp, udp) grew: {after:?}");
-    assert!(other_goes_on, "{tag}: the allowed stream to the same port goes on");
+    eprintln!(
+        "{tag}: client streams last moved {last_move:?} after the sync returned; afterwards (tcp, udp) grew: {after:?}"
+    );
+    assert!(
+        other_goes_on,
+        "{tag}: the allowed stream to the same port goes on"
+    );
     match mode {
         EstablishedFlows::Cut => {
             assert_eq!(after, (false, false), "{tag}: denied streams are cut");
             assert!(last_move < Duration::from_secs(1), "{last_move:?}");
             let cut = cut_entries(&node, c);
             assert!(
-                cut.iter().any(|l| l.starts_with("tcp")) && cut.iter().any(|l| l.starts_with("udp")),
+                cut.iter().any(|l| l.starts_with("tcp"))
+                    && cut.iter().any(|l| l.starts_with("udp")),
                 "{tag}: the client's TCP and UDP entries are cut: {cut:?}"
             );
-            assert!(cut_entries(&node, o).is_empty(), "{tag}: other's entry is not cut");
+            assert!(
+                cut_entries(&node, o).is_empty(),
+                "{tag}: other's entry is not cut"
+            );
         }
         EstablishedFlows::Keep => {
-            assert_eq!(after, (true, true), "{tag}: Keep leaves established streams");
+            assert_eq!(
+                after,
+                (true, true),
+                "{tag}: Keep leaves established streams"
+            );
             assert!(cut_entries(&node, c).is_empty());
         }
     }
@@ -381,6 +399,41 @@ async fn established(dataplane: DataplaneChoice, mode: EstablishedFlows) {
             Instant::now() < deadline,
             "{tag}: denied counters did not move: {before:?} -> {now:?}"
         );
+    }
+
+    // The denied-connection log names the connection and the policy.
+    let logged = |tag: &str| -> Vec<String> {
+        canal_agent::policy::flowlog::RECENT
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, pod, _)| pod == &format!("{tag}/server"))
+            .map(|(d, pod, policies)| {
+                format!(
+                    "{} {} {} {} {} {pod} {policies:?}",
+                    d.src, d.dst, d.protocol, d.port, d.direction
+                )
+            })
+            .collect()
+    };
+    match mode {
+        EstablishedFlows::Cut => {
+            let want_tcp = format!("{c} {s} TCP 80 ingress {tag}/server [\"{tag}/allow-peers\"]");
+            let want_udp = format!("{c} {s} UDP 80 ingress {tag}/server [\"{tag}/allow-peers\"]");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let lines = logged(&tag);
+                if lines.contains(&want_tcp) && lines.contains(&want_udp) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{tag}: log lines {lines:?}");
+                denied_probe(&client, s);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        EstablishedFlows::Keep => {
+            assert!(logged(&tag).is_empty(), "{tag}: logDenied off logs nothing");
+        }
     }
 
     if mode == EstablishedFlows::Cut {

@@ -35,9 +35,7 @@ use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
 use tracing::{debug, info, warn};
 
 use super::antispoof::Sources;
-use super::ctnetlink::{
-    AF_INET, AF_INET6, Conn, Entry, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-};
+use super::ctnetlink::{AF_INET, AF_INET6, Conn, Entry, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 use super::eval::{Connection, Side, evaluate};
 use super::model::NodeModel;
 pub use super::names::CUT_MARK;
@@ -272,7 +270,8 @@ pub struct CutMetrics {
 
 /// The process's cut metrics (registered on the agent's registry by
 /// [`register`]; shared by every enforcer of the process).
-pub static METRICS: LazyLock<CutMetrics> = LazyLock::new(|| CutMetrics {
+pub static METRICS: LazyLock<CutMetrics> = LazyLock::new(|| {
+    CutMetrics {
     entries: IntCounterVec::new(
         Opts::new(
             "canal_policy_conntrack_cut_entries_total",
@@ -302,6 +301,7 @@ pub static METRICS: LazyLock<CutMetrics> = LazyLock::new(|| CutMetrics {
         .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
     )
     .unwrap_or_else(|e| unreachable!("static metric options are valid: {e}")),
+}
 });
 
 /// Registers the cut metrics on `registry`.
@@ -358,8 +358,14 @@ impl Established {
         match result {
             Ok(stats) => {
                 let [v4, v6] = stats.cut;
-                METRICS.entries.with_label_values(&["IPv4"]).inc_by(v4 as u64);
-                METRICS.entries.with_label_values(&["IPv6"]).inc_by(v6 as u64);
+                METRICS
+                    .entries
+                    .with_label_values(&["IPv4"])
+                    .inc_by(v4 as u64);
+                METRICS
+                    .entries
+                    .with_label_values(&["IPv6"])
+                    .inc_by(v6 as u64);
                 METRICS.released.inc_by(stats.released as u64);
                 if v4 + v6 + stats.released > 0 {
                     info!(
@@ -372,7 +378,10 @@ impl Established {
                     );
                 }
                 if stats.failed > 0 {
-                    warn!(failed = stats.failed, "some conntrack entries could not be changed");
+                    warn!(
+                        failed = stats.failed,
+                        "some conntrack entries could not be changed"
+                    );
                     METRICS
                         .failures
                         .with_label_values(&["change"])
@@ -430,7 +439,10 @@ mod tests {
     }
 
     fn cuts(m: &NodeModel, mode: EstablishedFlows, s: &Sides, e: &[Entry]) -> Vec<(Entry, Action)> {
-        decide(m, mode, s, e).into_iter().map(|(e, a)| (*e, a)).collect()
+        decide(m, mode, s, e)
+            .into_iter()
+            .map(|(e, a)| (*e, a))
+            .collect()
     }
 
     fn ep(iface: &str, name: &str, ip: &str, ingress: &[&str]) -> Endpoint {

@@ -351,7 +351,8 @@ impl Conn {
     /// with the `marked` (mark, mask) bits.
     pub fn dump(&mut self, family: u8, marked: Option<(u32, u32)>) -> io::Result<Vec<Entry>> {
         self.seq += 1;
-        self.socket.send(&dump_request(self.seq, family, marked), 0)?;
+        self.socket
+            .send(&dump_request(self.seq, family, marked), 0)?;
         let mut entries = Vec::new();
         let mut buf = vec![0u8; 1 << 16];
         loop {
@@ -462,7 +463,13 @@ mod tests {
     fn dump_messages_decode_and_done_ends_the_dump() {
         let e = entry("10.244.1.2", "10.244.2.3", IPPROTO_TCP, 40000, 80);
         let mut buf = dump_message(&e);
-        buf.extend(dump_message(&entry("10.0.0.1", "10.0.0.2", IPPROTO_UDP, 5, 53)));
+        buf.extend(dump_message(&entry(
+            "10.0.0.1",
+            "10.0.0.2",
+            IPPROTO_UDP,
+            5,
+            53,
+        )));
         let mut done = Vec::new();
         header(&mut done, 0, 0, 1, AF_INET);
         done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
@@ -479,7 +486,10 @@ mod tests {
     fn delete_requests_name_the_tuple_and_id() {
         let e = entry("10.244.1.2", "10.244.2.3", IPPROTO_TCP, 40000, 80);
         let b = delete_request(9, &e);
-        assert_eq!(u32::from_ne_bytes(b[..4].try_into().unwrap()) as usize, b.len());
+        assert_eq!(
+            u32::from_ne_bytes(b[..4].try_into().unwrap()) as usize,
+            b.len()
+        );
         assert_eq!(
             u16::from_ne_bytes(b[4..6].try_into().unwrap()),
             (SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
@@ -498,7 +508,6 @@ mod tests {
         assert_eq!(orig, Some(e.orig));
         assert_eq!(id, Some(7));
     }
-
 
     #[test]
     fn mark_requests_update_only_the_masked_bits() {

@@ -72,12 +72,14 @@ pub fn targets(model: &NodeModel, plane: Plane) -> BTreeMap<String, Target> {
                         Direction::Ingress => names::to_endpoint_chain(iface),
                         Direction::Egress => names::from_endpoint_chain(iface),
                     };
-                    let c = super::render::endpoint_chain(&name, ep.isolation(dir), dir);
+                    let log = model.log_denied.then_some(iface.as_str());
+                    let c = super::render::endpoint_chain(&name, ep.isolation(dir), dir, log);
                     (name, c.rules.last().map(|r| r.hash.clone()))
                 }
                 Plane::NfTables => {
                     let name = endpoint_chain_name(iface, dir);
-                    let c = super::nft::render::endpoint_chain(&name, ep.isolation(dir), dir);
+                    let log = model.log_denied.then_some(iface.as_str());
+                    let c = super::nft::render::endpoint_chain(&name, ep.isolation(dir), dir, log);
                     (name, c.rules.last().map(|r| r.hash.clone()))
                 }
             };
@@ -200,6 +202,7 @@ pub fn register(registry: &Registry) -> Result<(), prometheus::Error> {
     registry.register(Box::new(m.packets.clone()))?;
     registry.register(Box::new(m.by_policy.clone()))?;
     registry.register(Box::new(m.read_errors.clone()))?;
+    super::flowlog::register(registry)?;
     for d in super::metrics::DATAPLANES {
         m.read_errors.with_label_values(&[d]);
     }
@@ -435,11 +438,13 @@ mod tests {
 }
 
 /// What the enforcer runs after every programmed sync (its one hook):
-/// the conntrack cut of `spec.policy.established` and the counters' reader.
+/// the conntrack cut of `spec.policy.established`, the counters' reader
+/// and the denied-connection log of `spec.policy.logDenied`.
 #[derive(Debug, Default)]
 pub struct Visibility {
     established: super::conntrack::Established,
     counters: DeniedCounters,
+    log: super::flowlog::DeniedLog,
 }
 
 impl Visibility {
@@ -456,5 +461,6 @@ impl Visibility {
             .after_apply(model, established, exec.netns())
             .await;
         self.counters.programmed(model, plane, exec);
+        self.log.programmed(model, exec.netns());
     }
 }

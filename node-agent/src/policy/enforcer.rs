@@ -373,7 +373,9 @@ impl PolicyEnforcer {
         if result.is_ok() {
             // Denied flows conntrack still holds end now, not when it forgets them.
             let mode = inputs.config.established;
-            self.visibility.after_apply(&model, plane, mode, &self.exec).await;
+            self.visibility
+                .after_apply(&model, plane, mode, &self.exec)
+                .await;
         }
         self.last = Some(desired);
         result.map(|mut s| {

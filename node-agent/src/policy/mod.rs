@@ -42,6 +42,7 @@ pub mod enforcer;
 pub mod eval;
 pub mod exec;
 pub mod firewall;
+pub mod flowlog;
 pub mod frame;
 pub mod handshake;
 #[cfg(test)]

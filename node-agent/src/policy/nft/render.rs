@@ -126,7 +126,8 @@ pub fn render_with(model: &NodeModel, cache: &mut NftCache) -> NftRuleset {
             if let Isolation::By(list) = ep.isolation(dir) {
                 needed.extend(list.iter().map(|p| (p.as_str(), dir)));
             }
-            let chain = endpoint_chain(&name, ep.isolation(dir), dir);
+            let log = model.log_denied.then_some(iface.as_str());
+            let chain = endpoint_chain(&name, ep.isolation(dir), dir, log);
             r.chains.insert(name, chain);
         }
         r.endpoints.insert(iface.clone());
@@ -480,7 +481,12 @@ fn input_chain(action: EndpointToHostAction, v6: bool) -> NftChain {
 
 /// `tw-<iface>` / `fw-<iface>`; its last rule, when isolated, is the
 /// counted drop whose counter `denied.rs` reads.
-pub(crate) fn endpoint_chain(name: &str, isolation: &Isolation, dir: Direction) -> NftChain {
+pub(crate) fn endpoint_chain(
+    name: &str,
+    isolation: &Isolation,
+    dir: Direction,
+    log: Option<&str>,
+) -> NftChain {
     let mut c = NftChain::default();
     let Isolation::By(policies) = isolation else {
         // The mark is what lets the packet through `forward`: a flushed
@@ -508,6 +514,19 @@ pub(crate) fn endpoint_chain(name: &str, isolation: &Isolation, dir: Direction) 
             name,
             format!("meta mark & {m:#010x} == {m:#010x} return"),
             &format!("allowed by {policy}"),
+        );
+    }
+    if let Some(iface) = log {
+        // Rate-limited in the kernel; the counted drop below sees every packet.
+        let (rate, burst) = crate::policy::names::DENIED_LOG_RATE;
+        let prefix = crate::policy::names::denied_log_prefix(iface, dir == Direction::Ingress);
+        c.push(
+            name,
+            format!(
+                "limit rate {rate}/second burst {burst} packets log prefix \"{prefix}\" group {} snaplen 128",
+                crate::policy::names::DENIED_LOG_GROUP
+            ),
+            &format!("log denied {}", dir.as_str()),
         );
     }
     c.push(
