@@ -217,9 +217,11 @@ pub fn register(registry: &Registry) -> Result<(), prometheus::Error> {
     Ok(())
 }
 
+/// One logged line: the packet, the pod, its isolating policies.
+pub type Line = (Denied, String, Vec<String>);
+
 /// The last lines logged in this process, newest last (tests).
-pub static RECENT: LazyLock<Mutex<Vec<(Denied, String, Vec<String>)>>> =
-    LazyLock::new(Mutex::default);
+pub static RECENT: LazyLock<Mutex<Vec<Line>>> = LazyLock::new(Mutex::default);
 
 /// The reader of one node's log group; stops when dropped.
 #[derive(Debug)]
