@@ -336,8 +336,16 @@ async fn established(dataplane: DataplaneChoice, mode: EstablishedFlows) {
         denied_count(&format!("{tag}/server")),
         denied_by_policy(&format!("{tag}/allow-peers")),
     );
-    e.sync(&inputs).await.unwrap();
+    let cut = &canal_agent::policy::conntrack::METRICS.duration;
+    let (sum0, n0) = (cut.get_sample_sum(), cut.get_sample_count());
+    let synced = e.sync(&inputs).await.unwrap();
     let enforced = Instant::now();
+    eprintln!(
+        "{tag}: the denying sync took {:?}; cut pass(es) meanwhile: {} taking {:.2} ms",
+        synced.duration,
+        cut.get_sample_count() - n0,
+        (cut.get_sample_sum() - sum0) * 1e3
+    );
     // Sample until 1 s after enforcement: when did the client's streams last move?
     let mut last = progress(&got, c);
     let mut last_move = Duration::ZERO;
