@@ -9,13 +9,13 @@ mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use canal_agent::policy::{
-    DataplaneChoice, EnforcementConfig, Exec, PolicyEnforcer, PolicyInputs, PolicyMetrics,
+    DataplaneChoice, EnforcementConfig, Exec, Families, PolicyEnforcer, PolicyInputs, PolicyMetrics,
 };
 use canal_crds::{
     CompiledPolicy, Endpoint, EstablishedFlows, NodePolicySetSpec, Peer, PeerSelector, PeerSetSpec,
@@ -25,12 +25,33 @@ use support::netns::{Netns, can_run};
 
 struct Pod {
     ns: Netns,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     iface: String,
 }
 
 fn pod(node: &Netns, prefix: &str, iface: &str, ip: &str) -> Pod {
     let ns = Netns::new(prefix);
+    if ip.contains(':') {
+        // IPv6: the node answers for fe80::1 on every pod link; no DAD.
+        node.sh(&format!(
+            "sysctl -qw net.ipv6.conf.default.accept_dad=0 \
+             && ip link add {iface} type veth peer name eth0 netns {pod} \
+             && ip link set {iface} up \
+             && ip -6 addr add fe80::1/64 dev {iface} nodad \
+             && ip -6 route add {ip}/128 dev {iface}",
+            pod = ns.name
+        ));
+        ns.sh(&format!(
+            "sysctl -qw net.ipv6.conf.eth0.accept_dad=0 \
+             && ip -6 addr add {ip}/128 dev eth0 nodad && ip link set eth0 up \
+             && ip -6 route add default via fe80::1 dev eth0"
+        ));
+        return Pod {
+            ns,
+            ip: ip.parse().unwrap(),
+            iface: iface.into(),
+        };
+    }
     node.sh(&format!(
         "ip link add {iface} type veth peer name eth0 netns {pod} \
          && ip link set {iface} up \
@@ -52,12 +73,22 @@ fn pod(node: &Netns, prefix: &str, iface: &str, ip: &str) -> Pod {
 
 fn node() -> Netns {
     let node = Netns::new("pv-node");
-    node.sh("sysctl -qw net.ipv4.ip_forward=1 \
+    node.sh(
+        "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 \
          && ip link add uplink type veth peer name uplink-peer \
          && ip link set uplink up && ip link set uplink-peer up \
          && ip addr add 192.168.255.1/24 dev uplink \
-         && ip route add default via 192.168.255.254 dev uplink onlink");
+         && ip route add default via 192.168.255.254 dev uplink onlink",
+    );
     node
+}
+
+/// The unspecified address of `ip`'s family.
+fn any(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    }
 }
 
 /// What the server received, by peer address: (TCP bytes, UDP datagrams).
@@ -75,10 +106,11 @@ impl Drop for Stop {
 /// TCP and UDP echo on `port` in the server pod, counting what arrives.
 fn serve(p: &Pod, port: u16, stop: &Arc<AtomicBool>) -> Received {
     let got: Received = Arc::default();
+    let any = any(p.ip);
     let (tcp, udp) = p.ns.run_in(move || {
         (
-            TcpListener::bind(("0.0.0.0", port)).unwrap(),
-            UdpSocket::bind(("0.0.0.0", port)).unwrap(),
+            TcpListener::bind((any, port)).unwrap(),
+            UdpSocket::bind((any, port)).unwrap(),
         )
     });
     tcp.set_nonblocking(true).unwrap();
@@ -126,7 +158,7 @@ fn serve(p: &Pod, port: u16, stop: &Arc<AtomicBool>) -> Received {
 }
 
 /// A TCP stream from `from` to `to:port`: 64 bytes every 10 ms, echo drained.
-fn tcp_stream(from: &Pod, to: Ipv4Addr, port: u16, stop: &Arc<AtomicBool>) {
+fn tcp_stream(from: &Pod, to: IpAddr, port: u16, stop: &Arc<AtomicBool>) {
     let mut c = from.ns.run_in(move || {
         TcpStream::connect_timeout(&SocketAddr::from((to, port)), Duration::from_secs(3)).unwrap()
     });
@@ -147,8 +179,9 @@ fn tcp_stream(from: &Pod, to: Ipv4Addr, port: u16, stop: &Arc<AtomicBool>) {
 }
 
 /// A UDP stream (one socket, one source port) every 10 ms, echo drained.
-fn udp_stream(from: &Pod, to: Ipv4Addr, port: u16, stop: &Arc<AtomicBool>) {
-    let u = from.ns.run_in(|| UdpSocket::bind("0.0.0.0:0").unwrap());
+fn udp_stream(from: &Pod, to: IpAddr, port: u16, stop: &Arc<AtomicBool>) {
+    let a = any(to);
+    let u = from.ns.run_in(move || UdpSocket::bind((a, 0)).unwrap());
     u.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
     let s = stop.clone();
     std::thread::spawn(move || {
@@ -184,7 +217,7 @@ fn port80(protocol: Protocol) -> PortMatch {
 }
 
 /// The server admits TCP and UDP 80 from the PeerSet `ps` only.
-fn isolate(inputs: &mut PolicyInputs, ns: &str, members: &[Ipv4Addr]) {
+fn isolate(inputs: &mut PolicyInputs, ns: &str, members: &[IpAddr]) {
     let policy = format!("{ns}/allow-peers");
     inputs.spec.endpoints[2].ingress_policies = vec![policy.clone()];
     inputs.spec.policies = vec![CompiledPolicy {
@@ -210,16 +243,12 @@ fn isolate(inputs: &mut PolicyInputs, ns: &str, members: &[Ipv4Addr]) {
     inputs.generation = inputs.generation.map(|g| g + 1);
 }
 
-fn progress(got: &Received, ip: Ipv4Addr) -> (u64, u64) {
-    got.lock()
-        .unwrap()
-        .get(&IpAddr::V4(ip))
-        .copied()
-        .unwrap_or_default()
+fn progress(got: &Received, ip: IpAddr) -> (u64, u64) {
+    got.lock().unwrap().get(&ip).copied().unwrap_or_default()
 }
 
 /// Whether both halves (TCP, UDP) of `ip`'s streams grow over `window`.
-fn grows(got: &Received, ip: Ipv4Addr, window: Duration) -> (bool, bool) {
+fn grows(got: &Received, ip: IpAddr, window: Duration) -> (bool, bool) {
     let a = progress(got, ip);
     std::thread::sleep(window);
     let b = progress(got, ip);
@@ -227,9 +256,10 @@ fn grows(got: &Received, ip: Ipv4Addr, window: Duration) -> (bool, bool) {
 }
 
 /// Marked (cut) conntrack entries from `src`, one line each.
-fn cut_entries(node: &Netns, src: Ipv4Addr) -> Vec<String> {
+fn cut_entries(node: &Netns, src: IpAddr) -> Vec<String> {
+    let f = if src.is_ipv6() { "ipv6" } else { "ipv4" };
     let out = node.sh_output(&format!(
-        "conntrack -L --orig-src {src} --mark 0x1000000/0x1000000 2>/dev/null"
+        "conntrack -L -f {f} --orig-src {src} --mark 0x1000000/0x1000000 2>/dev/null"
     ));
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -253,20 +283,21 @@ fn denied_by_policy(policy: &str) -> u64 {
 }
 
 /// One fresh TCP connection attempt and a few datagrams from a new port.
-fn denied_probe(from: &Pod, to: Ipv4Addr) {
+fn denied_probe(from: &Pod, to: IpAddr) {
     from.ns.run_in(move || {
         let _ = TcpStream::connect_timeout(&SocketAddr::from((to, 80)), Duration::from_millis(300));
-        let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let u = UdpSocket::bind((any(to), 0)).unwrap();
         for _ in 0..3 {
             let _ = u.send_to(b"probe", (to, 80));
         }
     });
 }
 
-async fn established(dataplane: DataplaneChoice, mode: EstablishedFlows) {
+async fn established(dataplane: DataplaneChoice, mode: EstablishedFlows, v6: bool) {
     assert!(can_run(), "kernel tests need root, iptables, ipset");
     let tag = format!(
-        "pv-{}-{}",
+        "pv{}-{}-{}",
+        if v6 { "6" } else { "" },
         match dataplane {
             DataplaneChoice::NfTables => "nft",
             _ => "ipt",
@@ -277,9 +308,13 @@ async fn established(dataplane: DataplaneChoice, mode: EstablishedFlows) {
         }
     );
     let node = node();
-    let client = pod(&node, "pv-cli", "cali00000000c01", "10.244.1.2");
-    let other = pod(&node, "pv-oth", "cali00000000c02", "10.244.1.4");
-    let server = pod(&node, "pv-srv", "cali00000000d01", "10.244.1.3");
+    let addr = |n: u8| match v6 {
+        false => format!("10.244.1.{n}"),
+        true => format!("fd00:10:244:1::{n}"),
+    };
+    let client = pod(&node, "pv-cli", "cali00000000c01", &addr(2));
+    let other = pod(&node, "pv-oth", "cali00000000c02", &addr(4));
+    let server = pod(&node, "pv-srv", "cali00000000d01", &addr(3));
     let stop = Arc::new(AtomicBool::new(false));
     let _stop = Stop(stop.clone());
     let got = serve(&server, 80, &stop);
@@ -292,6 +327,7 @@ async fn established(dataplane: DataplaneChoice, mode: EstablishedFlows) {
             established: mode,
             // The log on with Cut, off with Keep: off must log nothing.
             log_denied: mode == EstablishedFlows::Cut,
+            families: if v6 { Families::DUAL } else { Families::V4 },
             ..EnforcementConfig::default()
         },
         generation: Some(1),
@@ -310,7 +346,7 @@ async fn established(dataplane: DataplaneChoice, mode: EstablishedFlows) {
     let (s, c, o) = (server.ip, client.ip, other.ip);
     // Neighbours first (proxy ARP), then the streams.
     node.sh(&format!(
-        "ping -c1 -W1 {s} >/dev/null; ping -c1 -W1 {c} >/dev/null; ping -c1 -W1 {o} >/dev/null"
+        "ping -c1 -W2 {s} >/dev/null; ping -c1 -W2 {c} >/dev/null; ping -c1 -W2 {o} >/dev/null"
     ));
     tcp_stream(&client, s, 80, &stop);
     udp_stream(&client, s, 80, &stop);
@@ -458,20 +494,30 @@ async fn established(dataplane: DataplaneChoice, mode: EstablishedFlows) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_ends_denied_streams_and_spares_allowed_ones_on_iptables() {
-    established(DataplaneChoice::IpTables, EstablishedFlows::Cut).await;
+    established(DataplaneChoice::IpTables, EstablishedFlows::Cut, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_ends_denied_streams_and_spares_allowed_ones_on_nftables() {
-    established(DataplaneChoice::NfTables, EstablishedFlows::Cut).await;
+    established(DataplaneChoice::NfTables, EstablishedFlows::Cut, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_leaves_denied_established_streams_on_iptables() {
-    established(DataplaneChoice::IpTables, EstablishedFlows::Keep).await;
+    established(DataplaneChoice::IpTables, EstablishedFlows::Keep, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_leaves_denied_established_streams_on_nftables() {
-    established(DataplaneChoice::NfTables, EstablishedFlows::Keep).await;
+    established(DataplaneChoice::NfTables, EstablishedFlows::Keep, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_ends_denied_ipv6_streams_on_iptables() {
+    established(DataplaneChoice::IpTables, EstablishedFlows::Cut, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_ends_denied_ipv6_streams_on_nftables() {
+    established(DataplaneChoice::NfTables, EstablishedFlows::Cut, true).await;
 }
