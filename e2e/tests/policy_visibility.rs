@@ -5,7 +5,8 @@
 //! cuts nothing; a policy denying them ends both within 1 s of the policy
 //! being enforced while the allowed stream goes on uninterrupted; the
 //! denied probes show in `canal_policy_denied_packets_total` on x/c's
-//! node. With `Keep`, the same deny leaves the established streams alone.
+//! node, and with `logDenied` the agent logs them. With `Keep`, the same
+//! deny leaves the established streams alone. Both dataplanes.
 
 mod support;
 
@@ -20,6 +21,7 @@ use canal_e2e::lab::prober::Prober;
 use canal_e2e::lab::{Protocol, UpOptions};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
+use support::dataplane::{Dataplane, use_dataplane};
 use support::policy::{apply_policies, delete_all_policies, wait_enforced, wait_probers};
 use support::{eventually, serial};
 
@@ -194,10 +196,19 @@ fn pick(lab: &Lab) -> (String, String, (String, String)) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn cut_ends_denied_streams_within_a_second_keep_leaves_them() {
+async fn cut_ends_denied_streams_within_a_second_keep_leaves_them_iptables() {
+    visibility(Dataplane::IpTables).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cut_ends_denied_streams_within_a_second_keep_leaves_them_nftables() {
+    visibility(Dataplane::NfTables).await;
+}
+
+async fn visibility(dataplane: Dataplane) {
     let _serial = serial().await;
     let lab = Lab::up(
-        Lab::test_state_dir("policy-visibility"),
+        Lab::test_state_dir(&format!("policy-visibility-{}", dataplane.status())),
         UpOptions {
             nodes: 3,
             ..UpOptions::default()
@@ -205,6 +216,7 @@ async fn cut_ends_denied_streams_within_a_second_keep_leaves_them() {
     )
     .await
     .expect("a 3-node lab");
+    use_dataplane(&lab, dataplane).await;
     lab.add_conformance_pods().await.expect("conformance pods");
     let client = lab.client();
     wait_enforced(&lab, Duration::from_secs(30)).await;
