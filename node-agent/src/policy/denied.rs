@@ -426,6 +426,69 @@ mod tests {
         });
     }
 
+    /// The golden test's richest input, with the log on or off.
+    fn web_mixed(log: bool) -> NodeModel {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Case {
+            spec: canal_crds::NodePolicySetSpec,
+            #[serde(default)]
+            peer_sets: BTreeMap<String, canal_crds::PeerSetSpec>,
+        }
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/web-mixed.yaml");
+        let c: Case = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut inputs = crate::policy::render::PolicyInputs {
+            spec: c.spec,
+            peer_sets: c.peer_sets,
+            ..Default::default()
+        };
+        inputs.config.log_denied = log;
+        crate::policy::model::build(&inputs)
+    }
+
+    #[test]
+    fn targets_are_the_rendered_drop_rules_of_isolated_pods() {
+        for log in [false, true] {
+            let model = web_mixed(log);
+            let isolated: usize = model
+                .endpoints
+                .values()
+                .map(|e| {
+                    usize::from(matches!(e.ingress, Isolation::By(_)))
+                        + usize::from(matches!(e.egress, Isolation::By(_)))
+                })
+                .sum();
+            assert!(isolated >= 2);
+            let ipt =
+                crate::policy::render::render_model(&model, Family::V4, &mut Default::default());
+            let t = targets(&model, Plane::IpTables);
+            assert_eq!(t.len(), isolated);
+            for (hash, target) in &t {
+                let rules = &ipt.chains[&target.chain].rules;
+                let last = rules.last().unwrap();
+                assert_eq!(&last.hash, hash);
+                assert_eq!(last.spec, "-j DROP");
+                let logs = rules.iter().any(|r| r.spec.contains("NFLOG"));
+                assert_eq!(logs, log, "{}", target.chain);
+            }
+            let nft = crate::policy::nft::render::render_with(&model, &mut Default::default());
+            let t = targets(&model, Plane::NfTables);
+            assert_eq!(t.len(), isolated);
+            for (hash, target) in &t {
+                let rules = &nft.chains[&target.chain].rules;
+                let last = rules.last().unwrap();
+                assert_eq!(&last.hash, hash);
+                assert_eq!(last.spec, "counter drop");
+                let logs = rules
+                    .iter()
+                    .any(|r| r.spec.contains("log prefix \"canal-deny:"));
+                assert_eq!(logs, log, "{}", target.chain);
+                assert!(target.endpoint.contains('/') && !target.policies.is_empty());
+            }
+        }
+    }
+
     #[test]
     fn labels_are_capped() {
         let mut c = Capped::default();
