@@ -303,7 +303,7 @@ async fn visibility(dataplane: Dataplane) {
     .await;
     let counted = eventually(
         "canal_policy_denied_packets_total moves",
-        Duration::from_secs(15),
+        Duration::from_secs(20),
         || async {
             let now = denied_at(&lab, &target_node, "x/c")?;
             (now > denied_before)

@@ -428,7 +428,7 @@ async fn established(dataplane: DataplaneChoice, mode: EstablishedFlows, v6: boo
     }
 
     // New connections from the client are denied and counted.
-    let deadline = Instant::now() + Duration::from_secs(8);
+    let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         denied_probe(&client, s);
         tokio::time::sleep(Duration::from_millis(500)).await;

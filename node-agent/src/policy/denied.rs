@@ -38,7 +38,7 @@ pub const MAX_SERIES: usize = 256;
 /// The label value of everything beyond [`MAX_SERIES`].
 pub const OTHER: &str = "_other";
 /// How often the kernel counters are read.
-pub const READ_INTERVAL: Duration = Duration::from_secs(2);
+pub const READ_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What one drop rule stands for.
 #[derive(Clone, Debug, PartialEq, Eq)]
