@@ -275,6 +275,20 @@ pub struct PolicyConfig {
     /// traffic passes, and leaves nothing behind in the other.
     #[serde(default)]
     pub dataplane: PolicyDataplane,
+    /// What a change that denies a flow does to connections conntrack
+    /// already holds: Cut (the default) deletes exactly the conntrack
+    /// entries the new policy denies, so the deny also ends established
+    /// TCP connections and UDP flows; Keep leaves them until conntrack
+    /// forgets them. Allowed flows are never cut.
+    #[serde(default)]
+    pub established: EstablishedFlows,
+    /// Log denied connections: each node's agent writes one structured log
+    /// line per denied connection attempt (source, destination, port,
+    /// direction, the pod's isolating policies), rate-limited in the kernel
+    /// (10 per second per pod and direction, bursts of 20) and in the agent.
+    /// Off by default: the denied-packet metrics are always on.
+    #[serde(default)]
+    pub log_denied: bool,
 }
 
 impl Default for PolicyConfig {
@@ -282,6 +296,8 @@ impl Default for PolicyConfig {
         PolicyConfig {
             enabled: true,
             dataplane: PolicyDataplane::Auto,
+            established: EstablishedFlows::Cut,
+            log_denied: false,
         }
     }
 }
@@ -296,6 +312,16 @@ pub enum PolicyDataplane {
     NFTables,
     /// iptables and ipset, through the node's iptables backend.
     IPTables,
+}
+
+/// `spec.policy.established`: established flows when a change denies them.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum EstablishedFlows {
+    /// Delete the conntrack entries of flows the new policy denies.
+    #[default]
+    Cut,
+    /// Leave established flows alone until conntrack forgets them.
+    Keep,
 }
 
 /// Observed state of the pod network, written by the controller.

@@ -23,7 +23,7 @@ pub mod validate;
 
 pub use canal_network::{
     Backend, BackendType, CanalNetwork, CanalNetworkSpec, CanalNetworkStatus, EndpointToHostAction,
-    PolicyConfig, PolicyDataplane,
+    EstablishedFlows, PolicyConfig, PolicyDataplane,
 };
 pub use node_policy_set::{
     CompiledPolicy, DriftRepair, Endpoint, IpBlock, KernelCheck, NamedPort, NodeEndpoint,

@@ -16,7 +16,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use kube::core::{Message, Rule};
 
-use crate::canal_network::{BackendType, CanalNetworkSpec, EndpointToHostAction, PolicyDataplane};
+use crate::canal_network::{
+    BackendType, CanalNetworkSpec, EndpointToHostAction, EstablishedFlows, PolicyDataplane,
+};
 
 /// An address range a cluster CIDR must not overlap, and why: shown to the
 /// person who asked for it.
@@ -416,6 +418,10 @@ pub struct NetworkConfig {
     pub policy_enabled: bool,
     /// `policy.dataplane`.
     pub policy_dataplane: PolicyDataplane,
+    /// `policy.established`.
+    pub policy_established: EstablishedFlows,
+    /// `policy.logDenied`.
+    pub policy_log_denied: bool,
 }
 
 impl NetworkConfig {
@@ -481,6 +487,8 @@ impl CanalNetworkSpec {
             endpoint_to_host: self.default_endpoint_to_host_action,
             policy_enabled: self.policy.enabled,
             policy_dataplane: self.policy.dataplane,
+            policy_established: self.policy.established,
+            policy_log_denied: self.policy.log_denied,
         })
     }
 }

@@ -21,7 +21,7 @@
 //!
 //! The second test, on a lab of its own, probes continuously while things
 //! change: a policy created under traffic blocks new connections within
-//! 1 s (established ones carry on) and its deletion restores them; an agent
+//! 1 s (established ones are cut) and its deletion restores them; an agent
 //! restart leaks nothing and rewrites nothing; a new pod selected by an
 //! isolating policy is isolated before its first packet (blast probes from
 //! the start of `pod add`); `kubectl apply` shows in `canal-lab matrix`;
@@ -647,7 +647,8 @@ async fn policy_under_traffic(dataplane: Dataplane) {
     wait_enforced(&lab, Duration::from_secs(30)).await;
 
     // A policy created while traffic flows blocks new connections within
-    // 1 s; established ones carry on (conntrack); deleting it restores them.
+    // 1 s, established ones are cut (policy.established: Cut); deleting it
+    // restores them.
     let stream = lab.open_stream("y/a", "x/c", 80).await.unwrap();
     let mut conn = stream.stream;
     conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
@@ -677,12 +678,15 @@ async fn policy_under_traffic(dataplane: Dataplane) {
     })
     .await;
     use std::io::{BufRead, BufReader, Write};
+    // spec.policy.established: Cut (the default, issue 15) ends the
+    // established connection too (policy_visibility.rs covers Cut and Keep).
     conn.write_all(b"still here\n").unwrap();
     let mut line = String::new();
-    BufReader::new(conn.try_clone().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line, "still here\n", "an established connection carries on");
+    let read = BufReader::new(conn.try_clone().unwrap()).read_line(&mut line);
+    assert!(
+        read.is_err() || read.is_ok_and(|n| n == 0),
+        "the established connection is cut (policy.established: Cut), got {line:?}"
+    );
     let t1 = Instant::now();
     delete_all_policies(&client).await;
     wait_probers(

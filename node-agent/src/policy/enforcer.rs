@@ -231,6 +231,8 @@ pub struct PolicyEnforcer {
     spoof_seen: BTreeMap<String, u64>,
     /// `nft -f` per transaction instead of the library (benchmarks).
     nft_process: bool,
+    /// Conntrack cut and denied-flow counters (denied.rs, conntrack.rs).
+    visibility: super::denied::Visibility,
 }
 
 impl PolicyEnforcer {
@@ -253,6 +255,7 @@ impl PolicyEnforcer {
             last: None,
             spoof_seen: BTreeMap::new(),
             nft_process: false,
+            visibility: Default::default(),
         }
     }
 
@@ -367,6 +370,13 @@ impl PolicyEnforcer {
         let desired = self.render(&model, plane, inputs.generation);
         let render_time = render_start.elapsed();
         let result = self.apply_desired(&desired, start).await;
+        if result.is_ok() {
+            // Denied flows conntrack still holds end now, not when it forgets them.
+            let mode = inputs.config.established;
+            self.visibility
+                .after_apply(&model, plane, mode, &self.exec)
+                .await;
+        }
         self.last = Some(desired);
         result.map(|mut s| {
             s.render_time = render_time;

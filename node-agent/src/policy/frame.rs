@@ -100,10 +100,25 @@ pub fn hook(table: Table, builtin: &'static str, target: &str, note: &str) -> Ho
     }
 }
 
+/// Established flows policy now denies, cut by conntrack.rs (their
+/// entries carry [`super::names::CUT_MARK`]): dropped before the
+/// RELATED,ESTABLISHED accept, in both directions.
+fn cut_drops(c: &mut Chain, n: &str, dirs: &[&str]) {
+    let m = super::names::CUT_MARK;
+    for d in dirs {
+        c.push(
+            n,
+            format!("{d} {IFACE_WILDCARD} -m connmark --mark {m:#x}/{m:#x} -j DROP"),
+            "established flow cut by policy",
+        );
+    }
+}
+
 fn forward_chain() -> Chain {
     let n = FORWARD_CHAIN;
     let w = IFACE_WILDCARD;
     let mut c = Chain::default();
+    cut_drops(&mut c, n, &["-i", "-o"]);
     c.push(
         n,
         format!("-i {w} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
@@ -165,6 +180,7 @@ fn input_chain(action: EndpointToHostAction, family: Family) -> Chain {
     let n = INPUT_CHAIN;
     let w = IFACE_WILDCARD;
     let mut c = Chain::default();
+    cut_drops(&mut c, n, &["-i"]);
     c.push(
         n,
         format!("-i {w} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),

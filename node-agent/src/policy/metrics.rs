@@ -114,6 +114,8 @@ impl PolicyMetrics {
         registry.register(Box::new(m.spoofed_packets.clone()))?;
         registry.register(Box::new(m.firewall_changes.clone()))?;
         registry.register(Box::new(m.dataplane.clone()))?;
+        super::conntrack::register(registry)?;
+        super::denied::register(registry)?;
         Ok(m)
     }
 

@@ -35,10 +35,14 @@
 
 pub mod antispoof;
 pub mod component;
+pub mod conntrack;
+pub mod ctnetlink;
+pub mod denied;
 pub mod enforcer;
 pub mod eval;
 pub mod exec;
 pub mod firewall;
+pub mod flowlog;
 pub mod frame;
 pub mod handshake;
 #[cfg(test)]

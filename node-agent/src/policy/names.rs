@@ -50,6 +50,22 @@ pub const MAX_IFACE_LEN: usize = 15;
 pub const INGRESS_MARK: u32 = 0x0001_0000;
 /// Set once the source pod's egress policy allowed the packet.
 pub const EGRESS_MARK: u32 = 0x0002_0000;
+/// The conntrack mark bit of an established flow policy now denies
+/// (`spec.policy.established: Cut`, conntrack.rs): the filter chains drop
+/// packets of marked entries before their `established` accept.
+pub const CUT_MARK: u32 = 0x0100_0000;
+/// The NFLOG group of denied-connection log rules (`spec.policy.logDenied`,
+/// flowlog.rs reads it over nfnetlink_log).
+pub const DENIED_LOG_GROUP: u16 = 7651;
+/// Kernel rate limit of those rules, per pod and direction: per second, burst.
+pub const DENIED_LOG_RATE: (u32, u32) = (10, 20);
+
+/// The NFLOG prefix of a denied-connection log rule: `canal-deny:i:<iface>`
+/// (ingress) or `canal-deny:e:<iface>` (egress); at most 29 characters.
+pub fn denied_log_prefix(iface: &str, ingress: bool) -> String {
+    format!("canal-deny:{}:{iface}", if ingress { 'i' } else { 'e' })
+}
+
 /// Both verdict marks.
 pub const VERDICT_MARKS: u32 = INGRESS_MARK | EGRESS_MARK;
 

@@ -184,7 +184,8 @@ impl Renderer<'_> {
             to_wl.push(TO_WL_CHAIN, format!("-o {iface} -g {tw}"), &ep.pod);
             from_wl.push(FROM_WL_CHAIN, format!("-i {iface} -g {fw}"), &ep.pod);
             for (name, dir) in [(tw, Direction::Ingress), (fw, Direction::Egress)] {
-                let chain = endpoint_chain(&name, ep.isolation(dir), dir);
+                let log = model.log_denied.then_some(iface.as_str());
+                let chain = endpoint_chain(&name, ep.isolation(dir), dir, log);
                 if let Isolation::By(list) = ep.isolation(dir) {
                     needed.extend(list.iter().map(|p| (p.as_str(), dir)));
                 }
@@ -418,7 +419,14 @@ impl Renderer<'_> {
     }
 }
 
-fn endpoint_chain(chain_name: &str, isolation: &Isolation, dir: Direction) -> Chain {
+/// `CANAL-TW-<iface>` / `CANAL-FW-<iface>`; its last rule, when isolated,
+/// is the drop whose counter `denied.rs` reads.
+pub(crate) fn endpoint_chain(
+    chain_name: &str,
+    isolation: &Isolation,
+    dir: Direction,
+    log: Option<&str>,
+) -> Chain {
     let mut chain = Chain::default();
     let Isolation::By(policies) = isolation else {
         // The verdict mark is what lets the packet through CANAL-FORWARD
@@ -445,6 +453,20 @@ fn endpoint_chain(chain_name: &str, isolation: &Isolation, dir: Direction) -> Ch
             chain_name,
             if_marked_return(dir),
             &format!("allowed by {policy}"),
+        );
+    }
+    if let Some(iface) = log {
+        // Rate-limited in the kernel: a flood of denied packets costs
+        // nothing past the limit; the drop below counts every one.
+        let (rate, burst) = names::DENIED_LOG_RATE;
+        let prefix = names::denied_log_prefix(iface, dir == Direction::Ingress);
+        chain.push(
+            chain_name,
+            format!(
+                "-m limit --limit {rate}/sec --limit-burst {burst} -j NFLOG --nflog-group {} --nflog-prefix {prefix} --nflog-range 128",
+                names::DENIED_LOG_GROUP
+            ),
+            &format!("log denied {}", dir.as_str()),
         );
     }
     chain.push(

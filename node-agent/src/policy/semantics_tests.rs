@@ -192,9 +192,20 @@ fn deny_all_ingress_blocks_new_but_not_replies() {
     reply.ct = Ct::Established;
     let mut invalid = fwd(b(), a(), TCP, 80);
     invalid.ct = Ct::Invalid;
+    // Flows cut by `policy.established: Cut` stop in both directions, also
+    // where nothing isolates the pod (the mark alone decides).
+    let mut cut_in = fwd(remote(REMOTE), a(), TCP, 80);
+    cut_in.ct = Ct::Cut;
+    let mut cut_out = fwd(a(), remote(REMOTE), TCP, 40000);
+    cut_out.ct = Ct::Cut;
+    let mut cut_b = fwd(b(), remote(REMOTE), UDP, 53);
+    cut_b.ct = Ct::Cut;
     check(
         &r,
         &[
+            ("cut -> a", cut_in, Drop),
+            ("cut a ->", cut_out, Drop),
+            ("cut b ->", cut_b, Drop),
             ("remote -> a tcp", fwd(remote(REMOTE), a(), TCP, 80), Drop),
             ("remote -> a udp", fwd(remote(REMOTE), a(), UDP, 80), Drop),
             ("b -> a same node", fwd(b(), a(), TCP, 80), Drop),

@@ -16,6 +16,8 @@ pub enum Ct {
     New,
     Established,
     Invalid,
+    /// Established, its entry cut by conntrack.rs (ct mark `CUT_MARK`).
+    Cut,
 }
 
 /// A packet at a filter hook.
@@ -193,7 +195,7 @@ fn rule(r: &Ruleset, spec: &str, p: &Packet, mark: &mut u32) -> Option<Flow> {
                     let states: Vec<&str> = t[j + 1].split(',').collect();
                     let have = match p.ct {
                         Ct::New => "NEW",
-                        Ct::Established => "ESTABLISHED",
+                        Ct::Established | Ct::Cut => "ESTABLISHED",
                         Ct::Invalid => "INVALID",
                     };
                     if !matched(states.contains(&have), &mut negate) {
@@ -213,6 +215,18 @@ fn rule(r: &Ruleset, spec: &str, p: &Packet, mark: &mut u32) -> Option<Flow> {
                         return None;
                     }
                     i = j + 2;
+                }
+                "connmark" => {
+                    assert_eq!(t[i + 2], "--mark");
+                    let (v, m) = value_mask(t[i + 3]);
+                    let ctmark = match p.ct {
+                        Ct::Cut => super::names::CUT_MARK,
+                        _ => 0,
+                    };
+                    if !matched(ctmark & m == v, &mut negate) {
+                        return None;
+                    }
+                    i += 4;
                 }
                 "rpfilter" => {
                     assert_eq!(t[i + 2], "--invert");

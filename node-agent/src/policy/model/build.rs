@@ -52,6 +52,7 @@ pub fn build_with(inputs: &PolicyInputs, cache: &mut ModelCache) -> NodeModel {
         enabled: inputs.config.enabled,
         endpoint_to_host: inputs.config.endpoint_to_host,
         families: inputs.config.families,
+        log_denied: inputs.config.log_denied,
         sources,
         ..NodeModel::default()
     };

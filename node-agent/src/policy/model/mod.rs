@@ -145,6 +145,10 @@ pub struct EnforcementConfig {
     pub families: Families,
     /// `spec.policy.dataplane`.
     pub dataplane: DataplaneChoice,
+    /// `spec.policy.established`: cut the conntrack entries a change denies.
+    pub established: canal_crds::EstablishedFlows,
+    /// `spec.policy.logDenied`: NFLOG rules before each isolated pod's drop.
+    pub log_denied: bool,
 }
 
 impl Default for EnforcementConfig {
@@ -154,6 +158,8 @@ impl Default for EnforcementConfig {
             endpoint_to_host: EndpointToHostAction::Accept,
             families: Families::V4,
             dataplane: DataplaneChoice::Auto,
+            established: canal_crds::EstablishedFlows::Cut,
+            log_denied: false,
         }
     }
 }
@@ -164,6 +170,8 @@ impl From<&canal_crds::NetworkConfig> for EnforcementConfig {
             enabled: c.policy_enabled,
             endpoint_to_host: c.endpoint_to_host,
             dataplane: c.policy_dataplane.into(),
+            established: c.policy_established,
+            log_denied: c.policy_log_denied,
             ..EnforcementConfig::default()
         }
     }
@@ -508,6 +516,9 @@ pub struct NodeModel {
     pub local_ports: BTreeMap<(Protocol, String), Arc<PortSet>>,
     /// Parts of the input left out (sorted, deduplicated).
     pub warnings: Vec<Warning>,
+    /// `spec.policy.logDenied`: log (NFLOG, rate-limited) before each drop
+    /// of an isolated pod's chain.
+    pub log_denied: bool,
 }
 
 impl NodeModel {

@@ -52,7 +52,7 @@ use crate::policy::model::{
     AddressSet, Block, Direction, Families, Family, Isolation, NodeModel, PeerModel, PortModel,
     PortSet, RuleModel,
 };
-use crate::policy::names::{EGRESS_MARK, INGRESS_MARK, VERDICT_MARKS};
+use crate::policy::names::{CUT_MARK, EGRESS_MARK, INGRESS_MARK, VERDICT_MARKS};
 
 use super::ruleset::{BaseChain, NftChain, NftRuleset, NftSet};
 
@@ -126,7 +126,8 @@ pub fn render_with(model: &NodeModel, cache: &mut NftCache) -> NftRuleset {
             if let Isolation::By(list) = ep.isolation(dir) {
                 needed.extend(list.iter().map(|p| (p.as_str(), dir)));
             }
-            let chain = endpoint_chain(&name, ep.isolation(dir), dir);
+            let log = model.log_denied.then_some(iface.as_str());
+            let chain = endpoint_chain(&name, ep.isolation(dir), dir, log);
             r.chains.insert(name, chain);
         }
         r.endpoints.insert(iface.clone());
@@ -357,12 +358,26 @@ fn antispoof(r: &mut NftRuleset, map: &SourceMap, families: Families) {
     r.chains.insert(n.into(), c);
 }
 
+/// Established flows policy now denies, cut by conntrack.rs (their
+/// entries carry [`CUT_MARK`]): dropped before the established accept, in
+/// both directions.
+fn cut_drops(c: &mut NftChain, n: &str, dirs: &[&str]) {
+    for d in dirs {
+        c.push(
+            n,
+            format!("{d} {PODS} ct mark & {CUT_MARK:#010x} == {CUT_MARK:#010x} drop"),
+            "established flow cut by policy",
+        );
+    }
+}
+
 fn forward_chain() -> NftChain {
     let n = FORWARD;
     let mut c = NftChain {
         base: base("forward", FILTER_PRIORITY),
         ..NftChain::default()
     };
+    cut_drops(&mut c, n, &["iifname", "oifname"]);
     for (dir, note) in [("iifname", "from pod"), ("oifname", "to pod")] {
         c.push(
             n,
@@ -413,6 +428,7 @@ fn input_chain(action: EndpointToHostAction, v6: bool) -> NftChain {
         base: base("input", FILTER_PRIORITY),
         ..NftChain::default()
     };
+    cut_drops(&mut c, n, &["iifname"]);
     c.push(
         n,
         format!("iifname {PODS} ct state established,related accept"),
@@ -463,7 +479,14 @@ fn input_chain(action: EndpointToHostAction, v6: bool) -> NftChain {
     c
 }
 
-fn endpoint_chain(name: &str, isolation: &Isolation, dir: Direction) -> NftChain {
+/// `tw-<iface>` / `fw-<iface>`; its last rule, when isolated, is the
+/// counted drop whose counter `denied.rs` reads.
+pub(crate) fn endpoint_chain(
+    name: &str,
+    isolation: &Isolation,
+    dir: Direction,
+    log: Option<&str>,
+) -> NftChain {
     let mut c = NftChain::default();
     let Isolation::By(policies) = isolation else {
         // The mark is what lets the packet through `forward`: a flushed
@@ -493,7 +516,24 @@ fn endpoint_chain(name: &str, isolation: &Isolation, dir: Direction) -> NftChain
             &format!("allowed by {policy}"),
         );
     }
-    c.push(name, "drop", &format!("no policy allowed {}", dir.as_str()));
+    if let Some(iface) = log {
+        // Rate-limited in the kernel; the counted drop below sees every packet.
+        let (rate, burst) = crate::policy::names::DENIED_LOG_RATE;
+        let prefix = crate::policy::names::denied_log_prefix(iface, dir == Direction::Ingress);
+        c.push(
+            name,
+            format!(
+                "limit rate {rate}/second burst {burst} packets log prefix \"{prefix}\" group {} snaplen 128",
+                crate::policy::names::DENIED_LOG_GROUP
+            ),
+            &format!("log denied {}", dir.as_str()),
+        );
+    }
+    c.push(
+        name,
+        "counter drop",
+        &format!("no policy allowed {}", dir.as_str()),
+    );
     c
 }
 
