@@ -648,15 +648,23 @@ impl Owner {
     /// One sync (or drift check) and what follows it: metrics, status,
     /// readiness. Returns whether it succeeded.
     async fn sync(&mut self, trigger: Trigger) -> bool {
+        let started = Instant::now();
+        let oldest = self.store.pending().values().min().copied();
+        let span = tracing::debug_span!("policy_sync", trigger = trigger.as_str());
         let result = match trigger {
             Trigger::DriftCheck | Trigger::FirewallChange => {
-                match self.enforcer.check_drift().await {
+                match self.enforcer.check_drift().instrument(span).await {
                     Ok(Some(stats)) => Ok(stats),
                     Ok(None) => return true,
                     Err(e) => Err(e),
                 }
             }
-            Trigger::Change | Trigger::Retry => self.enforcer.sync(self.store.inputs()).await,
+            Trigger::Change | Trigger::Retry => {
+                self.enforcer
+                    .sync(self.store.inputs())
+                    .instrument(span)
+                    .await
+            }
         };
         let ok = result.is_ok();
         self.metrics
@@ -682,7 +690,15 @@ impl Owner {
                 "policy sync failed: {e} (retrying)"
             ),
         }
-        self.write_status(result.as_ref()).await;
+        let status_start = Instant::now();
+        self.write_status(result.as_ref())
+            .instrument(tracing::debug_span!("status_write"))
+            .await;
+        if let (Ok(stats), false) = (&result, trigger.is_check()) {
+            if stats.applied {
+                self.record_stages(stats, oldest.map(|o| started.saturating_duration_since(o)), status_start.elapsed());
+            }
+        }
         if let (Ok(stats), false) = (&result, self.synced_once) {
             // Ready once the first sync is in the kernel and reported.
             self.synced_once = true;
@@ -695,6 +711,26 @@ impl Owner {
             );
         }
         ok
+    }
+
+    /// The stages of a change sync that changed the kernel.
+    fn record_stages(&self, stats: &SyncStats, queued: Option<Duration>, status: Duration) {
+        let kernel = stats.restore_time.saturating_sub(stats.plan_time);
+        let stages = [
+            ("queue", queued),
+            ("render", Some(stats.render_time)),
+            ("plan", Some(stats.plan_time)),
+            ("kernel", Some(kernel)),
+            ("status", Some(status)),
+        ];
+        for (stage, d) in stages {
+            if let Some(d) = d {
+                self.metrics
+                    .programming_stage
+                    .with_label_values(&[stage])
+                    .observe(d.as_secs_f64());
+            }
+        }
     }
 
     async fn log_sync(&mut self, trigger: Trigger, stats: &SyncStats) {

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::exec::{Exec, ExecError};
 use super::handshake::{Handshake, HandshakeError};
@@ -360,13 +360,19 @@ impl PolicyEnforcer {
         let start = Instant::now();
         let plane = resolve(inputs.config.dataplane, self.support().await);
         let render_start = Instant::now();
-        let model = build_with(inputs, &mut self.model_cache);
-        for w in &model.warnings {
-            warn!(reason = w.category(), "{w}");
-        }
-        let desired = self.render(&model, plane, inputs.generation);
+        let desired = {
+            let _span = tracing::debug_span!("render", dataplane = plane.as_str()).entered();
+            let model = build_with(inputs, &mut self.model_cache);
+            for w in &model.warnings {
+                warn!(reason = w.category(), "{w}");
+            }
+            self.render(&model, plane, inputs.generation)
+        };
         let render_time = render_start.elapsed();
-        let result = self.apply_desired(&desired, start).await;
+        let result = self
+            .apply_desired(&desired, start)
+            .instrument(tracing::debug_span!("kernel_apply", dataplane = plane.as_str()))
+            .await;
         self.last = Some(desired);
         result.map(|mut s| {
             s.render_time = render_time;
