@@ -285,6 +285,11 @@ impl PolicyEnforcer {
         self.active
     }
 
+    /// nftables transactions sent as element batches (tests, benchmarks).
+    pub fn nft_batches(&self) -> u64 {
+        self.nft.as_ref().map_or(0, NftTable::batches)
+    }
+
     /// What the node supports (probed once: nftables, the iptables backend).
     pub async fn support(&mut self) -> NodeSupport {
         if let Some(s) = self.support {
