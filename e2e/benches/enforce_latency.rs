@@ -134,7 +134,8 @@ fn scrape(lab: &Lab) -> Scrape {
 /// Mean (ms) and count of a histogram series between two scrapes.
 fn mean(before: &Samples, after: &Samples, name: &str, labels: &str) -> Option<(f64, f64)> {
     let key = |suffix: &str| format!("{name}_{suffix}{labels}");
-    let d = |k: String| after.get(&k).copied().unwrap_or(0.0) - before.get(&k).copied().unwrap_or(0.0);
+    let d =
+        |k: String| after.get(&k).copied().unwrap_or(0.0) - before.get(&k).copied().unwrap_or(0.0);
     let (sum, count) = (d(key("sum")), d(key("count")));
     (count > 0.0).then(|| (sum / count * 1e3, count))
 }
@@ -424,7 +425,10 @@ impl Bench {
         summary("create -> blocked on every node (first failed probe)", all);
         summary("  last answered probe before it (lower bound)", lower);
         summary("create -> blocked, each node", per_node);
-        summary("create -> every NodePolicySet rewritten (bench's watch)", written);
+        summary(
+            "create -> every NodePolicySet rewritten (bench's watch)",
+            written,
+        );
         summary("create -> every NodePolicySet status enforced", status);
         summary("delete -> reachable on every node", restore);
         print_stages(&before, &after);
@@ -434,14 +438,21 @@ impl Bench {
         let t = Instant::now();
         let pods: Vec<PodOptions> = (0..BURST_PODS)
             .map(|i| {
-                PodOptions::new("lat", &format!("b{i}"), &format!("node-{}", i as u32 % NODES + 1))
-                    .label("app", &format!("p{}", i % BURST_GROUPS))
+                PodOptions::new(
+                    "lat",
+                    &format!("b{i}"),
+                    &format!("node-{}", i as u32 % NODES + 1),
+                )
+                .label("app", &format!("p{}", i % BURST_GROUPS))
             })
             .collect();
         for chunk in pods.chunks(16) {
             self.lab.add_pods(chunk.to_vec()).await.expect("burst pods");
         }
-        eprintln!("added {BURST_PODS} pods in {:.1} s", t.elapsed().as_secs_f64());
+        eprintln!(
+            "added {BURST_PODS} pods in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
     }
 
     async fn burst(&self, bursts: usize) {
@@ -502,8 +513,14 @@ impl Bench {
             BURST_PODS + 6,
             loadavg()
         );
-        summary("first create -> last create (99 creates, 16 at a time)", spread);
-        summary("last create -> blocked on every node (first failed probe)", blocked_all);
+        summary(
+            "first create -> last create (99 creates, 16 at a time)",
+            spread,
+        );
+        summary(
+            "last create -> blocked on every node (first failed probe)",
+            blocked_all,
+        );
         summary("  last answered probe before it (lower bound)", lower);
         summary("last create -> first NodePolicySet write after it", written);
         summary("last create -> every NodePolicySet status enforced", status);
@@ -542,8 +559,9 @@ impl Bench {
             let start = Instant::now();
             for _ in 0..n {
                 let t = Instant::now();
-                let o = canal_e2e::lab::probe::probe_here(dst, Protocol::Tcp, Duration::from_secs(1))
-                    .expect("probe");
+                let o =
+                    canal_e2e::lab::probe::probe_here(dst, Protocol::Tcp, Duration::from_secs(1))
+                        .expect("probe");
                 assert!(o.connected, "an allowed connection failed: {}", o.detail);
                 lat.push(t.elapsed());
             }
@@ -560,11 +578,16 @@ impl Bench {
         let api = self.policies();
         for i in 0..BURST_GROUPS {
             let p = policy(&format!("burst-{i}"), ("app", &format!("p{i}")), false);
-            api.create(&PostParams::default(), &p).await.expect("create");
+            api.create(&PostParams::default(), &p)
+                .await
+                .expect("create");
         }
-        api.create(&PostParams::default(), &policy(TARGET_POLICY, ("role", "target"), false))
-            .await
-            .expect("create");
+        api.create(
+            &PostParams::default(),
+            &policy(TARGET_POLICY, ("role", "target"), false),
+        )
+        .await
+        .expect("create");
         api.create(
             &PostParams::default(),
             &policy("allow-client", ("role", "target"), true),
@@ -572,7 +595,10 @@ impl Bench {
         .await
         .expect("create");
         wait_converged(&self.client, "lat/allow-client", true).await;
-        rows.push(("101 policies, one allowing the client", self.connections(conns)));
+        rows.push((
+            "101 policies, one allowing the client",
+            self.connections(conns),
+        ));
         self.delete_all().await;
         rows.push(("no policy again", self.connections(conns)));
         println!(
@@ -619,15 +645,23 @@ async fn main() {
     .await
     .expect("a 3-node lab (run as root)");
     let mut pods: Vec<PodOptions> = (1..=NODES)
-        .map(|i| PodOptions::new("lat", &format!("t{i}"), &format!("node-{i}")).label("role", "target"))
+        .map(|i| {
+            PodOptions::new("lat", &format!("t{i}"), &format!("node-{i}")).label("role", "target")
+        })
         .collect();
-    pods.extend((1..=NODES).map(|i| PodOptions::new("client", &format!("c{i}"), &format!("node-{i}"))));
+    pods.extend(
+        (1..=NODES).map(|i| PodOptions::new("client", &format!("c{i}"), &format!("node-{i}"))),
+    );
     lab.add_pods(pods).await.expect("pods");
     // Target on node i, probed from the client on node i % 3 + 1.
     let pairs = (1..=NODES)
         .map(|i| {
             let c = i % NODES + 1;
-            let ip = lab.pod(&format!("lat/t{i}")).expect("target").ipv4().expect("IPv4");
+            let ip = lab
+                .pod(&format!("lat/t{i}"))
+                .expect("target")
+                .ipv4()
+                .expect("IPv4");
             (
                 format!("client/c{c} -> lat/t{i}"),
                 lab.pod(&format!("client/c{c}")).expect("client").netns,

@@ -85,7 +85,10 @@ async fn member_changes_are_one_batch_and_match_the_kernel() {
     assert_eq!(e.nft_batches(), 2);
     assert_kernel_matches(&ns, &inputs);
     // A rule change is not members only: the script runs.
-    inputs.spec.policies.retain(|p| p.name != "shop/allow-monitoring");
+    inputs
+        .spec
+        .policies
+        .retain(|p| p.name != "shop/allow-monitoring");
     for ep in &mut inputs.spec.endpoints {
         ep.ingress_policies.retain(|p| p != "shop/allow-monitoring");
     }
@@ -113,7 +116,9 @@ async fn a_refused_batch_is_retried_from_the_kernel_state() {
     // removes it too (and adds another): deleting a missing element fails
     // the whole batch, nothing of it is applied.
     let set = set_of(&ns, "10.244.2.7");
-    ns.sh(&format!("nft delete element inet canal {set} {{ 10.244.2.7 }}"));
+    ns.sh(&format!(
+        "nft delete element inet canal {set} {{ 10.244.2.7 }}"
+    ));
     let ips = &mut inputs.peer_sets.get_mut("ps-frontend").unwrap().ips;
     ips.retain(|ip| ip != "10.244.2.7");
     ips.push("10.244.9.9".into());

@@ -696,7 +696,11 @@ impl Owner {
             .await;
         if let (Ok(stats), false) = (&result, trigger.is_check()) {
             if stats.applied {
-                self.record_stages(stats, oldest.map(|o| started.saturating_duration_since(o)), status_start.elapsed());
+                self.record_stages(
+                    stats,
+                    oldest.map(|o| started.saturating_duration_since(o)),
+                    status_start.elapsed(),
+                );
             }
         }
         if let (Ok(stats), false) = (&result, self.synced_once) {

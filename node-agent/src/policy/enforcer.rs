@@ -376,7 +376,10 @@ impl PolicyEnforcer {
         let render_time = render_start.elapsed();
         let result = self
             .apply_desired(&desired, start)
-            .instrument(tracing::debug_span!("kernel_apply", dataplane = plane.as_str()))
+            .instrument(tracing::debug_span!(
+                "kernel_apply",
+                dataplane = plane.as_str()
+            ))
             .await;
         self.last = Some(desired);
         result.map(|mut s| {

@@ -373,7 +373,10 @@ impl BatchSocket {
             );
             let mut got = len;
             if libc::getsockname(raw, (&mut addr as *mut libc::sockaddr_nl).cast(), &mut got) < 0 {
-                return Err(format!("netlink getsockname: {}", io::Error::last_os_error()));
+                return Err(format!(
+                    "netlink getsockname: {}",
+                    io::Error::last_os_error()
+                ));
             }
         }
         // Its change notifications carry this port id: canal's own.
@@ -384,7 +387,11 @@ impl BatchSocket {
 
 /// Sends one batch and waits for every ack; any error fails it (the kernel
 /// then applied nothing of it: a batch is one transaction).
-fn send_batch(socket: &mut Option<BatchSocket>, bytes: &[u8], acked: &[u32]) -> Result<String, String> {
+fn send_batch(
+    socket: &mut Option<BatchSocket>,
+    bytes: &[u8],
+    acked: &[u32],
+) -> Result<String, String> {
     use std::os::fd::AsRawFd;
     if socket.is_none() {
         *socket = Some(BatchSocket::open()?);

@@ -131,7 +131,15 @@ fn cstr(s: &str) -> Vec<u8> {
 }
 
 /// Appends one netlink message (header, nfgenmsg, attributes from `body`).
-fn message(buf: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family: u8, res_id: u16, body: impl FnOnce(&mut Vec<u8>)) {
+fn message(
+    buf: &mut Vec<u8>,
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    family: u8,
+    res_id: u16,
+    body: impl FnOnce(&mut Vec<u8>),
+) {
     let at = buf.len();
     buf.extend_from_slice(&[0; NLMSG_HDRLEN]);
     buf[at + 4..at + 6].copy_from_slice(&kind.to_ne_bytes());
@@ -159,12 +167,24 @@ pub fn batch(table: &str, deltas: &[SetDelta], first_seq: u32) -> (Vec<u8>, Vec<
     let mut buf = Vec::new();
     let mut seq = first_seq;
     let mut acked = Vec::new();
-    message(&mut buf, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, 0, NFNL_SUBSYS_NFTABLES, |_| {});
+    message(
+        &mut buf,
+        NFNL_MSG_BATCH_BEGIN,
+        NLM_F_REQUEST,
+        seq,
+        0,
+        NFNL_SUBSYS_NFTABLES,
+        |_| {},
+    );
     // Deletions first, as libnftables orders a script's `delete element`
     // before its `add element` (plan order): the same address never both.
     for (op, flags, pick) in [
         (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK, true),
-        (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE, false),
+        (
+            NFT_MSG_NEWSETELEM,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
+            false,
+        ),
     ] {
         for d in deltas {
             let elems = if pick { &d.delete } else { &d.add };
@@ -189,7 +209,15 @@ pub fn batch(table: &str, deltas: &[SetDelta], first_seq: u32) -> (Vec<u8>, Vec<
         }
     }
     seq += 1;
-    message(&mut buf, NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, 0, NFNL_SUBSYS_NFTABLES, |_| {});
+    message(
+        &mut buf,
+        NFNL_MSG_BATCH_END,
+        NLM_F_REQUEST,
+        seq,
+        0,
+        NFNL_SUBSYS_NFTABLES,
+        |_| {},
+    );
     (buf, acked)
 }
 
