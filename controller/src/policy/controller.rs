@@ -88,7 +88,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             batch_window: Duration::ZERO,
-            write_concurrency: 8,
+            write_concurrency: 32,
             retry_backoff: Duration::from_millis(500),
             summary_interval: Duration::from_millis(500),
             limits: Limits::default(),

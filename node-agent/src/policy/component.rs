@@ -276,6 +276,8 @@ async fn run(ctx: ComponentContext, options: Options) -> Result<(), ComponentErr
         tx,
         readiness: ctx.readiness.clone(),
         synced_once: false,
+        defer_status: false,
+        status_deferred: None,
         announced: None,
         drift_event_at: None,
     };
@@ -443,6 +445,11 @@ struct Owner {
     tx: mpsc::Sender<(Instant, Input)>,
     readiness: canal_runtime::health::ReadinessGate,
     synced_once: bool,
+    /// The running sync leaves its status write to the next one (input is queued).
+    defer_status: bool,
+    /// A status computed but not written yet (uid, status): written after
+    /// the next sync or as soon as no input is queued.
+    status_deferred: Option<(Option<String>, NodePolicySetStatus)>,
     /// The last Wait/Hold reason logged (logged once per change).
     announced: Option<String>,
     /// When the last PolicyDriftRepaired Event went out: a program that
@@ -508,8 +515,16 @@ impl Owner {
                 } else {
                     Trigger::Change
                 };
+                // More input already queued: the next sync follows at
+                // once, so this one's status write waits for it (the
+                // kernel never waits for a status write).
+                self.defer_status = !rx.is_empty();
                 let ok = self.sync(trigger).await;
+                self.defer_status = false;
                 retry.record(ok);
+            }
+            if self.status_deferred.is_some() && rx.is_empty() {
+                self.write_deferred_status().await;
             }
             tokio::select! {
                 input = rx.recv() => {
@@ -785,7 +800,10 @@ impl Owner {
             return;
         };
         let uid = uid.map(str::to_string);
-        let previous = self.status.previous(uid.as_deref(), observed);
+        let previous = match &self.status_deferred {
+            Some((for_uid, status)) if *for_uid == uid => Some(status.clone()),
+            _ => self.status.previous(uid.as_deref(), observed),
+        };
         let generation = self.store.inputs().generation;
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let (status, changed) = if self.store.inputs().config.enabled {
@@ -793,7 +811,19 @@ impl Owner {
         } else {
             disabled_status(previous.as_ref(), generation, now)
         };
-        if changed {
+        if changed && self.defer_status {
+            self.status_deferred = Some((uid, status));
+        } else if changed {
+            self.status_deferred = None;
+            self.status.write(uid, status, &self.metrics).await;
+        } else if self.status_deferred.is_some() && !self.defer_status {
+            // Unchanged since the deferred one: that one is still to write.
+            self.write_deferred_status().await;
+        }
+    }
+
+    async fn write_deferred_status(&mut self) {
+        if let Some((uid, status)) = self.status_deferred.take() {
             self.status.write(uid, status, &self.metrics).await;
         }
     }
