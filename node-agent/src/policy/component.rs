@@ -709,14 +709,14 @@ impl Owner {
         self.write_status(result.as_ref())
             .instrument(tracing::debug_span!("status_write"))
             .await;
-        if let (Ok(stats), false) = (&result, trigger.is_check()) {
-            if stats.applied {
-                self.record_stages(
-                    stats,
-                    oldest.map(|o| started.saturating_duration_since(o)),
-                    status_start.elapsed(),
-                );
-            }
+        if let (Ok(stats), false) = (&result, trigger.is_check())
+            && stats.applied
+        {
+            self.record_stages(
+                stats,
+                oldest.map(|o| started.saturating_duration_since(o)),
+                status_start.elapsed(),
+            );
         }
         if let (Ok(stats), false) = (&result, self.synced_once) {
             // Ready once the first sync is in the kernel and reported.
