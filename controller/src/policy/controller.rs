@@ -4,8 +4,11 @@
 //!
 //! One task owns the index. Watch tasks convert each object to the small
 //! input the index needs (dropping the object at once) and send it over a
-//! channel. The owner applies everything that arrived within a short batch
-//! window (bursts coalesce), flushes, and writes ([`write`]): PeerSets,
+//! channel with its arrival time. The owner starts a pass as soon as an
+//! event arrives when idle (no fixed wait: a single change is published at
+//! once), applies everything else already queued, flushes, and writes
+//! ([`write`]); events that arrive while a pass runs are queued and all go
+//! into the next pass, so a burst costs a few passes, not one each. PeerSets,
 //! then PolicyGroups, then NodePolicySets, each kind slices before heads,
 //! then the deletions in the reverse order, so an agent never sees a
 //! reference to an object (or a version of one) not written yet. A head is
@@ -46,7 +49,7 @@ use prometheus::Registry;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::fingerprint::{self, Fingerprint};
 use super::index::{Kind, PolicyIndex};
@@ -66,8 +69,10 @@ pub const FIELD_MANAGER: &str = "canal-controller-policy";
 /// Tuning of the controller loop.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// After the first event of a burst, how long to keep collecting events
-    /// before compiling (bursts coalesce into one flush).
+    /// After the first event of an idle period, how long to keep collecting
+    /// events before compiling. Zero (the default): start at once with
+    /// whatever is queued; a burst still coalesces, because everything that
+    /// arrives while a pass writes goes into the next pass.
     pub batch_window: Duration,
     /// API requests in flight at once while writing a batch.
     pub write_concurrency: usize,
@@ -82,8 +87,8 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            batch_window: Duration::from_millis(10),
-            write_concurrency: 8,
+            batch_window: Duration::ZERO,
+            write_concurrency: 32,
             retry_backoff: Duration::from_millis(500),
             summary_interval: Duration::from_millis(500),
             limits: Limits::default(),
@@ -106,7 +111,7 @@ pub enum Error {
 /// tasks stop with it) or until it cannot go on.
 pub async fn run(client: Client, registry: &Registry, options: Options) -> Result<(), Error> {
     let (metrics, _registration) = Metrics::register(registry)?;
-    let (tx, rx) = mpsc::channel::<Input>(1024);
+    let (tx, rx) = mpsc::channel::<(std::time::Instant, Input)>(1024);
     let mut tasks = JoinSet::new();
     let mut watches = Watches {
         client: &client,
@@ -181,6 +186,7 @@ pub async fn run(client: Client, registry: &Registry, options: Options) -> Resul
         retry_at: None,
         retry_delay: Duration::ZERO,
         busy: Duration::ZERO,
+        oldest: None,
         last_sizes: None,
         sizes_due: None,
         owners: HashMap::new(),
@@ -448,7 +454,7 @@ into_object_input!(ObservedPg, Kind::PolicyGroup);
 /// Spawns the watch tasks, each feeding the controller's channel.
 struct Watches<'a> {
     client: &'a Client,
-    tx: &'a mpsc::Sender<Input>,
+    tx: &'a mpsc::Sender<(std::time::Instant, Input)>,
     metrics: &'a Metrics,
     tasks: &'a mut JoinSet<Resource>,
 }
@@ -485,7 +491,7 @@ impl Watches<'_> {
 async fn watch<K, T>(
     api: Api<K>,
     config: watcher::Config,
-    tx: mpsc::Sender<Input>,
+    tx: mpsc::Sender<(std::time::Instant, Input)>,
     metrics: Metrics,
     resource: Resource,
     convert: fn(&K) -> Option<T>,
@@ -527,7 +533,11 @@ where
                 None => continue,
             },
         };
-        if tx.send(T::wrap(input)).await.is_err() {
+        if tx
+            .send((std::time::Instant::now(), T::wrap(input)))
+            .await
+            .is_err()
+        {
             return resource;
         }
     }
@@ -553,6 +563,8 @@ struct Controller {
     retry_delay: Duration,
     /// Time spent applying events of the current batch.
     busy: Duration,
+    /// When the oldest event of the current batch arrived from its watch.
+    oldest: Option<std::time::Instant>,
     last_sizes: Option<Instant>,
     /// When the size gauges are to be published after a skipped publish.
     sizes_due: Option<Instant>,
@@ -566,7 +578,10 @@ struct Controller {
 }
 
 impl Controller {
-    async fn run(mut self, mut rx: mpsc::Receiver<Input>) -> Result<(), Error> {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<(std::time::Instant, Input)>,
+    ) -> Result<(), Error> {
         loop {
             let wake = self.retry_at.into_iter().chain(self.sizes_due).min();
             let first = match wake {
@@ -588,11 +603,26 @@ impl Controller {
                 }
                 self.retry_at = None;
             }
-            if let Some(input) = first {
-                self.handle(input);
-                let until = Instant::now() + self.options.batch_window;
-                while let Ok(next) = tokio::time::timeout_at(until, rx.recv()).await {
-                    self.handle(next.ok_or(Error::WatchesEnded)?);
+            if let Some((at, input)) = first {
+                self.received(at, input);
+                if !self.options.batch_window.is_zero() {
+                    let until = Instant::now() + self.options.batch_window;
+                    while let Ok(next) = tokio::time::timeout_at(until, rx.recv()).await {
+                        let (at, input) = next.ok_or(Error::WatchesEnded)?;
+                        self.received(at, input);
+                    }
+                }
+                // Idle: start now with what is queued. Whatever arrived
+                // while the previous pass wrote is queued too, so a burst
+                // goes into one pass.
+                loop {
+                    match rx.try_recv() {
+                        Ok((at, input)) => self.received(at, input),
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            return Err(Error::WatchesEnded);
+                        }
+                    }
                 }
             }
             if !self
@@ -605,6 +635,12 @@ impl Controller {
             }
             self.sync().await;
         }
+    }
+
+    /// An event that arrived from its watch at `at`.
+    fn received(&mut self, at: std::time::Instant, input: Input) {
+        self.oldest = Some(self.oldest.map_or(at, |o| o.min(at)));
+        self.handle(input);
     }
 
     fn handle(&mut self, input: Input) {
@@ -820,7 +856,18 @@ impl Controller {
         }
         self.waiting_for_network = false;
         let started = std::time::Instant::now();
-        let changes = self.index.flush();
+        let oldest = self.oldest.take();
+        // The oldest event's wait for this pass, less the time spent
+        // applying events to the index (that counts as compile).
+        let queued = oldest.map(|o| {
+            started
+                .saturating_duration_since(o)
+                .saturating_sub(self.busy)
+        });
+        let changes = {
+            let _span = tracing::debug_span!("compile").entered();
+            self.index.flush()
+        };
         let compile = self.busy + started.elapsed();
         self.busy = Duration::ZERO;
         self.metrics.compile_seconds.observe(compile.as_secs_f64());
@@ -841,9 +888,27 @@ impl Controller {
         }
         self.publish_sizes();
         if changes.writes() > 0 {
+            let stage = |s: &str| self.metrics.stage_seconds.with_label_values(&[s]);
+            if let Some(q) = queued {
+                stage("queue").observe(q.as_secs_f64());
+            }
+            stage("compile").observe(compile.as_secs_f64());
             let t = std::time::Instant::now();
-            let ok = self.write(&changes).await;
+            let ok = self
+                .write(&changes)
+                .instrument(tracing::debug_span!(
+                    "write",
+                    peer_sets = changes.peer_sets.len(),
+                    policy_groups = changes.policy_groups.len(),
+                    node_policy_sets = changes.node_policy_sets.len()
+                ))
+                .await;
             self.metrics.sync_seconds.observe(t.elapsed().as_secs_f64());
+            if let Some(o) = oldest {
+                self.metrics
+                    .publish_seconds
+                    .observe(o.elapsed().as_secs_f64());
+            }
             debug!(
                 peer_sets = changes.peer_sets.len(),
                 policy_groups = changes.policy_groups.len(),
@@ -857,14 +922,26 @@ impl Controller {
                 self.schedule_retry();
             }
         }
-        for report in changes.reports {
-            self.publish_event(report).await;
+        let t = std::time::Instant::now();
+        let wrote = changes.writes() > 0;
+        async {
+            for report in changes.reports {
+                self.publish_event(report).await;
+            }
+            for report in changes.pod_reports {
+                self.publish_pod_event(report).await;
+            }
+            let unpublished = self.publish_conditions().await;
+            self.write_summary(&unpublished).await;
         }
-        for report in changes.pod_reports {
-            self.publish_pod_event(report).await;
+        .instrument(tracing::debug_span!("status"))
+        .await;
+        if wrote {
+            self.metrics
+                .stage_seconds
+                .with_label_values(&["status"])
+                .observe(t.elapsed().as_secs_f64());
         }
-        let unpublished = self.publish_conditions().await;
-        self.write_summary(&unpublished).await;
         self.metrics.syncs.inc();
     }
 

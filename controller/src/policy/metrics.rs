@@ -5,7 +5,9 @@ use std::sync::{Arc, Mutex};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 use super::index::Stats;
 
@@ -33,6 +35,18 @@ pub const WATCHED_RESOURCES: [&str; 8] = [
     "canalnetwork",
 ];
 
+/// Stages of one pass from watch events to written objects (label values
+/// of `canal_policy_publish_stage_duration_seconds`), in the order they run.
+pub const PUBLISH_STAGES: [&str; 7] = [
+    "queue",
+    "compile",
+    "write_peersets",
+    "write_policygroups",
+    "write_nodepolicysets",
+    "write_deletions",
+    "status",
+];
+
 /// Every metric of the policy controller (cheap to clone handles).
 #[derive(Clone)]
 pub struct Metrics {
@@ -40,6 +54,11 @@ pub struct Metrics {
     pub compile_seconds: Histogram,
     /// Writing one batch of changes (all API requests).
     pub sync_seconds: Histogram,
+    /// Each stage of a pass that wrote something, by stage ([`PUBLISH_STAGES`]).
+    pub stage_seconds: HistogramVec,
+    /// From the oldest watch event of a pass arriving to every object of
+    /// the pass written (what the agents then see).
+    pub publish_seconds: Histogram,
     /// Objects written, by kind (PeerSet, PolicyGroup, NodePolicySet,
     /// NodePolicySetStatus, CanalNetworkStatus, Event) and operation
     /// (apply, delete, create).
@@ -94,6 +113,21 @@ impl Metrics {
                 HistogramOpts::new(
                     "canal_policy_sync_duration_seconds",
                     "Time to write one batch of changed PeerSets, PolicyGroups and NodePolicySets to the API server.",
+                )
+                .buckets(buckets.clone()),
+            )?,
+            stage_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "canal_policy_publish_stage_duration_seconds",
+                    "Each stage of a pass that wrote objects: queue (oldest watch event waiting for the pass), compile, write_peersets, write_policygroups, write_nodepolicysets, write_deletions, status (conditions, summary, Events).",
+                )
+                .buckets(buckets.clone()),
+                &["stage"],
+            )?,
+            publish_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "canal_policy_publish_duration_seconds",
+                    "From the oldest watch event of a pass arriving at the controller to every object of that pass written.",
                 )
                 .buckets(buckets),
             )?,
@@ -162,6 +196,9 @@ impl Metrics {
         for r in WATCHED_RESOURCES {
             m.watch_events.with_label_values(&[r]);
         }
+        for s in PUBLISH_STAGES {
+            m.stage_seconds.with_label_values(&[s]);
+        }
         let mut registered = Registration {
             registry: registry.clone(),
             collectors: Vec::new(),
@@ -188,6 +225,8 @@ impl Metrics {
         vec![
             Box::new(self.compile_seconds.clone()),
             Box::new(self.sync_seconds.clone()),
+            Box::new(self.stage_seconds.clone()),
+            Box::new(self.publish_seconds.clone()),
             Box::new(self.objects_written.clone()),
             Box::new(self.errors.clone()),
             Box::new(self.watch_events.clone()),

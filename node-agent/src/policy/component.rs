@@ -276,6 +276,8 @@ async fn run(ctx: ComponentContext, options: Options) -> Result<(), ComponentErr
         tx,
         readiness: ctx.readiness.clone(),
         synced_once: false,
+        defer_status: false,
+        status_deferred: None,
         announced: None,
         drift_event_at: None,
         verify: super::verify::Verifier::default(),
@@ -444,6 +446,11 @@ struct Owner {
     tx: mpsc::Sender<(Instant, Input)>,
     readiness: canal_runtime::health::ReadinessGate,
     synced_once: bool,
+    /// The running sync leaves its status write to the next one (input is queued).
+    defer_status: bool,
+    /// A status computed but not written yet (uid, status): written after
+    /// the next sync or as soon as no input is queued.
+    status_deferred: Option<(Option<String>, NodePolicySetStatus)>,
     /// The last Wait/Hold reason logged (logged once per change).
     announced: Option<String>,
     /// When the last PolicyDriftRepaired Event went out: a program that
@@ -516,8 +523,16 @@ impl Owner {
                 } else {
                     Trigger::Change
                 };
+                // More input already queued: the next sync follows at
+                // once, so this one's status write waits for it (the
+                // kernel never waits for a status write).
+                self.defer_status = !rx.is_empty();
                 let ok = self.sync(trigger).await;
+                self.defer_status = false;
                 retry.record(ok);
+            }
+            if self.status_deferred.is_some() && rx.is_empty() {
+                self.write_deferred_status().await;
             }
             tokio::select! {
                 input = rx.recv() => {
@@ -664,15 +679,23 @@ impl Owner {
     /// One sync (or drift check) and what follows it: metrics, status,
     /// readiness. Returns whether it succeeded.
     async fn sync(&mut self, trigger: Trigger) -> bool {
+        let started = Instant::now();
+        let oldest = self.store.pending().values().min().copied();
+        let span = tracing::debug_span!("policy_sync", trigger = trigger.as_str());
         let result = match trigger {
             Trigger::DriftCheck | Trigger::FirewallChange => {
-                match self.enforcer.check_drift().await {
+                match self.enforcer.check_drift().instrument(span).await {
                     Ok(Some(stats)) => Ok(stats),
                     Ok(None) => return true,
                     Err(e) => Err(e),
                 }
             }
-            Trigger::Change | Trigger::Retry => self.enforcer.sync(self.store.inputs()).await,
+            Trigger::Change | Trigger::Retry => {
+                self.enforcer
+                    .sync(self.store.inputs())
+                    .instrument(span)
+                    .await
+            }
         };
         let ok = result.is_ok();
         if trigger.is_check() {
@@ -704,7 +727,19 @@ impl Owner {
                 "policy sync failed: {e} (retrying)"
             ),
         }
-        self.write_status(result.as_ref()).await;
+        let status_start = Instant::now();
+        self.write_status(result.as_ref())
+            .instrument(tracing::debug_span!("status_write"))
+            .await;
+        if let (Ok(stats), false) = (&result, trigger.is_check())
+            && stats.applied
+        {
+            self.record_stages(
+                stats,
+                oldest.map(|o| started.saturating_duration_since(o)),
+                status_start.elapsed(),
+            );
+        }
         if let (Ok(stats), false) = (&result, self.synced_once) {
             // Ready once the first sync is in the kernel and reported.
             self.synced_once = true;
@@ -717,6 +752,26 @@ impl Owner {
             );
         }
         ok
+    }
+
+    /// The stages of a change sync that changed the kernel.
+    fn record_stages(&self, stats: &SyncStats, queued: Option<Duration>, status: Duration) {
+        let kernel = stats.restore_time.saturating_sub(stats.plan_time);
+        let stages = [
+            ("queue", queued),
+            ("render", Some(stats.render_time)),
+            ("plan", Some(stats.plan_time)),
+            ("kernel", Some(kernel)),
+            ("status", Some(status)),
+        ];
+        for (stage, d) in stages {
+            if let Some(d) = d {
+                self.metrics
+                    .programming_stage
+                    .with_label_values(&[stage])
+                    .observe(d.as_secs_f64());
+            }
+        }
     }
 
     async fn log_sync(&mut self, trigger: Trigger, stats: &SyncStats) {
@@ -767,7 +822,10 @@ impl Owner {
             return;
         };
         let uid = uid.map(str::to_string);
-        let previous = self.status.previous(uid.as_deref(), observed);
+        let previous = match &self.status_deferred {
+            Some((for_uid, status)) if *for_uid == uid => Some(status.clone()),
+            _ => self.status.previous(uid.as_deref(), observed),
+        };
         let generation = self.store.inputs().generation;
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let (mut status, mut changed) = if self.store.inputs().config.enabled {
@@ -783,7 +841,19 @@ impl Owner {
             status.kernel = Some(Box::new(kernel));
             changed = true;
         }
-        if changed {
+        if changed && self.defer_status {
+            self.status_deferred = Some((uid, status));
+        } else if changed {
+            self.status_deferred = None;
+            self.status.write(uid, status, &self.metrics).await;
+        } else if self.status_deferred.is_some() && !self.defer_status {
+            // Unchanged since the deferred one: that one is still to write.
+            self.write_deferred_status().await;
+        }
+    }
+
+    async fn write_deferred_status(&mut self) {
+        if let Some((uid, status)) = self.status_deferred.take() {
             self.status.write(uid, status, &self.metrics).await;
         }
     }

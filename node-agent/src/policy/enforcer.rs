@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::exec::{Exec, ExecError};
 use super::handshake::{Handshake, HandshakeError};
@@ -288,6 +288,11 @@ impl PolicyEnforcer {
         self.active
     }
 
+    /// nftables transactions sent as element batches (tests, benchmarks).
+    pub fn nft_batches(&self) -> u64 {
+        self.nft.as_ref().map_or(0, NftTable::batches)
+    }
+
     /// What the node supports (probed once: nftables, the iptables backend).
     pub async fn support(&mut self) -> NodeSupport {
         if let Some(s) = self.support {
@@ -363,18 +368,29 @@ impl PolicyEnforcer {
         let start = Instant::now();
         let plane = resolve(inputs.config.dataplane, self.support().await);
         let render_start = Instant::now();
-        let model = build_with(inputs, &mut self.model_cache);
-        for w in &model.warnings {
-            warn!(reason = w.category(), "{w}");
-        }
-        let desired = self.render(&model, plane, inputs.generation);
+        let (model, desired) = {
+            let _span = tracing::debug_span!("render", dataplane = plane.as_str()).entered();
+            let model = build_with(inputs, &mut self.model_cache);
+            for w in &model.warnings {
+                warn!(reason = w.category(), "{w}");
+            }
+            let desired = self.render(&model, plane, inputs.generation);
+            (model, desired)
+        };
         let render_time = render_start.elapsed();
-        let result = self.apply_desired(&desired, start).await;
+        let result = self
+            .apply_desired(&desired, start)
+            .instrument(tracing::debug_span!(
+                "kernel_apply",
+                dataplane = plane.as_str()
+            ))
+            .await;
         if result.is_ok() {
             // Denied flows conntrack still holds end now, not when it forgets them.
             let mode = inputs.config.established;
             self.visibility
                 .after_apply(&model, plane, mode, &self.exec)
+                .instrument(tracing::debug_span!("conntrack_cut"))
                 .await;
         }
         self.last = Some(desired);

@@ -21,6 +21,9 @@ const PROGRAMMING_BUCKETS: &[f64] = &[
 
 /// What a realized change came from (`object` label values).
 pub const OBJECTS: [&str; 3] = ["node_policy_set", "peer_set", "canal_network"];
+/// Stages of a change on its way into the kernel (`stage` label values of
+/// `canal_policy_programming_stage_duration_seconds`), in order.
+pub const STAGES: [&str; 5] = ["queue", "render", "plan", "kernel", "status"];
 /// Why a sync ran (`trigger` label values).
 pub const TRIGGERS: [&str; 4] = ["change", "retry", "drift_check", "firewall_change"];
 /// How a foreign firewall change was noticed (`source` label values).
@@ -71,6 +74,8 @@ pub struct PolicyMetrics {
     /// From a NodePolicySet / PeerSet / CanalNetwork change being observed
     /// to its rules being in the kernel, by object.
     pub programming_duration: HistogramVec,
+    /// The stages of a change sync that changed the kernel, by stage ([`STAGES`]).
+    pub programming_stage: HistogramVec,
     /// Syncs run by the agent's loop, by trigger and result.
     pub syncs: IntCounterVec,
     /// NodePolicySet status writes, by result.
@@ -106,6 +111,7 @@ impl PolicyMetrics {
         registry.register(Box::new(m.drift_repairs.clone()))?;
         registry.register(Box::new(m.render_warnings.clone()))?;
         registry.register(Box::new(m.programming_duration.clone()))?;
+        registry.register(Box::new(m.programming_stage.clone()))?;
         registry.register(Box::new(m.syncs.clone()))?;
         registry.register(Box::new(m.status_writes.clone()))?;
         registry.register(Box::new(m.watch_events.clone()))?;
@@ -192,6 +198,14 @@ impl PolicyMetrics {
                 .buckets(PROGRAMMING_BUCKETS.to_vec()),
                 &["object"],
             )?,
+            programming_stage: HistogramVec::new(
+                HistogramOpts::new(
+                    "canal_policy_programming_stage_duration_seconds",
+                    "The stages of a change sync that changed the kernel: queue (from the oldest change being observed to the sync starting), render (model and rules), plan (diff against the applied state), kernel (restores or the nftables transaction), status (the NodePolicySet status write, after the kernel).",
+                )
+                .buckets(prometheus::exponential_buckets(0.0001, 2.0, 18).unwrap_or_default()),
+                &["stage"],
+            )?,
             syncs: IntCounterVec::new(
                 Opts::new(
                     "canal_policy_agent_syncs_total",
@@ -260,6 +274,9 @@ impl PolicyMetrics {
         }
         for o in OBJECTS {
             m.programming_duration.with_label_values(&[o]);
+        }
+        for st in STAGES {
+            m.programming_stage.with_label_values(&[st]);
         }
         for t in TRIGGERS {
             for r in ["success", "error"] {

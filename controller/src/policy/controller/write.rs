@@ -11,6 +11,7 @@
 //! that restarts) always finds one.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use canal_crds::{NodePolicySet, PeerSet, PolicyGroup};
 use futures::StreamExt;
@@ -96,6 +97,17 @@ async fn remove(client: &Client, kind: Kind, name: &str) -> Result<(), kube::Err
     }
 }
 
+impl Kind {
+    /// The `stage` label of writing objects of this kind.
+    fn write_stage(self) -> &'static str {
+        match self {
+            Kind::PeerSet => "write_peersets",
+            Kind::PolicyGroup => "write_policygroups",
+            Kind::NodePolicySet => "write_nodepolicysets",
+        }
+    }
+}
+
 /// A refusal that retrying the same body will not fix.
 fn is_rejection(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if (400..500).contains(&s.code) && s.code != 409 && s.code != 429)
@@ -119,12 +131,17 @@ impl Controller {
         let mut deletes = Vec::new();
         for kind in [Kind::PeerSet, Kind::PolicyGroup] {
             let (slices, heads, dels) = split(kind, changes.of(kind));
+            let t = Instant::now();
+            let any = !slices.is_empty() || !heads.is_empty();
             ok &= self.apply(kind, slices, &owner).await;
             let (ready, held): (Vec<_>, Vec<_>) = heads
                 .into_iter()
                 .partition(|h| self.index.slices_current(kind, h));
             ok &= self.hold(kind, held);
             ok &= self.apply(kind, ready, &owner).await;
+            if any {
+                self.observe_stage(kind.write_stage(), t);
+            }
             deletes.push((kind, dels));
         }
         let (applies, nps_deletes) = {
@@ -135,7 +152,14 @@ impl Controller {
             .into_iter()
             .partition(|n| self.index.groups_not_current(n).is_empty());
         ok &= self.hold(Kind::NodePolicySet, held);
-        ok &= self.apply(Kind::NodePolicySet, ready, &owner).await;
+        if !ready.is_empty() {
+            let t = Instant::now();
+            ok &= self.apply(Kind::NodePolicySet, ready, &owner).await;
+            self.observe_stage(Kind::NodePolicySet.write_stage(), t);
+        }
+        let t = Instant::now();
+        let any_deletes =
+            !nps_deletes.is_empty() || deletes.iter().any(|(_, d): &(Kind, Names)| !d.is_empty());
         ok &= self.delete(Kind::NodePolicySet, nps_deletes).await;
         for (kind, dels) in deletes.into_iter().rev() {
             // A slice of a head that is still wanted goes only once that
@@ -148,6 +172,9 @@ impl Controller {
             });
             ok &= self.hold(kind, held);
             ok &= self.delete(kind, ready).await;
+        }
+        if any_deletes {
+            self.observe_stage("write_deletions", t);
         }
         // Problems of objects no longer wanted are over.
         let index = &self.index;
@@ -164,6 +191,13 @@ impl Controller {
             .unwritable_objects
             .set(i64::try_from(self.problems.len()).unwrap_or(i64::MAX));
         ok
+    }
+
+    fn observe_stage(&self, stage: &str, since: Instant) {
+        self.metrics
+            .stage_seconds
+            .with_label_values(&[stage])
+            .observe(since.elapsed().as_secs_f64());
     }
 
     /// Writes held back for a dependency: retried with the next pass.

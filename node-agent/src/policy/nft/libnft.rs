@@ -122,6 +122,9 @@ pub fn library_available() -> bool {
 struct Job {
     script: String,
     json: bool,
+    /// A prebuilt nfnetlink batch to send instead of `script`
+    /// ([`super::netlink`]), with the sequence numbers to be acknowledged.
+    batch: Option<(Vec<u8>, Vec<u32>)>,
     reply: oneshot::Sender<Result<String, String>>,
 }
 
@@ -181,6 +184,39 @@ impl Runner {
         self.call(command, true).await
     }
 
+    /// Sends element changes of plain address sets as one nfnetlink batch
+    /// (one transaction), bypassing libnftables' cache refresh. Ok(false):
+    /// this runner cannot (`nft -f -`); run the script instead.
+    pub async fn run_elements(
+        &self,
+        table: &str,
+        deltas: &[super::netlink::SetDelta],
+    ) -> Result<bool, NftError> {
+        let Runner::Library(tx) = self else {
+            return Ok(false);
+        };
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+        let n = deltas
+            .iter()
+            .map(|d| d.add.len().div_ceil(1000) + d.delete.len().div_ceil(1000))
+            .sum::<usize>() as u32
+            + 2;
+        let first = SEQ.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        let batch = super::netlink::batch(table, deltas, first);
+        let (reply, rx) = oneshot::channel();
+        tx.send(JobHandle(Job {
+            script: String::new(),
+            json: false,
+            batch: Some(batch),
+            reply,
+        }))
+        .map_err(|_| NftError::Stopped("its channel is closed".into()))?;
+        rx.await
+            .map_err(|_| NftError::Stopped("no reply".into()))?
+            .map_err(NftError::Failed)?;
+        Ok(true)
+    }
+
     async fn call(&self, script: &str, json: bool) -> Result<String, NftError> {
         match self {
             Runner::Library(tx) => {
@@ -188,6 +224,7 @@ impl Runner {
                 tx.send(JobHandle(Job {
                     script: script.to_string(),
                     json,
+                    batch: None,
                     reply,
                 }))
                 .map_err(|_| NftError::Stopped("its channel is closed".into()))?;
@@ -248,8 +285,13 @@ fn spawn_library_thread(lib: Lib, netns: Option<&Path>) -> io::Result<mpsc::Send
             }
             register_own_writer(&before);
             let _ = ready_tx.send(Ok(()));
+            // Opened on the first batch (in this namespace) and kept.
+            let mut socket: Option<BatchSocket> = None;
             while let Ok(JobHandle(job)) = rx.recv() {
-                let result = run_job(&lib, ctx, &job);
+                let result = match &job.batch {
+                    Some((bytes, acked)) => send_batch(&mut socket, bytes, acked),
+                    None => run_job(&lib, ctx, &job),
+                };
                 let _ = job.reply.send(result);
             }
             // The context (and its socket) lives as long as the process:
@@ -287,6 +329,119 @@ fn run_job(lib: &Lib, ctx: *mut c_void, job: &Job) -> Result<String, String> {
             Err(err)
         }
     }
+}
+
+/// The library thread's own `NETLINK_NETFILTER` socket for batches.
+struct BatchSocket(std::os::fd::OwnedFd);
+
+impl BatchSocket {
+    fn open() -> Result<BatchSocket, String> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket(2); the descriptor is owned at once.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_NETFILTER,
+            )
+        };
+        if fd < 0 {
+            return Err(format!("netlink socket: {}", io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let sock = BatchSocket(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&sock.0);
+        // SAFETY: zeroed sockaddr_nl is valid (pid 0: the kernel assigns one).
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        let len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        let timeout = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
+        // SAFETY: valid pointers and lengths to live locals.
+        unsafe {
+            if libc::bind(raw, (&addr as *const libc::sockaddr_nl).cast(), len) < 0 {
+                return Err(format!("netlink bind: {}", io::Error::last_os_error()));
+            }
+            libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            );
+            let mut got = len;
+            if libc::getsockname(raw, (&mut addr as *mut libc::sockaddr_nl).cast(), &mut got) < 0 {
+                return Err(format!(
+                    "netlink getsockname: {}",
+                    io::Error::last_os_error()
+                ));
+            }
+        }
+        // Its change notifications carry this port id: canal's own.
+        own_writers().started(addr.nl_pid);
+        Ok(sock)
+    }
+}
+
+/// Sends one batch and waits for every ack; any error fails it (the kernel
+/// then applied nothing of it: a batch is one transaction).
+fn send_batch(
+    socket: &mut Option<BatchSocket>,
+    bytes: &[u8],
+    acked: &[u32],
+) -> Result<String, String> {
+    use std::os::fd::AsRawFd;
+    if socket.is_none() {
+        *socket = Some(BatchSocket::open()?);
+    }
+    let Some(sock) = socket.as_ref() else {
+        return Err("no netlink socket".into());
+    };
+    let raw = sock.0.as_raw_fd();
+    // SAFETY: zeroed sockaddr_nl addresses the kernel (pid 0).
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as u16;
+    // SAFETY: bytes and kernel are live for the call.
+    let sent = unsafe {
+        libc::sendto(
+            raw,
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            0,
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 || sent as usize != bytes.len() {
+        let e = io::Error::last_os_error();
+        *socket = None;
+        return Err(format!("sending the nfnetlink batch: {e}"));
+    }
+    let mut pending: std::collections::BTreeSet<u32> = acked.iter().copied().collect();
+    let mut buf = vec![0u8; 65536];
+    while !pending.is_empty() {
+        // SAFETY: buf is live and writable for its length.
+        let n = unsafe { libc::recv(raw, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            // Acks may still come: a new socket, so they never mix with the next batch's.
+            *socket = None;
+            return Err(format!("reading the nfnetlink acks: {e}"));
+        }
+        for (seq, errno) in super::netlink::parse_acks(&buf[..n as usize]) {
+            if errno != 0 {
+                *socket = None;
+                return Err(format!(
+                    "the kernel refused the element batch: {}",
+                    io::Error::from_raw_os_error(-errno)
+                ));
+            }
+            pending.remove(&seq);
+        }
+    }
+    Ok(String::new())
 }
 
 /// Inodes of this process's `NETLINK_NETFILTER` sockets in the calling

@@ -12,6 +12,7 @@
 //! element) is notified ([`crate::policy::watch`]) and repaired at once.
 
 pub mod libnft;
+pub mod netlink;
 pub mod render;
 pub mod ruleset;
 pub mod state;
@@ -29,6 +30,8 @@ pub struct NftTable {
     table: String,
     /// What the kernel holds, as far as we know; None: read it first.
     known: Option<NftState>,
+    /// Transactions sent as nfnetlink element batches ([`netlink`]).
+    batches: u64,
 }
 
 impl NftTable {
@@ -38,6 +41,7 @@ impl NftTable {
             runner,
             table: name.to_string(),
             known: None,
+            batches: 0,
         }
     }
 
@@ -63,6 +67,11 @@ impl NftTable {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// How many transactions went as nfnetlink element batches.
+    pub fn batches(&self) -> u64 {
+        self.batches
     }
 
     /// Whether the last state is known (no read needed before the next plan).
@@ -94,8 +103,20 @@ impl NftTable {
             return Ok((plan, read, plan_time));
         }
         tracing::debug!(table = %self.table, changes = ?plan.stats, "nft transaction");
-        self.runner.run(&plan.script).await?;
-        self.known = Some(NftState::from_ruleset(desired));
+        let after = NftState::from_ruleset(desired);
+        // Members only: one nfnetlink batch, no libnftables cache refresh.
+        let fast = match netlink::element_only_delta(&known, &after) {
+            Some(deltas) if !deltas.is_empty() => {
+                self.runner.run_elements(&self.table, &deltas).await?
+            }
+            _ => false,
+        };
+        if fast {
+            self.batches += 1;
+        } else {
+            self.runner.run(&plan.script).await?;
+        }
+        self.known = Some(after);
         Ok((plan, read, plan_time))
     }
 
