@@ -12,6 +12,8 @@ use std::time::Duration;
 use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NlasIterator};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
+use super::nlattr::{NLA_F_NESTED, push_attr, set_rcvtimeo};
+
 /// `NFNL_SUBSYS_CTNETLINK`.
 const SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_NEW: u16 = 0;
@@ -20,7 +22,6 @@ const IPCTNL_MSG_CT_DELETE: u16 = 2;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLA_TYPE_MASK: u16 = 0x3fff;
-const NLA_F_NESTED: u16 = 0x8000;
 
 // enum ctattr_type / ctattr_tuple / ctattr_ip / ctattr_l4proto
 const CTA_TUPLE_ORIG: u16 = 1;
@@ -98,20 +99,10 @@ fn finish(buf: &mut [u8]) {
     buf[..4].copy_from_slice(&len.to_ne_bytes());
 }
 
-fn attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
-    let len = (4 + value.len()) as u16;
-    buf.extend_from_slice(&len.to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(value);
-    while !buf.len().is_multiple_of(4) {
-        buf.push(0);
-    }
-}
-
 fn nested(buf: &mut Vec<u8>, kind: u16, inner: impl FnOnce(&mut Vec<u8>)) {
     let mut v = Vec::new();
     inner(&mut v);
-    attr(buf, kind | NLA_F_NESTED, &v);
+    push_attr(buf, kind | NLA_F_NESTED, &v);
 }
 
 /// The dump request of one family's conntrack table; with `marked`, the
@@ -126,8 +117,8 @@ pub fn dump_request(seq: u32, family: u8, marked: Option<(u32, u32)>) -> Vec<u8>
         family,
     );
     if let Some((mark, mask)) = marked {
-        attr(&mut b, CTA_MARK, &mark.to_be_bytes());
-        attr(&mut b, CTA_MARK_MASK, &mask.to_be_bytes());
+        push_attr(&mut b, CTA_MARK, &mark.to_be_bytes());
+        push_attr(&mut b, CTA_MARK_MASK, &mask.to_be_bytes());
     }
     finish(&mut b);
     b
@@ -145,7 +136,7 @@ pub fn delete_request(seq: u32, e: &Entry) -> Vec<u8> {
     );
     orig_tuple(&mut b, e);
     if let Some(id) = e.id {
-        attr(&mut b, CTA_ID, &id.to_be_bytes());
+        push_attr(&mut b, CTA_ID, &id.to_be_bytes());
     }
     zone(&mut b, e);
     finish(&mut b);
@@ -164,8 +155,8 @@ pub fn mark_request(seq: u32, e: &Entry, mark: u32, mask: u32) -> Vec<u8> {
         family_of(e),
     );
     orig_tuple(&mut b, e);
-    attr(&mut b, CTA_MARK, &mark.to_be_bytes());
-    attr(&mut b, CTA_MARK_MASK, &mask.to_be_bytes());
+    push_attr(&mut b, CTA_MARK, &mark.to_be_bytes());
+    push_attr(&mut b, CTA_MARK_MASK, &mask.to_be_bytes());
     zone(&mut b, e);
     finish(&mut b);
     b
@@ -180,7 +171,7 @@ fn family_of(e: &Entry) -> u8 {
 
 fn zone(b: &mut Vec<u8>, e: &Entry) {
     if let Some(z) = e.zone.filter(|z| *z != 0) {
-        attr(b, CTA_ZONE, &z.to_be_bytes());
+        push_attr(b, CTA_ZONE, &z.to_be_bytes());
     }
 }
 
@@ -188,18 +179,18 @@ fn orig_tuple(b: &mut Vec<u8>, e: &Entry) {
     nested(b, CTA_TUPLE_ORIG, |t| {
         nested(t, CTA_TUPLE_IP, |ip| match (e.orig.src, e.orig.dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
-                attr(ip, CTA_IP_V4_SRC, &s.octets());
-                attr(ip, CTA_IP_V4_DST, &d.octets());
+                push_attr(ip, CTA_IP_V4_SRC, &s.octets());
+                push_attr(ip, CTA_IP_V4_DST, &d.octets());
             }
             (s, d) => {
-                attr(ip, CTA_IP_V6_SRC, &v6(s).octets());
-                attr(ip, CTA_IP_V6_DST, &v6(d).octets());
+                push_attr(ip, CTA_IP_V6_SRC, &v6(s).octets());
+                push_attr(ip, CTA_IP_V6_DST, &v6(d).octets());
             }
         });
         nested(t, CTA_TUPLE_PROTO, |p| {
-            attr(p, CTA_PROTO_NUM, &[e.orig.proto]);
-            attr(p, CTA_PROTO_SRC_PORT, &e.orig.sport.to_be_bytes());
-            attr(p, CTA_PROTO_DST_PORT, &e.orig.dport.to_be_bytes());
+            push_attr(p, CTA_PROTO_NUM, &[e.orig.proto]);
+            push_attr(p, CTA_PROTO_SRC_PORT, &e.orig.sport.to_be_bytes());
+            push_attr(p, CTA_PROTO_DST_PORT, &e.orig.dport.to_be_bytes());
         });
     });
 }
@@ -399,16 +390,6 @@ impl Conn {
     }
 }
 
-fn set_rcvtimeo(s: &Socket, d: Duration) -> io::Result<()> {
-    use nix::sys::socket::{setsockopt, sockopt};
-    use nix::sys::time::TimeVal;
-    use std::os::fd::{AsRawFd, BorrowedFd};
-    let tv = TimeVal::new(d.as_secs() as _, d.subsec_micros() as _);
-    // SAFETY: the fd belongs to `s`, which outlives this call.
-    let fd = unsafe { BorrowedFd::borrow_raw(s.as_raw_fd()) };
-    setsockopt(&fd, sockopt::ReceiveTimeout, &tv).map_err(io::Error::from)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,18 +424,18 @@ mod tests {
                     let (IpAddr::V4(s), IpAddr::V4(d)) = (t.src, t.dst) else {
                         unreachable!()
                     };
-                    attr(ip, CTA_IP_V4_SRC, &s.octets());
-                    attr(ip, CTA_IP_V4_DST, &d.octets());
+                    push_attr(ip, CTA_IP_V4_SRC, &s.octets());
+                    push_attr(ip, CTA_IP_V4_DST, &d.octets());
                 });
                 nested(n, CTA_TUPLE_PROTO, |p| {
-                    attr(p, CTA_PROTO_NUM, &[t.proto]);
-                    attr(p, CTA_PROTO_SRC_PORT, &t.sport.to_be_bytes());
-                    attr(p, CTA_PROTO_DST_PORT, &t.dport.to_be_bytes());
+                    push_attr(p, CTA_PROTO_NUM, &[t.proto]);
+                    push_attr(p, CTA_PROTO_SRC_PORT, &t.sport.to_be_bytes());
+                    push_attr(p, CTA_PROTO_DST_PORT, &t.dport.to_be_bytes());
                 });
             });
         }
-        attr(&mut b, CTA_MARK, &e.mark.to_be_bytes());
-        attr(&mut b, CTA_ID, &e.id.unwrap().to_be_bytes());
+        push_attr(&mut b, CTA_MARK, &e.mark.to_be_bytes());
+        push_attr(&mut b, CTA_ID, &e.id.unwrap().to_be_bytes());
         finish(&mut b);
         b
     }

@@ -53,6 +53,7 @@ pub mod model;
 pub mod names;
 pub mod nfnl;
 pub mod nft;
+mod nlattr;
 pub mod plan;
 pub mod render;
 pub mod ruleset;

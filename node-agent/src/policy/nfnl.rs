@@ -9,6 +9,8 @@ use netlink_packet_core::{
     parse_string, parse_u32_be,
 };
 
+use super::nlattr::push_attr;
+
 /// `NFNL_SUBSYS_NFTABLES`.
 const SUBSYS_NFTABLES: u16 = 10;
 /// `NFNL_SUBSYS_IPSET`.
@@ -191,8 +193,8 @@ pub enum DumpError {
 /// The request for every set's header (`ipset list -terse`, without members).
 pub fn ipset_headers_request(seq: u32) -> Vec<u8> {
     let mut attrs = Vec::new();
-    push_nla(&mut attrs, IPSET_ATTR_PROTOCOL, &[IPSET_PROTOCOL]);
-    push_nla(
+    push_attr(&mut attrs, IPSET_ATTR_PROTOCOL, &[IPSET_PROTOCOL]);
+    push_attr(
         &mut attrs,
         IPSET_ATTR_FLAGS,
         &IPSET_FLAG_LIST_HEADER.to_be_bytes(),
@@ -208,14 +210,6 @@ pub fn ipset_headers_request(seq: u32) -> Vec<u8> {
     msg.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0]);
     msg.extend_from_slice(&attrs);
     msg
-}
-
-fn push_nla(out: &mut Vec<u8>, kind: u16, value: &[u8]) {
-    let len = 4 + value.len();
-    out.extend_from_slice(&(len as u16).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(value);
-    out.resize((out.len() + 3) & !3, 0);
 }
 
 /// Decodes one receive buffer of an ipset header dump into `sets`;
@@ -288,7 +282,7 @@ mod tests {
     fn nft(family: u8, attrs: &[(u16, &[u8])]) -> Vec<u8> {
         let mut p = vec![family, 0, 0, 0];
         for (k, v) in attrs {
-            push_nla(&mut p, *k, v);
+            push_attr(&mut p, *k, v);
         }
         p
     }
@@ -373,12 +367,12 @@ mod tests {
             u32::from_ne_bytes(req[..4].try_into().unwrap())
         );
         let mut data = Vec::new();
-        push_nla(&mut data, 18, &1024u32.to_be_bytes()); // hashsize
-        push_nla(&mut data, IPSET_ATTR_ELEMENTS, &3u32.to_be_bytes());
+        push_attr(&mut data, 18, &1024u32.to_be_bytes()); // hashsize
+        push_attr(&mut data, IPSET_ATTR_ELEMENTS, &3u32.to_be_bytes());
         let mut payload = vec![2, 0, 0, 0];
-        push_nla(&mut payload, IPSET_ATTR_PROTOCOL, &[7]);
-        push_nla(&mut payload, IPSET_ATTR_SETNAME, b"canal-0123\0");
-        push_nla(&mut payload, IPSET_ATTR_TYPENAME, b"hash:net\0");
+        push_attr(&mut payload, IPSET_ATTR_PROTOCOL, &[7]);
+        push_attr(&mut payload, IPSET_ATTR_SETNAME, b"canal-0123\0");
+        push_attr(&mut payload, IPSET_ATTR_TYPENAME, b"hash:net\0");
         let nested = (IPSET_ATTR_DATA | netlink_packet_core::NLA_F_NESTED).to_ne_bytes();
         let data_len = ((4 + data.len()) as u16).to_ne_bytes();
         payload.extend_from_slice(&data_len);

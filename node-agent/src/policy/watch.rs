@@ -31,6 +31,7 @@ use tokio::sync::broadcast;
 use tracing::{debug, warn};
 
 use super::nfnl::{self, Notification, Object, SetHeader};
+use super::nlattr::set_rcvtimeo;
 
 /// Which iptables backend the node's tools use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -322,13 +323,6 @@ fn force_rcvbuf(s: &Socket, bytes: usize) {
     // SO_RCVBUFFORCE needs CAP_NET_ADMIN, which the agent has; without it
     // the default buffer only means an earlier overrun (a full check).
     let _ = setsockopt(&fd_of(s), sockopt::RcvBufForce, &bytes);
-}
-
-fn set_rcvtimeo(s: &Socket, d: Duration) -> io::Result<()> {
-    use nix::sys::socket::{setsockopt, sockopt};
-    use nix::sys::time::TimeVal;
-    let tv = TimeVal::new(d.as_secs() as _, d.subsec_micros() as _);
-    setsockopt(&fd_of(s), sockopt::ReceiveTimeout, &tv).map_err(io::Error::from)
 }
 
 /// The socket's descriptor, borrowed for nix.

@@ -17,6 +17,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use super::state::NftState;
+use crate::policy::nlattr::{NLA_F_NESTED, push_attr};
 
 const NLMSG_HDRLEN: usize = 16;
 const NLM_F_REQUEST: u16 = 0x1;
@@ -30,7 +31,6 @@ const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NFPROTO_INET: u8 = 1;
-const NLA_F_NESTED: u16 = 0x8000;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -101,14 +101,6 @@ pub fn element_only_delta(known: &NftState, desired: &NftState) -> Option<Vec<Se
 
 fn align(n: usize) -> usize {
     (n + 3) & !3
-}
-
-fn put_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    let len = 4 + payload.len();
-    buf.extend_from_slice(&(len as u16).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(payload);
-    buf.resize(align(buf.len()), 0);
 }
 
 /// Starts a nested attribute; returns its offset for [`end_nested`].
@@ -193,13 +185,13 @@ pub fn batch(table: &str, deltas: &[SetDelta], first_seq: u32) -> (Vec<u8>, Vec<
                 acked.push(seq);
                 let kind = (NFNL_SUBSYS_NFTABLES << 8) | op;
                 message(&mut buf, kind, flags, seq, NFPROTO_INET, 0, |b| {
-                    put_attr(b, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
-                    put_attr(b, NFTA_SET_ELEM_LIST_SET, &cstr(&d.set));
+                    push_attr(b, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
+                    push_attr(b, NFTA_SET_ELEM_LIST_SET, &cstr(&d.set));
                     let list = begin_nested(b, NFTA_SET_ELEM_LIST_ELEMENTS);
                     for ip in chunk {
                         let elem = begin_nested(b, NFTA_LIST_ELEM);
                         let key = begin_nested(b, NFTA_SET_ELEM_KEY);
-                        put_attr(b, NFTA_DATA_VALUE, &addr_bytes(ip));
+                        push_attr(b, NFTA_DATA_VALUE, &addr_bytes(ip));
                         end_nested(b, key);
                         end_nested(b, elem);
                     }
