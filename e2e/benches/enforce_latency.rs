@@ -38,8 +38,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use canal_crds::NodePolicySet;
-use canal_crds::condition::{ENFORCED, is_true};
 use canal_e2e::Lab;
+use canal_e2e::bench::{percentile, policy_enforced_everywhere};
 use canal_e2e::lab::prober::{Attempt, Prober};
 use canal_e2e::lab::{PodOptions, Protocol, UpOptions};
 use futures::{StreamExt, TryStreamExt};
@@ -66,14 +66,6 @@ fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 fn ms(d: Duration) -> f64 {
@@ -242,44 +234,9 @@ impl NpsWrites {
     }
 }
 
-/// Whether every NodePolicySet lists `policy` (`present`) or not, at the
-/// generation its agent reports enforced.
-async fn statuses_converged(client: &kube::Client, policy: &str, present: bool) -> bool {
-    let Ok(list) = Api::<NodePolicySet>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-    else {
-        return false;
-    };
-    let Ok(groups) = Api::<canal_crds::PolicyGroup>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-    else {
-        return false;
-    };
-    let groups: BTreeMap<String, canal_crds::PolicyGroupSpec> = groups
-        .items
-        .into_iter()
-        .map(|g| (g.metadata.name.clone().unwrap_or_default(), g.spec))
-        .collect();
-    list.items.len() == NODES as usize
-        && list.items.iter().all(|nps| {
-            let Ok(node) = canal_crds::assemble::assemble_node("", &nps.spec, |n| groups.get(n))
-            else {
-                return false;
-            };
-            let has = node.policies.iter().any(|p| p.name == policy);
-            let status = nps.status.clone().unwrap_or_default();
-            // Only the nodes with a target enforce it; all do here.
-            has == present
-                && status.observed_generation == nps.metadata.generation
-                && is_true(&status.conditions, ENFORCED)
-        })
-}
-
 async fn wait_converged(client: &kube::Client, policy: &str, present: bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !statuses_converged(client, policy, present).await {
+    while !policy_enforced_everywhere(client, NODES as usize, policy, present).await {
         assert!(
             Instant::now() < deadline,
             "NodePolicySets did not converge on {policy} present={present} within 60 s"

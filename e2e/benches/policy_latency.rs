@@ -17,24 +17,15 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use canal_crds::NodePolicySet;
-use canal_crds::condition::{ENFORCED, is_true};
 use canal_e2e::Lab;
+use canal_e2e::bench::{percentile, policy_enforced_everywhere};
 use canal_e2e::lab::prober::Prober;
 use canal_e2e::lab::{PodOptions, Protocol, UpOptions};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 
 const NODES: u32 = 5;
 const POLICY: &str = "deny-all";
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
 
 fn summary(name: &str, mut v: Vec<Duration>) {
     v.sort();
@@ -48,43 +39,6 @@ fn summary(name: &str, mut v: Vec<Duration>) {
         v.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
         mean.as_secs_f64() * 1e3,
     );
-}
-
-/// When every NodePolicySet lists the policy (`present`) or not, at the
-/// generation its agent reports enforced.
-async fn statuses_converged(client: &kube::Client, present: bool) -> bool {
-    let Ok(list) = Api::<NodePolicySet>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-    else {
-        return false;
-    };
-    let Ok(groups) = Api::<canal_crds::PolicyGroup>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-    else {
-        return false;
-    };
-    let groups: std::collections::BTreeMap<String, canal_crds::PolicyGroupSpec> = groups
-        .items
-        .into_iter()
-        .map(|g| (g.metadata.name.clone().unwrap_or_default(), g.spec))
-        .collect();
-    list.items.len() == NODES as usize
-        && list.items.iter().all(|nps| {
-            let Ok(node) = canal_crds::assemble::assemble_node("", &nps.spec, |n| groups.get(n))
-            else {
-                return false;
-            };
-            let has = node
-                .policies
-                .iter()
-                .any(|p| p.name == format!("lat/{POLICY}"));
-            let status = nps.status.clone().unwrap_or_default();
-            has == present
-                && status.observed_generation == nps.metadata.generation
-                && is_true(&status.conditions, ENFORCED)
-        })
 }
 
 /// The start of the first attempt at or after `t0` that begins a run of
@@ -166,7 +120,9 @@ async fn main() {
             })
             .collect()
     };
-    while !statuses_converged(&client, false).await {
+    while !policy_enforced_everywhere(&client, NODES as usize, &format!("lat/{POLICY}"), false)
+        .await
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
@@ -182,7 +138,14 @@ async fn main() {
         let status_task = {
             let client = client.clone();
             tokio::spawn(async move {
-                while !statuses_converged(&client, true).await {
+                while !policy_enforced_everywhere(
+                    &client,
+                    NODES as usize,
+                    &format!("lat/{POLICY}"),
+                    true,
+                )
+                .await
+                {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 t0.elapsed()
@@ -203,7 +166,9 @@ async fn main() {
         let open = wait_all(&probers, t1, true).await;
         restore.push(open.iter().copied().max().unwrap_or_default());
         drop(probers);
-        while !statuses_converged(&client, false).await {
+        while !policy_enforced_everywhere(&client, NODES as usize, &format!("lat/{POLICY}"), false)
+            .await
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if (rep + 1) % 10 == 0 {

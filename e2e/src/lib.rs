@@ -4,6 +4,7 @@
 //! ([`lab`], driven by the `canal-lab` binary and by [`lab::Lab`] in tests),
 //! and container images built without a registry or engine ([`images`]).
 
+pub mod bench;
 pub mod binaries;
 pub mod certs;
 pub mod control_plane;
