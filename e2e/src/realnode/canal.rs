@@ -183,8 +183,23 @@ pub fn pod_problem(p: &Pod) -> String {
         .chain(status.container_statuses.iter().flatten());
     for c in containers {
         if let Some(w) = c.state.as_ref().and_then(|s| s.waiting.as_ref()) {
+            // A crash loop's cause is in the last termination (the chart's
+            // containers report their last log lines there).
+            let last = c
+                .last_state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .map(|t| {
+                    format!(
+                        "; last exit {} {}: {}",
+                        t.exit_code,
+                        t.reason.as_deref().unwrap_or_default(),
+                        t.message.as_deref().unwrap_or_default().trim()
+                    )
+                })
+                .unwrap_or_default();
             return format!(
-                "{} {}: {}",
+                "{} {}: {}{last}",
                 c.name,
                 w.reason.as_deref().unwrap_or("waiting"),
                 w.message.as_deref().unwrap_or_default()
