@@ -132,6 +132,50 @@ fn http_from_node(netns_name: &str, ip: Ipv4Addr, path: &str) -> Result<String, 
     .map_err(|e| e.to_string())
 }
 
+/// HTTP GETs of `/hostname` on `ip` from the node namespace `netns`,
+/// every 100 ms on a thread of its own until [`Prober::finish`]: pod
+/// traffic with no kubelet or exec on its path.
+struct Prober {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Prober {
+    fn start(netns_name: String, ip: Ipv4Addr, expect: &'static str) -> Prober {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0, Vec::new());
+                let t = Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match http_from_node(&netns_name, ip, "/hostname") {
+                        Ok(r) if body(&r) == expect => ok += 1,
+                        other => {
+                            failed.push(format!("+{:.1}s: {other:?}", t.elapsed().as_secs_f32()))
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                (ok, failed)
+            })
+        };
+        Prober { stop, thread }
+    }
+
+    /// The probes that succeeded and the failures, each with its time.
+    fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("prober thread")
+    }
+}
+
+/// Whether a `kubectl exec` error is curl's own failure (the pod's traffic
+/// failed) rather than exec's (kubelet busy or restarting).
+fn curl_failed(error: &str) -> bool {
+    error.contains("command terminated with exit code")
+}
+
 fn body(response: &str) -> &str {
     response.split("\r\n\r\n").nth(1).unwrap_or("").trim()
 }
@@ -581,6 +625,8 @@ async fn a_node_survives_agent_deletion_runtime_restarts_and_sandbox_kills() {
     )
     .await;
     let server_ip = lab.pod_ip(NS, "server").await.expect("server IP");
+    let client_ip = lab.pod_ip(NS, "client").await.expect("client IP");
+    let node2 = lab.node("node-2").expect("node-2").netns;
     let url = format!("http://{server_ip}:8080/hostname");
     curl(&lab, "client", &url, 3.0).expect("baseline");
 
@@ -597,11 +643,21 @@ async fn a_node_survives_agent_deletion_runtime_restarts_and_sandbox_kills() {
     )
     .await
     .expect("agent deleted");
-    let mut failures = 0;
+    // Both directions: node-2 into node-1's pod (no kubelet on the path),
+    // and node-1's pod out to node-2 (through exec, whose own failures
+    // while kubelet replaces the agent pod are not the network's).
+    let prober = Prober::start(node2.clone(), client_ip, "client");
+    let (mut failures, mut exec_errors) = (Vec::new(), Vec::new());
+    let mut probes = 0;
     let t = Instant::now();
     loop {
-        if curl(&lab, "client", &url, 1.0).is_err() {
-            failures += 1;
+        probes += 1;
+        match curl(&lab, "client", &url, 2.0) {
+            Ok(_) => {}
+            Err(e) if curl_failed(&e) => {
+                failures.push(format!("+{:.1}s: {e}", t.elapsed().as_secs_f32()))
+            }
+            Err(e) => exec_errors.push(format!("+{:.1}s: {e}", t.elapsed().as_secs_f32())),
         }
         let current = agents(&lab).await;
         let replaced = current
@@ -612,9 +668,21 @@ async fn a_node_survives_agent_deletion_runtime_restarts_and_sandbox_kills() {
         }
         assert!(t.elapsed() < TIMEOUT, "node-1's agent was not recreated");
     }
-    assert_eq!(
-        failures, 0,
-        "established pod traffic failed while the agent was away"
+    let (inbound_ok, inbound_failed) = prober.finish();
+    eprintln!(
+        "real cluster: agent of node-1 replaced in {:.1}s; node-1 pod -> node-2: {probes} probes, {} failed, {} exec errors; node-2 -> node-1 pod: {inbound_ok} ok, {} failed",
+        t.elapsed().as_secs_f32(),
+        failures.len(),
+        exec_errors.len(),
+        inbound_failed.len()
+    );
+    assert!(
+        failures.is_empty() && inbound_failed.is_empty() && inbound_ok > 0,
+        "pod traffic failed while the agent was away:\n  outbound ({probes} probes): {failures:?}\n  inbound ({inbound_ok} ok): {inbound_failed:?}\n  (exec errors, not counted: {exec_errors:?})"
+    );
+    assert!(
+        exec_errors.len() < probes,
+        "no probe from node-1's pod ran: {exec_errors:?}"
     );
     start_pods(&lab, &[("after-agent", "node-1", "client", None)]).await;
     curl(&lab, "after-agent", &url, 3.0).expect("a new pod on node-1 reaches node-2");
@@ -625,24 +693,8 @@ async fn a_node_survives_agent_deletion_runtime_restarts_and_sandbox_kills() {
         .get("client")
         .await
         .unwrap();
-    let client_ip = lab.pod_ip(NS, "client").await.expect("client IP");
-    let node2 = lab.node("node-2").expect("node-2").netns;
     // node-2 probes node-1's pod all along (no kubelet on that path).
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let prober = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let (mut ok, mut failed) = (0, Vec::new());
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match http_from_node(&node2, client_ip, "/hostname") {
-                    Ok(r) if body(&r) == "client" => ok += 1,
-                    other => failed.push(format!("{other:?}")),
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            (ok, failed)
-        })
-    };
+    let prober = Prober::start(node2.clone(), client_ip, "client");
     lab.restart_kubelet_and_containerd("node-1", TIMEOUT)
         .await
         .expect("kubelet and containerd restart");
@@ -654,8 +706,7 @@ async fn a_node_survives_agent_deletion_runtime_restarts_and_sandbox_kills() {
         Result::is_ok,
     )
     .await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = prober.join().expect("prober");
+    let (ok, failed) = prober.finish();
     eprintln!(
         "real cluster: kubelet + containerd of node-1 restarted; exec works again after {:.1}s; node-2 -> node-1 pod: {ok} ok, {} failed",
         back.as_secs_f64(),
