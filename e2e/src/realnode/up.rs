@@ -1,7 +1,7 @@
 //! `canal-lab up --kubelet`: from nothing to a Kubernetes cluster with real
 //! kubelets and canal installed by helm.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::Error;
@@ -78,6 +78,41 @@ pub async fn up(state: &StateDir, opts: &RealUpOptions) -> Result<(Context, Real
     }
 }
 
+/// Fails with what is missing when the state directory's file system
+/// cannot hold every node's copy of the images (containerd keeps each
+/// archive's content and its unpacked snapshot) plus a margin for logs and
+/// pods; a full disk otherwise shows up minutes later as a crash-looping
+/// install-cni or a containerd error on the last node.
+fn check_disk(dir: &Path, images: &[Image], nodes: u32) -> Result<(), Error> {
+    let archives: u64 = images
+        .iter()
+        .filter_map(|i| std::fs::metadata(&i.archive).ok())
+        .map(|m| m.len())
+        .sum();
+    let needed = disk_needed(archives, nodes);
+    let stat = nix::sys::statvfs::statvfs(dir)
+        .map_err(|e| Error::Lab(format!("reading free space of {}: {e}", dir.display())))?;
+    let free = stat.blocks_available() * stat.fragment_size();
+    if free < needed {
+        return Err(Error::Lab(format!(
+            "{} has {} MiB free; {nodes} nodes with {} MiB of images need about {} MiB",
+            dir.display(),
+            free >> 20,
+            archives >> 20,
+            needed >> 20
+        )));
+    }
+    Ok(())
+}
+
+/// Bytes the nodes need: two copies of the archives each, and 512 MiB.
+fn disk_needed(archive_bytes: u64, nodes: u32) -> u64 {
+    archive_bytes
+        .saturating_mul(2)
+        .saturating_mul(u64::from(nodes))
+        .saturating_add(512 << 20)
+}
+
 /// The images every node imports.
 fn build_images() -> Result<Vec<Image>, Error> {
     Ok(vec![
@@ -138,6 +173,7 @@ async fn steps(
         .await
         .map_err(|e| Error::Lab(format!("building images: {e}")))??;
     progress(started, "images ready (pause, busybox, agnhost, canal)");
+    check_disk(&state.dir, &images, opts.nodes)?;
     let node_ctx = NodeContext {
         paths: paths.clone(),
         cgroups: cgroups.clone(),
@@ -239,4 +275,32 @@ pub fn node_context(state: &StateDir, record: &RealRecord) -> Result<NodeContext
 pub async fn open(state: &StateDir) -> Result<(Context, RealRecord), Error> {
     let record = load(state)?;
     Ok((lab::Context::open(state).await?, record))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_node_needs_two_copies_of_the_images() {
+        assert_eq!(disk_needed(200 << 20, 3), (1200 + 512) << 20);
+        assert_eq!(disk_needed(0, 0), 512 << 20);
+        assert_eq!(disk_needed(u64::MAX, 2), u64::MAX);
+    }
+
+    #[test]
+    fn a_disk_too_small_is_refused_before_any_node_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("image.tar");
+        // Sparse: its length counts, it takes no disk.
+        let file = std::fs::File::create(&archive).unwrap();
+        let image = Image {
+            reference: "example/image:1".into(),
+            archive,
+        };
+        check_disk(dir.path(), std::slice::from_ref(&image), 1).expect("an empty image fits");
+        file.set_len(1 << 40).unwrap();
+        let e = check_disk(dir.path(), &[image], 3).expect_err("3 nodes of a 1 TiB image");
+        assert!(e.to_string().contains("MiB free"), "{e}");
+    }
 }
