@@ -481,6 +481,18 @@ async fn established(dataplane: DataplaneChoice, mode: EstablishedFlows, v6: boo
     }
 
     if mode == EstablishedFlows::Cut {
+        // The agent restarts between the cut and the release: a new
+        // enforcer on the same run directory, which remembers nothing of
+        // the cut (the marks in conntrack are the only record).
+        drop(e);
+        let mut e = PolicyEnforcer::new(run_dir.path(), PolicyMetrics::unregistered().unwrap())
+            .with_exec(Exec::in_netns(&node.path).unwrap());
+        e.sync(&inputs).await.unwrap();
+        assert!(
+            !grows(&got, c, Duration::from_millis(400)).1,
+            "{tag}: still denied after the restart: UDP stays cut"
+        );
+        assert!(!cut_entries(&node, c).is_empty(), "{tag}: still cut");
         // Allowed again: the cut entries are released and UDP resumes.
         isolate(&mut inputs, &tag, &[c, o]);
         e.sync(&inputs).await.unwrap();
