@@ -63,8 +63,9 @@ type Antispoof = (
 /// What the renderer keeps between calls.
 #[derive(Debug, Default)]
 pub struct NftCache {
-    /// PeerSet address sets: (model set it came from, name, set).
-    pub(super) sets: HashMap<(String, Family), (Arc<AddressSet>, String, NftSet)>,
+    /// PeerSet address sets per family (IPv4, IPv6), by PeerSet: (model
+    /// set it came from, name, set).
+    pub(super) sets: [HashMap<String, (Arc<AddressSet>, String, NftSet)>; 2],
     /// PeerSet named-port sets.
     pub(super) port_sets: HashMap<(String, Family), (Arc<PortSet>, NftSet)>,
     /// Policy chains by (policy, direction).

@@ -158,7 +158,7 @@ pub fn render_with(model: &NodeModel, cache: &mut NftCache) -> NftRuleset {
         let valid = prev.as_ref().is_some_and(|c| {
             Arc::ptr_eq(&c.rules, rules)
                 && c.families == model.families
-                && c.refs.iter().all(|(rf, name)| sets.ensure(rf) == *name)
+                && c.refs.iter().all(|(rf, name)| sets.still_named(rf, name))
         });
         let cached = match prev {
             Some(c) if valid => c,
@@ -267,6 +267,14 @@ fn fam(f: Family) -> (&'static str, char) {
     match f {
         Family::V4 => ("ip", '4'),
         Family::V6 => ("ip6", '6'),
+    }
+}
+
+/// The slot of `f` in per-family caches.
+pub(super) fn family_index(f: Family) -> usize {
+    match f {
+        Family::V4 => 0,
+        Family::V6 => 1,
     }
 }
 
@@ -630,6 +638,25 @@ impl SetRenderer<'_> {
         }
     }
 
+    /// [`Self::ensure`] == `expected`, without copying names on the hot
+    /// path (a cached chain's unchanged PeerSet set).
+    fn still_named(&mut self, r: &SetRef, expected: &Option<String>) -> bool {
+        if let SetRef::Address(ps, f) = r
+            && let Some(src) = self.model.peer_sets.get(ps)
+            && let Some((was, name, set)) = self.cache.sets[family_index(*f)].get(ps.as_str())
+            && Arc::ptr_eq(was, src)
+        {
+            if expected.as_deref() != Some(name.as_str()) {
+                return false;
+            }
+            if !self.out.contains_key(name) {
+                self.out.insert(name.clone(), set.clone());
+            }
+            return true;
+        }
+        self.ensure(r) == *expected
+    }
+
     /// Puts the set `r` stands for into the output (a cached chain needs
     /// it too); returns its name as [`Self::peer`] / [`Self::port`] would.
     fn ensure(&mut self, r: &SetRef) -> Option<String> {
@@ -744,8 +771,7 @@ impl SetRenderer<'_> {
     /// once one is a CIDR.
     fn address_set(&mut self, ps: &str, f: Family) -> Option<String> {
         let src = self.model.peer_sets.get(ps)?;
-        let key = (ps.to_string(), f);
-        if let Some((was, name, set)) = self.cache.sets.get(&key)
+        if let Some((was, name, set)) = self.cache.sets[family_index(f)].get(ps)
             && Arc::ptr_eq(was, src)
         {
             if !self.out.contains_key(name) {
@@ -778,9 +804,8 @@ impl SetRenderer<'_> {
             );
             *elements = merged.into_iter().map(element_of).collect();
         }
-        self.cache
-            .sets
-            .insert(key, (src.clone(), name.clone(), set.clone()));
+        self.cache.sets[family_index(f)]
+            .insert(ps.to_string(), (src.clone(), name.clone(), set.clone()));
         self.out.insert(name.clone(), set);
         Some(name)
     }
