@@ -557,37 +557,56 @@ async fn nftables(runs: usize, changes: usize) {
         ms(render_time)
     );
     stages(&base);
-    let mut cold = Vec::new();
-    let mut plain = Vec::new();
-    for _ in 0..runs {
-        let ns = Netns::new("pa-bench");
-        let run_dir = tempfile::tempdir().unwrap();
-        let mut e = PolicyEnforcer::new(run_dir.path(), PolicyMetrics::unregistered().unwrap())
-            .with_exec(Exec::in_netns(&ns.path).unwrap());
-        // Warm the library (dlopen, its thread) as a running agent has.
-        let _ = e.support().await;
-        let start = Instant::now();
-        let s = e.sync(&base).await.unwrap();
-        cold.push(start.elapsed());
-        assert!(s.applied && s.warnings.is_empty());
-        drop(ns);
-        let ns = Netns::new("pa-bench");
-        let overhead = netns_exec_overhead(&ns);
-        plain.push(restore(&ns, "nft", &["-f", "-"], &script).saturating_sub(overhead));
+    let (mut cold, mut plain) = (Vec::new(), Vec::new());
+    let (mut cold_cpu, mut plain_cpu) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        // Alternate which goes first, so a load change on the shared
+        // machine does not always fall on the same side.
+        for canal_side in [run % 2 == 0, run % 2 == 1] {
+            let ns = Netns::new("pa-bench");
+            if canal_side {
+                let run_dir = tempfile::tempdir().unwrap();
+                let mut e =
+                    PolicyEnforcer::new(run_dir.path(), PolicyMetrics::unregistered().unwrap())
+                        .with_exec(Exec::in_netns(&ns.path).unwrap());
+                // Warm the library (dlopen, its thread) as a running agent has.
+                let _ = e.support().await;
+                let (start, cpu0) = (Instant::now(), cpu_time());
+                let s = e.sync(&base).await.unwrap();
+                cold.push(start.elapsed());
+                cold_cpu.push(cpu_time() - cpu0);
+                assert!(s.applied && s.warnings.is_empty());
+            } else {
+                let overhead = netns_exec_overhead(&ns);
+                let cpu0 = cpu_time();
+                plain.push(restore(&ns, "nft", &["-f", "-"], &script).saturating_sub(overhead));
+                plain_cpu.push(cpu_time() - cpu0);
+            }
+        }
     }
     let (c, p) = (pct(&mut cold, 0.5), pct(&mut plain, 0.5));
-    println!("nftables: cold apply into a fresh netns (median of {runs}):");
+    let (cc, pc) = (pct(&mut cold_cpu, 0.5), pct(&mut plain_cpu, 0.5));
+    let pct_of = |a: Duration, b: Duration| (a.as_secs_f64() / b.as_secs_f64() - 1.0) * 100.0;
+    println!("nftables: cold apply into a fresh netns (median of {runs}, order alternating):");
     println!(
-        "  canal enforcer sync (read, model, render, diff, one transaction): {}",
-        ms(c)
+        "  canal enforcer sync (read, model, render, diff, one transaction): {}  (CPU {})",
+        ms(c),
+        ms(cc)
     );
     println!(
-        "  plain `nft -f` of the same script:                                  {}",
-        ms(p)
+        "  plain `nft -f` of the same script:                                  {}  (CPU {})",
+        ms(p),
+        ms(pc)
     );
     println!(
-        "  enforcer vs plain nft -f: {:+.1}%",
-        (c.as_secs_f64() / p.as_secs_f64() - 1.0) * 100.0
+        "  enforcer vs plain nft -f: {:+.1}% wall, {:+.1}% CPU",
+        pct_of(c, p),
+        pct_of(cc, pc)
+    );
+    println!(
+        "  all runs, wall canal / plain: {:?} / {:?}",
+        cold.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+        plain.iter().map(|d| ms(*d)).collect::<Vec<_>>()
     );
 
     let ns = Netns::new("pa-bench");

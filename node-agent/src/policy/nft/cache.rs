@@ -20,7 +20,7 @@ use crate::policy::model::{
 use super::ruleset::{NftChain, NftRuleset, NftSet};
 
 /// A set a policy chain references, by what it is rendered from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) enum SetRef {
     /// A PeerSet's addresses of one family.
     Address(String, Family),
@@ -39,8 +39,8 @@ pub(super) struct CachedChain {
     pub rules: Arc<Vec<RuleModel>>,
     pub families: Families,
     pub chain: NftChain,
-    /// The sets it references and the name each had.
-    pub refs: Vec<(SetRef, Option<String>)>,
+    /// The sets it references (ids of [`NftCache::intern`]) and the name each had.
+    pub refs: Vec<(usize, Option<String>)>,
 }
 
 /// An endpoint chain and what it was rendered from.
@@ -70,6 +70,10 @@ pub struct NftCache {
     pub(super) port_sets: HashMap<(String, Family), (Arc<PortSet>, NftSet)>,
     /// Policy chains by (policy, direction).
     pub(super) chains: HashMap<(String, Direction), CachedChain>,
+    /// Set references by id (cached chains hold ids: checking one is an
+    /// index, not a lookup by name).
+    ref_ids: HashMap<SetRef, usize>,
+    ref_list: Vec<SetRef>,
     endpoints: HashMap<(String, Direction), CachedEndpoint>,
     dispatch: Option<(BTreeSet<String>, NftSet, NftSet)>,
     antispoof: Option<Antispoof>,
@@ -113,6 +117,32 @@ impl EndpointChains {
 }
 
 impl NftCache {
+    /// The id of `r`.
+    pub(super) fn intern(&mut self, r: SetRef) -> usize {
+        if let Some(id) = self.ref_ids.get(&r) {
+            return *id;
+        }
+        let id = self.ref_list.len();
+        self.ref_list.push(r.clone());
+        self.ref_ids.insert(r, id);
+        id
+    }
+
+    /// The reference of `id`.
+    pub(super) fn set_ref(&self, id: usize) -> &SetRef {
+        &self.ref_list[id]
+    }
+
+    /// Keeps the reference table within a few times what a render uses
+    /// (`used`): past that it starts over, with the chains that hold ids.
+    pub(super) fn bound_refs(&mut self, used: usize) {
+        if self.ref_list.len() > 4 * used + 256 {
+            self.ref_ids.clear();
+            self.ref_list.clear();
+            self.chains.clear();
+        }
+    }
+
     /// Anti-spoofing (prerouting and its sets) for `map`, rendered by
     /// `render` into `r` unless `map` and `families` are unchanged.
     pub(super) fn antispoof(

@@ -146,6 +146,7 @@ pub fn render_with(model: &NodeModel, cache: &mut NftCache) -> NftRuleset {
         cache,
         out: BTreeMap::new(),
         refs: None,
+        current: Vec::new(),
     };
     for (policy, dir) in needed {
         let Some(rules) = model.policies.get(policy).and_then(|p| p.rules(dir)) else {
@@ -158,7 +159,7 @@ pub fn render_with(model: &NodeModel, cache: &mut NftCache) -> NftRuleset {
         let valid = prev.as_ref().is_some_and(|c| {
             Arc::ptr_eq(&c.rules, rules)
                 && c.families == model.families
-                && c.refs.iter().all(|(rf, name)| sets.still_named(rf, name))
+                && c.refs.iter().all(|(id, name)| sets.still_named(*id, name))
         });
         let cached = match prev {
             Some(c) if valid => c,
@@ -182,7 +183,9 @@ pub fn render_with(model: &NodeModel, cache: &mut NftCache) -> NftRuleset {
         sets.cache.chains.insert(key, cached);
     }
     let out = std::mem::take(&mut sets.out);
+    let used = sets.used_refs();
     r.sets.extend(out);
+    cache.bound_refs(used);
 
     let v6 = model.families.v6;
     let (fwd, input, gf, gi) = cache.base_chains(model.endpoint_to_host, v6, || {
@@ -625,36 +628,47 @@ struct SetRenderer<'a> {
     out: BTreeMap<String, NftSet>,
     /// While a policy chain renders: the sets it referenced, by source,
     /// with the name each had (None: the set is absent, the peer skipped).
-    refs: Option<Vec<(SetRef, Option<String>)>>,
+    refs: Option<Vec<(usize, Option<String>)>>,
+    /// This render's name of each set reference (by id), once computed:
+    /// a set shared by hundreds of chains is checked once per render.
+    current: Vec<Option<Option<String>>>,
 }
 
 impl SetRenderer<'_> {
     fn record(&mut self, r: impl FnOnce() -> SetRef, name: &Option<String>) {
-        if let Some(refs) = &mut self.refs {
-            let r = r();
-            if !refs.iter().any(|(have, _)| *have == r) {
-                refs.push((r, name.clone()));
-            }
+        if self.refs.is_none() {
+            return;
         }
+        let id = self.cache.intern(r());
+        if let Some(refs) = &mut self.refs
+            && !refs.iter().any(|(have, _)| *have == id)
+        {
+            refs.push((id, name.clone()));
+        }
+        self.slot(id).get_or_insert_with(|| name.clone());
     }
 
-    /// [`Self::ensure`] == `expected`, without copying names on the hot
-    /// path (a cached chain's unchanged PeerSet set).
-    fn still_named(&mut self, r: &SetRef, expected: &Option<String>) -> bool {
-        if let SetRef::Address(ps, f) = r
-            && let Some(src) = self.model.peer_sets.get(ps)
-            && let Some((was, name, set)) = self.cache.sets[family_index(*f)].get(ps.as_str())
-            && Arc::ptr_eq(was, src)
-        {
-            if expected.as_deref() != Some(name.as_str()) {
-                return false;
-            }
-            if !self.out.contains_key(name) {
-                self.out.insert(name.clone(), set.clone());
-            }
-            return true;
+    fn slot(&mut self, id: usize) -> &mut Option<Option<String>> {
+        if self.current.len() <= id {
+            self.current.resize(id + 1, None);
         }
-        self.ensure(r) == *expected
+        &mut self.current[id]
+    }
+
+    /// Whether the set reference `id` has the name `expected` in this
+    /// render (putting the set into the output, once).
+    fn still_named(&mut self, id: usize, expected: &Option<String>) -> bool {
+        if self.slot(id).is_none() {
+            let r = self.cache.set_ref(id).clone();
+            let name = self.ensure(&r);
+            *self.slot(id) = Some(name);
+        }
+        self.current[id].as_ref() == Some(expected)
+    }
+
+    /// How many distinct set references this render used.
+    fn used_refs(&self) -> usize {
+        self.current.iter().filter(|c| c.is_some()).count()
     }
 
     /// Puts the set `r` stands for into the output (a cached chain needs
