@@ -52,6 +52,9 @@ struct CachedEndpoint {
     chain: NftChain,
 }
 
+/// A PeerSet's address set: the model set it came from, its name, the set.
+pub(super) type CachedSet = (Arc<AddressSet>, String, NftSet);
+
 type Antispoof = (
     SourceMap,
     Families,
@@ -65,7 +68,7 @@ type Antispoof = (
 pub struct NftCache {
     /// PeerSet address sets per family (IPv4, IPv6), by PeerSet: (model
     /// set it came from, name, set).
-    pub(super) sets: [HashMap<String, (Arc<AddressSet>, String, NftSet)>; 2],
+    pub(super) sets: [HashMap<String, CachedSet>; 2],
     /// PeerSet named-port sets.
     pub(super) port_sets: HashMap<(String, Family), (Arc<PortSet>, NftSet)>,
     /// Policy chains by (policy, direction).

@@ -61,7 +61,7 @@ fn policy(p: usize, variant: u8) -> CompiledPolicy {
         None,
         None,
     )];
-    if variant % 3 == 0 {
+    if variant.is_multiple_of(3) {
         ports.push(port(Protocol::TCP, None, Some("web"), None));
     }
     if variant % 3 == 1 {
@@ -79,7 +79,11 @@ fn policy(p: usize, variant: u8) -> CompiledPolicy {
     CompiledPolicy {
         name: policy_name(p),
         ingress: vec![rule.clone()],
-        egress: if variant % 2 == 0 { vec![rule] } else { vec![] },
+        egress: if variant.is_multiple_of(2) {
+            vec![rule]
+        } else {
+            vec![]
+        },
     }
 }
 
@@ -99,7 +103,7 @@ fn endpoint(slot: usize, generation: u32, isolation: u8) -> Endpoint {
             port: 8000 + (generation % 5) as u16,
         }],
         ingress_policies: (0..usize::from(isolation % 3)).map(pick).collect(),
-        egress_policies: if isolation % 2 == 0 {
+        egress_policies: if isolation.is_multiple_of(2) {
             vec![pick(3)]
         } else {
             vec![]
