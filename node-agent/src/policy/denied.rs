@@ -232,11 +232,35 @@ pub struct Snapshot {
 #[derive(Debug, Default)]
 pub struct DeniedCounters {
     tx: Option<watch::Sender<Option<Arc<Snapshot>>>>,
+    /// What the drop rules of the last snapshot were derived from: a sync
+    /// that changed only PeerSet members or policy rules keeps them.
+    last: Option<TargetInputs>,
+}
+
+/// The parts of a model [`targets`] reads.
+#[derive(Debug, PartialEq)]
+struct TargetInputs {
+    plane: Plane,
+    enabled: bool,
+    log_denied: bool,
+    families: super::model::Families,
+    endpoints: BTreeMap<String, super::model::EndpointModel>,
 }
 
 impl DeniedCounters {
     /// Points the reader at what was just programmed.
     pub fn programmed(&mut self, model: &NodeModel, plane: Plane, exec: &Exec) {
+        let inputs = TargetInputs {
+            plane,
+            enabled: model.enabled,
+            log_denied: model.log_denied,
+            families: model.families,
+            endpoints: model.endpoints.clone(),
+        };
+        if self.tx.is_some() && self.last.as_ref() == Some(&inputs) {
+            return;
+        }
+        self.last = Some(inputs);
         let snap = Arc::new(Snapshot {
             plane,
             families: model.families,

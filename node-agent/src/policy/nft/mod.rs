@@ -11,9 +11,12 @@
 //! to canal's table by someone else (`nft flush ruleset`, a deleted rule or
 //! element) is notified ([`crate::policy::watch`]) and repaired at once.
 
+pub mod cache;
 pub mod libnft;
 pub mod netlink;
 pub mod render;
+#[cfg(test)]
+mod render_tests;
 pub mod ruleset;
 pub mod state;
 

@@ -38,7 +38,7 @@
 //! traffic through). defaultEndpointToHostAction `Accept` and `Return` are
 //! therefore the same here: the node's own rules still see the packet.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -49,11 +49,13 @@ use ipnet::IpNet;
 
 use crate::policy::antispoof::{ICMPV6_LINK_TYPES, SourceMap, Sources, SpoofReason};
 use crate::policy::model::{
-    AddressSet, Block, Direction, Families, Family, Isolation, NodeModel, PeerModel, PortModel,
-    PortSet, RuleModel,
+    Block, Direction, Families, Family, Isolation, NodeModel, PeerModel, PortModel, PortSet,
+    RuleModel,
 };
 use crate::policy::names::{CUT_MARK, EGRESS_MARK, INGRESS_MARK, VERDICT_MARKS};
 
+pub use super::cache::NftCache;
+use super::cache::{CachedChain, SetRef};
 use super::ruleset::{BaseChain, NftChain, NftRuleset, NftSet};
 
 /// canal's policy table (`inet canal`).
@@ -87,83 +89,117 @@ const RAW_PRIORITY: i32 = -300;
 const FILTER_PRIORITY: i32 = 0;
 const GUARD_PRIORITY: i32 = 150;
 
-/// What the renderer keeps between calls: sets built from unchanged
-/// PeerSets and chains built from unchanged policies (found by pointer).
-#[derive(Debug, Default)]
-pub struct NftCache {
-    sets: HashMap<(String, Family), (Arc<AddressSet>, String, NftSet)>,
-    port_sets: HashMap<(String, Family), (Arc<PortSet>, NftSet)>,
-    chains: HashMap<String, (Arc<Vec<RuleModel>>, Families, NftChain)>,
-}
-
 /// The whole `inet canal` table for `model`.
 pub fn render(model: &NodeModel) -> NftRuleset {
     render_with(model, &mut NftCache::default())
 }
 
-/// [`render`] with a cache kept between calls (same output).
+/// [`render`] with a cache kept between calls (same output): a sync that
+/// changed only PeerSet members, one pod or one policy re-renders only the
+/// sets and chains whose inputs changed ([`super::cache`]).
 pub fn render_with(model: &NodeModel, cache: &mut NftCache) -> NftRuleset {
     let mut r = NftRuleset {
         table: TABLE.to_string(),
         ..NftRuleset::default()
     };
-    antispoof(&mut r, &model.sources, model.families);
+    cache.antispoof(&mut r, &model.sources, model.families, antispoof);
     if !model.enabled {
         *cache = NftCache::default();
         return r;
     }
-    let mut to_wl = NftSet::verdict_map("ifname");
-    let mut from_wl = NftSet::verdict_map("ifname");
     let mut needed: BTreeSet<(&str, Direction)> = BTreeSet::new();
+    let log = model.log_denied;
+    let mut endpoints = cache.take_endpoints();
     for (iface, ep) in &model.endpoints {
-        let (tw, fw) = (
-            endpoint_chain_name(iface, Direction::Ingress),
-            endpoint_chain_name(iface, Direction::Egress),
-        );
-        to_wl.insert(format!("\"{iface}\" : jump {tw}"));
-        from_wl.insert(format!("\"{iface}\" : jump {fw}"));
-        for (name, dir) in [(tw, Direction::Ingress), (fw, Direction::Egress)] {
-            if let Isolation::By(list) = ep.isolation(dir) {
+        for dir in [Direction::Ingress, Direction::Egress] {
+            let isolation = ep.isolation(dir);
+            if let Isolation::By(list) = isolation {
                 needed.extend(list.iter().map(|p| (p.as_str(), dir)));
             }
-            let log = model.log_denied.then_some(iface.as_str());
-            let chain = endpoint_chain(&name, ep.isolation(dir), dir, log);
+            let (name, chain) = endpoints.get(iface, dir, isolation, log, || {
+                let name = endpoint_chain_name(iface, dir);
+                let chain = endpoint_chain(&name, isolation, dir, log.then_some(iface.as_str()));
+                (name, chain)
+            });
             r.chains.insert(name, chain);
         }
         r.endpoints.insert(iface.clone());
     }
+    cache.keep_endpoints(endpoints);
+    let (to_wl, from_wl) = cache.dispatch(&r.endpoints, || {
+        let mut to_wl = NftSet::verdict_map("ifname");
+        let mut from_wl = NftSet::verdict_map("ifname");
+        for iface in &r.endpoints {
+            let tw = endpoint_chain_name(iface, Direction::Ingress);
+            let fw = endpoint_chain_name(iface, Direction::Egress);
+            to_wl.insert(format!("\"{iface}\" : jump {tw}"));
+            from_wl.insert(format!("\"{iface}\" : jump {fw}"));
+        }
+        (to_wl, from_wl)
+    });
     r.sets.insert(TO_WL.into(), to_wl);
     r.sets.insert(FROM_WL.into(), from_wl);
 
-    let mut fresh = HashMap::new();
+    let mut old = std::mem::take(&mut cache.chains);
     let mut sets = SetRenderer {
         model,
         cache,
         out: BTreeMap::new(),
+        refs: None,
+        current: Vec::new(),
     };
     for (policy, dir) in needed {
         let Some(rules) = model.policies.get(policy).and_then(|p| p.rules(dir)) else {
             continue;
         };
-        let name = policy_chain_name(policy, dir);
-        let chain = match sets.cache.chains.remove(&name) {
-            Some((was, fam, chain)) if Arc::ptr_eq(&was, rules) && fam == model.families => chain,
-            _ => policy_chain(&name, policy, rules, dir, &mut sets),
+        let key = (policy.to_string(), dir);
+        let prev = old.remove(&key);
+        // Same rules, same families, and every set it references still has
+        // the name it had (a PeerSet that gained a CIDR is another set).
+        let valid = prev.as_ref().is_some_and(|c| {
+            Arc::ptr_eq(&c.rules, rules)
+                && c.families == model.families
+                && c.refs.iter().all(|(id, name)| sets.still_named(*id, name))
+        });
+        let cached = match prev {
+            Some(c) if valid => c,
+            prev => {
+                let name = prev
+                    .map(|c| c.name)
+                    .unwrap_or_else(|| policy_chain_name(policy, dir));
+                sets.refs = Some(Vec::new());
+                let chain = policy_chain(&name, policy, rules, dir, &mut sets);
+                let refs = sets.refs.take().unwrap_or_default();
+                CachedChain {
+                    name,
+                    rules: rules.clone(),
+                    families: model.families,
+                    chain,
+                    refs,
+                }
+            }
         };
-        sets.referenced(rules);
-        fresh.insert(name.clone(), (rules.clone(), model.families, chain.clone()));
-        r.chains.insert(name, chain);
+        r.chains.insert(cached.name.clone(), cached.chain.clone());
+        sets.cache.chains.insert(key, cached);
     }
-    sets.cache.chains = fresh;
     let out = std::mem::take(&mut sets.out);
+    let used = sets.used_refs();
     r.sets.extend(out);
+    cache.bound_refs(used);
 
     let v6 = model.families.v6;
-    r.chains.insert(FORWARD.into(), forward_chain());
-    r.chains
-        .insert(INPUT.into(), input_chain(model.endpoint_to_host, v6));
-    r.chains.insert(GUARD_FORWARD.into(), guard_forward_chain());
-    r.chains.insert(GUARD_INPUT.into(), guard_input_chain(v6));
+    let (fwd, input, gf, gi) = cache.base_chains(model.endpoint_to_host, v6, || {
+        (
+            forward_chain(),
+            input_chain(model.endpoint_to_host, v6),
+            guard_forward_chain(),
+            guard_input_chain(v6),
+        )
+    });
+    r.chains.insert(FORWARD.into(), fwd);
+    r.chains.insert(INPUT.into(), input);
+    r.chains.insert(GUARD_FORWARD.into(), gf);
+    r.chains.insert(GUARD_INPUT.into(), gi);
     r
 }
 
@@ -234,6 +270,14 @@ fn fam(f: Family) -> (&'static str, char) {
     match f {
         Family::V4 => ("ip", '4'),
         Family::V6 => ("ip6", '6'),
+    }
+}
+
+/// The slot of `f` in per-family caches.
+pub(super) fn family_index(f: Family) -> usize {
+    match f {
+        Family::V4 => 0,
+        Family::V6 => 1,
     }
 }
 
@@ -582,20 +626,59 @@ struct SetRenderer<'a> {
     model: &'a NodeModel,
     cache: &'a mut NftCache,
     out: BTreeMap<String, NftSet>,
+    /// While a policy chain renders: the sets it referenced, by source,
+    /// with the name each had (None: the set is absent, the peer skipped).
+    refs: Option<Vec<(usize, Option<String>)>>,
+    /// This render's name of each set reference (by id), once computed:
+    /// a set shared by hundreds of chains is checked once per render.
+    current: Vec<Option<Option<String>>>,
 }
 
 impl SetRenderer<'_> {
-    /// The sets of `rules` for every family (a cached chain needs them too).
-    fn referenced(&mut self, rules: &[RuleModel]) {
-        for f in self.model.families.iter() {
-            for rule in rules {
-                for p in rule.peers.iter().flatten() {
-                    let _ = self.peer(p, Direction::Ingress, f);
-                }
-                for p in rule.ports.iter().flatten() {
-                    let _ = self.port(p, f);
-                }
-            }
+    fn record(&mut self, r: impl FnOnce() -> SetRef, name: &Option<String>) {
+        if self.refs.is_none() {
+            return;
+        }
+        let id = self.cache.intern(r());
+        if let Some(refs) = &mut self.refs
+            && !refs.iter().any(|(have, _)| *have == id)
+        {
+            refs.push((id, name.clone()));
+        }
+        self.slot(id).get_or_insert_with(|| name.clone());
+    }
+
+    fn slot(&mut self, id: usize) -> &mut Option<Option<String>> {
+        if self.current.len() <= id {
+            self.current.resize(id + 1, None);
+        }
+        &mut self.current[id]
+    }
+
+    /// Whether the set reference `id` has the name `expected` in this
+    /// render (putting the set into the output, once).
+    fn still_named(&mut self, id: usize, expected: &Option<String>) -> bool {
+        if self.slot(id).is_none() {
+            let r = self.cache.set_ref(id).clone();
+            let name = self.ensure(&r);
+            *self.slot(id) = Some(name);
+        }
+        self.current[id].as_ref() == Some(expected)
+    }
+
+    /// How many distinct set references this render used.
+    fn used_refs(&self) -> usize {
+        self.current.iter().filter(|c| c.is_some()).count()
+    }
+
+    /// Puts the set `r` stands for into the output (a cached chain needs
+    /// it too); returns its name as [`Self::peer`] / [`Self::port`] would.
+    fn ensure(&mut self, r: &SetRef) -> Option<String> {
+        match r {
+            SetRef::Address(ps, f) => self.address_set(ps, *f),
+            SetRef::Block(b) => self.block_set(b),
+            SetRef::LocalPorts(p, name, f) => Some(self.local_port_set(*p, name, *f)),
+            SetRef::PeerPorts(ps, f) => Some(self.peer_port_set(ps, *f)),
         }
     }
 
@@ -607,8 +690,9 @@ impl SetRenderer<'_> {
         };
         match peer {
             PeerModel::Set(ps) => {
-                let name = self.address_set(ps, f)?;
-                Some(format!("{ip} {side} @{name}"))
+                let name = self.address_set(ps, f);
+                self.record(|| SetRef::Address(ps.clone(), f), &name);
+                Some(format!("{ip} {side} @{}", name?))
             }
             PeerModel::Block(b) if b.family() == f => {
                 if b.except.is_empty() {
@@ -617,8 +701,9 @@ impl SetRenderer<'_> {
                     }
                     return Some(format!("{ip} {side} {}", element_of(b.cidr)));
                 }
-                let name = self.block_set(b)?;
-                Some(format!("{ip} {side} @{name}"))
+                let name = self.block_set(b);
+                self.record(|| SetRef::Block(b.clone()), &name);
+                Some(format!("{ip} {side} @{}", name?))
             }
             PeerModel::Block(_) => None,
         }
@@ -646,30 +731,16 @@ impl SetRenderer<'_> {
                 }
             }
             PortModel::LocalNamed(p, name) => {
-                let set = set_name("lp", f, &format!("{}/{name}", p.as_lower()));
-                if !self.out.contains_key(&set)
-                    && let Some(src) = self.model.local_ports.get(&(*p, name.clone()))
-                {
-                    self.out.insert(set.clone(), port_set(src, f));
-                }
+                let set = self.local_port_set(*p, name, f);
+                self.record(
+                    || SetRef::LocalPorts(*p, name.clone(), f),
+                    &Some(set.clone()),
+                );
                 format!("{ip} daddr . meta l4proto . th dport @{set}")
             }
             PortModel::PeerNamed(p, ps) => {
-                let set = set_name("pp", f, ps);
-                if !self.out.contains_key(&set)
-                    && let Some(src) = self.model.port_sets.get(ps)
-                {
-                    let key = (ps.clone(), f);
-                    let built = match self.cache.port_sets.get(&key) {
-                        Some((was, s)) if Arc::ptr_eq(was, src) => s.clone(),
-                        _ => {
-                            let s = port_set(src, f);
-                            self.cache.port_sets.insert(key, (src.clone(), s.clone()));
-                            s
-                        }
-                    };
-                    self.out.insert(set.clone(), built);
-                }
+                let set = self.peer_port_set(ps, f);
+                self.record(|| SetRef::PeerPorts(ps.clone(), f), &Some(set.clone()));
                 format!(
                     "meta l4proto {} {ip} daddr . meta l4proto . th dport @{set}",
                     p.as_lower()
@@ -678,13 +749,43 @@ impl SetRenderer<'_> {
         }
     }
 
+    /// The (local address . proto . port) set of a local named port.
+    fn local_port_set(&mut self, p: Protocol, name: &str, f: Family) -> String {
+        let set = set_name("lp", f, &format!("{}/{name}", p.as_lower()));
+        if !self.out.contains_key(&set)
+            && let Some(src) = self.model.local_ports.get(&(p, name.to_string()))
+        {
+            self.out.insert(set.clone(), port_set(src, f));
+        }
+        set
+    }
+
+    /// The (peer address . proto . port) set of a PeerSet's named ports.
+    fn peer_port_set(&mut self, ps: &str, f: Family) -> String {
+        let set = set_name("pp", f, ps);
+        if !self.out.contains_key(&set)
+            && let Some(src) = self.model.port_sets.get(ps)
+        {
+            let key = (ps.to_string(), f);
+            let built = match self.cache.port_sets.get(&key) {
+                Some((was, s)) if Arc::ptr_eq(was, src) => s.clone(),
+                _ => {
+                    let s = port_set(src, f);
+                    self.cache.port_sets.insert(key, (src.clone(), s.clone()));
+                    s
+                }
+            };
+            self.out.insert(set.clone(), built);
+        }
+        set
+    }
+
     /// The set of a PeerSet's addresses of family `f`: plain (hash) while
     /// every member is one address, with the interval flag (another name)
     /// once one is a CIDR.
     fn address_set(&mut self, ps: &str, f: Family) -> Option<String> {
         let src = self.model.peer_sets.get(ps)?;
-        let key = (ps.to_string(), f);
-        if let Some((was, name, set)) = self.cache.sets.get(&key)
+        if let Some((was, name, set)) = self.cache.sets[family_index(f)].get(ps)
             && Arc::ptr_eq(was, src)
         {
             if !self.out.contains_key(name) {
@@ -717,9 +818,8 @@ impl SetRenderer<'_> {
             );
             *elements = merged.into_iter().map(element_of).collect();
         }
-        self.cache
-            .sets
-            .insert(key, (src.clone(), name.clone(), set.clone()));
+        self.cache.sets[family_index(f)]
+            .insert(ps.to_string(), (src.clone(), name.clone(), set.clone()));
         self.out.insert(name.clone(), set);
         Some(name)
     }

@@ -291,14 +291,8 @@ pub fn plan(current: &NftState, desired: &NftRuleset) -> NftPlan {
 
     for (name, chain) in &desired.chains {
         let have = current.chains.get(name);
-        let in_sync = have.is_some_and(|h| {
-            h.base == chain.base
-                && h.rules.len() == chain.rules.len()
-                && h.rules
-                    .iter()
-                    .zip(chain.rules.iter())
-                    .all(|(h, r)| h.as_deref() == Some(r.hash.as_str()))
-        }) && !references_recreated(chain, &recreated);
+        let in_sync = have.is_some_and(|h| h.base == chain.base && h.rules.matches(&chain.rules))
+            && !references_recreated(chain, &recreated);
         if in_sync {
             continue;
         }
@@ -545,6 +539,7 @@ mod tests {
             .get_mut("tw-cali1")
             .unwrap()
             .rules
+            .to_mut()
             .insert(0, None);
         let p = plan(&state, &r);
         assert_eq!(p.written_chains, vec!["tw-cali1".to_string()]);
@@ -555,7 +550,7 @@ mod tests {
                 hook: "forward",
                 priority: 10,
             }),
-            rules: vec![Some(r.chains["forward"].rules[0].hash.clone())],
+            rules: vec![Some(r.chains["forward"].rules[0].hash.clone())].into(),
         };
         let p = plan(&state, &r);
         assert!(

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::policy::names::COMMENT_PREFIX;
+use crate::policy::ruleset::Rule;
 
 use super::ruleset::{BaseChain, NftRuleset};
 
@@ -20,7 +21,98 @@ pub struct ChainState {
     /// Its hook, for a base chain.
     pub base: Option<BaseChain>,
     /// Per rule, its `canal:` hash (None: a rule canal did not write).
-    pub rules: Vec<Option<String>>,
+    pub rules: RuleHashes,
+}
+
+/// A chain's rule hashes: as read from the kernel, or the rules canal just
+/// applied, shared with the ruleset (keeping the state of 20,000 rules
+/// after every sync costs no copy, and comparing a chain that did not
+/// change is a pointer comparison).
+#[derive(Clone, Debug)]
+pub enum RuleHashes {
+    /// Read from a listing.
+    Read(Vec<Option<String>>),
+    /// Exactly these rules were applied.
+    Applied(Arc<Vec<Rule>>),
+}
+
+impl Default for RuleHashes {
+    fn default() -> Self {
+        RuleHashes::Read(Vec::new())
+    }
+}
+
+impl From<Vec<Option<String>>> for RuleHashes {
+    fn from(v: Vec<Option<String>>) -> Self {
+        RuleHashes::Read(v)
+    }
+}
+
+impl RuleHashes {
+    /// Number of rules.
+    pub fn len(&self) -> usize {
+        match self {
+            RuleHashes::Read(v) => v.len(),
+            RuleHashes::Applied(r) => r.len(),
+        }
+    }
+
+    /// No rules.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The hashes in order.
+    pub fn iter(&self) -> Box<dyn Iterator<Item = Option<&str>> + '_> {
+        match self {
+            RuleHashes::Read(v) => Box::new(v.iter().map(Option::as_deref)),
+            RuleHashes::Applied(r) => Box::new(r.iter().map(|r| Some(r.hash.as_str()))),
+        }
+    }
+
+    /// Whether these are exactly `rules` (same hashes in the same order).
+    pub fn matches(&self, rules: &Arc<Vec<Rule>>) -> bool {
+        match self {
+            RuleHashes::Applied(a) if Arc::ptr_eq(a, rules) => true,
+            _ => {
+                self.len() == rules.len()
+                    && self
+                        .iter()
+                        .zip(rules.iter())
+                        .all(|(h, r)| h == Some(r.hash.as_str()))
+            }
+        }
+    }
+
+    /// The hashes as a list to change (copied once from applied rules).
+    pub fn to_mut(&mut self) -> &mut Vec<Option<String>> {
+        if let RuleHashes::Applied(r) = self {
+            *self = RuleHashes::Read(r.iter().map(|r| Some(r.hash.clone())).collect());
+        }
+        match self {
+            RuleHashes::Read(v) => v,
+            // Just replaced by Read above.
+            RuleHashes::Applied(_) => unreachable!("converted to Read"),
+        }
+    }
+}
+
+impl PartialEq for RuleHashes {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (RuleHashes::Applied(a), RuleHashes::Applied(b)) if Arc::ptr_eq(a, b) => true,
+            (_, RuleHashes::Applied(b)) => self.matches(b),
+            _ => self.len() == other.len() && self.iter().eq(other.iter()),
+        }
+    }
+}
+
+impl Eq for RuleHashes {}
+
+impl PartialEq<Vec<Option<String>>> for RuleHashes {
+    fn eq(&self, other: &Vec<Option<String>>) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter().map(Option::as_deref))
+    }
 }
 
 /// One set or map in the kernel.
@@ -76,7 +168,7 @@ impl NftState {
                         n.clone(),
                         ChainState {
                             base: c.base.clone(),
-                            rules: c.rules.iter().map(|r| Some(r.hash.clone())).collect(),
+                            rules: RuleHashes::Applied(c.rules.clone()),
                         },
                     )
                 })
@@ -151,6 +243,7 @@ impl NftState {
                     .entry(chain.to_string())
                     .or_default()
                     .rules
+                    .to_mut()
                     .push(hash);
             } else if let Some((s, is_map)) = item
                 .get("set")
