@@ -170,6 +170,29 @@ pub fn stop_pid_file(pid_file: &Path, expect: &str, grace: Duration) -> bool {
     stopped
 }
 
+/// How the process behind `pid_file` ended: its exit code or signal when
+/// it is our child (reaped here), else that it is gone. None while it is
+/// alive: a live child that [`live_pid`] missed (its command line
+/// unreadable mid-exec) has not ended.
+pub fn ended(pid_file: &Path) -> Option<String> {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let Some(pid) = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    else {
+        return Some(format!("no pid in {}", pid_file.display()));
+    };
+    match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::Exited(_, code)) => Some(format!("pid {pid} exited with code {code}")),
+        Ok(WaitStatus::Signaled(_, signal, _)) => Some(format!("pid {pid} killed by {signal}")),
+        Ok(WaitStatus::StillAlive) => None,
+        Ok(other) => Some(format!("pid {pid}: {other:?}")),
+        // Not our child (started by another canal-lab process): /proc tells.
+        Err(_) if std::path::Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid) => None,
+        Err(e) => Some(format!("pid {pid} gone ({e})")),
+    }
+}
+
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {

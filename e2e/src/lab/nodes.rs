@@ -149,10 +149,12 @@ pub async fn wait_file(ready: &Path, pid: &Path, log: &Path, what: &str) -> Resu
         if ready.exists() {
             return Ok(());
         }
-        if process::live_pid(pid, "canal-lab").is_none() {
+        if process::live_pid(pid, "canal-lab").is_none()
+            && let Some(status) = process::ended(pid)
+        {
             return Err(Error::Exited {
                 name: what.to_string(),
-                status: "exited".into(),
+                status,
                 log_tail: process::tail(log, 20),
             });
         }

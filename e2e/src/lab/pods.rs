@@ -216,24 +216,36 @@ async fn add_steps(
         .filter(|p| p.protocol != crate::lab::protocol::Protocol::Sctp)
         .map(|p| format!("{}/{}", p.port, p.protocol))
         .collect();
-    let mut cmd = nodes::echo_command(ctx, &pod_netns, &listen, &echo.ready());
-    for ip in &ips {
-        cmd.arg("--bind").arg(ip.to_string());
+    // The pod's "container". One that ends before it serves is started
+    // once more, as kubelet restarts a container, and the first end is
+    // reported on stderr: the echo server is the lab's, not canal's.
+    for attempt in 1..=2 {
+        let mut cmd = nodes::echo_command(ctx, &pod_netns, &listen, &echo.ready());
+        for ip in &ips {
+            cmd.arg("--bind").arg(ip.to_string());
+        }
+        process::spawn_detached(
+            &format!("echo server of {}", opts.key()),
+            cmd,
+            &echo.log(),
+            &echo.pid(),
+        )?;
+        undo.echo = true;
+        match nodes::wait_file(
+            &echo.ready(),
+            &echo.pid(),
+            &echo.log(),
+            &format!("the echo server of {}", opts.key()),
+        )
+        .await
+        {
+            Ok(()) => break,
+            Err(e @ Error::Exited { .. }) if attempt == 1 => {
+                eprintln!("canal-lab: {e}; starting it again");
+            }
+            Err(e) => return Err(e),
+        }
     }
-    process::spawn_detached(
-        &format!("echo server of {}", opts.key()),
-        cmd,
-        &echo.log(),
-        &echo.pid(),
-    )?;
-    undo.echo = true;
-    nodes::wait_file(
-        &echo.ready(),
-        &echo.pid(),
-        &echo.log(),
-        &format!("the echo server of {}", opts.key()),
-    )
-    .await?;
 
     let now = super::now();
     let conditions: Vec<_> = ["PodScheduled", "Initialized", "ContainersReady", "Ready"]
