@@ -11,6 +11,7 @@
 //! to canal's table by someone else (`nft flush ruleset`, a deleted rule or
 //! element) is notified ([`crate::policy::watch`]) and repaired at once.
 
+pub mod base_chains;
 pub mod cache;
 pub mod libnft;
 pub mod netlink;

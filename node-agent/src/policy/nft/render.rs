@@ -20,9 +20,6 @@
 //! chain guard-forward / guard-input (priority 150, after them)   fail-closed guard: new pod
 //!     traffic without its verdict marks is dropped (a foreign flush of `forward` or an
 //!     `accept` put in front of it lets nothing new through)
-//! chain guard-forward / guard-input (priority 150, after them)   fail-closed guard: new pod
-//!     traffic without its verdict marks is dropped (a foreign flush of `forward` or an
-//!     `accept` put in front of it lets nothing new through)
 //! map to-wl / from-wl  { "cali..." : jump tw-/fw-cali... }
 //! chain tw-<iface> / fw-<iface>   not isolated: set the mark; isolated: clear it,
 //!     jump pi-/po-<hash> per policy, return if marked, drop
@@ -37,23 +34,27 @@
 //! foreign table that accepts at a higher priority cannot let denied
 //! traffic through). defaultEndpointToHostAction `Accept` and `Return` are
 //! therefore the same here: the node's own rules still see the packet.
+//!
+//! The base chains (anti-spoofing, forward, input, the guards) are built in
+//! [`super::base_chains`]; this module builds the rest and the sets.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use canal_crds::Protocol;
 use canal_crds::names::short_hash;
-use canal_crds::{EndpointToHostAction, Protocol};
 use ipnet::IpNet;
 
-use crate::policy::antispoof::{ICMPV6_LINK_TYPES, SourceMap, Sources, SpoofReason};
+use crate::policy::antispoof::ICMPV6_LINK_TYPES;
 use crate::policy::model::{
-    Block, Direction, Families, Family, Isolation, NodeModel, PeerModel, PortModel, PortSet,
-    RuleModel,
+    Block, Direction, Family, Isolation, NodeModel, PeerModel, PortModel, PortSet, RuleModel,
 };
-use crate::policy::names::{CUT_MARK, EGRESS_MARK, INGRESS_MARK, VERDICT_MARKS};
 
+use super::base_chains::{
+    antispoof, forward_chain, guard_forward_chain, guard_input_chain, input_chain,
+};
 pub use super::cache::NftCache;
 use super::cache::{CachedChain, SetRef};
 use super::ruleset::{BaseChain, NftChain, NftRuleset, NftSet};
@@ -83,11 +84,11 @@ pub const SPOOF_ROUTED: &str = "spoof-routed";
 /// Every known pod interface.
 pub const SPOOF_IFACES: &str = "spoof-ifaces";
 /// nft wildcard for every pod interface.
-const PODS: &str = "\"cali*\"";
+pub(super) const PODS: &str = "\"cali*\"";
 
-const RAW_PRIORITY: i32 = -300;
-const FILTER_PRIORITY: i32 = 0;
-const GUARD_PRIORITY: i32 = 150;
+pub(super) const RAW_PRIORITY: i32 = -300;
+pub(super) const FILTER_PRIORITY: i32 = 0;
+pub(super) const GUARD_PRIORITY: i32 = 150;
 
 /// The whole `inet canal` table for `model`.
 pub fn render(model: &NodeModel) -> NftRuleset {
@@ -203,52 +204,6 @@ pub fn render_with(model: &NodeModel, cache: &mut NftCache) -> NftRuleset {
     r
 }
 
-/// New pod traffic that `forward` did not mark is dropped: a foreign
-/// rewrite of `forward` (a flush, an `accept` in front) fails closed.
-fn guard_forward_chain() -> NftChain {
-    let n = GUARD_FORWARD;
-    let mut c = NftChain {
-        base: base("forward", GUARD_PRIORITY),
-        ..NftChain::default()
-    };
-    let new = "ct state != { established, related }";
-    c.push(
-        n,
-        format!("iifname {PODS} {new} {} drop", without(EGRESS_MARK)),
-        "egress policy did not run (fail closed)",
-    );
-    c.push(
-        n,
-        format!("oifname {PODS} {new} {} drop", without(INGRESS_MARK)),
-        "ingress policy did not run (fail closed)",
-    );
-    c
-}
-
-fn guard_input_chain(v6: bool) -> NftChain {
-    let n = GUARD_INPUT;
-    let mut c = NftChain {
-        base: base("input", GUARD_PRIORITY),
-        ..NftChain::default()
-    };
-    if v6 {
-        c.push(
-            n,
-            format!("iifname {PODS} {} accept", icmpv6_types()),
-            "neighbour discovery",
-        );
-    }
-    c.push(
-        n,
-        format!(
-            "iifname {PODS} ct state != {{ established, related }} {} drop",
-            without(EGRESS_MARK)
-        ),
-        "egress policy did not run (fail closed)",
-    );
-    c
-}
-
 /// `tw-<iface>` / `fw-<iface>`.
 pub fn endpoint_chain_name(iface: &str, dir: Direction) -> String {
     match dir {
@@ -296,7 +251,7 @@ fn addr_type(f: Family) -> &'static str {
     }
 }
 
-fn base(hook: &'static str, priority: i32) -> Option<BaseChain> {
+pub(super) fn base(hook: &'static str, priority: i32) -> Option<BaseChain> {
     Some(BaseChain {
         kind: "filter",
         hook,
@@ -308,219 +263,17 @@ fn set_mark(mark: u32) -> String {
     format!("meta mark set meta mark | {mark:#010x}")
 }
 
-fn clear_mark(mark: u32) -> String {
+pub(super) fn clear_mark(mark: u32) -> String {
     format!("meta mark set meta mark & {:#010x}", !mark)
 }
 
-fn without(mark: u32) -> String {
+pub(super) fn without(mark: u32) -> String {
     format!("meta mark & {mark:#010x} != {mark:#010x}")
 }
 
-fn icmpv6_types() -> String {
+pub(super) fn icmpv6_types() -> String {
     let t: Vec<String> = ICMPV6_LINK_TYPES.iter().map(u8::to_string).collect();
     format!("icmpv6 type {{ {} }}", t.join(", "))
-}
-
-fn antispoof(r: &mut NftRuleset, map: &SourceMap, families: Families) {
-    let n = PREROUTING;
-    let mut c = NftChain {
-        base: base("prerouting", RAW_PRIORITY),
-        ..NftChain::default()
-    };
-    let mut drop = |c: &mut NftChain, spec: String, note: &str, reason: SpoofReason| {
-        c.push(n, spec, note);
-        if let Some(rule) = c.rules.last() {
-            r.spoof_rules.insert(rule.hash.clone(), reason);
-        }
-    };
-    if families.v6 {
-        // Neighbour discovery from link-local (DAD: unspecified) sources,
-        // which are no pod's assigned address and may not pass a fib check.
-        c.push(
-            n,
-            format!(
-                "iifname {PODS} ip6 saddr {{ fe80::/10, ::/128 }} {} accept",
-                icmpv6_types()
-            ),
-            "link-local ICMPv6",
-        );
-    }
-    drop(
-        &mut c,
-        format!("iifname {PODS} fib saddr . iif oif missing counter drop"),
-        "spoofed source: does not route back to the pod interface",
-        SpoofReason::Rpf,
-    );
-    if let Some(endpoints) = &map.endpoints {
-        let mut v4 = NftSet::new("ifname . ipv4_addr");
-        let mut v6 = NftSet::new("ifname . ipv6_addr");
-        let mut routed = NftSet::new("ifname");
-        let mut ifaces = NftSet::new("ifname");
-        for (iface, sources) in endpoints {
-            ifaces.insert(format!("\"{iface}\""));
-            match sources {
-                Sources::Routed => routed.insert(format!("\"{iface}\"")),
-                Sources::Addresses(addrs) => {
-                    for a in addrs {
-                        match a {
-                            IpAddr::V4(_) => v4.insert(format!("\"{iface}\" . {a}")),
-                            IpAddr::V6(_) if families.v6 => v6.insert(format!("\"{iface}\" . {a}")),
-                            IpAddr::V6(_) => {}
-                        }
-                    }
-                }
-            }
-        }
-        c.push(
-            n,
-            format!("iifname . ip saddr @{SPOOF_V4} accept"),
-            "source assigned to the pod interface",
-        );
-        r.sets.insert(SPOOF_V4.into(), v4);
-        if families.v6 {
-            c.push(
-                n,
-                format!("iifname . ip6 saddr @{SPOOF_V6} accept"),
-                "source assigned to the pod interface",
-            );
-            r.sets.insert(SPOOF_V6.into(), v6);
-        }
-        c.push(
-            n,
-            format!("iifname @{SPOOF_ROUTED} accept"),
-            "pod IPs not known yet: reverse path only",
-        );
-        drop(
-            &mut c,
-            format!("iifname @{SPOOF_IFACES} counter drop"),
-            "spoofed source: not an address of the pod",
-            SpoofReason::SourceNotAssigned,
-        );
-        r.sets.insert(SPOOF_ROUTED.into(), routed);
-        r.sets.insert(SPOOF_IFACES.into(), ifaces);
-    }
-    r.chains.insert(n.into(), c);
-}
-
-/// Established flows policy now denies, cut by conntrack.rs (their
-/// entries carry [`CUT_MARK`]): dropped before the established accept, in
-/// both directions.
-fn cut_drops(c: &mut NftChain, n: &str, dirs: &[&str]) {
-    for d in dirs {
-        c.push(
-            n,
-            format!("{d} {PODS} ct mark & {CUT_MARK:#010x} == {CUT_MARK:#010x} drop"),
-            "established flow cut by policy",
-        );
-    }
-}
-
-fn forward_chain() -> NftChain {
-    let n = FORWARD;
-    let mut c = NftChain {
-        base: base("forward", FILTER_PRIORITY),
-        ..NftChain::default()
-    };
-    cut_drops(&mut c, n, &["iifname", "oifname"]);
-    for (dir, note) in [("iifname", "from pod"), ("oifname", "to pod")] {
-        c.push(
-            n,
-            format!("{dir} {PODS} ct state established,related accept"),
-            &format!("reply or related, {note}"),
-        );
-    }
-    for (dir, note) in [("iifname", "from pod"), ("oifname", "to pod")] {
-        c.push(
-            n,
-            format!("{dir} {PODS} ct state invalid drop"),
-            &format!("invalid, {note}"),
-        );
-    }
-    c.push(n, clear_mark(VERDICT_MARKS), "clear the verdict marks");
-    c.push(
-        n,
-        format!("iifname {PODS} iifname vmap @{FROM_WL}"),
-        "egress policy of the source pod",
-    );
-    c.push(
-        n,
-        format!("oifname {PODS} oifname vmap @{TO_WL}"),
-        "ingress policy of the destination pod",
-    );
-    c.push(
-        n,
-        format!("iifname {PODS} {} drop", without(EGRESS_MARK)),
-        "no egress verdict (fail closed)",
-    );
-    c.push(
-        n,
-        format!("oifname {PODS} {} drop", without(INGRESS_MARK)),
-        "no ingress verdict (fail closed)",
-    );
-    c.push(
-        n,
-        format!("iifname {PODS} accept"),
-        "passed policy, from pod",
-    );
-    c.push(n, format!("oifname {PODS} accept"), "passed policy, to pod");
-    c
-}
-
-fn input_chain(action: EndpointToHostAction, v6: bool) -> NftChain {
-    let n = INPUT;
-    let mut c = NftChain {
-        base: base("input", FILTER_PRIORITY),
-        ..NftChain::default()
-    };
-    cut_drops(&mut c, n, &["iifname"]);
-    c.push(
-        n,
-        format!("iifname {PODS} ct state established,related accept"),
-        "reply or related, from pod",
-    );
-    if v6 {
-        // Untracked, so before the invalid drop and any policy.
-        c.push(
-            n,
-            format!("iifname {PODS} {} accept", icmpv6_types()),
-            "neighbour discovery",
-        );
-    }
-    c.push(
-        n,
-        format!("iifname {PODS} ct state invalid drop"),
-        "invalid, from pod",
-    );
-    c.push(
-        n,
-        format!("iifname {PODS} {}", clear_mark(VERDICT_MARKS)),
-        "clear the verdict marks",
-    );
-    c.push(
-        n,
-        format!("iifname {PODS} iifname vmap @{FROM_WL}"),
-        "egress policy of the pod",
-    );
-    c.push(
-        n,
-        format!("iifname {PODS} {} drop", without(EGRESS_MARK)),
-        "no egress verdict (fail closed)",
-    );
-    match action {
-        EndpointToHostAction::Accept => c.push(
-            n,
-            format!("iifname {PODS} accept"),
-            "defaultEndpointToHostAction Accept",
-        ),
-        EndpointToHostAction::Drop => c.push(
-            n,
-            format!("iifname {PODS} drop"),
-            "defaultEndpointToHostAction Drop",
-        ),
-        // Return: the node's own rules decide.
-        EndpointToHostAction::Return => {}
-    }
-    c
 }
 
 /// `tw-<iface>` / `fw-<iface>`; its last rule, when isolated, is the
