@@ -18,8 +18,33 @@ pub struct Netns {
     pub path: PathBuf,
 }
 
+/// Deletes `<prefix>-<pid>-<n>` namespaces whose process is gone: a run
+/// killed before its guards dropped (a timeout, ^C) leaves them behind.
+fn sweep_dead(prefix: &str) {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        }
+    }
+}
+
 impl Netns {
     pub fn new(prefix: &str) -> Netns {
+        if COUNTER.load(Ordering::SeqCst) == 0 {
+            sweep_dead(prefix);
+        }
         let name = format!(
             "{prefix}-{}-{}",
             std::process::id(),
