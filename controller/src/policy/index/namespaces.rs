@@ -53,15 +53,7 @@ impl PolicyIndex {
         }
         let sym = self.interner.intern(name);
         let labels = Labels::default();
-        let nssel_sets = self
-            .nssel_sets
-            .iter()
-            .copied()
-            .filter(|&s| {
-                self.namespace_selector(s)
-                    .is_some_and(|sel| sel.matches(&labels))
-            })
-            .collect();
+        let nssel_sets = self.nssel_sets_matching(&labels);
         let id = self.namespaces.insert(Namespace {
             name: sym.clone(),
             labels,
@@ -100,18 +92,21 @@ impl PolicyIndex {
         }
     }
 
-    /// Re-evaluates the namespace-selector sets against a namespace's labels.
-    pub(super) fn refresh_namespace_sets(&mut self, id: NsId) {
-        let labels = self.namespaces[id].labels.clone();
-        let new: Vec<SetId> = self
-            .nssel_sets
+    /// The namespace-selector sets whose selector matches `labels`.
+    fn nssel_sets_matching(&self, labels: &Labels) -> Vec<SetId> {
+        self.nssel_sets
             .iter()
             .copied()
             .filter(|&s| {
                 self.namespace_selector(s)
-                    .is_some_and(|sel| sel.matches(&labels))
+                    .is_some_and(|sel| sel.matches(labels))
             })
-            .collect();
+            .collect()
+    }
+
+    /// Re-evaluates the namespace-selector sets against a namespace's labels.
+    pub(super) fn refresh_namespace_sets(&mut self, id: NsId) {
+        let new = self.nssel_sets_matching(&self.namespaces[id].labels);
         let old = std::mem::take(&mut self.namespaces[id].nssel_sets);
         let pods: Vec<PodId> = self.namespaces[id].pods.values().copied().collect();
         for &s in old.iter().filter(|s| !new.contains(s)) {
