@@ -238,7 +238,7 @@ pub struct DeniedCounters {
 }
 
 /// The parts of a model [`targets`] reads.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 struct TargetInputs {
     plane: Plane,
     enabled: bool,
@@ -250,17 +250,25 @@ struct TargetInputs {
 impl DeniedCounters {
     /// Points the reader at what was just programmed.
     pub fn programmed(&mut self, model: &NodeModel, plane: Plane, exec: &Exec) {
-        let inputs = TargetInputs {
+        // Compared in place: the endpoints are copied only when they changed.
+        let unchanged = self.tx.is_some()
+            && self.last.as_ref().is_some_and(|l| {
+                l.plane == plane
+                    && l.enabled == model.enabled
+                    && l.log_denied == model.log_denied
+                    && l.families == model.families
+                    && l.endpoints == model.endpoints
+            });
+        if unchanged {
+            return;
+        }
+        self.last = Some(TargetInputs {
             plane,
             enabled: model.enabled,
             log_denied: model.log_denied,
             families: model.families,
             endpoints: model.endpoints.clone(),
-        };
-        if self.tx.is_some() && self.last.as_ref() == Some(&inputs) {
-            return;
-        }
-        self.last = Some(inputs);
+        });
         let snap = Arc::new(Snapshot {
             plane,
             families: model.families,
@@ -511,6 +519,47 @@ mod tests {
                 assert!(target.endpoint.contains('/') && !target.policies.is_empty());
             }
         }
+    }
+
+    #[test]
+    fn targets_are_re_derived_only_when_their_inputs_change() {
+        // A reader channel of the test's own: no read loop is started.
+        let (tx, mut rx) = watch::channel(None);
+        let mut c = DeniedCounters {
+            tx: Some(tx),
+            last: None,
+        };
+        let exec = Exec::host();
+        let mut model = web_mixed(false);
+        c.programmed(&model, Plane::NfTables, &exec);
+        assert!(rx.has_changed().unwrap(), "the first sync sends targets");
+        let first = rx.borrow_and_update().clone().unwrap();
+
+        // PeerSet members or policy rules: the drop rules are the same.
+        model.policies.clear();
+        c.programmed(&model, Plane::NfTables, &exec);
+        assert!(
+            !rx.has_changed().unwrap(),
+            "unchanged endpoints keep the targets"
+        );
+
+        // Each input the targets come from sends new ones.
+        model.log_denied = true;
+        c.programmed(&model, Plane::NfTables, &exec);
+        assert!(rx.has_changed().unwrap(), "logging changed");
+        rx.borrow_and_update();
+        c.programmed(&model, Plane::IpTables, &exec);
+        assert!(rx.has_changed().unwrap(), "dataplane changed");
+        rx.borrow_and_update();
+        let gone = model.endpoints.keys().next().cloned().unwrap();
+        model.endpoints.remove(&gone);
+        c.programmed(&model, Plane::IpTables, &exec);
+        assert!(rx.has_changed().unwrap(), "an endpoint went");
+        let last = rx.borrow_and_update().clone().unwrap();
+        assert!(
+            last.targets.len() < first.targets.len(),
+            "its drop rules went too"
+        );
     }
 
     #[test]
