@@ -231,3 +231,51 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits until `ended` reports something (the child may still be
+    /// starting or exiting).
+    fn wait_ended(pid_file: &Path) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = ended(pid_file) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "never ended");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn ended_tells_an_exit_code_a_signal_and_a_live_process_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, pid_file) = (dir.path().join("log"), dir.path().join("pid"));
+        let sh = |script: &str| {
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", script]);
+            spawn_detached("test child", cmd, &log, &pid_file).unwrap()
+        };
+
+        sh("exit 3");
+        assert!(wait_ended(&pid_file).ends_with("exited with code 3"));
+
+        let pid = sh("sleep 30");
+        assert_eq!(ended(&pid_file), None, "a live child has not ended");
+        // SAFETY: a plain signal to the child just started.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+        assert!(wait_ended(&pid_file).ends_with("killed by SIGKILL"));
+
+        // Not our child: PID 1 is alive, a pid that exists nowhere is gone.
+        std::fs::write(&pid_file, "1\n").unwrap();
+        assert_eq!(ended(&pid_file), None);
+        std::fs::write(&pid_file, format!("{}\n", i32::MAX)).unwrap();
+        assert!(ended(&pid_file).unwrap().contains("gone"));
+        std::fs::write(&pid_file, "").unwrap();
+        assert!(ended(&pid_file).unwrap().starts_with("no pid"));
+    }
+}
