@@ -42,8 +42,13 @@ fn sweep_dead(prefix: &str) {
 
 impl Netns {
     pub fn new(prefix: &str) -> Netns {
-        if COUNTER.load(Ordering::SeqCst) == 0 {
+        // Once per prefix and process.
+        static SWEPT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        if let Ok(mut swept) = SWEPT.lock()
+            && !swept.iter().any(|p| p == prefix)
+        {
             sweep_dead(prefix);
+            swept.push(prefix.to_string());
         }
         let name = format!(
             "{prefix}-{}-{}",
