@@ -426,41 +426,7 @@ async fn incremental(e: &mut PolicyEnforcer, base: &PolicyInputs, changes: usize
     let mut renders = Vec::new();
     let mut cpus = Vec::new();
     for i in 0..changes {
-        let kind = match i % 4 {
-            0 => {
-                // A pod elsewhere comes: one PeerSet member.
-                let ps = cur
-                    .peer_sets
-                    .get_mut(&format!("ps-{}", i % PEER_SETS))
-                    .unwrap();
-                ps.ips.push(format!("10.200.{}.{}", i / 256, i % 256));
-                "peer set member added"
-            }
-            1 => {
-                // That pod goes again.
-                let ps = cur
-                    .peer_sets
-                    .get_mut(&format!("ps-{}", (i - 1) % PEER_SETS))
-                    .unwrap();
-                ps.ips.pop();
-                "peer set member removed"
-            }
-            2 => {
-                // A policy's ports change: one policy chain.
-                let p = i % POLICIES;
-                cur.spec.policies[p] = policy(p, &[80, 443, 8080, 9000 + i as u16]);
-                "policy rule changed"
-            }
-            _ => {
-                // A local pod is replaced: endpoint chains + dispatch.
-                let slot = i % ENDPOINTS;
-                let mut ep = endpoint(slot);
-                ep.interface = format!("cali{:011x}", 0xf000_0000usize + i);
-                ep.pod = format!("pod-new-{i}");
-                cur.spec.endpoints[slot] = ep;
-                "pod replaced"
-            }
-        };
+        let kind = change(&mut cur, i, 0);
         let cpu0 = cpu_time();
         let s = e.sync(&cur).await.unwrap();
         cpus.push(cpu_time() - cpu0);
@@ -636,6 +602,49 @@ async fn nftables(runs: usize, changes: usize) {
     print_incremental("nftables via `nft -f -` per transaction (not used)", inc, n);
 }
 
+/// The `i`-th change of an incremental run, of four kinds in turn; `variant`
+/// picks other members, ports and interfaces for a second series on the
+/// same base. Returns the kind.
+fn change(cur: &mut PolicyInputs, i: usize, variant: usize) -> &'static str {
+    match i % 4 {
+        0 => {
+            // A pod elsewhere comes: one PeerSet member.
+            let ps = cur
+                .peer_sets
+                .get_mut(&format!("ps-{}", i % PEER_SETS))
+                .unwrap();
+            ps.ips
+                .push(format!("10.{}.{}.{}", 200 + variant, i / 256, i % 256));
+            "member added"
+        }
+        1 => {
+            // That pod goes again.
+            let ps = cur
+                .peer_sets
+                .get_mut(&format!("ps-{}", (i - 1) % PEER_SETS))
+                .unwrap();
+            ps.ips.pop();
+            "member removed"
+        }
+        2 => {
+            // A policy's ports change: one policy chain.
+            let p = i % POLICIES;
+            let port = 9000 + 100 * variant as u16 + i as u16;
+            cur.spec.policies[p] = policy(p, &[80, 443, 8080, port]);
+            "rule changed"
+        }
+        _ => {
+            // A local pod is replaced: endpoint chains + dispatch.
+            let slot = i % ENDPOINTS;
+            let mut ep = endpoint(slot);
+            ep.interface = format!("cali{:011x}", 0xf000_0000usize - 0x1000_0000 * variant + i);
+            ep.pod = format!("pod-new-{variant}-{i}");
+            cur.spec.endpoints[slot] = ep;
+            "pod replaced"
+        }
+    }
+}
+
 /// Where the Rust side of an incremental nftables sync goes, per stage, for
 /// each kind of change (no kernel involved): model, render, diff, the
 /// state kept for the next sync, the element-only check.
@@ -648,37 +657,8 @@ fn stages(base: &PolicyInputs) {
     let mut known = NftState::from_ruleset(&render_with(&build_with(&cur, &mut mc), &mut nc));
     let mut times: BTreeMap<(&str, &str), Vec<Duration>> = BTreeMap::new();
     for i in 0..40 {
-        let kind = match i % 4 {
-            0 => {
-                let ps = cur
-                    .peer_sets
-                    .get_mut(&format!("ps-{}", i % PEER_SETS))
-                    .unwrap();
-                ps.ips.push(format!("10.201.{}.{}", i / 256, i % 256));
-                "member added"
-            }
-            1 => {
-                let ps = cur
-                    .peer_sets
-                    .get_mut(&format!("ps-{}", (i - 1) % PEER_SETS))
-                    .unwrap();
-                ps.ips.pop();
-                "member removed"
-            }
-            2 => {
-                let p = i % POLICIES;
-                cur.spec.policies[p] = policy(p, &[80, 443, 8080, 9100 + i as u16]);
-                "rule changed"
-            }
-            _ => {
-                let slot = i % ENDPOINTS;
-                let mut ep = endpoint(slot);
-                ep.interface = format!("cali{:011x}", 0xe000_0000usize + i);
-                ep.pod = format!("pod-stage-{i}");
-                cur.spec.endpoints[slot] = ep;
-                "pod replaced"
-            }
-        };
+        // Other members, ports and interfaces than incremental()'s.
+        let kind = change(&mut cur, i, 1);
         let mut time =
             |stage, t: Instant| times.entry((kind, stage)).or_default().push(t.elapsed());
         let t = Instant::now();
