@@ -332,6 +332,12 @@ fn chart_flags_agree_with_the_binaries() {
                 .chain(spec["initContainers"].as_array())
                 .flatten();
             for c in containers {
+                // A crash's last log lines reach `kubectl describe pod`.
+                assert_eq!(
+                    c["terminationMessagePolicy"], "FallbackToLogsOnError",
+                    "{} {}",
+                    doc["kind"], c["name"]
+                );
                 let command: Vec<&str> = c["command"]
                     .as_array()
                     .unwrap()
