@@ -3,7 +3,6 @@
 //! also when the test panics or the test process dies); the lab starts one
 //! detached and stops it with `canal-lab down`.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -11,10 +10,10 @@ use std::time::{Duration, Instant};
 use kube::Client;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-use crate::Error;
 use crate::binaries::Binaries;
 use crate::certs::{self, Pki};
 use crate::process::{self, OwnedChild};
+use crate::{Error, ports};
 
 /// The Service CIDR the API server is told about (unused by canal itself).
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
@@ -58,17 +57,6 @@ struct Plan {
     server: String,
 }
 
-/// Asks the kernel for a free loopback port. Another process may take it
-/// before we bind it; callers retry the whole start on such a clash.
-fn free_port() -> Result<u16, Error> {
-    let listener =
-        TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Io("finding a free port".into(), e))?;
-    listener
-        .local_addr()
-        .map(|a| a.port())
-        .map_err(|e| Error::Io("finding a free port".into(), e))
-}
-
 fn plan(bins: &Binaries, dir: &Path) -> Result<(Plan, Pki), Error> {
     let layout = Layout {
         dir: dir.to_path_buf(),
@@ -77,7 +65,11 @@ fn plan(bins: &Binaries, dir: &Path) -> Result<(Plan, Pki), Error> {
         .map_err(|e| Error::Io(format!("creating {}", dir.display()), e))?;
     let _ = std::fs::remove_dir_all(layout.etcd_data());
     let pki = certs::generate(&layout.pki_dir())?;
-    let (etcd_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
+    let (etcd_port, peer_port, api_port) = (
+        ports::free_loopback_port()?,
+        ports::free_loopback_port()?,
+        ports::free_loopback_port()?,
+    );
 
     let mut etcd = Command::new(&bins.etcd);
     etcd.arg("--name=canal")
@@ -345,10 +337,29 @@ pub struct DetachedControlPlane {
 const DETACHED: [(&str, &str); 2] = [("kube-apiserver", "kube-apiserver"), ("etcd", "etcd")];
 
 /// Starts etcd and kube-apiserver detached from the caller, waits until the
-/// API server is ready, and returns a client.
+/// API server is ready, and returns a client. A start that fails (a port
+/// taken in the meantime, a process that died) is stopped and retried twice.
 pub async fn start_detached(dir: &Path) -> Result<(DetachedControlPlane, Client), Error> {
     let bins = Binaries::ensure()?;
-    let (plan, _pki) = plan(&bins, dir)?;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match try_start_detached(&bins, dir).await {
+            Ok(started) => return Ok(started),
+            Err(e) if attempt < 3 && e.is_startup_failure() => {
+                stop_detached(dir);
+                eprintln!("control plane failed to start (attempt {attempt}), retrying: {e}");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn try_start_detached(
+    bins: &Binaries,
+    dir: &Path,
+) -> Result<(DetachedControlPlane, Client), Error> {
+    let (plan, _pki) = plan(bins, dir)?;
     let deadline = Instant::now() + Duration::from_secs(90);
     let layout = plan.layout.clone();
     let alive = |name: &str, expect: &str| {

@@ -13,6 +13,7 @@ pub mod images;
 pub mod install;
 pub mod lab;
 pub mod policy_model;
+pub mod ports;
 pub mod process;
 pub mod realnode;
 

@@ -1,7 +1,7 @@
 //! `up`, `down`, readiness, and nodes joining and leaving a running lab.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -18,13 +18,6 @@ use crate::lab::{
     cleanup, default_bin_dir, forward, kernel, names, nodes, pods, preflight, state,
 };
 use crate::{Error, install, process};
-
-fn free_port() -> Result<u16, Error> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| Error::Io("finding a free port".into(), e))
-}
 
 /// Progress lines of `up` on stderr, with the time since it began.
 struct Progress {
@@ -174,7 +167,7 @@ async fn up_steps(
     }
     if opts.controller {
         progress.say("canal-controller");
-        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, crate::ports::free_loopback_port()?));
         nodes::start_controller(state, &ctx.lab.bin_dir, metrics)?;
         ctx.lab.controller_metrics = Some(metrics);
         state::write_json(&state.lab_file(), &ctx.lab)?;
