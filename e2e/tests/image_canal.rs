@@ -8,6 +8,8 @@ mod image_common;
 
 use std::fs;
 
+use object::{Object, ObjectSection};
+
 use canal_e2e::images::{self, BaseSpec, CanalImageOptions, dockerfile, read_archive};
 
 #[test]
@@ -63,6 +65,29 @@ fn canal_image_is_the_dockerfile_runtime_stage_and_runs() {
         );
     }
     image_common::check_canal_rootfs(root.path(), image.config.user.as_deref());
+
+    // Every real-kubelet node imports this archive (content and unpacked
+    // snapshot): debug info once made it 622 MB and filled CI's disk.
+    for bin in images::release_binaries(false).unwrap() {
+        let bytes = fs::read(&bin).unwrap();
+        let elf = object::File::parse(&*bytes).unwrap();
+        let debug: Vec<&str> = elf
+            .sections()
+            .filter_map(|s| s.name().ok())
+            .filter(|n| n.starts_with(".debug_"))
+            .collect();
+        assert!(
+            debug.is_empty(),
+            "{} ships debug sections {debug:?} ({} MB)",
+            bin.display(),
+            bytes.len() / 1_000_000
+        );
+    }
+    assert!(
+        canal.size < 300_000_000,
+        "the image archive is {} MB; the budget is 300 MB",
+        canal.size / 1_000_000
+    );
 
     // Built again from the same inputs: the same archive, not rewritten.
     let written = fs::metadata(&canal.path).unwrap().modified().unwrap();

@@ -438,6 +438,11 @@ async fn network_policy_truth_tables(dataplane: Dataplane, ip_family: IpFamily) 
     )
     .await;
     s.policies(
+        "a port list: x/a on TCP 81 and 83-90, not 80",
+        "metadata: {namespace: x, name: a-list}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{ports: [{port: 81, protocol: TCP}, {port: 83, endPort: 90, protocol: TCP}]}]",
+    )
+    .await;
+    s.policies(
         "endPort range 79-80 on UDP leaves 81 out",
         "metadata: {namespace: y, name: udp-range}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{port: 79, endPort: 80, protocol: UDP}]}]",
     )

@@ -654,7 +654,11 @@ fn stages(base: &PolicyInputs) {
     use canal_agent::policy::nft::{NftState, netlink, ruleset};
     let (mut mc, mut nc) = (ModelCache::default(), NftCache::default());
     let mut cur = base.clone();
-    let mut known = NftState::from_ruleset(&render_with(&build_with(&cur, &mut mc), &mut nc));
+    let cold = render_with(&build_with(&cur, &mut mc), &mut nc);
+    if let Ok(dir) = std::env::var("BENCH_DUMP") {
+        std::fs::write(format!("{dir}/cold.nft"), cold.script()).unwrap();
+    }
+    let mut known = NftState::from_ruleset(&cold);
     let mut times: BTreeMap<(&str, &str), Vec<Duration>> = BTreeMap::new();
     for i in 0..40 {
         // Other members, ports and interfaces than incremental()'s.
@@ -671,6 +675,11 @@ fn stages(base: &PolicyInputs) {
         let plan = ruleset::plan(&known, &r);
         time("3 diff (plan + script)", t);
         assert!(!plan.is_empty());
+        if let Ok(dir) = std::env::var("BENCH_DUMP") {
+            // The exact scripts, to replay by hand (`nft -f`) or profile.
+            let file = format!("{dir}/{i:02}-{}.nft", kind.replace(' ', "-"));
+            std::fs::write(file, &plan.script).unwrap();
+        }
         let t = Instant::now();
         let after = NftState::from_ruleset(&r);
         time("4 state for next sync", t);

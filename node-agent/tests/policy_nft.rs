@@ -173,6 +173,54 @@ async fn nft_apply_reads_back_adopts_and_changes_one_thing_per_transaction() {
     assert!(s.written_chains[0].starts_with("pi-"));
     assert_kernel_matches(&ns, &inputs);
 
+    // A port list: one named set, read back as rendered (a no-op resync),
+    // deleted with the last rule that used it.
+    let list_of = |ports: &[(u16, Option<u16>)]| {
+        ports
+            .iter()
+            .map(|&(port, end_port)| PortMatch {
+                protocol: Protocol::TCP,
+                port: Some(port),
+                end_port,
+                named_port: None,
+                named_port_set: None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let p = inputs
+        .spec
+        .policies
+        .iter_mut()
+        .find(|p| !p.ingress.is_empty())
+        .unwrap();
+    p.ingress[0].ports = list_of(&[(9999, None), (443, None), (5000, Some(5100))]);
+    let s = restarted.sync(&inputs).await.unwrap();
+    assert_eq!(s.written_chains.len(), 1, "{:?}", s.written_chains);
+    assert_kernel_matches(&ns, &inputs);
+    let port_sets = |ns: &Netns| {
+        read_back(ns)
+            .sets
+            .keys()
+            .filter(|n| n.starts_with("pt-"))
+            .count()
+    };
+    assert_eq!(port_sets(&ns), 1);
+    let (mut again, m3) = enforcer(&ns, run_dir.path());
+    let s = again.sync(&inputs).await.unwrap();
+    assert!(!s.applied, "the port set reads back as rendered: {s:?}");
+    assert_eq!(nft_runs(&m3), 0);
+    let p = inputs
+        .spec
+        .policies
+        .iter_mut()
+        .find(|p| !p.ingress.is_empty())
+        .unwrap();
+    p.ingress[0].ports = list_of(&[(9999, None)]);
+    let s = restarted.sync(&inputs).await.unwrap();
+    assert!(s.applied);
+    assert_kernel_matches(&ns, &inputs);
+    assert_eq!(port_sets(&ns), 0, "an unused port set is deleted");
+
     // A pod replaced (new interface): its chains, map entries and
     // anti-spoofing elements; no other chain.
     let ep = inputs

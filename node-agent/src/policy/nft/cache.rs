@@ -30,6 +30,8 @@ pub(super) enum SetRef {
     LocalPorts(Protocol, String, Family),
     /// A PeerSet's named ports of one family.
     PeerPorts(String, Family),
+    /// A list of port ranges (more than one), whatever the protocol.
+    Services(Vec<(u16, u16)>),
 }
 
 /// A rendered policy chain and what it was rendered from.

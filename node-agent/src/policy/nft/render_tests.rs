@@ -61,6 +61,14 @@ fn policy(p: usize, variant: u8) -> CompiledPolicy {
         None,
         None,
     )];
+    if variant % 4 == 2 {
+        // A port list: a shared named set (two variants share one list).
+        ports.push(port(Protocol::TCP, Some(443), None, None));
+        ports.push(PortMatch {
+            end_port: Some(5100 + u16::from(variant % 8)),
+            ..port(Protocol::TCP, Some(5000), None, None)
+        });
+    }
     if variant.is_multiple_of(3) {
         ports.push(port(Protocol::TCP, None, Some("web"), None));
     }
