@@ -17,6 +17,9 @@ use crate::realnode::node::NodeContext;
 use crate::realnode::up::{self, RealUpOptions};
 use crate::realnode::{RealPaths, RealRecord, canal};
 
+/// How often a restarted node's kubelet is started again when it exits.
+const KUBELET_RESTARTS: u32 = 5;
+
 /// A real-kubelet lab owned by a test.
 pub struct RealLab {
     ctx: Context,
@@ -218,13 +221,27 @@ impl RealLab {
         ctx.start_containerd(&n).await?;
         ctx.start_kubelet(&n)?;
         let deadline = Instant::now() + timeout;
+        let mut restarts = 0;
         loop {
             let healthy = crate::lab::nodes::http_get(Some(&n.netns), 10248, "/healthz")
                 .is_ok_and(|r| crate::lab::kernel::http_ok(&r));
             if healthy {
                 break;
             }
-            ctx.check(&n, "kubelet")?;
+            if let Err(e) = ctx.check(&n, "kubelet") {
+                // containerd answers `ctr version` before its CRI service
+                // has restored its sandboxes, and a kubelet started in that
+                // gap exits ("server is not initialized yet"). systemd
+                // restarts kubelet (kubeadm's unit: Restart=always); so
+                // does the lab, a few times, saying so.
+                if restarts == KUBELET_RESTARTS {
+                    return Err(e);
+                }
+                restarts += 1;
+                eprintln!("kubelet on {node} exited, starting it again ({restarts}): {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                ctx.start_kubelet(&n)?;
+            }
             if Instant::now() > deadline {
                 return Err(Error::Timeout(format!(
                     "kubelet on {node} to be healthy again"

@@ -5,8 +5,9 @@
 //! rules and ports changed (ipBlocks with excepts, local and PeerSet named
 //! ports), isolation changed, families, logging and the host action
 //! toggled. After every change the cached render must equal the fresh one.
+//! Also: how port lists render (one shared named set).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use canal_crds::{
     CompiledPolicy, Endpoint, EndpointToHostAction, IpBlock, NamedPort, NodePolicySetSpec, Peer,
@@ -19,6 +20,7 @@ use crate::policy::model::{
 };
 
 use super::render::{NftCache, render, render_with};
+use super::ruleset::NftSet;
 
 const SETS: usize = 4;
 const POLICIES: usize = 5;
@@ -241,4 +243,76 @@ proptest! {
             prop_assert_eq!(incremental, full, "after change {} {:?}", step, c);
         }
     }
+}
+
+#[test]
+fn a_port_list_is_one_named_set_every_rule_with_that_list_shares() {
+    let port = |port, end_port| PortMatch {
+        protocol: Protocol::TCP,
+        port: Some(port),
+        end_port,
+        named_port: None,
+        named_port_set: None,
+    };
+    let policy = |name: &str, ports: Vec<PortMatch>| CompiledPolicy {
+        name: name.into(),
+        ingress: vec![Rule {
+            peers: Some(vec![Peer {
+                peer_set: None,
+                ip_block: Some(IpBlock {
+                    cidr: "10.1.0.0/16".into(),
+                    except: vec![],
+                }),
+            }]),
+            ports,
+        }],
+        egress: vec![],
+    };
+    let list = || vec![port(80, None), port(443, None), port(5000, Some(5100))];
+    let inputs = PolicyInputs {
+        generation: Some(1),
+        spec: NodePolicySetSpec {
+            endpoints: vec![Endpoint {
+                namespace: "ns".into(),
+                pod: "a".into(),
+                interface: "cali0".into(),
+                ips: vec!["10.244.1.2".into()],
+                named_ports: vec![],
+                ingress_policies: vec!["ns/one".into(), "ns/two".into(), "ns/three".into()],
+                egress_policies: vec![],
+            }],
+            policies: vec![
+                policy("ns/one", list()),
+                policy("ns/two", list()),
+                policy("ns/three", vec![port(80, None), port(8080, None)]),
+            ],
+        },
+        ..PolicyInputs::default()
+    };
+    let r = render(&build(&inputs));
+    let port_sets: Vec<(&String, &NftSet)> = r
+        .sets
+        .iter()
+        .filter(|(n, _)| n.starts_with("pt-"))
+        .collect();
+    assert_eq!(port_sets.len(), 2, "{port_sets:?}");
+    let ranged = port_sets
+        .iter()
+        .find(|(_, s)| s.elements.contains("5000-5100"))
+        .expect("the list with a range");
+    assert!(ranged.1.interval && ranged.1.key_type == "inet_service");
+    let want: BTreeSet<String> = ["80", "443", "5000-5100"].map(String::from).into();
+    assert_eq!(*ranged.1.elements, want);
+    let plain = port_sets.iter().find(|(n, _)| n != &ranged.0).unwrap();
+    assert!(!plain.1.interval);
+    let script = r.script();
+    assert!(
+        !script.contains("dport {"),
+        "no anonymous port sets:\n{script}"
+    );
+    let uses = script
+        .lines()
+        .filter(|l| l.contains(&format!("tcp dport @{}", ranged.0)))
+        .count();
+    assert_eq!(uses, 2, "both policies' rules use the one set:\n{script}");
 }
