@@ -8,7 +8,8 @@
 //!
 //! `cargo bench -p canal-agent --bench policy_apply` (env BENCH_RUNS=3,
 //! BENCH_CHANGES=100, BENCH_EXECS=1000 adjust the effort; BENCH_ONLY=nftables
-//! skips the iptables half).
+//! skips the iptables half; BENCH_DUMP=<dir> writes the nftables cold script
+//! and each incremental plan there, to replay with `nft -f` or profile).
 
 #[path = "../tests/support/netns.rs"]
 mod netns;
