@@ -107,6 +107,17 @@ fn iptables_clean(ns: &Netns) -> bool {
     !all.contains("CANAL-") && !all.contains("canal-")
 }
 
+/// The first ingress rule of the first policy that has one.
+fn first_ingress_rule(inputs: &mut PolicyInputs) -> &mut Rule {
+    let p = inputs
+        .spec
+        .policies
+        .iter_mut()
+        .find(|p| !p.ingress.is_empty())
+        .unwrap();
+    &mut p.ingress[0]
+}
+
 fn nft_table_exists(ns: &Netns) -> bool {
     ns.sh_output("nft list table inet canal").status.success()
 }
@@ -155,13 +166,7 @@ async fn nft_apply_reads_back_adopts_and_changes_one_thing_per_transaction() {
     assert_kernel_matches(&ns, &inputs);
 
     // A policy rule: that policy's chain only.
-    let p = inputs
-        .spec
-        .policies
-        .iter_mut()
-        .find(|p| !p.ingress.is_empty())
-        .unwrap();
-    p.ingress[0].ports = vec![PortMatch {
+    first_ingress_rule(&mut inputs).ports = vec![PortMatch {
         protocol: Protocol::TCP,
         port: Some(9999),
         end_port: None,
@@ -187,13 +192,8 @@ async fn nft_apply_reads_back_adopts_and_changes_one_thing_per_transaction() {
             })
             .collect::<Vec<_>>()
     };
-    let p = inputs
-        .spec
-        .policies
-        .iter_mut()
-        .find(|p| !p.ingress.is_empty())
-        .unwrap();
-    p.ingress[0].ports = list_of(&[(9999, None), (443, None), (5000, Some(5100))]);
+    first_ingress_rule(&mut inputs).ports =
+        list_of(&[(9999, None), (443, None), (5000, Some(5100))]);
     let s = restarted.sync(&inputs).await.unwrap();
     assert_eq!(s.written_chains.len(), 1, "{:?}", s.written_chains);
     assert_kernel_matches(&ns, &inputs);
@@ -209,13 +209,7 @@ async fn nft_apply_reads_back_adopts_and_changes_one_thing_per_transaction() {
     let s = again.sync(&inputs).await.unwrap();
     assert!(!s.applied, "the port set reads back as rendered: {s:?}");
     assert_eq!(nft_runs(&m3), 0);
-    let p = inputs
-        .spec
-        .policies
-        .iter_mut()
-        .find(|p| !p.ingress.is_empty())
-        .unwrap();
-    p.ingress[0].ports = list_of(&[(9999, None)]);
+    first_ingress_rule(&mut inputs).ports = list_of(&[(9999, None)]);
     let s = restarted.sync(&inputs).await.unwrap();
     assert!(s.applied);
     assert_kernel_matches(&ns, &inputs);
