@@ -129,6 +129,26 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_callers_never_get_the_same_port() {
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    (0..50)
+                        .map(|_| free_loopback_port().unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut seen = HashSet::new();
+        for t in threads {
+            for port in t.join().unwrap() {
+                assert!(seen.insert(port), "port {port} handed out to two callers");
+            }
+        }
+        assert_eq!(seen.len(), 200);
+    }
+
+    #[test]
     fn ports_are_outside_the_ephemeral_range_and_never_repeat() {
         let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
             .ok()

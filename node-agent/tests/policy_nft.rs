@@ -240,7 +240,17 @@ async fn nft_foreign_changes_are_repaired_and_iptables_flushes_do_not_touch_it()
     let ns = Netns::new("pn-drift");
     let run_dir = tempfile::tempdir().unwrap();
     let (mut e, m) = enforcer(&ns, run_dir.path());
-    let inputs = web_mixed(DataplaneChoice::NfTables);
+    let mut inputs = web_mixed(DataplaneChoice::NfTables);
+    // A port list, so the table holds a shared port set to tamper with.
+    first_ingress_rule(&mut inputs).ports = [80, 8080]
+        .map(|port| PortMatch {
+            protocol: Protocol::TCP,
+            port: Some(port),
+            end_port: None,
+            named_port: None,
+            named_port_set: None,
+        })
+        .to_vec();
     e.sync(&inputs).await.unwrap();
     let clean = e.check_drift().await.unwrap().unwrap();
     assert!(clean.full && !clean.applied, "{clean:?}");
@@ -260,6 +270,23 @@ async fn nft_foreign_changes_are_repaired_and_iptables_flushes_do_not_touch_it()
         "nft delete table inet canal",
     ] {
         ns.sh(damage);
+        let s = e.check_drift().await.unwrap().unwrap();
+        assert!(s.applied, "{damage}: {s:?}");
+        assert_kernel_matches(&ns, &inputs);
+    }
+    // The port set is shared by every rule with that list: a port added to
+    // it by another program would open that port wherever the list is used.
+    let ports = read_back(&ns)
+        .sets
+        .keys()
+        .find(|n| n.starts_with("pt-"))
+        .cloned()
+        .expect("a port set");
+    for damage in [
+        format!("nft add element inet canal {ports} '{{ 22 }}'"),
+        format!("nft flush set inet canal {ports}"),
+    ] {
+        ns.sh(&damage);
         let s = e.check_drift().await.unwrap().unwrap();
         assert!(s.applied, "{damage}: {s:?}");
         assert_kernel_matches(&ns, &inputs);
